@@ -1,0 +1,75 @@
+/**
+ * The sandbox driver port. A driver turns a spec into an isolated environment for one
+ * session and runs commands in it. Drivers live in subfolders named after their technology
+ * (`bwrap/`, later `gvisor/`, `microvm/`, `isolate/`); every driver passes the contract suite
+ * in `driver-contract.test-suite.ts`. Optional capabilities are optional methods; a driver
+ * that cannot do something throws a `sandbox_unavailable` BerthError saying so.
+ */
+
+/** Resource limits; drivers enforce what they can and report the rest in `capabilities`. */
+export interface SandboxLimits {
+  /** CPU cores (fractional allowed). */
+  cpu?: number;
+  memoryMb?: number;
+  pids?: number;
+  diskMb?: number;
+}
+
+export interface SandboxSpec {
+  sessionId: string;
+  /** Host directory that becomes the sandbox's working directory (`/workspace` inside). */
+  workdir: string;
+  limits?: SandboxLimits;
+  /** Extra environment variables visible to every command. */
+  env?: Readonly<Record<string, string>>;
+}
+
+export interface SandboxHandle {
+  readonly id: string;
+  readonly sessionId: string;
+  readonly driver: string;
+  /** The working directory as commands inside see it. */
+  readonly workdirInside: string;
+}
+
+export interface ExecOptions {
+  /** Directory inside the sandbox (default: the working directory). */
+  cwd?: string;
+  env?: Readonly<Record<string, string>>;
+  stdin?: string | Uint8Array;
+  /** Kill the command after this long (default 120 s). */
+  timeoutMs?: number;
+  signal?: AbortSignal;
+  /** Cap on each of stdout and stderr (default 1 MiB); the rest is dropped. */
+  maxOutputBytes?: number;
+}
+
+export interface ExecResult {
+  stdout: string;
+  stderr: string;
+  /** Exit code, or null when killed by a signal. */
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  /** True when stdout or stderr hit the cap. */
+  truncated: boolean;
+  durationMs: number;
+}
+
+/** Whether this host can run the driver, and if not, what to do about it. */
+export type DriverAvailability = { ok: true } | { ok: false; reason: string };
+
+export interface SandboxDriver {
+  readonly name: string;
+  /** Checks the host once (binaries, kernel features); never throws. */
+  checkAvailability(): Promise<DriverAvailability>;
+  provision(spec: SandboxSpec): Promise<SandboxHandle>;
+  /** Runs `argv` (argv[0] looked up on PATH inside the sandbox). */
+  exec(handle: SandboxHandle, argv: readonly string[], options?: ExecOptions): Promise<ExecResult>;
+  /** Reads a file, resolving `path` inside the sandbox (symlinks cannot escape it). */
+  readFile(handle: SandboxHandle, path: string, maxBytes?: number): Promise<Uint8Array>;
+  /** Writes a file inside the sandbox, creating parent directories. */
+  writeFile(handle: SandboxHandle, path: string, data: string | Uint8Array): Promise<void>;
+  /** Kills everything in the sandbox and releases its resources; the workdir stays. */
+  destroy(handle: SandboxHandle): Promise<void>;
+}
