@@ -76,11 +76,20 @@ export interface ResourceStore {
    * Stores a new immutable version and makes it the agent's current body. Fails with
    * `conflict` when the agent's current version is not `expectedVersion`.
    */
-  addAgentVersion(tenantId: string, agentId: string, expectedVersion: number, record: ResourceRecord): Promise<void>;
+  addAgentVersion(
+    tenantId: string,
+    agentId: string,
+    expectedVersion: number,
+    record: ResourceRecord,
+  ): Promise<void>;
   /** One version of an agent's body, or the current one when version is omitted. */
   getAgentVersion(tenantId: string, agentId: string, version?: number): Promise<ResourceRecord | undefined>;
   /** Every version of an agent, newest first. */
-  listAgentVersions(tenantId: string, agentId: string, query: Omit<ListQuery, 'tenantId'>): Promise<Page<ResourceRecord>>;
+  listAgentVersions(
+    tenantId: string,
+    agentId: string,
+    query: Omit<ListQuery, 'tenantId'>,
+  ): Promise<Page<ResourceRecord>>;
 
   /** Inserts an environment or session row (sessions go through `createSession`). */
   insert(kind: Exclude<ResourceKind, 'session'>, record: ResourceRecord): Promise<void>;

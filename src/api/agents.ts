@@ -1,0 +1,256 @@
+import { Hono } from 'hono';
+import { conflict, invalidRequest, notFound } from '../errors.js';
+import { newId } from '../ids.js';
+import type { ResourceRecord } from '../store/resource-store.js';
+import type { ApiDependencies } from './context.js';
+import { type ApiEnvironment, nowIso, readBody, readFlag, readOrder, readPageQuery } from './context.js';
+import { type AgentCreate, type AgentUpdate, agentCreate, agentUpdate, builtinToolNames } from './schemas.js';
+
+type ToolParams = NonNullable<AgentCreate['tools']>[number];
+type Policy = { type: 'always_allow' | 'always_ask' | 'auto' };
+
+/** Fills in defaults the way the official API shows tools: every built-in tool listed. */
+function normalizeTools(tools: readonly ToolParams[]) {
+  return tools.map((tool) => {
+    if (tool.type === 'agent_toolset_20260401') {
+      const defaults = {
+        enabled: tool.default_config?.enabled ?? true,
+        permission_policy: (tool.default_config?.permission_policy ?? { type: 'always_allow' }) as Policy,
+      };
+      const configs = builtinToolNames.map((name) => {
+        const given = tool.configs?.find((config) => config.name === name);
+        const { type: _type, enabled, permission_policy, ...rest } = given ?? { name };
+        return {
+          ...rest,
+          name,
+          type: name,
+          enabled: enabled ?? defaults.enabled,
+          permission_policy: (permission_policy ?? defaults.permission_policy) as Policy,
+        };
+      });
+      return { type: tool.type, default_config: defaults, configs };
+    }
+    if (tool.type === 'mcp_toolset') {
+      const defaults = {
+        enabled: tool.default_config?.enabled ?? true,
+        permission_policy: (tool.default_config?.permission_policy ?? { type: 'always_ask' }) as Policy,
+      };
+      return {
+        type: tool.type,
+        mcp_server_name: tool.mcp_server_name,
+        default_config: defaults,
+        configs: (tool.configs ?? []).map((config) => ({
+          name: config.name,
+          enabled: config.enabled ?? defaults.enabled,
+          permission_policy: (config.permission_policy ?? defaults.permission_policy) as Policy,
+        })),
+      };
+    }
+    return tool;
+  });
+}
+
+function normalizeModel(model: AgentCreate['model']) {
+  if (typeof model === 'string') return { id: model };
+  const normalized: Record<string, unknown> = { id: model.id };
+  if (model.effort)
+    normalized.effort = typeof model.effort === 'string' ? { type: model.effort } : model.effort;
+  if (model.speed) normalized.speed = model.speed;
+  if (model.inference_geo) normalized.inference_geo = model.inference_geo;
+  return normalized;
+}
+
+function checkReferences(body: Record<string, unknown>) {
+  const servers = new Set((body.mcp_servers as { name: string }[]).map((server) => server.name));
+  if (servers.size !== (body.mcp_servers as unknown[]).length)
+    throw invalidRequest('mcp_servers names must be unique');
+  const names = new Set<string>();
+  for (const tool of body.tools as { type: string; name?: string; mcp_server_name?: string }[]) {
+    if (tool.type === 'mcp_toolset' && !servers.has(tool.mcp_server_name!)) {
+      throw invalidRequest(`mcp_toolset references unknown MCP server "${tool.mcp_server_name}"`);
+    }
+    if (tool.type === 'custom') {
+      if (names.has(tool.name!)) throw invalidRequest(`custom tool "${tool.name}" is defined twice`);
+      if ((builtinToolNames as readonly string[]).includes(tool.name!)) {
+        throw invalidRequest(`custom tool "${tool.name}" clashes with a built-in tool name`);
+      }
+      names.add(tool.name!);
+    }
+  }
+}
+
+function agentBody(
+  id: string,
+  version: number,
+  input: AgentCreate,
+  createdAt: string,
+  updatedAt: string,
+): Record<string, unknown> {
+  const body = {
+    id,
+    type: 'agent',
+    name: input.name,
+    description: input.description ?? null,
+    model: normalizeModel(input.model),
+    system: input.system ?? null,
+    tools: normalizeTools(input.tools ?? []),
+    mcp_servers: input.mcp_servers ?? [],
+    skills: (input.skills ?? []).map((skill) => ({ ...skill, version: skill.version ?? 'latest' })),
+    metadata: input.metadata ?? {},
+    execution_identity: input.execution_identity ?? { type: 'service_account' },
+    multiagent: null,
+    version,
+    created_at: createdAt,
+    updated_at: updatedAt,
+    archived_at: null as string | null,
+  };
+  checkReferences(body);
+  return body;
+}
+
+/** The input that would recreate a stored body (used to apply a partial update). */
+function asInput(body: Record<string, unknown>): AgentCreate {
+  return {
+    name: body.name as string,
+    model: body.model as AgentCreate['model'],
+    description: body.description as string | null,
+    system: body.system as string | null,
+    tools: body.tools as AgentCreate['tools'],
+    mcp_servers: body.mcp_servers as AgentCreate['mcp_servers'],
+    skills: body.skills as AgentCreate['skills'],
+    metadata: body.metadata as Record<string, string>,
+    execution_identity: body.execution_identity as AgentCreate['execution_identity'],
+  };
+}
+
+function applyUpdate(current: AgentCreate, update: AgentUpdate): AgentCreate {
+  const next: AgentCreate = { ...current };
+  if (update.name !== undefined) next.name = update.name;
+  if (update.model !== undefined) next.model = update.model;
+  if (update.description !== undefined) next.description = update.description;
+  if (update.system !== undefined) next.system = update.system;
+  if (update.tools !== undefined) next.tools = update.tools ?? [];
+  if (update.mcp_servers !== undefined) next.mcp_servers = update.mcp_servers ?? [];
+  if (update.skills !== undefined) next.skills = update.skills ?? [];
+  if (update.execution_identity !== undefined) next.execution_identity = update.execution_identity;
+  if (update.metadata !== undefined) {
+    const metadata = { ...(current.metadata ?? {}) };
+    for (const [key, value] of Object.entries(update.metadata ?? {})) {
+      if (value === null) delete metadata[key];
+      else metadata[key] = value;
+    }
+    next.metadata = update.metadata === null ? {} : metadata;
+  }
+  return next;
+}
+
+const comparable = (body: Record<string, unknown>) =>
+  JSON.stringify({ ...body, version: 0, created_at: '', updated_at: '', archived_at: null });
+
+/** `/v1/agents`: create, read, update (a new immutable version), list, versions, archive. */
+export function agentRoutes(dependencies: ApiDependencies) {
+  const { resources } = dependencies.store;
+  const app = new Hono<ApiEnvironment>();
+
+  app.post('/', async (context) => {
+    const principal = context.get('principal');
+    const input = await readBody(context, agentCreate);
+    const now = nowIso();
+    const id = newId('agent');
+    const body = agentBody(id, 1, input, now, now);
+    const record: ResourceRecord = {
+      id,
+      tenantId: principal.tenantId,
+      ownerId: principal.userId,
+      createdAt: now,
+      updatedAt: now,
+      archivedAt: null,
+      body,
+    };
+    await resources.createAgent(record);
+    return context.json(body);
+  });
+
+  app.get('/', async (context) => {
+    const principal = context.get('principal');
+    const { limit, cursor } = readPageQuery(context);
+    const page = await resources.list('agent', {
+      tenantId: principal.tenantId,
+      limit,
+      cursor,
+      includeArchived: readFlag(context, 'include_archived'),
+      order: readOrder(context, 'desc'),
+    });
+    return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
+  });
+
+  app.get('/:id', async (context) => {
+    const principal = context.get('principal');
+    const versionText = context.req.query('version');
+    const version = versionText === undefined ? undefined : Number(versionText);
+    if (version !== undefined && (!Number.isInteger(version) || version < 1)) {
+      throw invalidRequest('version must be a positive integer');
+    }
+    const record = await resources.getAgentVersion(principal.tenantId, context.req.param('id'), version);
+    if (!record)
+      throw notFound(
+        'agent',
+        version ? `${context.req.param('id')} version ${version}` : context.req.param('id'),
+      );
+    return context.json(record.body);
+  });
+
+  app.post('/:id', async (context) => {
+    const principal = context.get('principal');
+    const id = context.req.param('id');
+    const update = await readBody(context, agentUpdate);
+    const current = await resources.getAgentVersion(principal.tenantId, id);
+    if (!current) throw notFound('agent', id);
+    if (current.archivedAt) throw invalidRequest(`agent ${id} is archived and cannot be updated`);
+    const currentVersion = current.body.version as number;
+    if (update.version !== undefined && update.version !== currentVersion) {
+      throw conflict(
+        `agent ${id} is at version ${currentVersion}, not ${update.version}; fetch it and retry`,
+      );
+    }
+    const now = nowIso();
+    const next = agentBody(
+      id,
+      currentVersion + 1,
+      applyUpdate(asInput(current.body), update),
+      current.createdAt,
+      now,
+    );
+    // An update that changes nothing creates no version.
+    if (comparable(next) === comparable(current.body)) return context.json(current.body);
+    const record: ResourceRecord = { ...current, updatedAt: now, body: next };
+    await resources.addAgentVersion(principal.tenantId, id, currentVersion, record);
+    return context.json(next);
+  });
+
+  app.get('/:id/versions', async (context) => {
+    const principal = context.get('principal');
+    const id = context.req.param('id');
+    if (!(await resources.getAgentVersion(principal.tenantId, id))) throw notFound('agent', id);
+    const { limit, cursor } = readPageQuery(context);
+    const page = await resources.listAgentVersions(principal.tenantId, id, { limit, cursor });
+    return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
+  });
+
+  app.post('/:id/archive', async (context) => {
+    const principal = context.get('principal');
+    const id = context.req.param('id');
+    const record = await resources.get('agent', principal.tenantId, id);
+    if (!record) throw notFound('agent', id);
+    if (!record.archivedAt) {
+      const now = nowIso();
+      record.archivedAt = now;
+      record.updatedAt = now;
+      record.body = { ...record.body, archived_at: now, updated_at: now };
+      await resources.update('agent', record);
+    }
+    return context.json(record.body);
+  });
+
+  return app;
+}

@@ -1,0 +1,70 @@
+import { Hono } from 'hono';
+import { bodyLimit } from 'hono/body-limit';
+import { BerthError } from '../errors.js';
+import { authenticate } from '../identity/api-keys.js';
+import { agentRoutes } from './agents.js';
+import type { ApiDependencies, ApiEnvironment } from './context.js';
+import { environmentRoutes } from './environments.js';
+import { errorBody, handleError } from './errors.js';
+import { eventRoutes } from './events.js';
+import { sessionRoutes } from './sessions.js';
+
+/** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
+function presentedKey(headers: { header(name: string): string | undefined }): string | undefined {
+  const apiKey = headers.header('x-api-key');
+  if (apiKey) return apiKey.trim();
+  const authorization = headers.header('authorization');
+  const match = authorization ? /^Bearer\s+(.+)$/i.exec(authorization) : null;
+  return match?.[1]?.trim();
+}
+
+/**
+ * The HTTP API: the official SDK's `/v1/agents`, `/v1/environments`, `/v1/sessions` and
+ * `/v1/sessions/:id/events[/stream]` paths. Every `/v1` route is authenticated; the
+ * `anthropic-beta` header is accepted and not required.
+ */
+export function createApp(dependencies: ApiDependencies) {
+  const app = new Hono<ApiEnvironment>();
+  app.onError(handleError);
+  app.notFound((context) =>
+    context.json(errorBody('not_found_error', `No route for ${context.req.method} ${context.req.path}`), 404),
+  );
+
+  app.get('/health', (context) => context.json({ status: 'ok' }));
+
+  app.use(
+    '/v1/*',
+    bodyLimit({
+      maxSize: dependencies.maxBodyBytes ?? 1024 * 1024,
+      // The rest of the body is not read, so the connection cannot be reused.
+      onError: (context) =>
+        context.json(
+          errorBody(
+            'request_too_large',
+            `Request body exceeds ${dependencies.maxBodyBytes ?? 1024 * 1024} bytes`,
+          ),
+          413,
+          { connection: 'close' },
+        ),
+    }),
+  );
+  app.use('/v1/*', async (context, next) => {
+    const key = presentedKey(context.req);
+    if (!key) {
+      throw new BerthError(
+        'authentication',
+        'Missing API key: send it in the x-api-key header or as Authorization: Bearer',
+      );
+    }
+    const principal = await authenticate(dependencies.store.resources, key);
+    if (!principal) throw new BerthError('authentication', 'Invalid API key');
+    context.set('principal', principal);
+    await next();
+  });
+
+  app.route('/v1/agents', agentRoutes(dependencies));
+  app.route('/v1/environments', environmentRoutes(dependencies));
+  app.route('/v1/sessions', eventRoutes(dependencies));
+  app.route('/v1/sessions', sessionRoutes(dependencies));
+  return app;
+}

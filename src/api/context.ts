@@ -1,0 +1,93 @@
+import type { Context } from 'hono';
+import { z } from 'zod';
+import type { Supervisor } from '../control/supervisor.js';
+import { invalidRequest } from '../errors.js';
+import type { DeltaBus } from '../harness/delta-bus.js';
+import type { Principal } from '../identity/api-keys.js';
+import type { Store } from '../store/resource-store.js';
+import { describeZodError } from './errors.js';
+
+/** What the routes need; built once by `createApp`. */
+export interface ApiDependencies {
+  store: Store;
+  supervisor: Supervisor;
+  deltas: DeltaBus;
+  /** Sandbox drivers this host can run, by name; the first is the default. */
+  sandboxDrivers: readonly string[];
+  /** Why a known driver cannot run here (for clear refusal messages). */
+  unavailableDrivers?: Readonly<Record<string, string>>;
+  /** Largest accepted request body in bytes (default 1 MiB). */
+  maxBodyBytes?: number;
+  /** Interval of SSE keep-alive pings (default 15 s). */
+  streamPingMs?: number;
+}
+
+/** Hono context variables set by the middleware. */
+export interface ApiEnvironment {
+  Variables: { principal: Principal };
+}
+
+export type ApiContext = Context<ApiEnvironment>;
+
+/** Parses a JSON body against a schema; malformed JSON and schema errors are 400s. */
+export async function readBody<T extends z.ZodType>(context: ApiContext, schema: T): Promise<z.infer<T>> {
+  let raw: unknown;
+  const text = await context.req.text();
+  if (text.trim() === '') {
+    raw = {};
+  } else {
+    try {
+      raw = JSON.parse(text);
+    } catch (error) {
+      throw invalidRequest(`Request body is not valid JSON: ${(error as Error).message}`);
+    }
+  }
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) throw invalidRequest(describeZodError(parsed.error));
+  return parsed.data;
+}
+
+const pageQuery = z.object({
+  limit: z.coerce.number().int().min(1).max(1000).optional(),
+  page: z.string().min(1).optional(),
+});
+
+/** `limit` and `page` from the query string, validated. */
+export function readPageQuery(context: ApiContext, defaultLimit = 20) {
+  const parsed = pageQuery.safeParse({
+    limit: context.req.query('limit'),
+    page: context.req.query('page') || undefined,
+  });
+  if (!parsed.success) throw invalidRequest(describeZodError(parsed.error));
+  return { limit: parsed.data.limit ?? defaultLimit, cursor: parsed.data.page };
+}
+
+/** A boolean query flag (`true`/`false`/absent). */
+export function readFlag(context: ApiContext, name: string): boolean {
+  const value = context.req.query(name);
+  if (value === undefined || value === '' || value === 'false') return false;
+  if (value === 'true') return true;
+  throw invalidRequest(`${name} must be true or false`);
+}
+
+/** `asc`/`desc` from the query string. */
+export function readOrder(context: ApiContext, fallback: 'asc' | 'desc'): 'asc' | 'desc' {
+  const value = context.req.query('order');
+  if (value === undefined || value === '') return fallback;
+  if (value === 'asc' || value === 'desc') return value;
+  throw invalidRequest('order must be asc or desc');
+}
+
+/** Array query parameters in either `name[]=a&name[]=b` (the SDK's form) or `name=a,b`. */
+export function readArrayQuery(context: ApiContext, name: string): string[] | undefined {
+  const values = [...(context.req.queries(`${name}[]`) ?? []), ...(context.req.queries(name) ?? [])]
+    .flatMap((value) => value.split(','))
+    .map((value) => value.trim())
+    .filter((value) => value !== '');
+  return values.length > 0 ? values : undefined;
+}
+
+/** Now as the API shows times. */
+export function nowIso(): string {
+  return new Date().toISOString();
+}

@@ -1,0 +1,246 @@
+import { Hono } from 'hono';
+import { type SSEStreamingApi, streamSSE } from 'hono/streaming';
+import { invalidRequest } from '../errors.js';
+import type { DeltaEvent } from '../harness/delta-bus.js';
+import type { NewEvent, StoredEvent } from '../store/event-store.js';
+import {
+  type ApiDependencies,
+  type ApiEnvironment,
+  readArrayQuery,
+  readBody,
+  readOrder,
+  readPageQuery,
+} from './context.js';
+import { describeZodError } from './errors.js';
+import {
+  type ClientEvent,
+  clientEvent,
+  eventSend,
+  knownEventTypes,
+  unsupportedClientEventTypes,
+} from './schemas.js';
+import { loadSession } from './sessions.js';
+
+const encodeCursor = (seq: number) => Buffer.from(`seq:${seq}`).toString('base64url');
+function decodeCursor(cursor: string): number {
+  const match = /^seq:(\d+)$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
+  if (!match) throw invalidRequest('page is not a cursor returned by this endpoint');
+  return Number(match[1]);
+}
+
+const timeFilters = ['created_at[gt]', 'created_at[gte]', 'created_at[lt]', 'created_at[lte]'] as const;
+
+/** Validates every event of a send; one bad event rejects the whole request. */
+function parseClientEvents(events: unknown[]): ClientEvent[] {
+  return events.map((raw, index) => {
+    const type = (raw as { type?: unknown })?.type;
+    if (typeof type === 'string' && type in unsupportedClientEventTypes) {
+      throw invalidRequest(`events.${index}: ${unsupportedClientEventTypes[type]}`);
+    }
+    const parsed = clientEvent.safeParse(raw);
+    if (!parsed.success) {
+      const known = typeof type === 'string' && knownEventTypes.has(type);
+      if (typeof type === 'string' && !known) {
+        throw invalidRequest(
+          `events.${index}.type: unknown event type "${type}"; clients may send user.message, user.interrupt, user.tool_confirmation or user.custom_tool_result`,
+        );
+      }
+      throw invalidRequest(`events.${index}: ${describeZodError(parsed.error)}`);
+    }
+    return parsed.data;
+  });
+}
+
+/** `/v1/sessions/:id/events`: list the log, send client events, and stream (history + live). */
+export function eventRoutes(dependencies: ApiDependencies) {
+  const { store, supervisor, deltas } = dependencies;
+  const app = new Hono<ApiEnvironment>();
+
+  app.get('/:id/events', async (context) => {
+    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    const { limit, cursor } = readPageQuery(context, 100);
+    const order = readOrder(context, 'asc');
+    const types = readArrayQuery(context, 'types');
+    for (const type of types ?? []) {
+      if (!knownEventTypes.has(type) && !type.startsWith('berth.'))
+        throw invalidRequest(`unknown event type "${type}"`);
+    }
+    const bounds: Partial<Record<(typeof timeFilters)[number], number>> = {};
+    for (const filter of timeFilters) {
+      const value = context.req.query(filter);
+      if (value === undefined) continue;
+      const time = Date.parse(value);
+      if (Number.isNaN(time)) throw invalidRequest(`${filter} must be an RFC 3339 timestamp`);
+      bounds[filter] = time;
+    }
+    const position = cursor === undefined ? undefined : decodeCursor(cursor);
+    const inRange = (stored: StoredEvent) => {
+      const time = Date.parse(stored.event.processed_at);
+      return (
+        (bounds['created_at[gt]'] === undefined || time > bounds['created_at[gt]']) &&
+        (bounds['created_at[gte]'] === undefined || time >= bounds['created_at[gte]']) &&
+        (bounds['created_at[lt]'] === undefined || time < bounds['created_at[lt]']) &&
+        (bounds['created_at[lte]'] === undefined || time <= bounds['created_at[lte]'])
+      );
+    };
+    // Time filters are applied on top of seq order (processed_at grows with seq).
+    const data: StoredEvent[] = [];
+    let next = position;
+    let exhausted = false;
+    while (data.length < limit + 1 && !exhausted) {
+      const batch = await store.events.read(session.id, {
+        order,
+        types,
+        limit: limit + 1,
+        ...(order === 'asc' ? { afterSeq: next } : { beforeSeq: next }),
+      });
+      exhausted = batch.length < limit + 1;
+      for (const stored of batch) if (inRange(stored)) data.push(stored);
+      if (batch.length > 0) next = batch[batch.length - 1]!.seq;
+    }
+    const page = data.slice(0, limit);
+    const more = data.length > limit;
+    return context.json({
+      data: page.map((stored) => stored.event),
+      next_page: more && page.length > 0 ? encodeCursor(page[page.length - 1]!.seq) : null,
+    });
+  });
+
+  app.post('/:id/events', async (context) => {
+    const principal = context.get('principal');
+    const session = await loadSession(store, principal, context.req.param('id'));
+    const input = await readBody(context, eventSend);
+    const events = parseClientEvents(input.events);
+    if (session.status === 'terminated') throw invalidRequest(`session ${session.id} is terminated`);
+    if (session.archivedAt) throw invalidRequest(`session ${session.id} is archived`);
+    for (const event of events) {
+      if (event.type === 'user.custom_tool_result') {
+        const toolUse = await store.events.getEvent(session.id, event.custom_tool_use_id);
+        if (toolUse?.event.type !== 'agent.custom_tool_use') {
+          throw invalidRequest(
+            `custom_tool_use_id ${event.custom_tool_use_id} is not a custom tool use of this session`,
+          );
+        }
+        const answered = await store.events.read(session.id, {
+          afterSeq: toolUse.seq,
+          types: ['user.custom_tool_result'],
+          limit: Number.MAX_SAFE_INTEGER,
+        });
+        if (answered.some((stored) => stored.event.custom_tool_use_id === event.custom_tool_use_id)) {
+          throw invalidRequest(`custom tool use ${event.custom_tool_use_id} already has a result`);
+        }
+      }
+      if (event.type === 'user.tool_confirmation') {
+        throw invalidRequest(`tool use ${event.tool_use_id} is not waiting for confirmation`);
+      }
+    }
+    const idempotencyKey = context.req.header('idempotency-key') || undefined;
+    if (idempotencyKey !== undefined && idempotencyKey.length > 255) {
+      throw invalidRequest('Idempotency-Key must be at most 255 characters');
+    }
+    const result = await store.events.append(session.id, events as NewEvent[], { idempotencyKey });
+    if (!result.duplicate) {
+      if (events.some((event) => event.type === 'user.interrupt')) supervisor.interrupt(session.id);
+      else supervisor.notify(session.id);
+    }
+    return context.json({ data: result.events.map((stored) => stored.event) });
+  });
+
+  app.get('/:id/events/stream', async (context) => {
+    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    const wantedDeltas = new Set(readArrayQuery(context, 'event_deltas') ?? []);
+    for (const type of wantedDeltas) {
+      if (type !== 'agent.message' && type !== 'agent.thinking') {
+        throw invalidRequest(`event_deltas accepts agent.message and agent.thinking, not "${type}"`);
+      }
+    }
+    // Cursor: the SSE `Last-Event-ID` header (an event id) or Berth's `after_id` query parameter.
+    const cursorId = context.req.header('last-event-id') || context.req.query('after_id') || undefined;
+    let afterSeq: number | undefined;
+    if (cursorId !== undefined) {
+      const cursorEvent = await store.events.getEvent(session.id, cursorId);
+      if (!cursorEvent) throw invalidRequest(`after_id ${cursorId} is not an event of this session`);
+      afterSeq = cursorEvent.seq;
+    }
+    const pingMs = dependencies.streamPingMs ?? 15_000;
+    context.header('cache-control', 'no-cache');
+    context.header('x-accel-buffering', 'no');
+
+    // Subscribe before reading history (or the head), then dedupe by seq: no gap and no
+    // duplicate at the seam. Both happen before the response starts, so an event a client
+    // sends after seeing the stream open is always delivered.
+    const queue: StoredEvent[] = [];
+    let wake: (() => void) | undefined;
+    const unsubscribe = store.events.subscribe(session.id, (events) => {
+      queue.push(...events);
+      wake?.();
+    });
+    const deltaQueue: DeltaEvent[] = [];
+    const unsubscribeDeltas =
+      wantedDeltas.size > 0
+        ? deltas.subscribe(session.id, (_sessionId, delta) => {
+            const type = delta.type === 'event_start' ? delta.event.type : 'agent.message';
+            if (!wantedDeltas.has(type)) return;
+            deltaQueue.push(delta);
+            wake?.();
+          })
+        : () => undefined;
+    let lastSent: number;
+    try {
+      lastSent = afterSeq ?? (await store.events.headSeq(session.id));
+    } catch (error) {
+      unsubscribe();
+      unsubscribeDeltas();
+      throw error;
+    }
+
+    return streamSSE(context, async (stream) => {
+      let closed = false;
+      stream.onAbort(() => {
+        closed = true;
+        wake?.();
+      });
+      const ping = setInterval(() => {
+        stream.writeSSE({ event: 'ping', data: '{"type":"ping"}' }).catch(() => undefined);
+      }, pingMs);
+      try {
+        if (afterSeq !== undefined) {
+          for (;;) {
+            const history = await store.events.read(session.id, { afterSeq: lastSent, limit: 1000 });
+            for (const stored of history) lastSent = await send(stream, stored, lastSent);
+            if (history.length < 1000) break;
+          }
+        }
+        while (!closed) {
+          while (deltaQueue.length > 0) {
+            const delta = deltaQueue.shift()!;
+            await stream.writeSSE({ event: delta.type, data: JSON.stringify(delta) });
+          }
+          while (queue.length > 0) lastSent = await send(stream, queue.shift()!, lastSent);
+          if (closed) break;
+          await new Promise<void>((resolve) => {
+            wake = resolve;
+            if (queue.length > 0 || deltaQueue.length > 0 || closed) resolve();
+          });
+          wake = undefined;
+        }
+      } finally {
+        clearInterval(ping);
+        unsubscribe();
+        unsubscribeDeltas();
+      }
+    });
+  });
+
+  return app;
+}
+
+async function send(stream: SSEStreamingApi, stored: StoredEvent, lastSent: number): Promise<number> {
+  if (stored.seq <= lastSent) return lastSent;
+  await stream.writeSSE({
+    id: stored.event.id,
+    event: stored.event.type,
+    data: JSON.stringify(stored.event),
+  });
+  return stored.seq;
+}

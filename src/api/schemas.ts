@@ -1,0 +1,382 @@
+import { z } from 'zod';
+
+/**
+ * Request schemas, shaped like the official SDK's `client.beta.*` params. Unknown fields are
+ * rejected (`strict`) so a typo is an error, not a silent no-op; `betas` and `workspace_id`
+ * are accepted and ignored, as the SDK may send them.
+ */
+
+const metadata = z
+  .record(z.string().max(64), z.string().max(512))
+  .refine((value) => Object.keys(value).length <= 16, {
+    message: 'at most 16 metadata keys',
+  });
+const nullableMetadataPatch = z.record(z.string().max(64), z.string().max(512).nullable());
+const sdkExtras = { betas: z.array(z.string()).optional(), workspace_id: z.string().optional() };
+
+const permissionPolicy = z.object({ type: z.enum(['always_allow', 'always_ask', 'auto']) }).strict();
+
+/** Built-in tool names of `agent_toolset_20260401`. */
+export const builtinToolNames = [
+  'bash',
+  'edit',
+  'read',
+  'write',
+  'glob',
+  'grep',
+  'web_fetch',
+  'web_search',
+] as const;
+
+const toolConfigParams = z
+  .object({
+    name: z.enum(builtinToolNames),
+    type: z.enum(builtinToolNames).optional(),
+    enabled: z.boolean().nullable().optional(),
+    permission_policy: permissionPolicy.nullable().optional(),
+    allowed_domains: z.array(z.string()).optional(),
+    blocked_domains: z.array(z.string()).optional(),
+    max_content_tokens: z.number().int().positive().nullable().optional(),
+    url_sources: z.unknown().optional(),
+    user_location: z.unknown().optional(),
+  })
+  .strict();
+
+const defaultConfigParams = z
+  .object({
+    enabled: z.boolean().nullable().optional(),
+    permission_policy: permissionPolicy.nullable().optional(),
+  })
+  .strict();
+
+const agentToolset = z
+  .object({
+    type: z.literal('agent_toolset_20260401'),
+    configs: z.array(toolConfigParams).optional(),
+    default_config: defaultConfigParams.nullable().optional(),
+  })
+  .strict();
+
+const mcpToolset = z
+  .object({
+    type: z.literal('mcp_toolset'),
+    mcp_server_name: z.string().min(1),
+    configs: z
+      .array(
+        z
+          .object({
+            name: z.string().min(1),
+            enabled: z.boolean().nullable().optional(),
+            permission_policy: permissionPolicy.nullable().optional(),
+          })
+          .strict(),
+      )
+      .optional(),
+    default_config: defaultConfigParams.nullable().optional(),
+  })
+  .strict();
+
+const customTool = z
+  .object({
+    type: z.literal('custom'),
+    name: z
+      .string()
+      .regex(/^[a-zA-Z0-9_-]{1,64}$/, 'tool names are 1-64 characters of letters, digits, _ and -'),
+    description: z.string().min(1),
+    input_schema: z.object({ type: z.literal('object') }).passthrough(),
+  })
+  .strict();
+
+const tool = z.discriminatedUnion('type', [agentToolset, mcpToolset, customTool]);
+
+/** `<provider>/<model>` with a known provider, or a bare `claude-*` id. */
+export const modelId = z
+  .string()
+  .min(1)
+  .refine(
+    (value) => /^claude-/.test(value) || /^(anthropic|openai|openai-compatible|scripted)\/.+/.test(value),
+    {
+      message:
+        'model must be "<provider>/<model>" with provider anthropic, openai, openai-compatible or scripted, or a bare claude-* id',
+    },
+  );
+
+const modelConfig = z.union([
+  modelId,
+  z
+    .object({
+      id: modelId,
+      effort: z
+        .union([z.enum(['low', 'medium', 'high', 'xhigh', 'max']), z.object({ type: z.string() })])
+        .nullable()
+        .optional(),
+      inference_geo: z.string().nullable().optional(),
+      speed: z.enum(['standard', 'fast']).nullable().optional(),
+    })
+    .strict(),
+]);
+
+const mcpServer = z
+  .object({ name: z.string().min(1), type: z.literal('url'), url: z.string().url() })
+  .strict();
+const skill = z
+  .object({
+    type: z.enum(['anthropic', 'custom']),
+    skill_id: z.string().min(1),
+    version: z.string().nullable().optional(),
+  })
+  .strict();
+const executionIdentity = z.union([
+  z.object({ type: z.literal('service_account') }).strict(),
+  z.object({ type: z.literal('aws_role'), role_arn: z.string() }).strict(),
+]);
+
+export const agentCreate = z
+  .object({
+    name: z.string().min(1).max(256),
+    model: modelConfig,
+    description: z.string().max(2048).nullable().optional(),
+    system: z.string().max(100_000).nullable().optional(),
+    tools: z.array(tool).max(128).optional(),
+    mcp_servers: z.array(mcpServer).max(32).optional(),
+    skills: z.array(skill).max(64).optional(),
+    metadata: metadata.optional(),
+    execution_identity: executionIdentity.nullable().optional(),
+    multiagent: z.unknown().optional(),
+    ...sdkExtras,
+  })
+  .strict();
+export type AgentCreate = z.infer<typeof agentCreate>;
+
+export const agentUpdate = z
+  .object({
+    name: z.string().min(1).max(256).optional(),
+    model: modelConfig.optional(),
+    description: z.string().max(2048).nullable().optional(),
+    system: z.string().max(100_000).nullable().optional(),
+    tools: z.array(tool).max(128).nullable().optional(),
+    mcp_servers: z.array(mcpServer).max(32).nullable().optional(),
+    skills: z.array(skill).max(64).nullable().optional(),
+    metadata: nullableMetadataPatch.nullable().optional(),
+    execution_identity: executionIdentity.nullable().optional(),
+    multiagent: z.unknown().optional(),
+    /** Optimistic concurrency: the version the caller last saw. */
+    version: z.number().int().positive().optional(),
+    ...sdkExtras,
+  })
+  .strict();
+export type AgentUpdate = z.infer<typeof agentUpdate>;
+
+const network = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('unrestricted') }).strict(),
+  z
+    .object({
+      type: z.literal('limited'),
+      allowed_hosts: z.array(z.string().min(1)).nullable().optional(),
+      allow_mcp_servers: z.boolean().nullable().optional(),
+      allow_package_managers: z.boolean().nullable().optional(),
+    })
+    .strict(),
+]);
+
+const packageList = z.array(z.string().min(1)).nullable().optional();
+
+/** Berth's own environment settings, under `config.berth`. */
+const berthEnvironmentConfig = z
+  .object({
+    driver: z.string().min(1).optional(),
+    limits: z
+      .object({
+        cpu: z.number().positive().max(64).optional(),
+        memory_mb: z.number().int().min(16).max(1_048_576).optional(),
+        pids: z.number().int().min(8).max(1_000_000).optional(),
+        disk_mb: z.number().int().min(1).max(10_485_760).optional(),
+      })
+      .strict()
+      .optional(),
+    lifecycle: z
+      .object({
+        idle_timeout_s: z.number().int().min(60).optional(),
+        max_lifetime_s: z.number().int().min(60).optional(),
+      })
+      .strict()
+      .optional(),
+  })
+  .strict();
+
+const environmentConfig = z.discriminatedUnion('type', [
+  z
+    .object({
+      type: z.literal('cloud'),
+      networking: network.nullable().optional(),
+      packages: z
+        .object({
+          type: z.literal('packages').optional(),
+          apt: packageList,
+          cargo: packageList,
+          gem: packageList,
+          go: packageList,
+          npm: packageList,
+          pip: packageList,
+        })
+        .strict()
+        .nullable()
+        .optional(),
+      berth: berthEnvironmentConfig.optional(),
+    })
+    .strict(),
+  z.object({ type: z.literal('self_hosted') }).strict(),
+]);
+export type EnvironmentConfigParams = z.infer<typeof environmentConfig>;
+
+export const environmentCreate = z
+  .object({
+    name: z.string().min(1).max(256),
+    config: environmentConfig.nullable().optional(),
+    description: z.string().max(2048).nullable().optional(),
+    metadata: metadata.optional(),
+    scope: z.enum(['organization', 'account']).nullable().optional(),
+    ...sdkExtras,
+  })
+  .strict();
+
+export const environmentUpdate = z
+  .object({
+    name: z.string().min(1).max(256).nullable().optional(),
+    config: environmentConfig.nullable().optional(),
+    description: z.string().max(2048).nullable().optional(),
+    metadata: nullableMetadataPatch.optional(),
+    scope: z.enum(['organization', 'account']).nullable().optional(),
+    ...sdkExtras,
+  })
+  .strict();
+
+const textBlock = z.object({ type: z.literal('text'), text: z.string() }).strict();
+const imageBlock = z
+  .object({ type: z.literal('image'), source: z.object({ type: z.string() }).passthrough() })
+  .strict();
+const documentBlock = z
+  .object({
+    type: z.literal('document'),
+    source: z.object({ type: z.string() }).passthrough(),
+    context: z.string().nullable().optional(),
+    title: z.string().nullable().optional(),
+  })
+  .strict();
+const userContent = z.array(z.discriminatedUnion('type', [textBlock, imageBlock, documentBlock])).min(1);
+const resultContent = z.array(z.discriminatedUnion('type', [textBlock, imageBlock, documentBlock]));
+
+export const userMessageEvent = z.object({ type: z.literal('user.message'), content: userContent }).strict();
+
+/** The events a client may send, by type. */
+export const clientEvent = z.discriminatedUnion('type', [
+  userMessageEvent,
+  z.object({ type: z.literal('user.interrupt') }).strict(),
+  z
+    .object({
+      type: z.literal('user.tool_confirmation'),
+      tool_use_id: z.string().min(1),
+      result: z.enum(['allow', 'deny']),
+      deny_message: z.string().nullable().optional(),
+    })
+    .strict(),
+  z
+    .object({
+      type: z.literal('user.custom_tool_result'),
+      custom_tool_use_id: z.string().min(1),
+      content: resultContent.optional(),
+      is_error: z.boolean().nullable().optional(),
+    })
+    .strict(),
+]);
+export type ClientEvent = z.infer<typeof clientEvent>;
+
+/** Client event types Berth knows but does not support yet, with the reason. */
+export const unsupportedClientEventTypes: Record<string, string> = {
+  'user.define_outcome': 'outcomes are not supported by Berth yet',
+  'user.tool_result': 'user.tool_result is for self-hosted tool runners, which Berth does not support yet',
+  'system.message': 'system.message events are not supported by Berth yet',
+};
+
+export const eventSend = z.object({ events: z.array(z.unknown()).min(1).max(100), ...sdkExtras }).strict();
+
+const budget = z
+  .object({
+    type: z.literal('limit'),
+    max_list_cost: z
+      .object({ amount: z.union([z.string(), z.number()]), currency: z.string() })
+      .passthrough(),
+  })
+  .strict();
+
+export const sessionCreate = z
+  .object({
+    agent: z.union([
+      z.string().min(1),
+      z
+        .object({
+          type: z.literal('agent'),
+          id: z.string().min(1),
+          version: z.number().int().positive().optional(),
+        })
+        .strict(),
+    ]),
+    environment_id: z.string().min(1),
+    budget: budget.optional(),
+    initial_events: z.array(userMessageEvent).max(100).optional(),
+    metadata: metadata.optional(),
+    resources: z.array(z.unknown()).max(0, 'session resources are not supported by Berth yet').optional(),
+    title: z.string().max(512).nullable().optional(),
+    vault_ids: z.array(z.string()).max(0, 'vaults are not supported by Berth yet').optional(),
+    ...sdkExtras,
+  })
+  .strict();
+
+export const sessionUpdate = z
+  .object({
+    metadata: nullableMetadataPatch.nullable().optional(),
+    title: z.string().max(512).nullable().optional(),
+    budget: budget.nullable().optional(),
+    vault_ids: z.array(z.string()).max(0, 'vaults are not supported by Berth yet').optional(),
+    agent: z.unknown().optional(),
+    ...sdkExtras,
+  })
+  .strict();
+
+/** Every event type of the official API (the `types[]` filter accepts only these, plus `berth.*`). */
+export const knownEventTypes = new Set([
+  'user.message',
+  'user.interrupt',
+  'user.tool_confirmation',
+  'user.custom_tool_result',
+  'agent.custom_tool_use',
+  'agent.message',
+  'agent.thinking',
+  'agent.mcp_tool_use',
+  'agent.mcp_tool_result',
+  'agent.tool_use',
+  'agent.tool_result',
+  'agent.thread_message_received',
+  'agent.thread_message_sent',
+  'agent.thread_context_compacted',
+  'session.error',
+  'session.status_rescheduled',
+  'session.status_running',
+  'session.status_idle',
+  'session.status_terminated',
+  'session.thread_created',
+  'span.outcome_evaluation_start',
+  'span.outcome_evaluation_end',
+  'span.model_request_start',
+  'span.model_request_end',
+  'span.outcome_evaluation_ongoing',
+  'user.define_outcome',
+  'session.thread_status_running',
+  'session.thread_status_idle',
+  'session.thread_status_terminated',
+  'user.tool_result',
+  'session.thread_status_rescheduled',
+  'session.updated',
+  'system.message',
+  'session.usage',
+]);

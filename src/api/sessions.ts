@@ -1,0 +1,238 @@
+import { Hono } from 'hono';
+import { conflict, invalidRequest, notFound } from '../errors.js';
+import { newId } from '../ids.js';
+import type { SessionStatus } from '../store/event-store.js';
+import type { SessionRecord, Store } from '../store/resource-store.js';
+import {
+  type ApiDependencies,
+  type ApiEnvironment,
+  nowIso,
+  readArrayQuery,
+  readBody,
+  readFlag,
+  readOrder,
+  readPageQuery,
+} from './context.js';
+import { sessionCreate, sessionUpdate } from './schemas.js';
+
+const usageEventTypes = [
+  'span.model_request_end',
+  'session.status_running',
+  'session.status_idle',
+  'session.status_terminated',
+  'session.status_rescheduled',
+];
+
+/**
+ * The session as the API shows it: the stored body plus what the log says now (status,
+ * usage from `span.model_request_end`, active time from status changes).
+ */
+export async function presentSession(store: Store, session: SessionRecord) {
+  const events = await store.events.read(session.id, {
+    types: usageEventTypes,
+    limit: Number.MAX_SAFE_INTEGER,
+  });
+  const usage = {
+    input_tokens: 0,
+    output_tokens: 0,
+    cache_read_input_tokens: 0,
+    cache_creation_input_tokens: 0,
+  };
+  let activeMilliseconds = 0;
+  let runningSince: number | undefined;
+  for (const { event } of events) {
+    if (event.type === 'span.model_request_end') {
+      const modelUsage = event.model_usage as Record<string, number> | undefined;
+      usage.input_tokens += modelUsage?.input_tokens ?? 0;
+      usage.output_tokens += modelUsage?.output_tokens ?? 0;
+      usage.cache_read_input_tokens += modelUsage?.cache_read_input_tokens ?? 0;
+      usage.cache_creation_input_tokens += modelUsage?.cache_creation_input_tokens ?? 0;
+    } else if (event.type === 'session.status_running') {
+      runningSince ??= Date.parse(event.processed_at);
+    } else if (runningSince !== undefined) {
+      activeMilliseconds += Date.parse(event.processed_at) - runningSince;
+      runningSince = undefined;
+    }
+  }
+  const now = Date.now();
+  if (runningSince !== undefined) activeMilliseconds += now - runningSince;
+  const activeSeconds = Math.round(activeMilliseconds / 10) / 100;
+  return {
+    ...session.body,
+    status: session.status,
+    stop_reason: session.status === 'idle' ? session.stopReason : null,
+    usage: {
+      input_tokens: usage.input_tokens,
+      output_tokens: usage.output_tokens,
+      cache_read_input_tokens: usage.cache_read_input_tokens,
+      cache_creation: { ephemeral_5m_input_tokens: usage.cache_creation_input_tokens },
+      active_seconds: activeSeconds,
+    },
+    stats: {
+      active_seconds: activeSeconds,
+      duration_seconds: Math.round((now - Date.parse(session.createdAt)) / 10) / 100,
+    },
+    updated_at: session.updatedAt,
+    archived_at: session.archivedAt,
+  };
+}
+
+const statuses = new Set<SessionStatus>(['idle', 'running', 'rescheduling', 'terminated']);
+
+/** `/v1/sessions`: create (pinning an agent version), read, update, list, archive, delete. */
+export function sessionRoutes(dependencies: ApiDependencies) {
+  const { store, supervisor } = dependencies;
+  const { resources } = store;
+  const app = new Hono<ApiEnvironment>();
+
+  app.post('/', async (context) => {
+    const principal = context.get('principal');
+    const input = await readBody(context, sessionCreate);
+    const agentId = typeof input.agent === 'string' ? input.agent : input.agent.id;
+    const version = typeof input.agent === 'string' ? undefined : input.agent.version;
+    const agent = await resources.getAgentVersion(principal.tenantId, agentId, version);
+    if (!agent) throw notFound('agent', version ? `${agentId} version ${version}` : agentId);
+    if (agent.archivedAt) throw invalidRequest(`agent ${agentId} is archived`);
+    const environment = await resources.get('environment', principal.tenantId, input.environment_id);
+    if (!environment) throw notFound('environment', input.environment_id);
+    if (environment.archivedAt) throw invalidRequest(`environment ${input.environment_id} is archived`);
+
+    const now = nowIso();
+    const id = newId('sesn');
+    const {
+      created_at: _created,
+      updated_at: _updated,
+      archived_at: _archived,
+      metadata: _metadata,
+      ...pinned
+    } = agent.body;
+    const body = {
+      id,
+      type: 'session',
+      agent: pinned,
+      environment_id: environment.id,
+      title: input.title ?? null,
+      metadata: input.metadata ?? {},
+      budget: input.budget ?? null,
+      vault_ids: [],
+      resources: [],
+      outcome_evaluations: [],
+      created_at: now,
+    };
+    const record: SessionRecord = {
+      id,
+      tenantId: principal.tenantId,
+      ownerId: principal.userId,
+      createdAt: now,
+      updatedAt: now,
+      archivedAt: null,
+      body,
+      agentId: agent.id,
+      agentVersion: agent.body.version as number,
+      environmentId: environment.id,
+      status: 'idle',
+      stopReason: null,
+      lastSeq: 0,
+    };
+    await resources.createSession(record);
+    if (input.initial_events && input.initial_events.length > 0) {
+      await store.events.append(id, input.initial_events);
+      supervisor.notify(id);
+    }
+    const created = await resources.getSession(principal.tenantId, id);
+    return context.json(await presentSession(store, created!));
+  });
+
+  app.get('/', async (context) => {
+    const principal = context.get('principal');
+    const { limit, cursor } = readPageQuery(context);
+    const requested = readArrayQuery(context, 'statuses');
+    for (const status of requested ?? []) {
+      if (!statuses.has(status as SessionStatus)) throw invalidRequest(`unknown session status "${status}"`);
+    }
+    const agentVersionText = context.req.query('agent_version');
+    const page = await resources.listSessions({
+      tenantId: principal.tenantId,
+      ownerId: principal.role === 'admin' ? undefined : principal.userId,
+      limit,
+      cursor,
+      includeArchived: readFlag(context, 'include_archived'),
+      order: readOrder(context, 'desc'),
+      agentId: context.req.query('agent_id') || undefined,
+      agentVersion: agentVersionText ? Number(agentVersionText) : undefined,
+      statuses: requested as SessionStatus[] | undefined,
+    });
+    const data = await Promise.all(page.items.map((session) => presentSession(store, session)));
+    return context.json({ data, next_page: page.nextCursor, prev_page: null });
+  });
+
+  app.get('/:id', async (context) => {
+    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    return context.json(await presentSession(store, session));
+  });
+
+  app.post('/:id', async (context) => {
+    const principal = context.get('principal');
+    const session = await loadSession(store, principal, context.req.param('id'));
+    const input = await readBody(context, sessionUpdate);
+    if (input.agent !== undefined)
+      throw invalidRequest("changing a session's agent is not supported by Berth yet");
+    const now = nowIso();
+    const body = { ...session.body };
+    if (input.title !== undefined) body.title = input.title;
+    if (input.budget !== undefined) body.budget = input.budget;
+    if (input.metadata !== undefined) {
+      const metadata = { ...(body.metadata as Record<string, string>) };
+      for (const [key, value] of Object.entries(input.metadata ?? {})) {
+        if (value === null) delete metadata[key];
+        else metadata[key] = value;
+      }
+      body.metadata = input.metadata === null ? {} : metadata;
+    }
+    session.body = body;
+    session.updatedAt = now;
+    await resources.update('session', session);
+    return context.json(await presentSession(store, session));
+  });
+
+  app.post('/:id/archive', async (context) => {
+    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    if (!session.archivedAt) {
+      const now = nowIso();
+      session.archivedAt = now;
+      session.updatedAt = now;
+      await resources.update('session', session);
+    }
+    return context.json(await presentSession(store, session));
+  });
+
+  app.delete('/:id', async (context) => {
+    const principal = context.get('principal');
+    const session = await loadSession(store, principal, context.req.param('id'));
+    if (session.status === 'running' || session.status === 'rescheduling') {
+      throw conflict(
+        `session ${session.id} is ${session.status}; send user.interrupt and wait for idle before deleting`,
+      );
+    }
+    await supervisor.settled(session.id);
+    await resources.delete('session', principal.tenantId, session.id);
+    return context.json({ id: session.id, type: 'session_deleted' });
+  });
+
+  return app;
+}
+
+/**
+ * The one ownership check for every session path: the session must belong to the caller's
+ * tenant, and a member sees only the sessions they created. Anything else is a 404.
+ */
+export async function loadSession(
+  store: Store,
+  principal: { tenantId: string; userId: string; role: string },
+  id: string,
+): Promise<SessionRecord> {
+  const session = await store.resources.getSession(principal.tenantId, id);
+  if (!session || (principal.role !== 'admin' && session.ownerId !== principal.userId))
+    throw notFound('session', id);
+  return session;
+}

@@ -1,0 +1,82 @@
+import { resolve } from 'node:path';
+import { z } from 'zod';
+import { invalidRequest } from '../errors.js';
+
+/**
+ * Berth's configuration, compiled once from flags and environment variables (flags win)
+ * into one validated object that is passed down. Nothing else reads `process.env`.
+ */
+export interface BerthConfig {
+  host: string;
+  port: number;
+  dataDir: string;
+  store: { kind: 'sqlite'; path: string } | { kind: 'postgres'; url: string };
+  /** Provider settings (API keys, base URLs) handed to the model registry. */
+  modelEnvironment: Readonly<Record<string, string | undefined>>;
+  /** Sandbox driver names in order of preference; the first available is the default. */
+  sandboxDrivers: readonly string[];
+  /** Largest accepted request body, in bytes. */
+  maxBodyBytes: number;
+  /** Failed model calls in a row before a turn ends with retries_exhausted. */
+  maxModelRetries: number;
+  retryBaseDelayMs: number;
+}
+
+/** Raw inputs: CLI flags (already parsed) and the process environment. */
+export interface ConfigSources {
+  flags?: { host?: string; port?: string | number; dataDir?: string; database?: string };
+  environment: Readonly<Record<string, string | undefined>>;
+}
+
+const modelVariables = [
+  'ANTHROPIC_API_KEY',
+  'ANTHROPIC_BASE_URL',
+  'OPENAI_API_KEY',
+  'OPENAI_BASE_URL',
+  'OPENAI_COMPATIBLE_BASE_URL',
+  'OPENAI_COMPATIBLE_API_KEY',
+] as const;
+
+const portSchema = z.coerce.number().int().min(0).max(65_535);
+
+/** Compiles the configuration; throws `invalid_request` naming the bad setting. */
+export function loadConfig(sources: ConfigSources): BerthConfig {
+  const { flags = {}, environment } = sources;
+  const portInput = flags.port ?? environment.BERTH_PORT ?? 8080;
+  const port = portSchema.safeParse(portInput);
+  if (!port.success) throw invalidRequest(`port must be a number from 0 to 65535, got "${portInput}"`);
+  const dataDir = resolve(flags.dataDir ?? environment.BERTH_DATA_DIR ?? '.berth');
+  const database = flags.database ?? environment.BERTH_DATABASE_URL;
+  let store: BerthConfig['store'];
+  if (database === undefined || database === '' || database.startsWith('sqlite:')) {
+    const path = database?.startsWith('sqlite:') ? database.slice('sqlite:'.length) : '';
+    store = { kind: 'sqlite', path: path ? resolve(path) : resolve(dataDir, 'berth.db') };
+  } else if (/^postgres(ql)?:\/\//.test(database)) {
+    store = { kind: 'postgres', url: database };
+  } else {
+    throw invalidRequest('database must be a postgres:// URL or sqlite:<path>');
+  }
+  const modelEnvironment: Record<string, string | undefined> = {};
+  for (const name of modelVariables) modelEnvironment[name] = environment[name];
+  const number = (name: string, fallback: number) => {
+    const value = environment[name];
+    if (value === undefined || value === '') return fallback;
+    const parsed = Number(value);
+    if (!Number.isFinite(parsed) || parsed < 0) throw invalidRequest(`${name} must be a non-negative number`);
+    return parsed;
+  };
+  return {
+    host: flags.host ?? environment.BERTH_HOST ?? '127.0.0.1',
+    port: port.data,
+    dataDir,
+    store,
+    modelEnvironment,
+    sandboxDrivers: (environment.BERTH_SANDBOX_DRIVERS ?? 'bwrap')
+      .split(',')
+      .map((name) => name.trim())
+      .filter(Boolean),
+    maxBodyBytes: number('BERTH_MAX_BODY_BYTES', 1024 * 1024),
+    maxModelRetries: number('BERTH_MAX_MODEL_RETRIES', 3),
+    retryBaseDelayMs: number('BERTH_RETRY_BASE_DELAY_MS', 500),
+  };
+}

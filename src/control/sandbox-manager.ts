@@ -1,0 +1,108 @@
+import { chown, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { BerthError } from '../errors.js';
+import type { SandboxDriver, SandboxHandle } from '../sandbox/driver.js';
+import type { SessionRecord, Store } from '../store/resource-store.js';
+
+/** Lazily gives a session its sandbox: provisioned on the first tool call, then reused. */
+export interface SandboxAccess {
+  get(): Promise<SandboxHandle>;
+}
+
+interface Entry {
+  driver: SandboxDriver;
+  handle: Promise<SandboxHandle>;
+}
+
+/**
+ * Owns the live sandboxes of this process, one per session (cattle, not pets): provisions
+ * on first use from the session's environment (`config.berth.driver`, limits), keeps the
+ * working directory under `<dataDir>/sessions/<id>/workspace` so files outlive the sandbox,
+ * and destroys everything on shutdown.
+ */
+export class SandboxManager {
+  readonly #entries = new Map<string, Entry>();
+  readonly #drivers: ReadonlyMap<string, SandboxDriver>;
+  readonly #store: Store;
+  readonly #dataDir: string;
+
+  constructor(options: { drivers: ReadonlyMap<string, SandboxDriver>; store: Store; dataDir: string }) {
+    this.#drivers = options.drivers;
+    this.#store = options.store;
+    this.#dataDir = options.dataDir;
+  }
+
+  /** The session's working directory on the host. */
+  workdirOf(sessionId: string): string {
+    return join(this.#dataDir, 'sessions', sessionId, 'workspace');
+  }
+
+  /** Access to the session's sandbox; nothing is provisioned until `get()` is called. */
+  access(session: SessionRecord): SandboxAccess {
+    return { get: () => this.#get(session) };
+  }
+
+  /** The driver a session's sandbox runs on, once provisioned. */
+  driverOf(sessionId: string): SandboxDriver | undefined {
+    return this.#entries.get(sessionId)?.driver;
+  }
+
+  async #get(session: SessionRecord): Promise<SandboxHandle> {
+    const existing = this.#entries.get(session.id);
+    if (existing) return existing.handle;
+    const environment = await this.#store.resources.get(
+      'environment',
+      session.tenantId,
+      session.environmentId,
+    );
+    const berth = (
+      environment?.body.config as { berth?: { driver?: string; limits?: Record<string, number> } } | undefined
+    )?.berth;
+    const driverName = berth?.driver ?? [...this.#drivers.keys()][0];
+    const driver = driverName ? this.#drivers.get(driverName) : undefined;
+    if (!driver) {
+      throw new BerthError(
+        'sandbox_unavailable',
+        `sandbox driver "${driverName}" is not available on this host`,
+      );
+    }
+    const workdir = this.workdirOf(session.id);
+    const handle = (async () => {
+      await mkdir(workdir, { recursive: true, mode: 0o700 });
+      // The sandbox user (uid 1000 inside) must own its working directory.
+      await chown(workdir, 1000, 1000).catch(() => undefined);
+      return driver.provision({
+        sessionId: session.id,
+        workdir,
+        limits: {
+          cpu: berth?.limits?.cpu,
+          memoryMb: berth?.limits?.memory_mb,
+          pids: berth?.limits?.pids,
+          diskMb: berth?.limits?.disk_mb,
+        },
+      });
+    })();
+    this.#entries.set(session.id, { driver, handle });
+    handle.catch(() => this.#entries.delete(session.id));
+    return handle;
+  }
+
+  /** Destroys a session's sandbox (its working directory stays). */
+  async release(sessionId: string): Promise<void> {
+    const entry = this.#entries.get(sessionId);
+    if (!entry) return;
+    this.#entries.delete(sessionId);
+    const handle = await entry.handle.catch(() => undefined);
+    if (handle) await entry.driver.destroy(handle);
+  }
+
+  /** Number of live sandboxes. */
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  /** Destroys every sandbox of this process. */
+  async releaseAll(): Promise<void> {
+    await Promise.all([...this.#entries.keys()].map((sessionId) => this.release(sessionId)));
+  }
+}

@@ -1,0 +1,102 @@
+import type {
+  LanguageModelV3Message,
+  LanguageModelV3Prompt,
+  LanguageModelV3ToolCallPart,
+  LanguageModelV3ToolResultPart,
+} from '@ai-sdk/provider';
+import type { StoredEvent } from '../store/event-store.js';
+
+/** Text of an API content array (`[{type:'text', text}]`), other blocks described briefly. */
+export function contentText(content: unknown): string {
+  if (!Array.isArray(content)) return typeof content === 'string' ? content : '';
+  return content
+    .map((block: { type?: string; text?: string }) => {
+      if (block?.type === 'text') return block.text ?? '';
+      if (block?.type === 'redacted') return '';
+      return `[${block?.type ?? 'unknown'} block]`;
+    })
+    .join('');
+}
+
+type AssistantPart =
+  | LanguageModelV3ToolCallPart
+  | { type: 'text'; text: string }
+  | { type: 'reasoning'; text: string };
+
+/**
+ * Rebuilds the model's context from the log, every turn: the system prompt, then user
+ * messages, the agent's messages and tool calls, and tool results. Tool call ids are the
+ * `agent.tool_use` event ids, so a result always pairs with its call across restarts.
+ * Events the model never saw (status, spans, errors) are skipped.
+ */
+export function buildPrompt(system: string | null, log: readonly StoredEvent[]): LanguageModelV3Prompt {
+  const prompt: LanguageModelV3Message[] = [];
+  if (system) prompt.push({ role: 'system', content: system });
+  let assistant: AssistantPart[] | undefined;
+  let toolResults: LanguageModelV3ToolResultPart[] | undefined;
+  const toolNames = new Map<string, string>();
+
+  const flush = () => {
+    if (assistant && assistant.length > 0) prompt.push({ role: 'assistant', content: assistant });
+    if (toolResults && toolResults.length > 0) prompt.push({ role: 'tool', content: toolResults });
+    assistant = undefined;
+    toolResults = undefined;
+  };
+  const addResult = (toolCallId: string, content: unknown, isError: boolean) => {
+    if (assistant) {
+      prompt.push({ role: 'assistant', content: assistant });
+      assistant = undefined;
+    }
+    toolResults ??= [];
+    const text = contentText(content);
+    toolResults.push({
+      type: 'tool-result',
+      toolCallId,
+      toolName: toolNames.get(toolCallId) ?? 'unknown',
+      output: isError ? { type: 'error-text', value: text } : { type: 'text', value: text },
+    });
+  };
+
+  for (const { event } of log) {
+    switch (event.type) {
+      case 'user.message':
+        flush();
+        prompt.push({ role: 'user', content: [{ type: 'text', text: contentText(event.content) }] });
+        break;
+      case 'span.model_request_start':
+        flush();
+        break;
+      case 'agent.message':
+        if (toolResults) flush();
+        assistant ??= [];
+        assistant.push({ type: 'text', text: contentText(event.content) });
+        break;
+      case 'agent.tool_use':
+      case 'agent.custom_tool_use':
+      case 'agent.mcp_tool_use':
+        if (toolResults) flush();
+        assistant ??= [];
+        toolNames.set(event.id, event.name as string);
+        assistant.push({
+          type: 'tool-call',
+          toolCallId: event.id,
+          toolName: event.name as string,
+          input: event.input,
+        });
+        break;
+      case 'agent.tool_result':
+        addResult(event.tool_use_id as string, event.content, event.is_error === true);
+        break;
+      case 'agent.mcp_tool_result':
+        addResult(event.mcp_tool_use_id as string, event.content, event.is_error === true);
+        break;
+      case 'user.custom_tool_result':
+        addResult(event.custom_tool_use_id as string, event.content, event.is_error === true);
+        break;
+      default:
+        break;
+    }
+  }
+  flush();
+  return prompt;
+}

@@ -1,0 +1,152 @@
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { isBerthError } from '../../errors.js';
+import type { SandboxHandle } from '../driver.js';
+import { describeSandboxDriverContract, hostProcessesMatching } from '../driver-contract.test-suite.js';
+import { type BwrapDriver, createBwrapDriver } from './bwrap-driver.js';
+
+const runningAsRoot = process.getuid?.() === 0;
+
+describeSandboxDriverContract('bwrap', {
+  createDriver: () => createBwrapDriver(),
+  cleanup: (driver) => (driver as BwrapDriver).destroyAll(),
+});
+
+describeSandboxDriverContract('bwrap (one bwrap per command)', {
+  createDriver: () => createBwrapDriver({ mode: 'per-exec' }),
+  cleanup: (driver) => (driver as BwrapDriver).destroyAll(),
+});
+
+const availability = await createBwrapDriver().checkAvailability();
+const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
+
+describe.skipIf(!availability.ok)(`bwrap sandbox isolation${unavailableNote}`, () => {
+  const canaryName = 'BERTH_TEST_CANARY';
+  const canaryValue = `canary-${process.pid}-${Date.now()}`;
+  let driver: BwrapDriver;
+  let handle: SandboxHandle;
+  let scratch: string;
+  let hostSecretPath: string;
+  let server: Server;
+  let port: number;
+  let connections = 0;
+
+  beforeAll(async () => {
+    process.env[canaryName] = canaryValue;
+    scratch = mkdtempSync(join(tmpdir(), 'berth-bwrap-test-'));
+    // Stands in for the server's data directory: outside the workdir, must stay unreachable.
+    mkdirSync(join(scratch, 'data'));
+    hostSecretPath = join(scratch, 'data', 'secret.txt');
+    writeFileSync(hostSecretPath, 'host secret\n');
+    server = createServer((socket) => {
+      connections += 1;
+      socket.end('hello from host\n');
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    port = (server.address() as { port: number }).port;
+    driver = createBwrapDriver();
+    handle = await driver.provision({ sessionId: 'sesn_isolation', workdir: join(scratch, 'workspace') });
+  });
+
+  afterAll(async () => {
+    delete process.env[canaryName];
+    await driver?.destroyAll();
+    await new Promise((resolve) => server?.close(resolve));
+    rmSync(scratch, { recursive: true, force: true });
+  });
+
+  const shell = (command: string) => driver.exec(handle, ['sh', '-c', command], { timeoutMs: 10_000 });
+
+  it('cannot reach a port the host listens on', async () => {
+    const python = await shell(
+      `python3 -c "import socket; s=socket.create_connection(('127.0.0.1', ${port}), timeout=2); print(s.recv(100))"`,
+    );
+    expect(python.exitCode).not.toBe(0);
+    expect(python.stdout).not.toContain('hello from host');
+    const curl = await shell(`curl -sS --max-time 2 http://127.0.0.1:${port}/ || echo failed`);
+    expect(curl.stdout).toContain('failed');
+    const interfaces = await shell('cat /proc/net/dev');
+    expect(interfaces.stdout).not.toMatch(/eth|ens|enp|veth/);
+    expect(connections).toBe(0);
+  });
+
+  it('does not see any environment variable of the server', async () => {
+    const result = await shell('env; cat /proc/*/environ 2>/dev/null | tr "\\0" "\\n"');
+    expect(result.stdout).not.toContain(canaryValue);
+    expect(result.stdout).not.toContain(canaryName);
+  });
+
+  it('cannot read host files outside the workdir', async () => {
+    const result = await shell(`cat /etc/shadow; ls /root; cat ${hostSecretPath}; ls ${scratch}; echo done`);
+    expect(result.stdout).toBe('done\n');
+    expect(result.stdout).not.toContain('host secret');
+    expect(result.stderr).toMatch(/No such file or directory/);
+  });
+
+  it('runs as uid 1000 with no capabilities and no way to gain privileges', async () => {
+    const result = await shell('id -u; id -g; grep -E "^(CapEff|CapPrm|NoNewPrivs)" /proc/self/status');
+    expect(result.stdout).toContain('1000\n1000\n');
+    expect(result.stdout).toMatch(/CapEff:\s+0000000000000000/);
+    expect(result.stdout).toMatch(/CapPrm:\s+0000000000000000/);
+    expect(result.stdout).toMatch(/NoNewPrivs:\s+1/);
+    const nested = await shell('unshare --user --map-root-user true');
+    expect(nested.exitCode).not.toBe(0);
+  });
+
+  it('cannot write outside /workspace, /tmp and its home', async () => {
+    const result = await shell('touch /usr/x || touch /x || touch /etc/x || echo refused');
+    expect(result.stdout).toBe('refused\n');
+    await driver.writeFile(handle, '/tmp/scratch.txt', 'ok');
+    expect(Buffer.from(await driver.readFile(handle, '/tmp/scratch.txt')).toString()).toBe('ok');
+  });
+
+  it('does not follow a symlink to a host file when reading or writing through the driver', async () => {
+    await shell(
+      `ln -sf /etc/shadow shadow-link; ln -sf ${hostSecretPath} secret-link; ln -sf ${hostSecretPath} written-link`,
+    );
+    // A link planted from the host side (e.g. by an unpacked archive) is no better.
+    symlinkSync(hostSecretPath, join(scratch, 'workspace', 'host-made-link'));
+    symlinkSync('/etc/passwd', join(scratch, 'workspace', 'passwd-link'));
+    const passwd = Buffer.from(await driver.readFile(handle, 'passwd-link')).toString('utf8');
+    expect(passwd).not.toBe(readFileSync('/etc/passwd', 'utf8'));
+    for (const link of ['shadow-link', 'secret-link', 'host-made-link']) {
+      const failure = await driver.readFile(handle, link).catch((error: unknown) => error);
+      expect(isBerthError(failure)).toBe(true);
+    }
+    await driver.writeFile(handle, 'written-link', 'overwritten').catch(() => undefined);
+    await driver.writeFile(handle, 'shadow-link', 'overwritten').catch(() => undefined);
+    expect(readFileSync(hostSecretPath, 'utf8')).toBe('host secret\n');
+    expect(readFileSync('/etc/passwd', 'utf8')).not.toContain('overwritten');
+  });
+
+  it.skipIf(!runningAsRoot)('reports a sandbox whose init was killed as sandbox_failed', async () => {
+    const victim = await driver.provision({ sessionId: 'sesn_victim', workdir: join(scratch, 'victim') });
+    // The agent can kill the init (same uid); the next command must fail cleanly, not hang.
+    await driver.exec(victim, ['sh', '-c', 'kill -9 2']);
+    await expect
+      .poll(async () => {
+        const failure = await driver.exec(victim, ['true']).catch((error: unknown) => error);
+        return isBerthError(failure, 'sandbox_failed');
+      })
+      .toBe(true);
+    await driver.destroy(victim);
+  });
+
+  it('destroyAll leaves no sandbox process on the host', async () => {
+    const other = createBwrapDriver();
+    const marker = `sleep 2000.${process.pid}`;
+    for (const name of ['a', 'b']) {
+      const sandbox = await other.provision({
+        sessionId: `sesn_${name}`,
+        workdir: join(scratch, `all-${name}`),
+      });
+      void other.exec(sandbox, ['sh', '-c', marker]);
+    }
+    await expect.poll(() => hostProcessesMatching(marker).length > 0).toBe(true);
+    await other.destroyAll();
+    await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
+  });
+});

@@ -1,0 +1,643 @@
+/**
+ * The bubblewrap driver: one long-lived bwrap per session (user, pid, mount, net, ipc, uts and
+ * cgroup namespaces; uid 1000 inside; read-only /usr; loopback-only network; private /tmp) whose
+ * init is `sleep infinity`. Commands enter it with `nsenter` (≈2 ms) and drop to uid 1000 with
+ * no-new-privs. Killing the namespace's init kills everything in it, so destroy leaves nothing.
+ *
+ * When Berth does not run as root, nsenter cannot join the sandbox (bwrap nests a second user
+ * namespace that an unprivileged nsenter cannot see past), so each command gets its own bwrap
+ * over the same workdir (≈5-10 ms; /tmp and background processes do not outlive a command).
+ */
+import type { ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
+import {
+  accessSync,
+  constants,
+  lchownSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readlinkSync,
+  statSync,
+} from 'node:fs';
+import { delimiter, join, posix, resolve } from 'node:path';
+import { BerthError } from '../../errors.js';
+import { newId } from '../../ids.js';
+import type {
+  DriverAvailability,
+  ExecOptions,
+  ExecResult,
+  SandboxDriver,
+  SandboxHandle,
+  SandboxSpec,
+} from '../driver.js';
+import {
+  DEFAULT_MAX_OUTPUT_BYTES,
+  DEFAULT_TIMEOUT_MS,
+  killProcessTree,
+  type RunProcessResult,
+  runProcess,
+} from '../exec-process.js';
+
+/** Where the session's workdir appears inside every bwrap sandbox. */
+export const BWRAP_WORKDIR_INSIDE = '/workspace';
+/** The uid and gid commands run as inside the sandbox. */
+export const SANDBOX_UID = 1000;
+const SANDBOX_HOME = '/home/sandbox';
+const SANDBOX_PATH = '/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin';
+/** readFile without maxBytes refuses files larger than this. */
+const DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024;
+const PROVISION_TIMEOUT_MS = 10_000;
+const FILE_OPERATION_TIMEOUT_MS = 30_000;
+
+/** Options for `createBwrapDriver`; every field has a working default. */
+export interface BwrapDriverOptions {
+  /** Path to bwrap (default: looked up on PATH). */
+  bwrapPath?: string;
+  /** Path to nsenter (default: looked up on PATH). */
+  nsenterPath?: string;
+  /**
+   * Host uid/gid the sandbox's processes run as when Berth runs as root (default 1000), so a
+   * process that escaped the namespaces would still be an unprivileged host user. The workdir
+   * is chowned to it.
+   */
+  hostUid?: number;
+  hostGid?: number;
+  /** Size of the private /tmp and home tmpfs mounts when the spec has no `diskMb` (default 256). */
+  tmpfsMb?: number;
+  /** Force a lifecycle (default: `persistent` as root, else `per-exec`). */
+  mode?: BwrapMode;
+}
+
+/**
+ * `persistent`: one bwrap per sandbox, commands enter it with nsenter (needs root).
+ * `per-exec`: one bwrap per command over the same workdir (works unprivileged).
+ */
+export type BwrapMode = 'persistent' | 'per-exec';
+
+/** The bwrap driver, plus shutdown and introspection the supervisor needs. */
+export interface BwrapDriver extends SandboxDriver {
+  readonly mode: BwrapMode;
+  /** Destroys every sandbox this driver still tracks (for server shutdown). */
+  destroyAll(): Promise<void>;
+  /** Host pid of a persistent sandbox's namespace init, for tests and diagnostics. */
+  initPid(handle: SandboxHandle): number | undefined;
+}
+
+interface LiveSandbox {
+  handle: SandboxHandle;
+  spec: SandboxSpec;
+  /** The outer bwrap process (persistent mode only). */
+  bwrap?: ChildProcess;
+  /** Host pid of the first process inside the namespaces (persistent mode only). */
+  initPid?: number;
+  exited?: Promise<void>;
+  stopped: boolean;
+  /** Commands running right now (host processes), killed by destroy. */
+  running: Set<ChildProcess>;
+}
+
+/** Finds an executable on the server's PATH. */
+function findExecutable(name: string): string | undefined {
+  for (const directory of (process.env.PATH ?? '/usr/bin:/bin').split(delimiter)) {
+    if (!directory) continue;
+    const candidate = join(directory, name);
+    try {
+      accessSync(candidate, constants.X_OK);
+      return candidate;
+    } catch {
+      // Keep looking.
+    }
+  }
+  return undefined;
+}
+
+/** `--symlink` or `--ro-bind` arguments for the top-level /bin, /lib... of this host. */
+function rootDirectoryArguments(): string[] {
+  const result: string[] = [];
+  for (const name of ['bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32']) {
+    const hostPath = `/${name}`;
+    let stats: ReturnType<typeof lstatSync>;
+    try {
+      stats = lstatSync(hostPath);
+    } catch {
+      continue;
+    }
+    if (stats.isSymbolicLink()) result.push('--symlink', readlinkSync(hostPath), hostPath);
+    else if (stats.isDirectory()) result.push('--ro-bind', hostPath, hostPath);
+  }
+  return result;
+}
+
+/** Chowns a fresh workdir (and what is already in it) to the sandbox's host user. */
+function chownTree(path: string, uid: number, gid: number): void {
+  const stats = lstatSync(path);
+  if (stats.uid !== uid || stats.gid !== gid) lchownSync(path, uid, gid);
+  if (!stats.isDirectory()) return;
+  for (const entry of readdirSync(path)) chownTree(join(path, entry), uid, gid);
+}
+
+function validateEnvironment(env: Readonly<Record<string, string>> | undefined): void {
+  for (const [name, value] of Object.entries(env ?? {})) {
+    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name) || value.includes('\0')) {
+      throw new BerthError('invalid_request', `invalid environment variable name or value: ${name}`);
+    }
+  }
+}
+
+/** Resolves a path inside the sandbox: relative paths start at the working directory. */
+function insidePath(path: string): string {
+  if (path.length === 0 || path.includes('\0')) throw new BerthError('invalid_request', 'invalid path');
+  return posix.resolve(BWRAP_WORKDIR_INSIDE, path);
+}
+
+const ETC_PASSWD = `root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:${SANDBOX_UID}:${SANDBOX_UID}:sandbox:${SANDBOX_HOME}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n`;
+const ETC_GROUP = `root:x:0:\nsandbox:x:${SANDBOX_UID}:\nnogroup:x:65534:\n`;
+const ETC_HOSTS = '127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n';
+
+/** Fixed fd numbers the bwrap command line refers to (see `feedData`). */
+const FD = { info: 3, passwd: 4, group: 5, hosts: 6 } as const;
+/** Extra stdio for fds 3..6: the info fd and the three generated /etc files. */
+const EXTRA_STDIO: Array<'pipe'> = ['pipe', 'pipe', 'pipe', 'pipe'];
+
+/**
+ * As root, bwrap runs as the unprivileged host user, which usually cannot reach the workdir
+ * (data directories are mode 700, and bwrap resolves bind sources by path, even `--bind-fd`).
+ * So a private mount namespace binds the workdir over /tmp first, then drops to the host user
+ * and execs bwrap. The bind is invisible to the host and goes away with the sandbox.
+ */
+const ROOT_LAUNCHER_SCRIPT =
+  'mount --bind "$0" /tmp && uid=$1 gid=$2 bwrap=$3 && shift 3 && ' +
+  'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$bwrap" "$@"';
+const LAUNCHER_WORKDIR = '/tmp';
+
+/** Creates the bubblewrap driver. Call `checkAvailability()` before provisioning. */
+export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver {
+  const runningAsRoot = process.getuid?.() === 0;
+  const mode: BwrapMode = options.mode ?? (runningAsRoot ? 'persistent' : 'per-exec');
+  const hostUid = options.hostUid ?? 1000;
+  const hostGid = options.hostGid ?? 1000;
+  const sandboxes = new Map<string, LiveSandbox>();
+  let bwrapPath = options.bwrapPath;
+  let nsenterPath = options.nsenterPath;
+  let unsharePath: string | undefined;
+
+  const requireBinaries = (): { bwrap: string; nsenter: string | undefined } => {
+    bwrapPath ??= findExecutable('bwrap');
+    nsenterPath ??= findExecutable('nsenter');
+    unsharePath ??= findExecutable('unshare');
+    if (!bwrapPath) {
+      throw new BerthError(
+        'sandbox_unavailable',
+        'bubblewrap (bwrap) is not installed; install it with `apt-get install bubblewrap`',
+      );
+    }
+    if ((mode === 'persistent' && !nsenterPath) || (runningAsRoot && !unsharePath)) {
+      throw new BerthError(
+        'sandbox_unavailable',
+        'nsenter/unshare are not installed; install them with `apt-get install util-linux`',
+      );
+    }
+    return { bwrap: bwrapPath, nsenter: nsenterPath };
+  };
+
+  const bwrapArguments = (spec: SandboxSpec): string[] => {
+    const tmpfsBytes = String((spec.limits?.diskMb ?? options.tmpfsMb ?? 256) * 1024 * 1024);
+    return [
+      '--unshare-all',
+      '--unshare-user',
+      '--disable-userns',
+      '--uid',
+      String(SANDBOX_UID),
+      '--gid',
+      String(SANDBOX_UID),
+      '--die-with-parent',
+      '--new-session',
+      '--clearenv',
+      '--hostname',
+      'sandbox',
+      '--ro-bind',
+      '/usr',
+      '/usr',
+      ...rootDirectoryArguments(),
+      '--ro-bind-try',
+      '/etc/alternatives',
+      '/etc/alternatives',
+      '--ro-bind-try',
+      '/etc/ld.so.cache',
+      '/etc/ld.so.cache',
+      '--ro-bind-try',
+      '/etc/ssl/certs',
+      '/etc/ssl/certs',
+      '--ro-bind-try',
+      '/etc/localtime',
+      '/etc/localtime',
+      '--ro-bind-data',
+      String(FD.passwd),
+      '/etc/passwd',
+      '--ro-bind-data',
+      String(FD.group),
+      '/etc/group',
+      '--ro-bind-data',
+      String(FD.hosts),
+      '/etc/hosts',
+      '--proc',
+      '/proc',
+      '--dev',
+      '/dev',
+      '--size',
+      tmpfsBytes,
+      '--tmpfs',
+      '/tmp',
+      '--size',
+      tmpfsBytes,
+      '--tmpfs',
+      SANDBOX_HOME,
+      '--bind',
+      runningAsRoot ? LAUNCHER_WORKDIR : spec.workdir,
+      BWRAP_WORKDIR_INSIDE,
+      // The root tmpfs is memory; nothing may write to it.
+      '--remount-ro',
+      '/',
+    ];
+  };
+
+  /** Environment every command sees; nothing comes from the server's own environment. */
+  const commandEnvironment = (spec: SandboxSpec, extra?: Readonly<Record<string, string>>) => ({
+    PATH: SANDBOX_PATH,
+    HOME: SANDBOX_HOME,
+    USER: 'sandbox',
+    LOGNAME: 'sandbox',
+    SHELL: '/bin/bash',
+    LANG: 'C.UTF-8',
+    ...spec.env,
+    ...extra,
+  });
+
+  /** Writes the generated /etc files into their pipes (bwrap reads them during setup). */
+  const feedData = (child: ChildProcess) => {
+    const write = (fd: number, text: string) => {
+      const stream = child.stdio[fd] as (NodeJS.WritableStream & NodeJS.EventEmitter) | null | undefined;
+      if (!stream) return;
+      stream.on('error', () => {});
+      stream.end(text);
+    };
+    write(FD.passwd, ETC_PASSWD);
+    write(FD.group, ETC_GROUP);
+    write(FD.hosts, ETC_HOSTS);
+  };
+
+  /** The command and arguments that start bwrap with `bwrapArgs` for this sandbox. */
+  const launch = (spec: SandboxSpec, bwrap: string, bwrapArgs: string[]): [string, string[]] => {
+    if (!runningAsRoot) return [bwrap, bwrapArgs];
+    return [
+      unsharePath!,
+      [
+        '--mount',
+        '--propagation',
+        'private',
+        '--',
+        'sh',
+        '-c',
+        ROOT_LAUNCHER_SCRIPT,
+        resolve(spec.workdir),
+        String(hostUid),
+        String(hostGid),
+        bwrap,
+        ...bwrapArgs,
+      ],
+    ];
+  };
+
+  const prepareWorkdir = (spec: SandboxSpec) => {
+    mkdirSync(spec.workdir, { recursive: true });
+    if (!statSync(spec.workdir).isDirectory()) {
+      throw new BerthError('invalid_request', `sandbox workdir is not a directory: ${spec.workdir}`);
+    }
+    if (runningAsRoot) chownTree(spec.workdir, hostUid, hostGid);
+  };
+
+  const startPersistent = async (live: LiveSandbox, bwrap: string): Promise<void> => {
+    let child: ChildProcess;
+    {
+      // bwrap writes the info fd before it has built the mounts; the init prints a line once
+      // it runs, so no command can enter a half-built sandbox.
+      const [command, args] = launch(live.spec, bwrap, [
+        ...bwrapArguments(live.spec),
+        '--info-fd',
+        String(FD.info),
+        'sh',
+        '-c',
+        'echo ready && exec sleep infinity',
+      ]);
+      child = spawn(command, args, {
+        env: { PATH: '/usr/bin:/bin' },
+        stdio: ['ignore', 'pipe', 'pipe', ...EXTRA_STDIO],
+      });
+    }
+    feedData(child);
+    live.bwrap = child;
+    live.exited = new Promise((resolve) => {
+      child.once('exit', () => {
+        live.stopped = true;
+        resolve();
+      });
+    });
+    let stderr = '';
+    child.stderr?.on('data', (chunk: Buffer) => {
+      if (stderr.length < 4096) stderr += chunk.toString('utf8');
+    });
+    const info = child.stdio[FD.info] as NodeJS.ReadableStream;
+    let text = '';
+    info.on('data', (chunk: Buffer) => {
+      text += chunk.toString('utf8');
+    });
+    const ready = new Promise<void>((resolve) => {
+      child.stdout?.once('data', () => resolve());
+    });
+    const failure = (reason: string) =>
+      new BerthError('sandbox_failed', `bwrap could not start the sandbox: ${reason}`, {
+        retryable: true,
+        details: { stderr: stderr.trim() },
+      });
+    await new Promise<void>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        killProcessTree(child.pid ?? -1);
+        reject(failure('timed out'));
+      }, PROVISION_TIMEOUT_MS);
+      child.once('error', (error) => {
+        clearTimeout(timer);
+        reject(failure(error.message));
+      });
+      void live.exited?.then(() => {
+        clearTimeout(timer);
+        reject(failure(stderr.trim() || 'bwrap exited'));
+      });
+      info.on('end', () => {
+        try {
+          const pid = (JSON.parse(text) as { 'child-pid'?: unknown })['child-pid'];
+          if (typeof pid !== 'number') throw new Error('no child-pid');
+          live.initPid = pid;
+          void ready.then(() => {
+            clearTimeout(timer);
+            resolve();
+          });
+        } catch {
+          // bwrap closes the info fd without writing when it fails; its stderr says why.
+          clearTimeout(timer);
+          void live.exited?.then(() => reject(failure(stderr.trim() || 'bwrap exited')));
+        }
+      });
+    });
+  };
+
+  const lookup = (handle: SandboxHandle): LiveSandbox => {
+    const live = sandboxes.get(handle.id);
+    if (!live || live.stopped) {
+      throw new BerthError('sandbox_failed', `sandbox ${handle.id} is not running (destroyed or crashed)`, {
+        retryable: true,
+      });
+    }
+    return live;
+  };
+
+  /** Runs argv inside the sandbox; the shared core of exec, readFile and writeFile. */
+  const run = async (
+    handle: SandboxHandle,
+    argv: readonly string[],
+    execOptions: ExecOptions,
+  ): Promise<RunProcessResult> => {
+    if (argv.length === 0 || argv[0] === '')
+      throw new BerthError('invalid_request', 'argv must not be empty');
+    if (argv.some((argument) => argument.includes('\0'))) {
+      throw new BerthError('invalid_request', 'argv must not contain NUL bytes');
+    }
+    // `env -i NAME=VALUE... argv` would take such an argv[0] for one more assignment.
+    if (argv[0]!.includes('=')) throw new BerthError('invalid_request', 'argv[0] must not contain "="');
+    validateEnvironment(execOptions.env);
+    const live = lookup(handle);
+    const binaries = requireBinaries();
+    const cwd = insidePath(execOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
+    const env = commandEnvironment(live.spec, execOptions.env);
+    let tracked: ChildProcess | undefined;
+    const common = {
+      stdin: execOptions.stdin,
+      timeoutMs: execOptions.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+      signal: execOptions.signal,
+      maxOutputBytes: execOptions.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES,
+      killTree: (child: ChildProcess) => killProcessTree(child.pid ?? -1),
+    };
+    try {
+      if (mode === 'persistent') {
+        // nsenter runs as host root, so it gets a fixed minimal environment; the command's
+        // environment is set by `env -i` inside, after uid 1000 and no-new-privs are in place
+        // (a caller-chosen LD_PRELOAD must never reach a host-root process).
+        const assignments = Object.entries(env).map(([name, value]) => `${name}=${value}`);
+        return await runProcess(
+          binaries.nsenter!,
+          [
+            '-t',
+            String(live.initPid),
+            '--all',
+            `--wdns=${cwd}`,
+            '-S',
+            String(SANDBOX_UID),
+            '-G',
+            String(SANDBOX_UID),
+            '/usr/bin/setpriv',
+            '--no-new-privs',
+            '--',
+            '/usr/bin/env',
+            '-i',
+            ...assignments,
+            ...argv,
+          ],
+          {
+            ...common,
+            spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
+            onSpawn: (child) => {
+              tracked = child;
+              live.running.add(child);
+            },
+          },
+        );
+      }
+      const setenv = Object.entries(env).flatMap(([name, value]) => ['--setenv', name, value]);
+      const [command, args] = launch(live.spec, binaries.bwrap, [
+        ...bwrapArguments(live.spec),
+        ...setenv,
+        '--chdir',
+        cwd,
+        '--',
+        ...argv,
+      ]);
+      return await runProcess(command, args, {
+        ...common,
+        spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
+        extraStdio: ['ignore', 'pipe', 'pipe', 'pipe'],
+        onSpawn: (child) => {
+          tracked = child;
+          live.running.add(child);
+          feedData(child);
+        },
+      });
+    } catch (error) {
+      if (error instanceof BerthError) throw error;
+      throw new BerthError('sandbox_failed', `could not run a command in sandbox ${handle.id}`, {
+        retryable: true,
+        cause: error,
+      });
+    } finally {
+      if (tracked) live.running.delete(tracked);
+    }
+  };
+
+  /** Turns a failed file command into a typed error. */
+  const fileError = (operation: string, path: string, result: RunProcessResult): BerthError => {
+    const message = result.stderr.toString('utf8').trim();
+    if (result.timedOut) {
+      return new BerthError('sandbox_failed', `${operation} ${path} timed out`, { retryable: true });
+    }
+    if (/No such file or directory/.test(message))
+      return new BerthError('not_found', `no such file: ${path}`);
+    if (/Is a directory|Not a directory|Permission denied|Read-only file system/.test(message)) {
+      return new BerthError('invalid_request', `cannot ${operation} ${path}: ${message}`);
+    }
+    return new BerthError('sandbox_failed', `cannot ${operation} ${path}: ${message || 'unknown error'}`);
+  };
+
+  const destroyLive = async (live: LiveSandbox): Promise<void> => {
+    sandboxes.delete(live.handle.id);
+    live.stopped = true;
+    if (live.initPid !== undefined) {
+      // SIGKILL to a pid namespace's init makes the kernel kill every process in it.
+      try {
+        process.kill(live.initPid, 'SIGKILL');
+      } catch {
+        // Already gone.
+      }
+    }
+    if (live.bwrap?.pid !== undefined && live.bwrap.exitCode === null && live.bwrap.signalCode === null) {
+      killProcessTree(live.bwrap.pid);
+    }
+    for (const child of live.running) killProcessTree(child.pid ?? -1);
+    await live.exited;
+  };
+
+  return {
+    name: 'bwrap',
+    mode,
+
+    async checkAvailability(): Promise<DriverAvailability> {
+      try {
+        const binaries = requireBinaries();
+        // A trivial sandbox proves user namespaces work on this kernel.
+        const probe = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+          const child = spawn(
+            binaries.bwrap,
+            [
+              '--unshare-all',
+              '--unshare-user',
+              '--ro-bind',
+              '/usr',
+              '/usr',
+              ...rootDirectoryArguments(),
+              'true',
+            ],
+            { env: {}, stdio: ['ignore', 'ignore', 'pipe'] },
+          );
+          let stderr = '';
+          child.stderr?.on('data', (chunk: Buffer) => {
+            stderr += chunk.toString('utf8');
+          });
+          child.on('error', (error) => resolve({ code: -1, stderr: error.message }));
+          child.on('close', (code) => resolve({ code, stderr }));
+        });
+        if (probe.code !== 0) {
+          return {
+            ok: false,
+            reason: `bwrap cannot create namespaces here (${probe.stderr.trim()}); user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces)`,
+          };
+        }
+        return { ok: true };
+      } catch (error) {
+        return { ok: false, reason: error instanceof Error ? error.message : String(error) };
+      }
+    },
+
+    async provision(spec: SandboxSpec): Promise<SandboxHandle> {
+      const binaries = requireBinaries();
+      validateEnvironment(spec.env);
+      prepareWorkdir(spec);
+      const handle: SandboxHandle = {
+        id: newId('sbx'),
+        sessionId: spec.sessionId,
+        driver: 'bwrap',
+        workdirInside: BWRAP_WORKDIR_INSIDE,
+      };
+      const live: LiveSandbox = { handle, spec, stopped: false, running: new Set() };
+      sandboxes.set(handle.id, live);
+      if (mode === 'persistent') {
+        try {
+          await startPersistent(live, binaries.bwrap);
+        } catch (error) {
+          await destroyLive(live);
+          throw error;
+        }
+      }
+      return handle;
+    },
+
+    async exec(handle, argv, execOptions = {}): Promise<ExecResult> {
+      const result = await run(handle, argv, execOptions);
+      return {
+        stdout: result.stdout.toString('utf8'),
+        stderr: result.stderr.toString('utf8'),
+        exitCode: result.exitCode,
+        signal: result.signal,
+        timedOut: result.timedOut,
+        truncated: result.truncated,
+        durationMs: result.durationMs,
+      };
+    },
+
+    async readFile(handle, path, maxBytes) {
+      const target = insidePath(path);
+      const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
+      // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
+      const result = await run(handle, ['head', '-c', String(limit + 1), '--', target], {
+        maxOutputBytes: limit,
+        timeoutMs: FILE_OPERATION_TIMEOUT_MS,
+      });
+      if (result.exitCode !== 0) throw fileError('read', path, result);
+      if (result.truncated && maxBytes === undefined) {
+        throw new BerthError('payload_too_large', `${path} is larger than ${limit} bytes`);
+      }
+      return new Uint8Array(result.stdout.buffer, result.stdout.byteOffset, result.stdout.byteLength);
+    },
+
+    async writeFile(handle, path, data) {
+      const target = insidePath(path);
+      // Runs as uid 1000 inside the sandbox, so symlinks resolve in the sandbox's own tree.
+      const result = await run(
+        handle,
+        ['sh', '-c', 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', 'sh', target],
+        { stdin: data, timeoutMs: FILE_OPERATION_TIMEOUT_MS, maxOutputBytes: 64 * 1024 },
+      );
+      if (result.exitCode !== 0) throw fileError('write', path, result);
+    },
+
+    async destroy(handle) {
+      const live = sandboxes.get(handle.id);
+      if (live) await destroyLive(live);
+    },
+
+    async destroyAll() {
+      await Promise.all([...sandboxes.values()].map((live) => destroyLive(live)));
+    },
+
+    initPid(handle) {
+      return sandboxes.get(handle.id)?.initPid;
+    },
+  };
+}

@@ -1,0 +1,194 @@
+/**
+ * The contract every sandbox driver passes. A driver's test file calls
+ * `describeSandboxDriverContract(...)` with a factory; the suite skips itself (naming the reason)
+ * when the driver is unavailable on this host.
+ */
+import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
+import { isBerthError } from '../errors.js';
+import type { SandboxDriver, SandboxHandle } from './driver.js';
+
+/** How a driver's test file plugs into the contract suite. */
+export interface SandboxDriverContractOptions {
+  /** Creates a fresh driver; called once per suite. */
+  createDriver: () => SandboxDriver;
+  /** Called after the suite, e.g. to shut the driver down. */
+  cleanup?: (driver: SandboxDriver) => Promise<void>;
+}
+
+/** Host pids whose command line contains `needle` (arguments joined by spaces). */
+export function hostProcessesMatching(needle: string): number[] {
+  const matches: number[] = [];
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const commandLine = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0').join(' ');
+      if (commandLine.includes(needle)) matches.push(Number(entry));
+    } catch {
+      // The process exited while we looked.
+    }
+  }
+  return matches.filter((pid) => pid !== process.pid);
+}
+
+/** Registers the shared sandbox driver contract tests under `describe(name)`. */
+export function describeSandboxDriverContract(name: string, options: SandboxDriverContractOptions): void {
+  describe(`${name}: sandbox driver contract`, () => {
+    let driver: SandboxDriver;
+    let unavailableReason: string | undefined;
+    const workdirs: string[] = [];
+    const handles: SandboxHandle[] = [];
+
+    const newWorkdir = () => {
+      const directory = mkdtempSync(join(tmpdir(), 'berth-contract-'));
+      workdirs.push(directory);
+      return directory;
+    };
+    const provision = async (context: TestContext, env?: Record<string, string>) => {
+      if (unavailableReason !== undefined) context.skip(`driver unavailable: ${unavailableReason}`);
+      const handle = await driver.provision({ sessionId: 'sesn_contract', workdir: newWorkdir(), env });
+      handles.push(handle);
+      return handle;
+    };
+
+    beforeAll(async () => {
+      driver = options.createDriver();
+      const availability = await driver.checkAvailability();
+      if (!availability.ok) unavailableReason = availability.reason;
+    });
+
+    afterAll(async () => {
+      for (const handle of handles) await driver.destroy(handle);
+      await options.cleanup?.(driver);
+      for (const directory of workdirs) rmSync(directory, { recursive: true, force: true });
+    });
+
+    it('returns stdout, stderr and the exit code of a command', async (context) => {
+      const handle = await provision(context);
+      const result = await driver.exec(handle, ['sh', '-c', 'echo out; echo err >&2; exit 3']);
+      expect(result).toMatchObject({ stdout: 'out\n', stderr: 'err\n', exitCode: 3, signal: null });
+      expect(result.timedOut).toBe(false);
+      expect(result.truncated).toBe(false);
+      expect(result.durationMs).toBeGreaterThan(0);
+    });
+
+    it('feeds stdin to the command', async (context) => {
+      const handle = await provision(context);
+      const result = await driver.exec(handle, ['cat'], { stdin: 'from stdin\n' });
+      expect(result.stdout).toBe('from stdin\n');
+      const empty = await driver.exec(handle, ['cat']);
+      expect(empty).toMatchObject({ stdout: '', exitCode: 0 });
+    });
+
+    it('passes sandbox-wide and per-command environment variables', async (context) => {
+      const handle = await provision(context, { FROM_SPEC: 'spec-value' });
+      const result = await driver.exec(handle, ['sh', '-c', 'echo "$FROM_SPEC $FROM_EXEC"'], {
+        env: { FROM_EXEC: 'exec-value' },
+      });
+      expect(result.stdout).toBe('spec-value exec-value\n');
+    });
+
+    it('runs in the working directory by default and in the given cwd when asked', async (context) => {
+      const handle = await provision(context);
+      expect((await driver.exec(handle, ['pwd'])).stdout.trim()).toBe(handle.workdirInside);
+      await driver.exec(handle, ['mkdir', '-p', 'sub/dir']);
+      expect((await driver.exec(handle, ['pwd'], { cwd: 'sub/dir' })).stdout.trim()).toBe(
+        `${handle.workdirInside}/sub/dir`,
+      );
+      expect((await driver.exec(handle, ['pwd'], { cwd: '/tmp' })).stdout.trim()).toBe('/tmp');
+    });
+
+    it('keeps only the first maxOutputBytes of a flood and still finishes', async (context) => {
+      const handle = await provision(context);
+      const result = await driver.exec(handle, ['sh', '-c', 'head -c 50000000 /dev/zero | tr "\\0" a'], {
+        maxOutputBytes: 1000,
+      });
+      expect(result.stdout).toBe('a'.repeat(1000));
+      expect(result.truncated).toBe(true);
+      expect(result.exitCode).toBe(0);
+    });
+
+    it('kills a command that runs past its timeout and says so', async (context) => {
+      const handle = await provision(context);
+      const started = Date.now();
+      const result = await driver.exec(handle, ['sleep', '30'], { timeoutMs: 500 });
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(result.timedOut).toBe(true);
+      expect(result.exitCode).toBeNull();
+    });
+
+    it('kills a whole pipeline on timeout, including children in their own session', async (context) => {
+      const handle = await provision(context);
+      const marker = `sleep 3${Date.now() % 1000}.25`;
+      const result = await driver.exec(handle, ['sh', '-c', `setsid ${marker} & ${marker}`], {
+        timeoutMs: 500,
+      });
+      expect(result.timedOut).toBe(true);
+      await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
+    });
+
+    it('stops a command when its abort signal fires', async (context) => {
+      const handle = await provision(context);
+      const controller = new AbortController();
+      setTimeout(() => controller.abort(), 300);
+      const started = Date.now();
+      const result = await driver.exec(handle, ['sleep', '30'], { signal: controller.signal });
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(result.exitCode).toBeNull();
+      expect(result.timedOut).toBe(false);
+    });
+
+    it('writes a file and reads the same bytes back, creating parent directories', async (context) => {
+      const handle = await provision(context);
+      const bytes = new Uint8Array([0, 1, 2, 255, 10, 13, 0x80]);
+      await driver.writeFile(handle, 'deep/nested/data.bin', bytes);
+      expect(Buffer.from(await driver.readFile(handle, 'deep/nested/data.bin'))).toEqual(Buffer.from(bytes));
+      await driver.writeFile(handle, `${handle.workdirInside}/text.txt`, 'héllo\n');
+      expect(Buffer.from(await driver.readFile(handle, 'text.txt')).toString('utf8')).toBe('héllo\n');
+      expect((await driver.exec(handle, ['cat', 'text.txt'])).stdout).toBe('héllo\n');
+    });
+
+    it('reads at most maxBytes of a file', async (context) => {
+      const handle = await provision(context);
+      await driver.writeFile(handle, 'big.txt', 'x'.repeat(10_000));
+      expect((await driver.readFile(handle, 'big.txt', 100)).byteLength).toBe(100);
+    });
+
+    it('reports a missing file as not_found', async (context) => {
+      const handle = await provision(context);
+      const failure = await driver.readFile(handle, 'missing.txt').catch((error: unknown) => error);
+      expect(isBerthError(failure, 'not_found')).toBe(true);
+    });
+
+    it('keeps files between commands in the same sandbox', async (context) => {
+      const handle = await provision(context);
+      await driver.exec(handle, ['sh', '-c', 'echo kept > note.txt']);
+      expect((await driver.exec(handle, ['cat', 'note.txt'])).stdout).toBe('kept\n');
+    });
+
+    it('keeps sandboxes apart: neither sees the other files nor /tmp', async (context) => {
+      const first = await provision(context);
+      const second = await provision(context);
+      await driver.exec(first, ['sh', '-c', 'echo one > mine.txt; echo one > /tmp/mine.txt']);
+      const view = await driver.exec(second, ['sh', '-c', 'ls; ls /tmp; cat /tmp/mine.txt']);
+      expect(view.stdout).not.toContain('mine.txt');
+      expect(view.exitCode).not.toBe(0);
+    });
+
+    it('leaves no process behind after destroy, background ones included', async (context) => {
+      const handle = await provision(context);
+      const marker = `sleep 1000.${process.pid}${Date.now() % 1000}`;
+      await driver.exec(handle, [
+        'sh',
+        '-c',
+        `${marker} >/dev/null 2>&1 & setsid ${marker} >/dev/null 2>&1 &`,
+      ]);
+      await driver.destroy(handle);
+      await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
+      const failure = await driver.exec(handle, ['true']).catch((error: unknown) => error);
+      expect(isBerthError(failure, 'sandbox_failed')).toBe(true);
+    });
+  });
+}

@@ -1,0 +1,129 @@
+import { mkdir } from 'node:fs/promises';
+import type { AddressInfo } from 'node:net';
+import { serve } from '@hono/node-server';
+import { createApp } from './api/app.js';
+import type { BerthConfig } from './config/config.js';
+import { SandboxManager } from './control/sandbox-manager.js';
+import { type Logger, Supervisor } from './control/supervisor.js';
+import { createToolbox } from './control/toolbox.js';
+import { DeltaBus } from './harness/delta-bus.js';
+import { createHarness } from './harness/harness.js';
+import { ensureAdminKey } from './identity/api-keys.js';
+import type { ModelRegistry } from './models/model-registry.js';
+import { createModelRegistry } from './models/provider-registry.js';
+import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
+import type { SandboxDriver } from './sandbox/driver.js';
+import { openStore } from './store/open-store.js';
+import type { Store } from './store/resource-store.js';
+
+/** A running Berth: its URL, its parts (for tests and the CLI), and a clean stop. */
+export interface RunningBerth {
+  url: string;
+  store: Store;
+  supervisor: Supervisor;
+  sandboxes: SandboxManager;
+  /** Path of the admin key file when this start created it. */
+  adminKeyFile: string | undefined;
+  close(): Promise<void>;
+}
+
+/** Known sandbox drivers by name. Later drivers (gvisor, microvm, isolate) register here. */
+const driverFactories: Record<string, () => SandboxDriver> = {
+  bwrap: () => createBwrapDriver(),
+};
+
+/** A logger that writes one JSON line per message to stderr. */
+export const jsonLogger: Logger = {
+  info: (message, fields) => console.error(JSON.stringify({ level: 'info', message, ...fields })),
+  warn: (message, fields) => console.error(JSON.stringify({ level: 'warn', message, ...fields })),
+  error: (message, fields) => console.error(JSON.stringify({ level: 'error', message, ...fields })),
+};
+
+/**
+ * Starts Berth: opens the store, checks which sandbox drivers this host can run, creates
+ * the admin key on first start, resumes sessions a dead process left mid-turn, and serves
+ * the API. Extra options replace parts for tests (a model registry with test scripts).
+ */
+export async function startBerth(
+  config: BerthConfig,
+  options: { logger?: Logger; models?: ModelRegistry } = {},
+): Promise<RunningBerth> {
+  const logger = options.logger ?? jsonLogger;
+  await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  const store = await openStore(
+    config.store.kind === 'sqlite' ? config.store : { kind: 'postgres', url: config.store.url },
+  );
+
+  const drivers = new Map<string, SandboxDriver>();
+  const unavailableDrivers: Record<string, string> = {};
+  for (const name of config.sandboxDrivers) {
+    const factory = driverFactories[name];
+    if (!factory) {
+      unavailableDrivers[name] = `unknown driver; Berth knows ${Object.keys(driverFactories).join(', ')}`;
+      continue;
+    }
+    const driver = factory();
+    const availability = await driver.checkAvailability();
+    if (availability.ok) drivers.set(name, driver);
+    else {
+      unavailableDrivers[name] = availability.reason;
+      logger.warn('sandbox driver unavailable', { driver: name, reason: availability.reason });
+    }
+  }
+
+  const models = options.models ?? createModelRegistry({ environment: config.modelEnvironment });
+  const deltas = new DeltaBus();
+  const sandboxes = new SandboxManager({ drivers, store, dataDir: config.dataDir });
+  const harness = createHarness({
+    store,
+    models,
+    deltas,
+    toolboxFor: (session) => createToolbox(session, sandboxes),
+    maxModelRetries: config.maxModelRetries,
+    retryBaseDelayMs: config.retryBaseDelayMs,
+  });
+  const supervisor = new Supervisor({ harness, store, logger });
+  const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
+  if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
+
+  const app = createApp({
+    store,
+    supervisor,
+    deltas,
+    sandboxDrivers: [...drivers.keys()],
+    unavailableDrivers,
+    maxBodyBytes: config.maxBodyBytes,
+  });
+  const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
+  await new Promise<void>((resolve, reject) => {
+    server.once('listening', resolve);
+    server.once('error', reject);
+  });
+  const address = server.address() as AddressInfo;
+  const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
+  const url = `http://${host}:${address.port}`;
+  await supervisor.recover();
+  logger.info('berth is listening', { url, store: config.store.kind, drivers: [...drivers.keys()] });
+
+  let closing: Promise<void> | undefined;
+  return {
+    url,
+    store,
+    supervisor,
+    sandboxes,
+    adminKeyFile,
+    close() {
+      closing ??= (async () => {
+        await new Promise<void>((resolve) => {
+          server.close(() => resolve());
+          // Open SSE streams would keep close() waiting forever.
+          (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
+        });
+        await supervisor.shutdown();
+        await sandboxes.releaseAll();
+        await store.close();
+      })();
+      return closing;
+    },
+  };
+}

@@ -1,0 +1,25 @@
+import { openPostgresStore } from './postgres/postgres-store.js';
+import type { Store } from './resource-store.js';
+import { openSqliteStore } from './sqlite/sqlite-store.js';
+
+/** Which database to open: a SQLite file (one node) or PostgreSQL (one or many nodes). */
+export type OpenStoreOptions =
+  | { kind: 'sqlite'; path: string }
+  | {
+      kind: 'postgres';
+      url: string;
+      /** Schema holding Berth's tables; default `berth`. */
+      schema?: string;
+      /** Most pooled connections; default 10. */
+      maxConnections?: number;
+    };
+
+/** Opens the configured store, applying pending migrations first. */
+export function openStore(options: OpenStoreOptions): Promise<Store> {
+  switch (options.kind) {
+    case 'sqlite':
+      return openSqliteStore({ path: options.path });
+    case 'postgres':
+      return openPostgresStore(options);
+  }
+}

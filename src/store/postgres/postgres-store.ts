@@ -1,0 +1,750 @@
+import pg from 'pg';
+import { BerthError, conflict, invalidRequest, notFound } from '../../errors.js';
+import {
+  checkLimit,
+  checkWriterSession,
+  DEFAULT_READ_LIMIT,
+  decodeCursor,
+  EventSubscribers,
+  encodeCursor,
+  eventIdTaken,
+  prepareEvents,
+  staleWriter,
+  statusChangeOf,
+} from '../adapter-support.js';
+import type {
+  AppendOptions,
+  AppendResult,
+  EventListener,
+  EventStore,
+  NewEvent,
+  ReadQuery,
+  SessionEvent,
+  SessionStatus,
+  StoredEvent,
+  WriterToken,
+} from '../event-store.js';
+import type {
+  ApiKeyRecord,
+  ListQuery,
+  Page,
+  ResourceKind,
+  ResourceRecord,
+  ResourceStore,
+  SessionListQuery,
+  SessionRecord,
+  Store,
+} from '../resource-store.js';
+import { migratePostgres, quoteSchemaName } from './schema.js';
+
+/** Where the PostgreSQL store lives. */
+export interface PostgresStoreOptions {
+  /** Connection string, e.g. `postgres://user@127.0.0.1:5432/berth`. */
+  url: string;
+  /** Schema holding Berth's tables (default `berth`); tests use a fresh one each. */
+  schema?: string;
+  /** Most pooled connections (default 10). */
+  maxConnections?: number;
+}
+
+/**
+ * Opens (and migrates) a PostgreSQL store on a connection pool. Each append is one
+ * transaction that locks the session row (`FOR UPDATE`), so writers on any node serialize
+ * per session; within this process appends to one session are also queued, so subscribers
+ * see commits in order.
+ */
+export async function openPostgresStore(options: PostgresStoreOptions): Promise<Store> {
+  const schema = options.schema ?? 'berth';
+  const quoted = quoteSchemaName(schema);
+  const pool = new pg.Pool({ connectionString: options.url, max: options.maxConnections ?? 10 });
+  // An idle client losing its connection must not crash the process; the next query reports it.
+  pool.on('error', () => {});
+  try {
+    await migratePostgres(pool, schema);
+  } catch (error) {
+    await pool.end();
+    throw mapError(error);
+  }
+  return new PostgresStore(pool, quoted);
+}
+
+class PostgresStore implements Store {
+  readonly kind = 'postgres' as const;
+  readonly events: PostgresEventStore;
+  readonly resources: PostgresResourceStore;
+  readonly #pool: pg.Pool;
+  #closed = false;
+
+  constructor(pool: pg.Pool, schema: string) {
+    this.#pool = pool;
+    this.events = new PostgresEventStore(pool, schema);
+    this.resources = new PostgresResourceStore(pool, schema);
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    await this.events.doClose();
+    await this.#pool.end();
+  }
+}
+
+/** Maps driver errors to BerthErrors: unique violations are conflicts, lost connections retryable. */
+function mapError(error: unknown): unknown {
+  if (BerthError.isInstance(error)) return error;
+  const code = (error as { code?: unknown }).code;
+  if (code === '23505')
+    return new BerthError('conflict', 'a row with this id already exists', { cause: error });
+  if (
+    typeof code === 'string' &&
+    (code.startsWith('08') || code === '57P01' || code === 'ECONNREFUSED' || code === 'ECONNRESET')
+  ) {
+    return new BerthError('store_unavailable', `PostgreSQL is unavailable: ${String(error)}`, {
+      retryable: true,
+      cause: error,
+    });
+  }
+  return error;
+}
+
+/** Runs `work` in one transaction on one pooled client; rolls back on any error. */
+async function inTransaction<T>(pool: pg.Pool, work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+  let client: pg.PoolClient;
+  try {
+    client = await pool.connect();
+  } catch (error) {
+    throw mapError(error);
+  }
+  try {
+    await client.query('BEGIN');
+    const result = await work(client);
+    await client.query('COMMIT');
+    client.release();
+    return result;
+  } catch (error) {
+    try {
+      await client.query('ROLLBACK');
+      client.release();
+    } catch (rollbackError) {
+      client.release(rollbackError as Error);
+    }
+    throw mapError(error);
+  }
+}
+
+interface EventRow {
+  session_id: string;
+  seq: string;
+  body: SessionEvent;
+}
+
+function storedEventOf(row: EventRow): StoredEvent {
+  // jsonb sorts keys; put the API's leading fields back in front.
+  const { id, type, processed_at, ...fields } = row.body;
+  return { sessionId: row.session_id, seq: Number(row.seq), event: { id, type, processed_at, ...fields } };
+}
+
+class PostgresEventStore implements EventStore {
+  readonly #pool: pg.Pool;
+  readonly #s: string;
+  readonly #subscribers = new EventSubscribers();
+  /** Tail of each session's in-process append queue. */
+  readonly #tails = new Map<string, Promise<unknown>>();
+
+  constructor(pool: pg.Pool, schema: string) {
+    this.#pool = pool;
+    this.#s = schema;
+  }
+
+  async append(
+    sessionId: string,
+    events: readonly NewEvent[],
+    options?: AppendOptions,
+  ): Promise<AppendResult> {
+    checkWriterSession(sessionId, options);
+    const prepared = prepareEvents(events, '');
+    return this.#serialized(sessionId, async () => {
+      const result = await inTransaction(this.#pool, (client) =>
+        this.#applyAppend(client, sessionId, prepared, options),
+      );
+      // Still inside this session's queue, so listeners see commits in seq order.
+      if (!result.duplicate) this.#subscribers.deliver(sessionId, result.events);
+      return result;
+    });
+  }
+
+  async read(sessionId: string, query: ReadQuery = {}): Promise<StoredEvent[]> {
+    const conditions = ['session_id = $1'];
+    const parameters: unknown[] = [sessionId];
+    if (query.afterSeq !== undefined) {
+      parameters.push(query.afterSeq);
+      conditions.push(`seq > $${parameters.length}`);
+    }
+    if (query.beforeSeq !== undefined) {
+      parameters.push(query.beforeSeq);
+      conditions.push(`seq < $${parameters.length}`);
+    }
+    if (query.types !== undefined) {
+      parameters.push([...query.types]);
+      conditions.push(`type = ANY($${parameters.length}::text[])`);
+    }
+    parameters.push(checkLimit(query.limit ?? DEFAULT_READ_LIMIT));
+    const order = query.order === 'desc' ? 'DESC' : 'ASC';
+    const result = await this.#query<EventRow>(
+      `SELECT session_id, seq, body FROM ${this.#s}.events WHERE ${conditions.join(' AND ')}
+       ORDER BY seq ${order} LIMIT $${parameters.length}`,
+      parameters,
+    );
+    return result.rows.map(storedEventOf);
+  }
+
+  async getEvent(sessionId: string, eventId: string): Promise<StoredEvent | undefined> {
+    const result = await this.#query<EventRow>(
+      `SELECT session_id, seq, body FROM ${this.#s}.events WHERE id = $1 AND session_id = $2`,
+      [eventId, sessionId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : storedEventOf(row);
+  }
+
+  async headSeq(sessionId: string): Promise<number> {
+    const result = await this.#query<{ last_seq: string }>(
+      `SELECT last_seq FROM ${this.#s}.sessions WHERE id = $1`,
+      [sessionId],
+    );
+    const row = result.rows[0];
+    if (row === undefined) throw notFound('session', sessionId);
+    return Number(row.last_seq);
+  }
+
+  subscribe(sessionId: string, listener: EventListener): () => void {
+    return this.#subscribers.add(sessionId, listener);
+  }
+
+  async acquireWriter(sessionId: string): Promise<WriterToken> {
+    const result = await this.#query<{ writer_token: string }>(
+      `UPDATE ${this.#s}.sessions SET writer_token = writer_token + 1 WHERE id = $1 RETURNING writer_token`,
+      [sessionId],
+    );
+    const row = result.rows[0];
+    if (row === undefined) throw notFound('session', sessionId);
+    return { sessionId, token: Number(row.writer_token) };
+  }
+
+  /** Waits for queued appends, then drops listeners. Called by `Store.close`. */
+  async doClose(): Promise<void> {
+    await Promise.all([...this.#tails.values()]);
+    this.#subscribers.clear();
+  }
+
+  async #applyAppend(
+    client: pg.PoolClient,
+    sessionId: string,
+    events: SessionEvent[],
+    options: AppendOptions | undefined,
+  ): Promise<AppendResult> {
+    const s = this.#s;
+    const locked = await client.query<{ last_seq: string; writer_token: string }>(
+      `SELECT last_seq, writer_token FROM ${s}.sessions WHERE id = $1 FOR UPDATE`,
+      [sessionId],
+    );
+    const session = locked.rows[0];
+    if (session === undefined) throw notFound('session', sessionId);
+    const newestToken = Number(session.writer_token);
+    if (options?.writer !== undefined && options.writer.token !== newestToken) {
+      throw staleWriter(sessionId, options.writer.token, newestToken);
+    }
+    const key = options?.idempotencyKey;
+    if (key !== undefined) {
+      const used = await client.query<{ first_seq: string; count: number }>(
+        `SELECT first_seq, count FROM ${s}.idempotency_keys WHERE session_id = $1 AND key = $2`,
+        [sessionId, key],
+      );
+      const first = used.rows[0];
+      if (first !== undefined) {
+        const firstSeq = Number(first.first_seq);
+        const rows = await client.query<EventRow>(
+          `SELECT session_id, seq, body FROM ${s}.events WHERE session_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq`,
+          [sessionId, firstSeq, firstSeq + first.count],
+        );
+        return { events: rows.rows.map(storedEventOf), duplicate: true };
+      }
+    }
+    // Stamped after the row lock, so processed_at never goes backwards within a session.
+    const processedAt = new Date().toISOString();
+    const firstSeq = Number(session.last_seq) + 1;
+    const stored = events.map((event, index): StoredEvent => {
+      event.processed_at = processedAt;
+      return { sessionId, seq: firstSeq + index, event };
+    });
+    try {
+      await client.query(
+        `INSERT INTO ${s}.events (session_id, seq, id, type, processed_at, body)
+         SELECT $1, seq, id, type, $2, body::jsonb
+         FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS t (seq, id, type, body)`,
+        [
+          sessionId,
+          processedAt,
+          stored.map((item) => item.seq),
+          events.map((event) => event.id),
+          events.map((event) => event.type),
+          events.map((event) => JSON.stringify(event)),
+        ],
+      );
+    } catch (error) {
+      throw (error as { code?: unknown }).code === '23505' ? eventIdTaken(error) : error;
+    }
+    const lastSeq = firstSeq + events.length - 1;
+    if (key !== undefined) {
+      await client.query(
+        `INSERT INTO ${s}.idempotency_keys (session_id, key, first_seq, count) VALUES ($1, $2, $3, $4)`,
+        [sessionId, key, firstSeq, events.length],
+      );
+    }
+    const change = statusChangeOf(events);
+    if (change === undefined) {
+      await client.query(`UPDATE ${s}.sessions SET last_seq = $1 WHERE id = $2`, [lastSeq, sessionId]);
+    } else {
+      await client.query(
+        `UPDATE ${s}.sessions SET last_seq = $1, status = $2, updated_at = $3,
+           stop_reason = CASE WHEN $4::boolean THEN stop_reason ELSE $5::jsonb END
+         WHERE id = $6`,
+        [
+          lastSeq,
+          change.status,
+          processedAt,
+          change.stopReason === undefined,
+          change.stopReason == null ? null : JSON.stringify(change.stopReason),
+          sessionId,
+        ],
+      );
+    }
+    return { events: stored, duplicate: false };
+  }
+
+  /** Runs tasks for one session one after another, in call order. */
+  #serialized<T>(sessionId: string, task: () => Promise<T>): Promise<T> {
+    const previous = this.#tails.get(sessionId) ?? Promise.resolve();
+    const run = previous.then(task);
+    const tail = run.then(
+      () => {},
+      () => {},
+    );
+    this.#tails.set(sessionId, tail);
+    void tail.then(() => {
+      if (this.#tails.get(sessionId) === tail) this.#tails.delete(sessionId);
+    });
+    return run;
+  }
+
+  async #query<Row extends pg.QueryResultRow>(
+    sql: string,
+    parameters: unknown[],
+  ): Promise<pg.QueryResult<Row>> {
+    try {
+      return await this.#pool.query<Row>(sql, parameters);
+    } catch (error) {
+      throw mapError(error);
+    }
+  }
+}
+
+interface RecordRow {
+  position: string;
+  id: string;
+  tenant_id: string;
+  owner_id: string;
+  created_at: string;
+  updated_at: string;
+  archived_at: string | null;
+  body: Record<string, unknown>;
+}
+
+interface SessionRow extends RecordRow {
+  agent_id: string;
+  agent_version: number;
+  environment_id: string;
+  status: SessionStatus;
+  stop_reason: Record<string, unknown> | null;
+  last_seq: string;
+}
+
+interface ApiKeyRow {
+  id: string;
+  tenant_id: string;
+  user_id: string;
+  role: 'admin' | 'member';
+  hash: string;
+  name: string;
+  created_at: string;
+  expires_at: string | null;
+  revoked_at: string | null;
+}
+
+const TABLE_OF_KIND: Record<ResourceKind, string> = {
+  agent: 'agents',
+  environment: 'environments',
+  session: 'sessions',
+};
+
+const RECORD_COLUMNS = 'position, id, tenant_id, owner_id, created_at, updated_at, archived_at, body';
+const SESSION_COLUMNS = `${RECORD_COLUMNS}, agent_id, agent_version, environment_id, status, stop_reason, last_seq`;
+const VERSION_COLUMNS =
+  'version AS position, agent_id AS id, tenant_id, owner_id, created_at, updated_at, archived_at, body';
+
+function recordOf(row: RecordRow): ResourceRecord {
+  return {
+    id: row.id,
+    tenantId: row.tenant_id,
+    ownerId: row.owner_id,
+    createdAt: row.created_at,
+    updatedAt: row.updated_at,
+    archivedAt: row.archived_at,
+    body: row.body,
+  };
+}
+
+function sessionOf(row: SessionRow): SessionRecord {
+  return {
+    ...recordOf(row),
+    agentId: row.agent_id,
+    agentVersion: row.agent_version,
+    environmentId: row.environment_id,
+    status: row.status,
+    stopReason: row.stop_reason,
+    lastSeq: Number(row.last_seq),
+  };
+}
+
+function apiKeyOf(row: ApiKeyRow): ApiKeyRecord {
+  return {
+    id: row.id,
+    tenantId: row.tenant_id,
+    userId: row.user_id,
+    role: row.role,
+    hash: row.hash,
+    name: row.name,
+    createdAt: row.created_at,
+    expiresAt: row.expires_at,
+    revokedAt: row.revoked_at,
+  };
+}
+
+class PostgresResourceStore implements ResourceStore {
+  readonly #pool: pg.Pool;
+  readonly #s: string;
+
+  constructor(pool: pg.Pool, schema: string) {
+    this.#pool = pool;
+    this.#s = schema;
+  }
+
+  async createAgent(record: ResourceRecord): Promise<void> {
+    if (record.body.version !== 1) throw invalidRequest('a new agent body must have version 1');
+    await inTransaction(this.#pool, async (client) => {
+      await this.#insertRow(client, 'agents', record, { latest_version: 1 });
+      await this.#insertAgentVersion(client, record, 1);
+    });
+  }
+
+  async addAgentVersion(
+    tenantId: string,
+    agentId: string,
+    expectedVersion: number,
+    record: ResourceRecord,
+  ): Promise<void> {
+    const version = expectedVersion + 1;
+    if (record.body.version !== version)
+      throw invalidRequest(`the new agent body must have version ${version}`);
+    if (record.id !== agentId || record.tenantId !== tenantId)
+      throw invalidRequest('record does not match agent');
+    const s = this.#s;
+    await inTransaction(this.#pool, async (client) => {
+      const current = await client.query<{ latest_version: number }>(
+        `SELECT latest_version FROM ${s}.agents WHERE id = $1 AND tenant_id = $2 FOR UPDATE`,
+        [agentId, tenantId],
+      );
+      const row = current.rows[0];
+      if (row === undefined) throw notFound('agent', agentId);
+      if (row.latest_version !== expectedVersion) {
+        throw conflict(`agent ${agentId} is at version ${row.latest_version}, not ${expectedVersion}`);
+      }
+      await client.query(
+        `UPDATE ${s}.agents SET latest_version = $1, body = $2::jsonb, updated_at = $3, archived_at = $4
+         WHERE id = $5 AND tenant_id = $6`,
+        [version, JSON.stringify(record.body), record.updatedAt, record.archivedAt, agentId, tenantId],
+      );
+      await this.#insertAgentVersion(client, record, version);
+    });
+  }
+
+  async getAgentVersion(
+    tenantId: string,
+    agentId: string,
+    version?: number,
+  ): Promise<ResourceRecord | undefined> {
+    if (version === undefined) return this.get('agent', tenantId, agentId);
+    const result = await this.#query<RecordRow>(
+      `SELECT ${VERSION_COLUMNS} FROM ${this.#s}.agent_versions WHERE agent_id = $1 AND tenant_id = $2 AND version = $3`,
+      [agentId, tenantId, version],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : recordOf(row);
+  }
+
+  async listAgentVersions(
+    tenantId: string,
+    agentId: string,
+    query: Omit<ListQuery, 'tenantId'>,
+  ): Promise<Page<ResourceRecord>> {
+    const descending = (query.order ?? 'desc') === 'desc';
+    const limit = checkLimit(query.limit);
+    const parameters: unknown[] = [agentId, tenantId];
+    let cursorCondition = '';
+    if (query.cursor !== undefined) {
+      parameters.push(decodeCursor(query.cursor));
+      cursorCondition = `AND version ${descending ? '<' : '>'} $${parameters.length}`;
+    }
+    parameters.push(limit + 1);
+    const result = await this.#query<RecordRow>(
+      `SELECT ${VERSION_COLUMNS} FROM ${this.#s}.agent_versions
+       WHERE agent_id = $1 AND tenant_id = $2 ${cursorCondition}
+       ORDER BY version ${descending ? 'DESC' : 'ASC'} LIMIT $${parameters.length}`,
+      parameters,
+    );
+    return pageOf(result.rows, limit, recordOf);
+  }
+
+  async insert(kind: Exclude<ResourceKind, 'session'>, record: ResourceRecord): Promise<void> {
+    if (kind === 'agent') return this.createAgent(record);
+    await this.#insertRow(this.#pool, 'environments', record, {});
+  }
+
+  async get(kind: ResourceKind, tenantId: string, id: string): Promise<ResourceRecord | undefined> {
+    if (kind === 'session') return this.getSession(tenantId, id);
+    const result = await this.#query<RecordRow>(
+      `SELECT ${RECORD_COLUMNS} FROM ${this.#s}.${TABLE_OF_KIND[kind]} WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : recordOf(row);
+  }
+
+  async update(kind: ResourceKind, record: ResourceRecord): Promise<void> {
+    const result = await this.#query(
+      `UPDATE ${this.#s}.${TABLE_OF_KIND[kind]} SET body = $1::jsonb, updated_at = $2, archived_at = $3
+       WHERE id = $4 AND tenant_id = $5`,
+      [JSON.stringify(record.body), record.updatedAt, record.archivedAt, record.id, record.tenantId],
+    );
+    if (result.rowCount === 0) throw notFound(kind, record.id);
+  }
+
+  async list(kind: Exclude<ResourceKind, 'session'>, query: ListQuery): Promise<Page<ResourceRecord>> {
+    const list = listSql(`${this.#s}.${TABLE_OF_KIND[kind]}`, RECORD_COLUMNS, query, [], []);
+    const result = await this.#query<RecordRow>(list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, recordOf);
+  }
+
+  async delete(kind: ResourceKind, tenantId: string, id: string): Promise<boolean> {
+    const result = await this.#query(
+      `DELETE FROM ${this.#s}.${TABLE_OF_KIND[kind]} WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    return (result.rowCount ?? 0) > 0;
+  }
+
+  async createSession(record: SessionRecord): Promise<void> {
+    await this.#insertRow(this.#pool, 'sessions', record, {
+      agent_id: record.agentId,
+      agent_version: record.agentVersion,
+      environment_id: record.environmentId,
+      status: record.status,
+      stop_reason: record.stopReason === null ? null : JSON.stringify(record.stopReason),
+      last_seq: record.lastSeq,
+    });
+  }
+
+  async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
+    const result = await this.#query<SessionRow>(
+      `SELECT ${SESSION_COLUMNS} FROM ${this.#s}.sessions WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : sessionOf(row);
+  }
+
+  async getSessionUnscoped(id: string): Promise<SessionRecord | undefined> {
+    const result = await this.#query<SessionRow>(
+      `SELECT ${SESSION_COLUMNS} FROM ${this.#s}.sessions WHERE id = $1`,
+      [id],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : sessionOf(row);
+  }
+
+  async listSessions(query: SessionListQuery): Promise<Page<SessionRecord>> {
+    const conditions: string[] = [];
+    const parameters: unknown[] = [];
+    // listSql numbers its own parameters after these, starting at $2 (tenant is $1).
+    if (query.agentId !== undefined) {
+      parameters.push(query.agentId);
+      conditions.push(`agent_id = $${parameters.length + 1}`);
+    }
+    if (query.agentVersion !== undefined) {
+      parameters.push(query.agentVersion);
+      conditions.push(`agent_version = $${parameters.length + 1}`);
+    }
+    if (query.statuses !== undefined) {
+      parameters.push([...query.statuses]);
+      conditions.push(`status = ANY($${parameters.length + 1}::text[])`);
+    }
+    const list = listSql(`${this.#s}.sessions`, SESSION_COLUMNS, query, conditions, parameters);
+    const result = await this.#query<SessionRow>(list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, sessionOf);
+  }
+
+  async findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]> {
+    const result = await this.#query<SessionRow>(
+      `SELECT ${SESSION_COLUMNS} FROM ${this.#s}.sessions WHERE status = ANY($1::text[]) ORDER BY position`,
+      [[...statuses]],
+    );
+    return result.rows.map(sessionOf);
+  }
+
+  async createApiKey(record: ApiKeyRecord): Promise<void> {
+    await this.#query(
+      `INSERT INTO ${this.#s}.api_keys (id, tenant_id, user_id, role, hash, name, created_at, expires_at, revoked_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+      [
+        record.id,
+        record.tenantId,
+        record.userId,
+        record.role,
+        record.hash,
+        record.name,
+        record.createdAt,
+        record.expiresAt,
+        record.revokedAt,
+      ],
+    );
+  }
+
+  async findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined> {
+    const result = await this.#query<ApiKeyRow>(`SELECT * FROM ${this.#s}.api_keys WHERE hash = $1`, [hash]);
+    const row = result.rows[0];
+    return row === undefined ? undefined : apiKeyOf(row);
+  }
+
+  async countApiKeys(): Promise<number> {
+    const result = await this.#query<{ count: number }>(
+      `SELECT count(*)::int AS count FROM ${this.#s}.api_keys`,
+      [],
+    );
+    return result.rows[0]?.count ?? 0;
+  }
+
+  async #insertRow(
+    queryable: pg.Pool | pg.PoolClient,
+    table: string,
+    record: ResourceRecord,
+    extra: Record<string, unknown>,
+  ): Promise<void> {
+    const columns = [
+      'id',
+      'tenant_id',
+      'owner_id',
+      'created_at',
+      'updated_at',
+      'archived_at',
+      'body',
+      ...Object.keys(extra),
+    ];
+    const values = [
+      record.id,
+      record.tenantId,
+      record.ownerId,
+      record.createdAt,
+      record.updatedAt,
+      record.archivedAt,
+      JSON.stringify(record.body),
+      ...Object.values(extra),
+    ];
+    try {
+      await queryable.query(
+        `INSERT INTO ${this.#s}.${table} (${columns.join(', ')}) VALUES (${columns.map((_, index) => `$${index + 1}`).join(', ')})`,
+        values,
+      );
+    } catch (error) {
+      throw mapError(error);
+    }
+  }
+
+  async #insertAgentVersion(client: pg.PoolClient, record: ResourceRecord, version: number): Promise<void> {
+    await client.query(
+      `INSERT INTO ${this.#s}.agent_versions (agent_id, version, tenant_id, owner_id, created_at, updated_at, archived_at, body)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)`,
+      [
+        record.id,
+        version,
+        record.tenantId,
+        record.ownerId,
+        record.createdAt,
+        record.updatedAt,
+        record.archivedAt,
+        JSON.stringify(record.body),
+      ],
+    );
+  }
+
+  async #query<Row extends pg.QueryResultRow>(
+    sql: string,
+    parameters: unknown[],
+  ): Promise<pg.QueryResult<Row>> {
+    try {
+      return await this.#pool.query<Row>(sql, parameters);
+    } catch (error) {
+      throw mapError(error);
+    }
+  }
+}
+
+/** SQL for one page of a tenant's rows in creation order (one extra row tells if more follow). */
+function listSql(
+  table: string,
+  columns: string,
+  query: ListQuery,
+  extraConditions: readonly string[],
+  extraParameters: readonly unknown[],
+): { sql: string; parameters: unknown[]; limit: number } {
+  const limit = checkLimit(query.limit);
+  const descending = query.order === 'desc';
+  const parameters: unknown[] = [query.tenantId, ...extraParameters];
+  const conditions = ['tenant_id = $1', ...extraConditions];
+  if (query.ownerId !== undefined) {
+    parameters.push(query.ownerId);
+    conditions.push(`owner_id = $${parameters.length}`);
+  }
+  if (query.includeArchived !== true) conditions.push('archived_at IS NULL');
+  if (query.cursor !== undefined) {
+    parameters.push(decodeCursor(query.cursor));
+    conditions.push(`position ${descending ? '<' : '>'} $${parameters.length}`);
+  }
+  parameters.push(limit + 1);
+  const sql = `SELECT ${columns} FROM ${table} WHERE ${conditions.join(' AND ')}
+    ORDER BY position ${descending ? 'DESC' : 'ASC'} LIMIT $${parameters.length}`;
+  return { sql, parameters, limit };
+}
+
+function pageOf<Row extends { position: string | number }, Item>(
+  rows: Row[],
+  limit: number,
+  map: (row: Row) => Item,
+): Page<Item> {
+  const more = rows.length > limit;
+  const pageRows = more ? rows.slice(0, limit) : rows;
+  const last = pageRows[pageRows.length - 1];
+  return {
+    items: pageRows.map(map),
+    nextCursor: more && last !== undefined ? encodeCursor(Number(last.position)) : null,
+  };
+}

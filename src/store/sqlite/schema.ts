@@ -1,0 +1,121 @@
+import type Database from 'better-sqlite3';
+
+/**
+ * SQLite migrations, applied in order on open; `schema_version` records how many ran.
+ * Mirrors `postgres/schema.ts`: same tables, same columns. Never edit a shipped migration;
+ * append a new one.
+ */
+export const SQLITE_MIGRATIONS: readonly string[] = [
+  `
+  CREATE TABLE agents (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    latest_version INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL
+  );
+  CREATE INDEX agents_by_tenant ON agents (tenant_id, position);
+
+  CREATE TABLE agent_versions (
+    agent_id TEXT NOT NULL REFERENCES agents (id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    tenant_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL,
+    PRIMARY KEY (agent_id, version)
+  ) WITHOUT ROWID;
+
+  CREATE TABLE environments (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL
+  );
+  CREATE INDEX environments_by_tenant ON environments (tenant_id, position);
+
+  CREATE TABLE sessions (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    agent_version INTEGER NOT NULL,
+    environment_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    stop_reason TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    writer_token INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL
+  );
+  CREATE INDEX sessions_by_tenant ON sessions (tenant_id, position);
+  CREATE INDEX sessions_by_status ON sessions (status);
+
+  CREATE TABLE events (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    processed_at TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+  ) WITHOUT ROWID;
+
+  CREATE TABLE idempotency_keys (
+    session_id TEXT NOT NULL REFERENCES sessions (id) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    first_seq INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (session_id, key)
+  ) WITHOUT ROWID;
+
+  CREATE TABLE api_keys (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    role TEXT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    expires_at TEXT,
+    revoked_at TEXT
+  );
+  `,
+];
+
+/** Brings the database up to the newest migration, each in its own write transaction. */
+export function migrateSqlite(database: Database.Database): void {
+  database.exec('CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)');
+  const readVersion = database.prepare('SELECT coalesce(max(version), 0) AS version FROM schema_version');
+  const recordVersion = database.prepare('INSERT INTO schema_version (version) VALUES (?)');
+  for (let version = 1; version <= SQLITE_MIGRATIONS.length; version++) {
+    // Read the version inside the write lock, so two processes opening at once migrate once.
+    database
+      .transaction(() => {
+        const applied = (readVersion.get() as { version: number }).version;
+        if (applied >= version) return;
+        database.exec(SQLITE_MIGRATIONS[version - 1]!);
+        recordVersion.run(version);
+      })
+      .immediate();
+  }
+  const applied = (readVersion.get() as { version: number }).version;
+  if (applied > SQLITE_MIGRATIONS.length) {
+    throw new Error(
+      `database schema version ${applied} is newer than this Berth (${SQLITE_MIGRATIONS.length})`,
+    );
+  }
+}

@@ -1,0 +1,819 @@
+import { spawn } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { isBerthError } from '../errors.js';
+import { newId } from '../ids.js';
+import type { StoredEvent } from './event-store.js';
+import { type OpenStoreOptions, openStore } from './open-store.js';
+import type { ResourceRecord, SessionRecord, Store } from './resource-store.js';
+
+/**
+ * The one behaviour suite every store adapter passes (Kysely and Hono style: one suite, looped
+ * over implementations, against a real database). Each test gets a fresh, empty database.
+ */
+
+/** A fresh database for one test: how to open it, and how to throw it away afterwards. */
+export interface ContractDatabase {
+  options: OpenStoreOptions;
+  dispose(): Promise<void>;
+}
+
+const REPOSITORY_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+const CHILD_SCRIPT = fileURLToPath(new URL('../../test/support/append-until-killed.ts', import.meta.url));
+const TENANT = 'tnt_contract';
+const OTHER_TENANT = 'tnt_other';
+const ISO_MILLISECONDS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
+
+let clock = Date.parse('2026-01-01T00:00:00.000Z');
+/** Distinct, increasing timestamps for records. */
+function nextTimestamp(): string {
+  clock += 1000;
+  return new Date(clock).toISOString();
+}
+
+function resourceRecord(prefix: 'agent' | 'env', overrides: Partial<ResourceRecord> = {}): ResourceRecord {
+  const timestamp = nextTimestamp();
+  const id = overrides.id ?? newId(prefix);
+  return {
+    id,
+    tenantId: TENANT,
+    ownerId: 'user_alice',
+    createdAt: timestamp,
+    updatedAt: timestamp,
+    archivedAt: null,
+    body: prefix === 'agent' ? { id, name: 'helper', version: 1 } : { id, name: 'sandbox' },
+    ...overrides,
+  };
+}
+
+function sessionRecord(overrides: Partial<SessionRecord> = {}): SessionRecord {
+  const timestamp = nextTimestamp();
+  const id = overrides.id ?? newId('sesn');
+  return {
+    id,
+    tenantId: TENANT,
+    ownerId: 'user_alice',
+    createdAt: timestamp,
+    updatedAt: timestamp,
+    archivedAt: null,
+    body: { id, type: 'session', metadata: {} },
+    agentId: 'agent_one',
+    agentVersion: 1,
+    environmentId: 'env_one',
+    status: 'idle',
+    stopReason: null,
+    lastSeq: 0,
+    ...overrides,
+  };
+}
+
+function userMessage(text: string) {
+  return { type: 'user.message', content: [{ type: 'text', text }] };
+}
+
+/** The BerthError code a promise rejects with (fails the test if it resolves). */
+async function rejectionCode(promise: Promise<unknown>): Promise<string> {
+  try {
+    await promise;
+  } catch (error) {
+    if (isBerthError(error)) return error.code;
+    throw error;
+  }
+  throw new Error('expected the call to fail');
+}
+
+/** Registers the contract suite for one adapter; `createDatabase` gives each test an empty database. */
+export function runStoreContract(adapterName: string, createDatabase: () => Promise<ContractDatabase>): void {
+  describe(`${adapterName} store contract`, () => {
+    let database: ContractDatabase;
+    let store: Store;
+    const extraStores: Store[] = [];
+
+    beforeEach(async () => {
+      database = await createDatabase();
+      store = await openStore(database.options);
+    });
+
+    afterEach(async () => {
+      for (const extra of extraStores.splice(0)) await extra.close();
+      await store.close();
+      await database.dispose();
+    });
+
+    async function newSession(overrides: Partial<SessionRecord> = {}): Promise<string> {
+      const record = sessionRecord(overrides);
+      await store.resources.createSession(record);
+      return record.id;
+    }
+
+    describe('event log', () => {
+      it('numbers events 1, 2, 3… per session and stamps id and processed_at', async () => {
+        const sessionId = await newSession();
+        const otherSessionId = await newSession();
+        const first = await store.events.append(sessionId, [userMessage('a'), userMessage('b')]);
+        const second = await store.events.append(sessionId, [
+          { id: 'sevt_client_chosen', ...userMessage('c') },
+        ]);
+        const other = await store.events.append(otherSessionId, [userMessage('x')]);
+
+        expect(first.duplicate).toBe(false);
+        expect(first.events.map((stored) => stored.seq)).toEqual([1, 2]);
+        expect(second.events.map((stored) => stored.seq)).toEqual([3]);
+        expect(other.events.map((stored) => stored.seq)).toEqual([1]);
+        expect(second.events[0]!.event.id).toBe('sevt_client_chosen');
+        for (const stored of [...first.events, ...second.events]) {
+          expect(stored.sessionId).toBe(sessionId);
+          expect(stored.event.id).toMatch(/^sevt_/);
+          expect(stored.event.processed_at).toMatch(ISO_MILLISECONDS);
+        }
+        const read = await store.events.read(sessionId);
+        expect(read).toEqual([...first.events, ...second.events]);
+        expect(Object.keys(read[0]!.event).slice(0, 3)).toEqual(['id', 'type', 'processed_at']);
+        expect(read[2]!.event.content).toEqual([{ type: 'text', text: 'c' }]);
+        expect(await store.events.headSeq(sessionId)).toBe(3);
+        expect((await store.resources.getSession(TENANT, sessionId))?.lastSeq).toBe(3);
+      });
+
+      it('overrides a client-sent processed_at with the store time', async () => {
+        const sessionId = await newSession();
+        const { events } = await store.events.append(sessionId, [
+          { ...userMessage('a'), processed_at: '1999-01-01T00:00:00.000Z' },
+        ]);
+        expect(events[0]!.event.processed_at).not.toBe('1999-01-01T00:00:00.000Z');
+        expect((await store.events.read(sessionId))[0]!.event.processed_at).toBe(
+          events[0]!.event.processed_at,
+        );
+      });
+
+      it('refuses to append to a session that does not exist', async () => {
+        expect(await rejectionCode(store.events.append('sesn_missing', [userMessage('a')]))).toBe(
+          'not_found',
+        );
+        expect(await rejectionCode(store.events.headSeq('sesn_missing'))).toBe('not_found');
+        expect(await rejectionCode(store.events.acquireWriter('sesn_missing'))).toBe('not_found');
+      });
+
+      it('refuses an empty append', async () => {
+        const sessionId = await newSession();
+        expect(await rejectionCode(store.events.append(sessionId, []))).toBe('invalid_request');
+      });
+
+      it('refuses a reused event id and writes nothing of that append', async () => {
+        const sessionId = await newSession();
+        const otherSessionId = await newSession();
+        await store.events.append(sessionId, [{ id: 'sevt_once', ...userMessage('a') }]);
+
+        const reuse = store.events.append(sessionId, [
+          userMessage('b'),
+          { id: 'sevt_once', ...userMessage('c') },
+        ]);
+        expect(await rejectionCode(reuse)).toBe('conflict');
+        const reuseElsewhere = store.events.append(otherSessionId, [
+          { id: 'sevt_once', ...userMessage('d') },
+        ]);
+        expect(await rejectionCode(reuseElsewhere)).toBe('conflict');
+        const twiceInOne = store.events.append(sessionId, [
+          { id: 'sevt_twice', ...userMessage('e') },
+          { id: 'sevt_twice', ...userMessage('f') },
+        ]);
+        expect(await rejectionCode(twiceInOne)).toBe('conflict');
+
+        expect(await store.events.headSeq(sessionId)).toBe(1);
+        expect(await store.events.headSeq(otherSessionId)).toBe(0);
+        expect((await store.events.read(sessionId)).map((stored) => stored.event.id)).toEqual(['sevt_once']);
+        // The log stays gapless after the failures.
+        const next = await store.events.append(sessionId, [userMessage('g')]);
+        expect(next.events[0]!.seq).toBe(2);
+      });
+
+      it('fails only the bad append when many are committed together', async () => {
+        const sessions = await Promise.all([newSession(), newSession(), newSession()]);
+        await store.events.append(sessions[0]!, [{ id: 'sevt_taken', ...userMessage('a') }]);
+        const writer = await store.events.acquireWriter(sessions[1]!);
+        await store.events.acquireWriter(sessions[1]!);
+
+        const outcomes = await Promise.allSettled([
+          store.events.append(sessions[0]!, [userMessage('ok 1')]),
+          store.events.append(sessions[0]!, [{ id: 'sevt_taken', ...userMessage('conflict') }]),
+          store.events.append(sessions[1]!, [userMessage('stale')], { writer }),
+          store.events.append('sesn_missing', [userMessage('unknown')]),
+          store.events.append(sessions[2]!, [userMessage('ok 2')]),
+          store.events.append(sessions[0]!, [userMessage('ok 3')]),
+        ]);
+
+        expect(outcomes.map((outcome) => outcome.status)).toEqual([
+          'fulfilled',
+          'rejected',
+          'rejected',
+          'rejected',
+          'fulfilled',
+          'fulfilled',
+        ]);
+        const codes = outcomes.map((outcome) =>
+          outcome.status === 'rejected' && isBerthError(outcome.reason) ? outcome.reason.code : undefined,
+        );
+        expect(codes.slice(1, 4)).toEqual(['conflict', 'stale_writer', 'not_found']);
+        const texts = (await store.events.read(sessions[0]!)).map((stored) => stored.seq);
+        expect(texts).toEqual([1, 2, 3]);
+        expect(await store.events.headSeq(sessions[1]!)).toBe(0);
+        expect(await store.events.headSeq(sessions[2]!)).toBe(1);
+      });
+
+      it('keeps the log gapless under many concurrent appenders', async () => {
+        const sessions = await Promise.all([newSession(), newSession(), newSession(), newSession()]);
+        const appends = [];
+        for (let round = 0; round < 50; round++) {
+          for (const sessionId of sessions) {
+            appends.push(store.events.append(sessionId, [userMessage(`${round}`), userMessage(`${round}b`)]));
+          }
+        }
+        await Promise.all(appends);
+        for (const sessionId of sessions) {
+          const seqs = (await store.events.read(sessionId)).map((stored) => stored.seq);
+          expect(seqs).toEqual(Array.from({ length: 100 }, (_, index) => index + 1));
+        }
+      });
+
+      it('keeps session status and stop_reason in step with status events', async () => {
+        const sessionId = await newSession({ status: 'idle' });
+        const statusOf = async () => {
+          const session = await store.resources.getSession(TENANT, sessionId);
+          return { status: session?.status, stopReason: session?.stopReason };
+        };
+
+        await store.events.append(sessionId, [{ type: 'session.status_running' }]);
+        expect(await statusOf()).toEqual({ status: 'running', stopReason: null });
+
+        const requiresAction = { type: 'requires_action', event_ids: ['sevt_1'] };
+        await store.events.append(sessionId, [{ type: 'session.status_idle', stop_reason: requiresAction }]);
+        expect(await statusOf()).toEqual({ status: 'idle', stopReason: requiresAction });
+
+        await store.events.append(sessionId, [{ type: 'session.status_running' }, userMessage('working')]);
+        expect(await statusOf()).toEqual({ status: 'running', stopReason: null });
+
+        await store.events.append(sessionId, [{ type: 'session.status_rescheduled' }]);
+        expect((await statusOf()).status).toBe('rescheduling');
+
+        // The newest status event of one append wins.
+        await store.events.append(sessionId, [
+          { type: 'session.status_running' },
+          { type: 'session.status_idle', stop_reason: { type: 'end_turn' } },
+        ]);
+        expect(await statusOf()).toEqual({ status: 'idle', stopReason: { type: 'end_turn' } });
+
+        await store.events.append(sessionId, [{ type: 'session.status_terminated' }]);
+        expect((await statusOf()).status).toBe('terminated');
+        expect((await store.resources.getSession(TENANT, sessionId))?.lastSeq).toBe(8);
+      });
+
+      it('does not change status when a status append fails', async () => {
+        const sessionId = await newSession({ status: 'idle' });
+        await store.events.append(sessionId, [{ id: 'sevt_taken', ...userMessage('a') }]);
+        const failing = store.events.append(sessionId, [
+          { type: 'session.status_running' },
+          { id: 'sevt_taken', ...userMessage('b') },
+        ]);
+        expect(await rejectionCode(failing)).toBe('conflict');
+        expect((await store.resources.getSession(TENANT, sessionId))?.status).toBe('idle');
+      });
+
+      it('answers a repeated idempotency key with the first stored events and writes nothing', async () => {
+        const sessionId = await newSession();
+        const otherSessionId = await newSession();
+        const first = await store.events.append(sessionId, [userMessage('a'), userMessage('b')], {
+          idempotencyKey: 'key-1',
+        });
+        const repeat = await store.events.append(sessionId, [userMessage('different')], {
+          idempotencyKey: 'key-1',
+        });
+        expect(repeat.duplicate).toBe(true);
+        expect(repeat.events).toEqual(first.events);
+        expect(await store.events.headSeq(sessionId)).toBe(2);
+
+        // Keys are per session.
+        const elsewhere = await store.events.append(otherSessionId, [userMessage('c')], {
+          idempotencyKey: 'key-1',
+        });
+        expect(elsewhere.duplicate).toBe(false);
+      });
+
+      it('writes once when twenty appends race with the same idempotency key', async () => {
+        const sessionId = await newSession();
+        const results = await Promise.all(
+          Array.from({ length: 20 }, (_, index) =>
+            store.events.append(sessionId, [userMessage(`attempt ${index}`)], { idempotencyKey: 'race' }),
+          ),
+        );
+        expect(results.filter((result) => !result.duplicate)).toHaveLength(1);
+        const ids = new Set(results.map((result) => result.events[0]!.event.id));
+        expect(ids.size).toBe(1);
+        expect(await store.events.headSeq(sessionId)).toBe(1);
+      });
+
+      it('forgets an idempotency key whose append failed', async () => {
+        const sessionId = await newSession();
+        await store.events.append(sessionId, [{ id: 'sevt_taken', ...userMessage('a') }]);
+        const failing = store.events.append(sessionId, [{ id: 'sevt_taken', ...userMessage('b') }], {
+          idempotencyKey: 'retry-me',
+        });
+        expect(await rejectionCode(failing)).toBe('conflict');
+        const retry = await store.events.append(sessionId, [userMessage('b')], {
+          idempotencyKey: 'retry-me',
+        });
+        expect(retry.duplicate).toBe(false);
+        expect(retry.events[0]!.seq).toBe(2);
+      });
+
+      it('fences off an older writer once a newer one is acquired', async () => {
+        const sessionId = await newSession();
+        const firstWriter = await store.events.acquireWriter(sessionId);
+        const secondWriter = await store.events.acquireWriter(sessionId);
+        expect(secondWriter.token).toBeGreaterThan(firstWriter.token);
+        expect(secondWriter.sessionId).toBe(sessionId);
+
+        await store.events.append(sessionId, [userMessage('current')], { writer: secondWriter });
+        expect(
+          await rejectionCode(
+            store.events.append(sessionId, [userMessage('stale')], { writer: firstWriter }),
+          ),
+        ).toBe('stale_writer');
+        // Client events carry no writer token and are always accepted.
+        await store.events.append(sessionId, [userMessage('from a client')]);
+
+        const texts = (await store.events.read(sessionId)).map((stored) => stored.event.content);
+        expect(texts).toEqual([
+          [{ type: 'text', text: 'current' }],
+          [{ type: 'text', text: 'from a client' }],
+        ]);
+      });
+
+      it('refuses a writer token of another session', async () => {
+        const sessionId = await newSession();
+        const otherSessionId = await newSession();
+        const writer = await store.events.acquireWriter(otherSessionId);
+        expect(await rejectionCode(store.events.append(sessionId, [userMessage('a')], { writer }))).toBe(
+          'invalid_request',
+        );
+      });
+
+      it('reads ranges, pages, newest first and by type', async () => {
+        const sessionId = await newSession();
+        await store.events.append(sessionId, [
+          userMessage('1'),
+          { type: 'agent.message', content: [] },
+          userMessage('3'),
+          { type: 'session.status_running' },
+          userMessage('5'),
+        ]);
+        const seqsOf = (events: StoredEvent[]) => events.map((stored) => stored.seq);
+
+        expect(seqsOf(await store.events.read(sessionId))).toEqual([1, 2, 3, 4, 5]);
+        expect(seqsOf(await store.events.read(sessionId, { afterSeq: 2 }))).toEqual([3, 4, 5]);
+        expect(seqsOf(await store.events.read(sessionId, { beforeSeq: 3 }))).toEqual([1, 2]);
+        expect(seqsOf(await store.events.read(sessionId, { afterSeq: 1, beforeSeq: 5 }))).toEqual([2, 3, 4]);
+        expect(seqsOf(await store.events.read(sessionId, { limit: 2 }))).toEqual([1, 2]);
+        expect(seqsOf(await store.events.read(sessionId, { order: 'desc', limit: 2 }))).toEqual([5, 4]);
+        expect(seqsOf(await store.events.read(sessionId, { order: 'desc', beforeSeq: 4 }))).toEqual([
+          3, 2, 1,
+        ]);
+        expect(seqsOf(await store.events.read(sessionId, { types: ['user.message'] }))).toEqual([1, 3, 5]);
+        expect(
+          seqsOf(await store.events.read(sessionId, { types: ['agent.message', 'session.status_running'] })),
+        ).toEqual([2, 4]);
+        expect(await store.events.read(sessionId, { types: [] })).toEqual([]);
+        expect(await store.events.read('sesn_missing')).toEqual([]);
+      });
+
+      it('finds one event by id within its session', async () => {
+        const sessionId = await newSession();
+        const otherSessionId = await newSession();
+        const { events } = await store.events.append(sessionId, [userMessage('a'), userMessage('b')]);
+        const second = events[1]!;
+        expect(await store.events.getEvent(sessionId, second.event.id)).toEqual(second);
+        expect(await store.events.getEvent(otherSessionId, second.event.id)).toBeUndefined();
+        expect(await store.events.getEvent(sessionId, 'sevt_missing')).toBeUndefined();
+      });
+
+      it('reports head seq 0 for a session without events', async () => {
+        const sessionId = await newSession();
+        expect(await store.events.headSeq(sessionId)).toBe(0);
+      });
+
+      it('delivers each committed event once, in order, after it is committed', async () => {
+        const sessionId = await newSession();
+        const otherSessionId = await newSession();
+        const delivered: StoredEvent[] = [];
+        const visibleAtDelivery: Promise<StoredEvent | undefined>[] = [];
+        store.events.subscribe(sessionId, (events) => {
+          delivered.push(...events);
+          for (const stored of events)
+            visibleAtDelivery.push(store.events.getEvent(sessionId, stored.event.id));
+        });
+
+        await store.events.append(sessionId, [{ id: 'sevt_taken', ...userMessage('first') }]);
+        await Promise.allSettled([
+          ...Array.from({ length: 30 }, (_, index) =>
+            store.events.append(sessionId, [userMessage(`${index}`)]),
+          ),
+          store.events.append(sessionId, [{ id: 'sevt_taken', ...userMessage('failed') }]),
+          store.events.append(sessionId, [userMessage('keyed')], { idempotencyKey: 'k' }),
+          store.events.append(sessionId, [userMessage('keyed again')], { idempotencyKey: 'k' }),
+          store.events.append(otherSessionId, [userMessage('elsewhere')]),
+        ]);
+
+        expect(delivered.map((stored) => stored.seq)).toEqual(
+          Array.from({ length: 32 }, (_, index) => index + 1),
+        );
+        expect(delivered.every((stored) => stored.sessionId === sessionId)).toBe(true);
+        expect(delivered).toEqual(await store.events.read(sessionId));
+        for (const visible of await Promise.all(visibleAtDelivery)) expect(visible).toBeDefined();
+      });
+
+      it('stops delivering after unsubscribe', async () => {
+        const sessionId = await newSession();
+        const delivered: number[] = [];
+        const unsubscribe = store.events.subscribe(sessionId, (events) => {
+          delivered.push(...events.map((stored) => stored.seq));
+        });
+        await store.events.append(sessionId, [userMessage('a')]);
+        unsubscribe();
+        unsubscribe();
+        await store.events.append(sessionId, [userMessage('b')]);
+        expect(delivered).toEqual([1]);
+      });
+
+      it('keeps working when a listener throws', async () => {
+        const sessionId = await newSession();
+        const delivered: number[] = [];
+        store.events.subscribe(sessionId, () => {
+          throw new Error('listener bug');
+        });
+        store.events.subscribe(sessionId, (events) => delivered.push(...events.map((stored) => stored.seq)));
+        const result = await store.events.append(sessionId, [userMessage('a')]);
+        expect(result.events[0]!.seq).toBe(1);
+        await store.events.append(sessionId, [userMessage('b')]);
+        expect(delivered).toEqual([1, 2]);
+      });
+
+      it('keeps acknowledged events across close and reopen', async () => {
+        const sessionId = await newSession();
+        const { events } = await store.events.append(sessionId, [
+          userMessage('a'),
+          { type: 'session.status_running' },
+        ]);
+        await store.close();
+        store = await openStore(database.options);
+        expect(await store.events.read(sessionId)).toEqual(events);
+        expect((await store.resources.getSession(TENANT, sessionId))?.status).toBe('running');
+      });
+
+      it('keeps every acknowledged event when the writing process is killed with SIGKILL', async () => {
+        const sessions = await Promise.all(Array.from({ length: 4 }, () => newSession()));
+        const acknowledged = await runChildUntilKilled(database.options, sessions, 400);
+
+        const reopened = await openStore(database.options);
+        extraStores.push(reopened);
+        for (const sessionId of sessions) {
+          const seqs = (await reopened.events.read(sessionId, { limit: 1_000_000 })).map(
+            (stored) => stored.seq,
+          );
+          expect(seqs).toEqual(Array.from({ length: seqs.length }, (_, index) => index + 1));
+          const highestAcknowledged = Math.max(0, ...(acknowledged.get(sessionId) ?? []));
+          expect(seqs.length).toBeGreaterThanOrEqual(highestAcknowledged);
+          expect(await reopened.events.headSeq(sessionId)).toBe(seqs.length);
+        }
+        const total = [...acknowledged.values()].reduce((sum, seqs) => sum + seqs.length, 0);
+        expect(total).toBeGreaterThanOrEqual(400);
+      });
+
+      it('deletes a session together with its events', async () => {
+        const sessionId = await newSession();
+        const { events } = await store.events.append(sessionId, [userMessage('a')], { idempotencyKey: 'k' });
+        expect(await store.resources.delete('session', TENANT, sessionId)).toBe(true);
+        expect(await store.resources.getSession(TENANT, sessionId)).toBeUndefined();
+        expect(await store.events.read(sessionId)).toEqual([]);
+        expect(await store.events.getEvent(sessionId, events[0]!.event.id)).toBeUndefined();
+        expect(await store.resources.delete('session', TENANT, sessionId)).toBe(false);
+      });
+    });
+
+    describe('resources', () => {
+      it('stores agent versions immutably and refuses an update based on an old version', async () => {
+        const agent = resourceRecord('agent');
+        await store.resources.createAgent(agent);
+        const version2 = {
+          ...agent,
+          updatedAt: nextTimestamp(),
+          body: { ...agent.body, name: 'v2', version: 2 },
+        };
+        await store.resources.addAgentVersion(TENANT, agent.id, 1, version2);
+
+        const stale = {
+          ...agent,
+          updatedAt: nextTimestamp(),
+          body: { ...agent.body, name: 'lost', version: 2 },
+        };
+        expect(await rejectionCode(store.resources.addAgentVersion(TENANT, agent.id, 1, stale))).toBe(
+          'conflict',
+        );
+        expect(
+          await rejectionCode(
+            store.resources.addAgentVersion(TENANT, 'agent_missing', 1, { ...version2, id: 'agent_missing' }),
+          ),
+        ).toBe('not_found');
+
+        expect((await store.resources.getAgentVersion(TENANT, agent.id))?.body.name).toBe('v2');
+        expect((await store.resources.get('agent', TENANT, agent.id))?.body.version).toBe(2);
+        expect(await store.resources.getAgentVersion(TENANT, agent.id, 1)).toEqual(agent);
+        expect((await store.resources.getAgentVersion(TENANT, agent.id, 2))?.body).toEqual(version2.body);
+        expect(await store.resources.getAgentVersion(TENANT, agent.id, 3)).toBeUndefined();
+        expect(await store.resources.getAgentVersion(OTHER_TENANT, agent.id, 1)).toBeUndefined();
+      });
+
+      it('refuses an agent whose first body is not version 1, and a duplicate agent id', async () => {
+        const agent = resourceRecord('agent');
+        expect(
+          await rejectionCode(store.resources.createAgent({ ...agent, body: { ...agent.body, version: 2 } })),
+        ).toBe('invalid_request');
+        await store.resources.createAgent(agent);
+        expect(await rejectionCode(store.resources.createAgent(agent))).toBe('conflict');
+      });
+
+      it('lists agent versions newest first, page by page', async () => {
+        const agent = resourceRecord('agent');
+        await store.resources.createAgent(agent);
+        for (let version = 2; version <= 5; version++) {
+          await store.resources.addAgentVersion(TENANT, agent.id, version - 1, {
+            ...agent,
+            body: { ...agent.body, version },
+          });
+        }
+        const first = await store.resources.listAgentVersions(TENANT, agent.id, { limit: 2 });
+        expect(first.items.map((item) => item.body.version)).toEqual([5, 4]);
+        const second = await store.resources.listAgentVersions(TENANT, agent.id, {
+          limit: 2,
+          cursor: first.nextCursor!,
+        });
+        expect(second.items.map((item) => item.body.version)).toEqual([3, 2]);
+        const last = await store.resources.listAgentVersions(TENANT, agent.id, {
+          limit: 2,
+          cursor: second.nextCursor!,
+        });
+        expect(last.items.map((item) => item.body.version)).toEqual([1]);
+        expect(last.nextCursor).toBeNull();
+        const ascending = await store.resources.listAgentVersions(TENANT, agent.id, {
+          limit: 10,
+          order: 'asc',
+        });
+        expect(ascending.items.map((item) => item.body.version)).toEqual([1, 2, 3, 4, 5]);
+        const otherTenant = await store.resources.listAgentVersions(OTHER_TENANT, agent.id, { limit: 10 });
+        expect(otherTenant.items).toEqual([]);
+      });
+
+      it('hides rows of other tenants from get, update and delete', async () => {
+        const environment = resourceRecord('env');
+        await store.resources.insert('environment', environment);
+        expect(await store.resources.get('environment', TENANT, environment.id)).toEqual(environment);
+        expect(await store.resources.get('environment', OTHER_TENANT, environment.id)).toBeUndefined();
+        expect(
+          await rejectionCode(
+            store.resources.update('environment', { ...environment, tenantId: OTHER_TENANT }),
+          ),
+        ).toBe('not_found');
+        expect(await store.resources.delete('environment', OTHER_TENANT, environment.id)).toBe(false);
+
+        const sessionId = await newSession();
+        expect(await store.resources.getSession(OTHER_TENANT, sessionId)).toBeUndefined();
+        expect(await store.resources.get('session', OTHER_TENANT, sessionId)).toBeUndefined();
+        expect((await store.resources.getSessionUnscoped(sessionId))?.id).toBe(sessionId);
+      });
+
+      it('updates body, updatedAt and archivedAt of a row', async () => {
+        const environment = resourceRecord('env');
+        await store.resources.insert('environment', environment);
+        const archived = {
+          ...environment,
+          updatedAt: nextTimestamp(),
+          archivedAt: nextTimestamp(),
+          body: { ...environment.body, name: 'renamed' },
+        };
+        await store.resources.update('environment', archived);
+        expect(await store.resources.get('environment', TENANT, environment.id)).toEqual(archived);
+
+        const sessionId = await newSession();
+        const session = (await store.resources.getSession(TENANT, sessionId))!;
+        await store.resources.update('session', { ...session, body: { ...session.body, title: 'renamed' } });
+        expect((await store.resources.getSession(TENANT, sessionId))?.body.title).toBe('renamed');
+        expect(await rejectionCode(store.resources.update('environment', resourceRecord('env')))).toBe(
+          'not_found',
+        );
+      });
+
+      it('pages through rows in creation order with an opaque cursor', async () => {
+        const created: ResourceRecord[] = [];
+        for (let index = 0; index < 5; index++) {
+          const record = resourceRecord('env', { ownerId: index % 2 === 0 ? 'user_alice' : 'user_bob' });
+          await store.resources.insert('environment', record);
+          created.push(record);
+        }
+        await store.resources.insert('environment', resourceRecord('env', { tenantId: OTHER_TENANT }));
+        const ids = created.map((record) => record.id);
+
+        const pageOne = await store.resources.list('environment', { tenantId: TENANT, limit: 2 });
+        const pageTwo = await store.resources.list('environment', {
+          tenantId: TENANT,
+          limit: 2,
+          cursor: pageOne.nextCursor!,
+        });
+        const pageThree = await store.resources.list('environment', {
+          tenantId: TENANT,
+          limit: 2,
+          cursor: pageTwo.nextCursor!,
+        });
+        expect([...pageOne.items, ...pageTwo.items, ...pageThree.items].map((item) => item.id)).toEqual(ids);
+        expect(pageThree.nextCursor).toBeNull();
+
+        const newest = await store.resources.list('environment', {
+          tenantId: TENANT,
+          limit: 3,
+          order: 'desc',
+        });
+        const older = await store.resources.list('environment', {
+          tenantId: TENANT,
+          limit: 3,
+          order: 'desc',
+          cursor: newest.nextCursor!,
+        });
+        expect([...newest.items, ...older.items].map((item) => item.id)).toEqual([...ids].reverse());
+
+        const bobs = await store.resources.list('environment', {
+          tenantId: TENANT,
+          limit: 10,
+          ownerId: 'user_bob',
+        });
+        expect(bobs.items.map((item) => item.id)).toEqual([ids[1], ids[3]]);
+
+        await store.resources.update('environment', { ...created[0]!, archivedAt: nextTimestamp() });
+        const active = await store.resources.list('environment', { tenantId: TENANT, limit: 10 });
+        expect(active.items.map((item) => item.id)).toEqual(ids.slice(1));
+        const all = await store.resources.list('environment', {
+          tenantId: TENANT,
+          limit: 10,
+          includeArchived: true,
+        });
+        expect(all.items.map((item) => item.id)).toEqual(ids);
+
+        expect(
+          await rejectionCode(
+            store.resources.list('environment', { tenantId: TENANT, limit: 2, cursor: 'garbage!' }),
+          ),
+        ).toBe('invalid_request');
+      });
+
+      it('lists agents and deletes an agent with its versions', async () => {
+        const agent = resourceRecord('agent');
+        await store.resources.insert('agent', agent);
+        expect((await store.resources.list('agent', { tenantId: TENANT, limit: 10 })).items).toEqual([agent]);
+        expect(await store.resources.delete('agent', TENANT, agent.id)).toBe(true);
+        expect(await store.resources.getAgentVersion(TENANT, agent.id, 1)).toBeUndefined();
+      });
+
+      it('stores sessions with their columns and refuses a duplicate id', async () => {
+        const record = sessionRecord({ status: 'idle', stopReason: { type: 'end_turn' } });
+        await store.resources.createSession(record);
+        expect(await store.resources.getSession(TENANT, record.id)).toEqual(record);
+        expect(await store.resources.get('session', TENANT, record.id)).toMatchObject({ id: record.id });
+        expect(await rejectionCode(store.resources.createSession(record))).toBe('conflict');
+      });
+
+      it('filters sessions by agent, agent version and status', async () => {
+        const a1 = await newSession({ agentId: 'agent_a', agentVersion: 1, status: 'idle' });
+        const a2 = await newSession({ agentId: 'agent_a', agentVersion: 2, status: 'running' });
+        const b1 = await newSession({ agentId: 'agent_b', agentVersion: 1, status: 'terminated' });
+        await newSession({ agentId: 'agent_a', tenantId: OTHER_TENANT });
+        const idsOf = async (query: Parameters<Store['resources']['listSessions']>[0]) =>
+          (await store.resources.listSessions(query)).items.map((item) => item.id);
+
+        expect(await idsOf({ tenantId: TENANT, limit: 10 })).toEqual([a1, a2, b1]);
+        expect(await idsOf({ tenantId: TENANT, limit: 10, agentId: 'agent_a' })).toEqual([a1, a2]);
+        expect(await idsOf({ tenantId: TENANT, limit: 10, agentId: 'agent_a', agentVersion: 2 })).toEqual([
+          a2,
+        ]);
+        expect(await idsOf({ tenantId: TENANT, limit: 10, statuses: ['idle', 'terminated'] })).toEqual([
+          a1,
+          b1,
+        ]);
+        expect(await idsOf({ tenantId: TENANT, limit: 10, order: 'desc' })).toEqual([b1, a2, a1]);
+        const firstPage = await store.resources.listSessions({
+          tenantId: TENANT,
+          limit: 2,
+          agentId: 'agent_a',
+        });
+        expect(firstPage.nextCursor).toBeNull();
+        const paged = await store.resources.listSessions({
+          tenantId: TENANT,
+          limit: 1,
+          statuses: ['idle', 'running'],
+        });
+        const rest = await idsOf({
+          tenantId: TENANT,
+          limit: 1,
+          statuses: ['idle', 'running'],
+          cursor: paged.nextCursor!,
+        });
+        expect([...paged.items.map((item) => item.id), ...rest]).toEqual([a1, a2]);
+      });
+
+      it('finds sessions by status across tenants for crash recovery', async () => {
+        const running = await newSession({ status: 'running' });
+        const rescheduling = await newSession({ status: 'rescheduling', tenantId: OTHER_TENANT });
+        await newSession({ status: 'idle' });
+        const idleThenRunning = await newSession({ status: 'idle' });
+        await store.events.append(idleThenRunning, [{ type: 'session.status_running' }]);
+
+        const found = await store.resources.findSessionsByStatus(['running', 'rescheduling']);
+        expect(found.map((session) => session.id).sort()).toEqual(
+          [running, rescheduling, idleThenRunning].sort(),
+        );
+        expect(await store.resources.findSessionsByStatus([])).toEqual([]);
+      });
+
+      it('finds API keys by hash and counts them', async () => {
+        expect(await store.resources.countApiKeys()).toBe(0);
+        const key = {
+          id: newId('key'),
+          tenantId: TENANT,
+          userId: 'user_alice',
+          role: 'admin' as const,
+          hash: 'a'.repeat(64),
+          name: 'bootstrap',
+          createdAt: nextTimestamp(),
+          expiresAt: null,
+          revokedAt: null,
+        };
+        await store.resources.createApiKey(key);
+        await store.resources.createApiKey({
+          ...key,
+          id: newId('key'),
+          hash: 'b'.repeat(64),
+          role: 'member',
+          expiresAt: nextTimestamp(),
+        });
+        expect(await store.resources.findApiKeyByHash(key.hash)).toEqual(key);
+        expect(await store.resources.findApiKeyByHash('c'.repeat(64))).toBeUndefined();
+        expect(await store.resources.countApiKeys()).toBe(2);
+        expect(await rejectionCode(store.resources.createApiKey({ ...key, id: newId('key') }))).toBe(
+          'conflict',
+        );
+      });
+    });
+  });
+}
+
+/**
+ * Runs `append-until-killed.ts` against the database, SIGKILLs it once it has acknowledged at
+ * least `acknowledgements` events, and returns the acknowledged seqs per session.
+ */
+async function runChildUntilKilled(
+  options: OpenStoreOptions,
+  sessionIds: readonly string[],
+  acknowledgements: number,
+): Promise<Map<string, number[]>> {
+  const child = spawn(
+    process.execPath,
+    ['--import', 'tsx', CHILD_SCRIPT, JSON.stringify(options), JSON.stringify(sessionIds)],
+    {
+      // tsx resolves from the repository, whatever directory the tests were started in.
+      cwd: REPOSITORY_ROOT,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
+  const acknowledged = new Map<string, number[]>();
+  let count = 0;
+  let buffered = '';
+  let errorOutput = '';
+  child.stderr.on('data', (chunk: Buffer) => {
+    errorOutput += chunk.toString();
+  });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    child.stdout.on('data', (chunk: Buffer) => {
+      buffered += chunk.toString();
+      const lines = buffered.split('\n');
+      buffered = lines.pop() ?? '';
+      for (const line of lines) {
+        const [sessionId, seq] = line.split(' ');
+        if (sessionId === undefined || seq === undefined) continue;
+        const seqs = acknowledged.get(sessionId) ?? [];
+        seqs.push(Number(seq));
+        acknowledged.set(sessionId, seqs);
+        count++;
+      }
+      if (count >= acknowledgements) resolve();
+    });
+    child.once('exit', (code) => reject(new Error(`child exited early (${code}): ${errorOutput}`)));
+  });
+  child.kill('SIGKILL');
+  await exited;
+  return acknowledged;
+}

@@ -1,0 +1,210 @@
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+
+/** Bad input gets a clear 4xx in the Anthropic error shape, and changes nothing. */
+describe('bad input is refused and changes nothing', () => {
+  let berth: TestBerth;
+  let sessionId: string;
+  let agentId: string;
+  let environmentId: string;
+
+  const request = (method: string, path: string, body?: unknown, headers: Record<string, string> = {}) =>
+    fetch(`${berth.url}${path}`, {
+      method,
+      headers: { 'x-api-key': berth.apiKey, 'content-type': 'application/json', ...headers },
+      body: body === undefined ? undefined : typeof body === 'string' ? body : JSON.stringify(body),
+    });
+
+  const eventCount = async () => {
+    const response = await request('GET', `/v1/sessions/${sessionId}/events?limit=1000`);
+    return ((await response.json()) as { data: unknown[] }).data.length;
+  };
+
+  const expectError = async (response: Response, status: number, type: string, message: RegExp) => {
+    expect(response.status).toBe(status);
+    const body = (await response.json()) as { type: string; error: { type: string; message: string } };
+    expect(body.type).toBe('error');
+    expect(body.error.type).toBe(type);
+    expect(body.error.message).toMatch(message);
+  };
+
+  beforeAll(async () => {
+    berth = await startTestBerth();
+    const agent = await berth.client.beta.agents.create({ name: 'validation', model: 'scripted/echo' });
+    const environment = await berth.client.beta.environments.create({ name: 'validation' });
+    const session = await berth.client.beta.sessions.create({
+      agent: agent.id,
+      environment_id: environment.id,
+    });
+    agentId = agent.id;
+    environmentId = environment.id;
+    sessionId = session.id;
+  });
+  afterAll(async () => berth?.dispose());
+
+  it('answers malformed JSON with 400 invalid_request_error', async () => {
+    await expectError(
+      await request('POST', `/v1/sessions/${sessionId}/events`, '{"events": [', {}),
+      400,
+      'invalid_request_error',
+      /not valid JSON/,
+    );
+    expect(await eventCount()).toBe(0);
+  });
+
+  it('names an unknown event type and writes nothing', async () => {
+    await expectError(
+      await request('POST', `/v1/sessions/${sessionId}/events`, { events: [{ type: 'user.telepathy' }] }),
+      400,
+      'invalid_request_error',
+      /unknown event type "user.telepathy"/,
+    );
+    expect(await eventCount()).toBe(0);
+  });
+
+  it('refuses the whole batch when one event has wrong types', async () => {
+    const response = await request('POST', `/v1/sessions/${sessionId}/events`, {
+      events: [
+        { type: 'user.message', content: [{ type: 'text', text: 'fine' }] },
+        { type: 'user.message', content: 'not an array' },
+      ],
+    });
+    await expectError(response, 400, 'invalid_request_error', /events\.1/);
+    expect(await eventCount()).toBe(0);
+  });
+
+  it('refuses runtime event types sent by a client', async () => {
+    await expectError(
+      await request('POST', `/v1/sessions/${sessionId}/events`, {
+        events: [{ type: 'agent.message', content: [{ type: 'text', text: 'forged' }] }],
+      }),
+      400,
+      'invalid_request_error',
+      /events\.0/,
+    );
+    expect(await eventCount()).toBe(0);
+  });
+
+  it('answers unknown ids with 404 not_found_error', async () => {
+    await expectError(
+      await request('POST', '/v1/sessions/sesn_doesnotexist/events', {
+        events: [{ type: 'user.message', content: [{ type: 'text', text: 'hi' }] }],
+      }),
+      404,
+      'not_found_error',
+      /session sesn_doesnotexist not found/,
+    );
+    await expectError(
+      await request('GET', '/v1/agents/agent_nope'),
+      404,
+      'not_found_error',
+      /agent agent_nope/,
+    );
+    await expectError(
+      await request('POST', '/v1/sessions', { agent: 'agent_nope', environment_id: environmentId }),
+      404,
+      'not_found_error',
+      /agent agent_nope/,
+    );
+    await expectError(
+      await request('POST', '/v1/sessions', { agent: agentId, environment_id: 'env_nope' }),
+      404,
+      'not_found_error',
+      /environment env_nope/,
+    );
+    const sessions = (await (await request('GET', '/v1/sessions')).json()) as { data: unknown[] };
+    expect(sessions.data).toHaveLength(1);
+  });
+
+  it('answers an oversized body with 413 request_too_large', async () => {
+    const huge = 'x'.repeat(1024 * 1024 + 10);
+    await expectError(
+      await request('POST', `/v1/sessions/${sessionId}/events`, {
+        events: [{ type: 'user.message', content: [{ type: 'text', text: huge }] }],
+      }),
+      413,
+      'request_too_large',
+      /exceeds/,
+    );
+    expect(await eventCount()).toBe(0);
+  });
+
+  it('refuses unknown fields, bad model ids and out-of-range values on resources', async () => {
+    await expectError(
+      await request('POST', '/v1/agents', { name: 'x', model: 'scripted/echo', colour: 'blue' }),
+      400,
+      'invalid_request_error',
+      /colour/,
+    );
+    await expectError(
+      await request('POST', '/v1/agents', { name: 'x', model: 'gpt-5' }),
+      400,
+      'invalid_request_error',
+      /provider/,
+    );
+    await expectError(
+      await request('POST', '/v1/environments', {
+        name: 'x',
+        config: { type: 'cloud', berth: { lifecycle: { idle_timeout_s: 10 } } },
+      }),
+      400,
+      'invalid_request_error',
+      /idle_timeout_s/,
+    );
+    await expectError(
+      await request('POST', '/v1/environments', {
+        name: 'x',
+        config: { type: 'cloud', berth: { driver: 'nope' } },
+      }),
+      400,
+      'invalid_request_error',
+      /sandbox driver "nope"/,
+    );
+    await expectError(await request('GET', '/v1/agents?limit=0'), 400, 'invalid_request_error', /limit/);
+    const agents = (await (await request('GET', '/v1/agents')).json()) as { data: unknown[] };
+    expect(agents.data).toHaveLength(1);
+  });
+
+  it('requires an API key and refuses a wrong one with 401', async () => {
+    const missing = await fetch(`${berth.url}/v1/agents`);
+    await expectError(missing, 401, 'authentication_error', /Missing API key/);
+    await expectError(
+      await request('GET', '/v1/agents', undefined, { 'x-api-key': 'berth_sk_wrong' }),
+      401,
+      'authentication_error',
+      /Invalid API key/,
+    );
+    const bearer = await fetch(`${berth.url}/v1/agents`, {
+      headers: { authorization: `Bearer ${berth.apiKey}` },
+    });
+    expect(bearer.status).toBe(200);
+  });
+
+  it('stores a send once when the Idempotency-Key repeats, and answers the same', async () => {
+    const before = await eventCount();
+    const body = { events: [{ type: 'user.message', content: [{ type: 'text', text: 'once' }] }] };
+    const first = await request('POST', `/v1/sessions/${sessionId}/events`, body, {
+      'idempotency-key': 'k-1',
+    });
+    const second = await request('POST', `/v1/sessions/${sessionId}/events`, body, {
+      'idempotency-key': 'k-1',
+    });
+    expect(first.status).toBe(200);
+    expect(await second.json()).toEqual(await first.json());
+    await berth.supervisor.settled(sessionId);
+    const events = (await (await request('GET', `/v1/sessions/${sessionId}/events?limit=1000`)).json()) as {
+      data: { type: string }[];
+    };
+    expect(events.data.filter((event) => event.type === 'user.message')).toHaveLength(1);
+    expect(events.data.length).toBeGreaterThan(before);
+  });
+
+  it('refuses a stream cursor that is not an event of the session', async () => {
+    await expectError(
+      await request('GET', `/v1/sessions/${sessionId}/events/stream?after_id=sevt_nope`),
+      400,
+      'invalid_request_error',
+      /after_id/,
+    );
+  });
+});

@@ -1,0 +1,163 @@
+import Anthropic from '@anthropic-ai/sdk';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
+
+type StreamEvent = { type: string; id?: string; [field: string]: unknown };
+
+/**
+ * The official `@anthropic-ai/sdk` drives Berth by pointing `baseURL` at it. The model is an
+ * `openai-compatible` one served by a fake that speaks the real Chat Completions wire
+ * protocol (streaming + tool calls), so the real provider path runs end to end.
+ */
+describe('official Anthropic SDK against Berth', () => {
+  let berth: TestBerth;
+  let model: FakeOpenAiServer;
+
+  beforeAll(async () => {
+    model = await startFakeOpenAiServer((request) => {
+      const messages = request.body.messages ?? [];
+      const last = messages[messages.length - 1];
+      if (last?.role === 'tool') {
+        return { text: `The sandbox said: ${String(last.content).trim()}` };
+      }
+      return {
+        toolCalls: [{ name: 'bash', arguments: { command: 'echo "hello from $(id -u) in $(pwd)"' } }],
+      };
+    });
+    berth = await startTestBerth({ environment: { OPENAI_COMPATIBLE_BASE_URL: model.url } });
+  });
+  afterAll(async () => {
+    await berth?.dispose();
+    await model?.close();
+  });
+
+  it('runs a tool-using turn: bash in the sandbox, result, message, idle with end_turn, and list matches the stream', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({
+      name: 'sdk-test',
+      model: 'openai-compatible/fake-model',
+      system: 'You are a test agent.',
+      tools: [{ type: 'agent_toolset_20260401' }],
+    });
+    expect(agent.version).toBe(1);
+    expect(agent.model.id).toBe('openai-compatible/fake-model');
+    const environment = await client.beta.environments.create({ name: 'sdk-env', config: { type: 'cloud' } });
+    const session = await client.beta.sessions.create({ agent: agent.id, environment_id: environment.id });
+    expect(session.status).toBe('idle');
+    expect(session.agent.version).toBe(1);
+
+    const stream = await client.beta.sessions.events.stream(session.id);
+    const sent = await client.beta.sessions.events.send(session.id, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'Who are you in the sandbox?' }] }],
+    });
+    expect(sent.data?.[0]?.type).toBe('user.message');
+
+    const streamed: StreamEvent[] = [];
+    for await (const event of stream) {
+      streamed.push(event as unknown as StreamEvent);
+      if (event.type === 'session.status_idle') break;
+    }
+    const types = streamed.map((event) => event.type);
+    expect(types).toEqual([
+      'user.message',
+      'session.status_running',
+      'span.model_request_start',
+      'agent.tool_use',
+      'span.model_request_end',
+      'agent.tool_result',
+      'span.model_request_start',
+      'agent.message',
+      'span.model_request_end',
+      'session.status_idle',
+    ]);
+    const toolUse = streamed.find((event) => event.type === 'agent.tool_use')!;
+    expect(toolUse.name).toBe('bash');
+    const toolResult = streamed.find((event) => event.type === 'agent.tool_result')!;
+    expect(toolResult.tool_use_id).toBe(toolUse.id);
+    // uid 1000 in /workspace: the command really ran inside the sandbox, not on the host.
+    const resultText = (toolResult.content as { text: string }[])[0]!.text;
+    expect(resultText).toContain('hello from 1000 in /workspace');
+    const message = streamed.find((event) => event.type === 'agent.message')!;
+    expect((message.content as { text: string }[])[0]!.text).toContain('hello from 1000 in /workspace');
+    const idle = streamed[streamed.length - 1]!;
+    expect(idle.stop_reason).toEqual({ type: 'end_turn' });
+
+    // The model saw the tool result paired with its call.
+    const secondRequest = model.requests[1]!.body;
+    expect(secondRequest.messages?.some((entry) => entry.role === 'tool')).toBe(true);
+    expect(secondRequest.tools?.map((tool) => tool.function.name)).toEqual(
+      expect.arrayContaining(['bash', 'read', 'write', 'edit', 'glob', 'grep']),
+    );
+
+    const listed: StreamEvent[] = [];
+    for await (const event of client.beta.sessions.events.list(session.id, { limit: 3 })) {
+      listed.push(event as unknown as StreamEvent);
+    }
+    expect(listed).toEqual(streamed);
+
+    const finished = await client.beta.sessions.retrieve(session.id);
+    expect(finished.status).toBe('idle');
+    expect(finished.usage.output_tokens).toBeGreaterThan(0);
+  });
+
+  it('pins the agent version a session was created with, across agent updates', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({ name: 'versioned', model: 'scripted/echo' });
+    const updated = await client.beta.agents.update(agent.id, { system: 'Version two.', version: 1 });
+    expect(updated.version).toBe(2);
+    const unchanged = await client.beta.agents.update(agent.id, { system: 'Version two.' });
+    expect(unchanged.version).toBe(2);
+    await expect(client.beta.agents.update(agent.id, { system: 'stale', version: 1 })).rejects.toBeInstanceOf(
+      Anthropic.APIError,
+    );
+    const environment = await client.beta.environments.create({ name: 'pin-env' });
+    const pinned = await client.beta.sessions.create({
+      agent: { type: 'agent', id: agent.id, version: 1 },
+      environment_id: environment.id,
+    });
+    expect(pinned.agent.version).toBe(1);
+    expect(pinned.agent.system).toBeNull();
+    const versions = [];
+    for await (const version of client.beta.agents.versions.list(agent.id)) versions.push(version.version);
+    expect(versions).toEqual([2, 1]);
+    const archived = await client.beta.agents.archive(agent.id);
+    expect(archived.archived_at).not.toBeNull();
+    await expect(
+      client.beta.sessions.create({ agent: agent.id, environment_id: environment.id }),
+    ).rejects.toThrow(/archived/);
+  });
+
+  it('streams agent message text as deltas before the stored message when asked', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({ name: 'echo', model: 'scripted/echo' });
+    const environment = await client.beta.environments.create({ name: 'delta-env' });
+    const session = await client.beta.sessions.create({ agent: agent.id, environment_id: environment.id });
+    const stream = await client.beta.sessions.events.stream(session.id, { event_deltas: ['agent.message'] });
+    await client.beta.sessions.events.send(session.id, {
+      events: [
+        {
+          type: 'user.message',
+          content: [{ type: 'text', text: 'a fairly long sentence to echo back in parts' }],
+        },
+      ],
+    });
+    const seen: StreamEvent[] = [];
+    for await (const event of stream) {
+      seen.push(event as unknown as StreamEvent);
+      if (event.type === 'session.status_idle') break;
+    }
+    const message = seen.find((event) => event.type === 'agent.message')!;
+    const deltas = seen.filter((event) => event.type === 'event_delta');
+    expect(deltas.length).toBeGreaterThan(1);
+    const joined = deltas
+      .map((event) => (event.delta as { content: { text: string } }).content.text)
+      .join('');
+    expect(joined).toBe((message.content as { text: string }[])[0]!.text);
+    expect(seen.findIndex((event) => event.type === 'event_start')).toBeLessThan(seen.indexOf(message));
+    // Deltas are never stored.
+    const stored = [];
+    for await (const event of client.beta.sessions.events.list(session.id)) stored.push(event.type);
+    expect(stored).not.toContain('event_delta');
+  });
+});
