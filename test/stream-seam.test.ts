@@ -1,6 +1,6 @@
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import type { NewEvent } from '../src/store/event-store.js';
-import { type TestBerth, startTestBerth } from './support/berth-instance.js';
+import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 import { createTestDatabase } from './support/postgres-database.js';
 
 type Streamed = { id: string; type: string; n?: number };
@@ -18,7 +18,8 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
     berth = await startTestBerth({ database });
     const agent = await berth.client.beta.agents.create({ name: 'seam', model: 'scripted/echo' });
     const environment = await berth.client.beta.environments.create({ name: 'seam' });
-    sessionId = (await berth.client.beta.sessions.create({ agent: agent.id, environment_id: environment.id })).id;
+    sessionId = (await berth.client.beta.sessions.create({ agent: agent.id, environment_id: environment.id }))
+      .id;
   });
   afterAll(async () => berth?.dispose());
 
@@ -26,7 +27,8 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
   async function appendMarkers(first: number, count: number) {
     for (let n = first; n < first + count; n += 5) {
       const batch: NewEvent[] = [];
-      for (let k = n; k < Math.min(n + 5, first + count); k++) batch.push({ type: 'berth.test_marker', n: k });
+      for (let k = n; k < Math.min(n + 5, first + count); k++)
+        batch.push({ type: 'berth.test_marker', n: k });
       await berth.store.events.append(sessionId, batch);
       await new Promise((resolve) => setImmediate(resolve));
     }
