@@ -1,3 +1,5 @@
+import { readFileSync, statSync } from 'node:fs';
+import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 
@@ -178,6 +180,21 @@ describe('bad input is refused and changes nothing', () => {
       headers: { authorization: `Bearer ${berth.apiKey}` },
     });
     expect(bearer.status).toBe(200);
+  });
+
+  it('keeps the admin key only in admin.key (mode 0600) and only its hash in the database', () => {
+    const file = join(berth.dataDir, 'admin.key');
+    expect(statSync(file).mode & 0o777).toBe(0o600);
+    expect(readFileSync(file, 'utf8').trim()).toBe(berth.apiKey);
+    for (const name of ['berth.db', 'berth.db-wal']) {
+      let bytes: Buffer;
+      try {
+        bytes = readFileSync(join(berth.dataDir, name));
+      } catch {
+        continue;
+      }
+      expect(bytes.includes(berth.apiKey)).toBe(false);
+    }
   });
 
   it('stores a send once when the Idempotency-Key repeats, and answers the same', async () => {

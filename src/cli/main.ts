@@ -149,7 +149,9 @@ async function start(options: {
   });
   return startBerth(config, {
     logger: {
-      info: () => undefined,
+      info: (message, fields) => {
+        if (message === 'created the admin API key') console.error(dim(`Created the admin API key in ${fields?.file}`));
+      },
       warn: (message, fields) => console.error(`warning: ${message} ${fields ? JSON.stringify(fields) : ''}`),
       error: (message, fields) => console.error(`error: ${message} ${fields ? JSON.stringify(fields) : ''}`),
     },
