@@ -1,6 +1,6 @@
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
-import { cpus, release, totalmem } from 'node:os';
+import { cpus, loadavg, release, totalmem } from 'node:os';
 
 /** What the numbers were measured on, as one line per fact. */
 export interface MachineDescription {
@@ -11,6 +11,8 @@ export interface MachineDescription {
   kernel: string;
   node: string;
   disk: string;
+  /** 1, 5 and 15 minute load averages when the run started: other work on the host skews numbers. */
+  load: string;
 }
 
 /** CPU model from /proc/cpuinfo, cores, memory, kernel, Node version and the temp dir's file system. */
@@ -23,6 +25,9 @@ export function describeMachine(tempDirectory: string): MachineDescription {
     kernel: release(),
     node: process.version,
     disk: fileSystemOf(tempDirectory),
+    load: loadavg()
+      .map((value) => value.toFixed(2))
+      .join(' '),
   };
 }
 
@@ -58,5 +63,6 @@ export function formatMachine(machine: MachineDescription): string {
     `- Kernel: ${machine.kernel}`,
     `- Node: ${machine.node}`,
     `- Disk: ${machine.disk}`,
+    `- Load average at start: ${machine.load}`,
   ].join('\n');
 }

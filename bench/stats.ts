@@ -40,14 +40,19 @@ export function count(value: number): string {
 }
 
 /** A Markdown table; numbers right-aligned by the caller's choice of `align`. */
-export function table(headers: readonly string[], rows: readonly (readonly string[])[], align?: string): string {
+export function table(
+  headers: readonly string[],
+  rows: readonly (readonly string[])[],
+  align?: string,
+): string {
   const widths = headers.map((header, column) =>
     Math.max(header.length, ...rows.map((row) => (row[column] ?? '').length)),
   );
   const right = (column: number) => (align ?? '').charAt(column) === 'r';
   const pad = (text: string, column: number) =>
     right(column) ? text.padStart(widths[column]!) : text.padEnd(widths[column]!);
-  const line = (cells: readonly string[]) => `| ${cells.map((cell, column) => pad(cell, column)).join(' | ')} |`;
+  const line = (cells: readonly string[]) =>
+    `| ${cells.map((cell, column) => pad(cell, column)).join(' | ')} |`;
   const rule = `|${widths.map((width, column) => (right(column) ? `${'-'.repeat(width + 1)}:` : '-'.repeat(width + 2))).join('|')}|`;
   return [line(headers), rule, ...rows.map(line)].join('\n');
 }
