@@ -150,7 +150,8 @@ async function start(options: {
   return startBerth(config, {
     logger: {
       info: (message, fields) => {
-        if (message === 'created the admin API key') console.error(dim(`Created the admin API key in ${fields?.file}`));
+        if (message === 'created the admin API key')
+          console.error(dim(`Created the admin API key in ${fields?.file}`));
       },
       warn: (message, fields) => console.error(`warning: ${message} ${fields ? JSON.stringify(fields) : ''}`),
       error: (message, fields) => console.error(`error: ${message} ${fields ? JSON.stringify(fields) : ''}`),

@@ -6,7 +6,7 @@ import type {
 import { BerthError, isBerthError } from '../errors.js';
 import { newId } from '../ids.js';
 import type { ModelRegistry } from '../models/model-registry.js';
-import type { NewEvent, StoredEvent } from '../store/event-store.js';
+import type { NewEvent, StoredEvent, WriterToken } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 import { buildPrompt } from './context.js';
 import type { DeltaBus } from './delta-bus.js';
@@ -50,6 +50,8 @@ export interface HarnessDependencies {
   toolboxFor(session: SessionRecord): SessionToolbox;
   /** Failed model calls in a row before the turn ends with `retries_exhausted` (default 3). */
   maxModelRetries?: number;
+  /** Sessions whose logs stay cached between wakes (default 256). */
+  logCacheSessions?: number;
   /** Backoff before retry n is `retryBaseDelayMs * 2^(n-1)` (default 500). */
   retryBaseDelayMs?: number;
 }
@@ -75,17 +77,54 @@ export function createHarness(dependencies: HarnessDependencies) {
   const maxRetries = dependencies.maxModelRetries ?? 3;
   const retryBaseDelayMs = dependencies.retryBaseDelayMs ?? 500;
 
+  // Writer tokens this process holds, so a wake does not pay a commit to re-acquire one.
+  // A stale token (another writer took over) is dropped and the wake fails.
+  const writers = new Map<string, WriterToken>();
+  async function writerFor(sessionId: string): Promise<WriterToken> {
+    let writer = writers.get(sessionId);
+    if (!writer) {
+      writer = await store.events.acquireWriter(sessionId);
+      writers.set(sessionId, writer);
+    }
+    return writer;
+  }
+
+  // Logs of recently woken sessions. Events are immutable and seq is gapless, so a cached
+  // prefix plus the tail read from the store is exactly the log: a wake reads only what is new.
+  const logCache = new Map<string, StoredEvent[]>();
+  const logCacheSize = dependencies.logCacheSessions ?? 256;
+  async function readLog(sessionId: string): Promise<StoredEvent[]> {
+    const cached = logCache.get(sessionId) ?? [];
+    const afterSeq = cached.length > 0 ? cached[cached.length - 1]!.seq : 0;
+    const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
+    const log = tail.length > 0 ? cached.concat(tail) : cached;
+    rememberLog(sessionId, log);
+    return log;
+  }
+  function rememberLog(sessionId: string, log: StoredEvent[]): void {
+    logCache.delete(sessionId);
+    logCache.set(sessionId, log);
+    if (logCache.size > logCacheSize) logCache.delete(logCache.keys().next().value!);
+  }
+
   async function wake(sessionId: string, control: WakeControl): Promise<void> {
     const session = await store.resources.getSessionUnscoped(sessionId);
     if (!session || session.status === 'terminated') return;
-    const writer = await store.events.acquireWriter(sessionId);
-    const append = (events: NewEvent[]) => store.events.append(sessionId, events, { writer });
+    const writer = await writerFor(sessionId);
+    const append = async (events: NewEvent[]) => {
+      try {
+        return await store.events.append(sessionId, events, { writer });
+      } catch (error) {
+        if (isBerthError(error, 'stale_writer')) writers.delete(sessionId);
+        throw error;
+      }
+    };
     const agent = session.body.agent as PinnedAgent;
     const toolbox = dependencies.toolboxFor(session);
     // Tool uses this wake wrote itself; any other open tool use was left by a dead process.
     const startedHere = new Set<string>();
 
-    let log = await store.events.read(sessionId, { limit: Number.MAX_SAFE_INTEGER });
+    let log = await readLog(sessionId);
     while (!control.shutdown.aborted) {
       const step = decideNextStep(log);
       let appended: StoredEvent[] = [];
@@ -93,7 +132,10 @@ export function createHarness(dependencies: HarnessDependencies) {
         case 'none':
           return;
         case 'start_turn':
-          appended = (await append([{ type: 'session.status_running' }])).events;
+          // A new turn always calls the model next: one commit for both events.
+          appended = await callModel(session, agent, toolbox, log, append, control, startedHere, [
+            { type: 'session.status_running' },
+          ]);
           break;
         case 'end_turn':
           appended = (await append([idleEvent({ type: 'end_turn' })])).events;
@@ -148,6 +190,7 @@ export function createHarness(dependencies: HarnessDependencies) {
       const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
       if (tail.length === 0 && appended.length === 0) return;
       log = log.concat(tail);
+      rememberLog(sessionId, log);
     }
   }
 
@@ -178,10 +221,17 @@ export function createHarness(dependencies: HarnessDependencies) {
     append: (events: NewEvent[]) => Promise<{ events: StoredEvent[] }>,
     control: WakeControl,
     startedHere: Set<string>,
+    leading: NewEvent[] = [],
   ): Promise<StoredEvent[]> {
-    const start = (await append([{ type: 'span.model_request_start' }])).events;
-    const startId = start[0]!.event.id;
-    const signal = control.stepSignal();
+    const startId = newId('sevt');
+    // The request starts while its start event commits: the model is not kept waiting on an
+    // fsync. Should the process die before that commit, the log shows no request and the
+    // next wake makes it again, exactly as if it had died a moment earlier.
+    const startCommitted = append([...leading, { id: startId, type: 'span.model_request_start' }]);
+    const cancel = new AbortController();
+    const stepSignal = control.stepSignal();
+    const signal = AbortSignal.any([stepSignal, cancel.signal]);
+    let start: StoredEvent[] = [];
     const messageId = newId('sevt');
     try {
       const model = models.resolve(agent.model.id);
@@ -191,11 +241,15 @@ export function createHarness(dependencies: HarnessDependencies) {
         description: tool.description,
         inputSchema: tool.inputSchema,
       }));
-      const { stream } = await model.doStream({
-        prompt: buildPrompt(agent.system, log),
-        tools,
-        abortSignal: signal,
-      });
+      const request = model.doStream({ prompt: buildPrompt(agent.system, log), tools, abortSignal: signal });
+      request.then(undefined, () => undefined); // Awaited below; never an unhandled rejection.
+      try {
+        start = (await startCommitted).events;
+      } catch (error) {
+        cancel.abort(error);
+        throw error;
+      }
+      const { stream } = await request;
       const response = await collect(stream, session.id, messageId, signal);
       const events: NewEvent[] = [];
       if (response.reasoning) events.push({ type: 'agent.thinking' });
@@ -224,8 +278,9 @@ export function createHarness(dependencies: HarnessDependencies) {
       });
       return [...start, ...(await append(events)).events];
     } catch (error) {
+      if (start.length === 0) start = (await startCommitted).events;
       if (isBerthError(error, 'stale_writer')) throw error;
-      const interrupted = signal.aborted;
+      const interrupted = stepSignal.aborted;
       const message = error instanceof Error ? error.message : String(error);
       const events: NewEvent[] = [];
       if (!interrupted) {
