@@ -209,7 +209,7 @@ class PostgresEventStore implements EventStore {
 
   async headSeq(sessionId: string): Promise<number> {
     const result = await this.#query<{ last_seq: string }>(
-      `SELECT last_seq FROM ${this.#s}.sessions WHERE id = $1`,
+      `SELECT last_seq FROM ${this.#s}.session_heads WHERE session_id = $1`,
       [sessionId],
     );
     const row = result.rows[0];
@@ -223,7 +223,8 @@ class PostgresEventStore implements EventStore {
 
   async acquireWriter(sessionId: string): Promise<WriterToken> {
     const result = await this.#query<{ writer_token: string }>(
-      `UPDATE ${this.#s}.sessions SET writer_token = writer_token + 1 WHERE id = $1 RETURNING writer_token`,
+      `UPDATE ${this.#s}.session_heads SET writer_token = writer_token + 1 WHERE session_id = $1
+       RETURNING writer_token`,
       [sessionId],
     );
     const row = result.rows[0];
@@ -245,7 +246,7 @@ class PostgresEventStore implements EventStore {
   ): Promise<AppendResult> {
     const s = this.#s;
     const locked = await client.query<{ last_seq: string; writer_token: string }>(
-      `SELECT last_seq, writer_token FROM ${s}.sessions WHERE id = $1 FOR UPDATE`,
+      `SELECT last_seq, writer_token FROM ${s}.session_heads WHERE session_id = $1 FOR UPDATE`,
       [sessionId],
     );
     const session = locked.rows[0];
@@ -277,11 +278,24 @@ class PostgresEventStore implements EventStore {
       event.processed_at = processedAt;
       return { sessionId, seq: firstSeq + index, event };
     });
+    const lastSeq = firstSeq + events.length - 1;
+    const change = statusChangeOf(events);
     try {
+      // Events, the idempotency key and the head in one statement: one round trip.
       await client.query(
-        `INSERT INTO ${s}.events (session_id, seq, id, type, processed_at, body)
-         SELECT $1, seq, id, type, $2, body::jsonb
-         FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS t (seq, id, type, body)`,
+        `WITH inserted AS (
+           INSERT INTO ${s}.events (session_id, seq, id, type, processed_at, body)
+           SELECT $1, seq, id, type, $2, body::jsonb
+           FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS t (seq, id, type, body)
+         ), keyed AS (
+           INSERT INTO ${s}.idempotency_keys (session_id, key, first_seq, count)
+           SELECT $1, $7::text, $8::bigint, $9::integer WHERE $7::text IS NOT NULL
+         )
+         UPDATE ${s}.session_heads SET last_seq = $10,
+           status = coalesce($11::text, status),
+           updated_at = CASE WHEN $11::text IS NULL THEN updated_at ELSE $2 END,
+           stop_reason = CASE WHEN $12::boolean THEN stop_reason ELSE $13::jsonb END
+         WHERE session_id = $1`,
         [
           sessionId,
           processedAt,
@@ -289,35 +303,17 @@ class PostgresEventStore implements EventStore {
           events.map((event) => event.id),
           events.map((event) => event.type),
           events.map((event) => JSON.stringify(event)),
+          key ?? null,
+          firstSeq,
+          events.length,
+          lastSeq,
+          change?.status ?? null,
+          change?.stopReason === undefined,
+          change?.stopReason == null ? null : JSON.stringify(change.stopReason),
         ],
       );
     } catch (error) {
       throw (error as { code?: unknown }).code === '23505' ? eventIdTaken(error) : error;
-    }
-    const lastSeq = firstSeq + events.length - 1;
-    if (key !== undefined) {
-      await client.query(
-        `INSERT INTO ${s}.idempotency_keys (session_id, key, first_seq, count) VALUES ($1, $2, $3, $4)`,
-        [sessionId, key, firstSeq, events.length],
-      );
-    }
-    const change = statusChangeOf(events);
-    if (change === undefined) {
-      await client.query(`UPDATE ${s}.sessions SET last_seq = $1 WHERE id = $2`, [lastSeq, sessionId]);
-    } else {
-      await client.query(
-        `UPDATE ${s}.sessions SET last_seq = $1, status = $2, updated_at = $3,
-           stop_reason = CASE WHEN $4::boolean THEN stop_reason ELSE $5::jsonb END
-         WHERE id = $6`,
-        [
-          lastSeq,
-          change.status,
-          processedAt,
-          change.stopReason === undefined,
-          change.stopReason == null ? null : JSON.stringify(change.stopReason),
-          sessionId,
-        ],
-      );
     }
     return { events: stored, duplicate: false };
   }
@@ -388,7 +384,13 @@ const TABLE_OF_KIND: Record<ResourceKind, string> = {
 };
 
 const RECORD_COLUMNS = 'position, id, tenant_id, owner_id, created_at, updated_at, archived_at, body';
-const SESSION_COLUMNS = `${RECORD_COLUMNS}, agent_id, agent_version, environment_id, status, stop_reason, last_seq`;
+/** A session is its `sessions` row joined with its narrow, often-written `session_heads` row. */
+const SESSION_COLUMNS = `sessions.position, sessions.id, sessions.tenant_id, sessions.owner_id,
+  sessions.created_at, session_heads.updated_at, sessions.archived_at, sessions.body,
+  sessions.agent_id, sessions.agent_version, sessions.environment_id,
+  session_heads.status, session_heads.stop_reason, session_heads.last_seq`;
+const sessionsFrom = (s: string) =>
+  `${s}.sessions JOIN ${s}.session_heads ON session_heads.session_id = sessions.id`;
 const VERSION_COLUMNS =
   'version AS position, agent_id AS id, tenant_id, owner_id, created_at, updated_at, archived_at, body';
 
@@ -531,11 +533,25 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async update(kind: ResourceKind, record: ResourceRecord): Promise<void> {
-    const result = await this.#query(
-      `UPDATE ${this.#s}.${TABLE_OF_KIND[kind]} SET body = $1::jsonb, updated_at = $2, archived_at = $3
-       WHERE id = $4 AND tenant_id = $5`,
-      [JSON.stringify(record.body), record.updatedAt, record.archivedAt, record.id, record.tenantId],
-    );
+    const parameters = [
+      JSON.stringify(record.body),
+      record.updatedAt,
+      record.archivedAt,
+      record.id,
+      record.tenantId,
+    ];
+    // A session's updated_at is read from its head, which status changes also stamp.
+    const sql =
+      kind === 'session'
+        ? `WITH updated AS (
+             UPDATE ${this.#s}.sessions SET body = $1::jsonb, updated_at = $2, archived_at = $3
+             WHERE id = $4 AND tenant_id = $5 RETURNING id
+           )
+           UPDATE ${this.#s}.session_heads SET updated_at = $2
+           FROM updated WHERE session_heads.session_id = updated.id`
+        : `UPDATE ${this.#s}.${TABLE_OF_KIND[kind]} SET body = $1::jsonb, updated_at = $2, archived_at = $3
+           WHERE id = $4 AND tenant_id = $5`;
+    const result = await this.#query(sql, parameters);
     if (result.rowCount === 0) throw notFound(kind, record.id);
   }
 
@@ -554,19 +570,29 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async createSession(record: SessionRecord): Promise<void> {
-    await this.#insertRow(this.#pool, 'sessions', record, {
-      agent_id: record.agentId,
-      agent_version: record.agentVersion,
-      environment_id: record.environmentId,
-      status: record.status,
-      stop_reason: record.stopReason === null ? null : JSON.stringify(record.stopReason),
-      last_seq: record.lastSeq,
+    await inTransaction(this.#pool, async (client) => {
+      await this.#insertRow(client, 'sessions', record, {
+        agent_id: record.agentId,
+        agent_version: record.agentVersion,
+        environment_id: record.environmentId,
+      });
+      await client.query(
+        `INSERT INTO ${this.#s}.session_heads (session_id, status, stop_reason, last_seq, writer_token, updated_at)
+         VALUES ($1, $2, $3::jsonb, $4, 0, $5)`,
+        [
+          record.id,
+          record.status,
+          record.stopReason === null ? null : JSON.stringify(record.stopReason),
+          record.lastSeq,
+          record.updatedAt,
+        ],
+      );
     });
   }
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
     const result = await this.#query<SessionRow>(
-      `SELECT ${SESSION_COLUMNS} FROM ${this.#s}.sessions WHERE id = $1 AND tenant_id = $2`,
+      `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)} WHERE sessions.id = $1 AND sessions.tenant_id = $2`,
       [id, tenantId],
     );
     const row = result.rows[0];
@@ -575,7 +601,7 @@ class PostgresResourceStore implements ResourceStore {
 
   async getSessionUnscoped(id: string): Promise<SessionRecord | undefined> {
     const result = await this.#query<SessionRow>(
-      `SELECT ${SESSION_COLUMNS} FROM ${this.#s}.sessions WHERE id = $1`,
+      `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)} WHERE sessions.id = $1`,
       [id],
     );
     const row = result.rows[0];
@@ -588,24 +614,25 @@ class PostgresResourceStore implements ResourceStore {
     // listSql numbers its own parameters after these, starting at $2 (tenant is $1).
     if (query.agentId !== undefined) {
       parameters.push(query.agentId);
-      conditions.push(`agent_id = $${parameters.length + 1}`);
+      conditions.push(`sessions.agent_id = $${parameters.length + 1}`);
     }
     if (query.agentVersion !== undefined) {
       parameters.push(query.agentVersion);
-      conditions.push(`agent_version = $${parameters.length + 1}`);
+      conditions.push(`sessions.agent_version = $${parameters.length + 1}`);
     }
     if (query.statuses !== undefined) {
       parameters.push([...query.statuses]);
-      conditions.push(`status = ANY($${parameters.length + 1}::text[])`);
+      conditions.push(`session_heads.status = ANY($${parameters.length + 1}::text[])`);
     }
-    const list = listSql(`${this.#s}.sessions`, SESSION_COLUMNS, query, conditions, parameters);
+    const list = listSql(sessionsFrom(this.#s), SESSION_COLUMNS, query, conditions, parameters, 'sessions.');
     const result = await this.#query<SessionRow>(list.sql, list.parameters);
     return pageOf(result.rows, list.limit, sessionOf);
   }
 
   async findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]> {
     const result = await this.#query<SessionRow>(
-      `SELECT ${SESSION_COLUMNS} FROM ${this.#s}.sessions WHERE status = ANY($1::text[]) ORDER BY position`,
+      `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)}
+       WHERE session_heads.status = ANY($1::text[]) ORDER BY sessions.position`,
       [[...statuses]],
     );
     return result.rows.map(sessionOf);
@@ -710,28 +737,30 @@ class PostgresResourceStore implements ResourceStore {
 
 /** SQL for one page of a tenant's rows in creation order (one extra row tells if more follow). */
 function listSql(
-  table: string,
+  from: string,
   columns: string,
   query: ListQuery,
   extraConditions: readonly string[],
   extraParameters: readonly unknown[],
+  /** Qualifies the record columns when `from` is a join, e.g. `sessions.`. */
+  table = '',
 ): { sql: string; parameters: unknown[]; limit: number } {
   const limit = checkLimit(query.limit);
   const descending = query.order === 'desc';
   const parameters: unknown[] = [query.tenantId, ...extraParameters];
-  const conditions = ['tenant_id = $1', ...extraConditions];
+  const conditions = [`${table}tenant_id = $1`, ...extraConditions];
   if (query.ownerId !== undefined) {
     parameters.push(query.ownerId);
-    conditions.push(`owner_id = $${parameters.length}`);
+    conditions.push(`${table}owner_id = $${parameters.length}`);
   }
-  if (query.includeArchived !== true) conditions.push('archived_at IS NULL');
+  if (query.includeArchived !== true) conditions.push(`${table}archived_at IS NULL`);
   if (query.cursor !== undefined) {
     parameters.push(decodeCursor(query.cursor));
-    conditions.push(`position ${descending ? '<' : '>'} $${parameters.length}`);
+    conditions.push(`${table}position ${descending ? '<' : '>'} $${parameters.length}`);
   }
   parameters.push(limit + 1);
-  const sql = `SELECT ${columns} FROM ${table} WHERE ${conditions.join(' AND ')}
-    ORDER BY position ${descending ? 'DESC' : 'ASC'} LIMIT $${parameters.length}`;
+  const sql = `SELECT ${columns} FROM ${from} WHERE ${conditions.join(' AND ')}
+    ORDER BY ${table}position ${descending ? 'DESC' : 'ASC'} LIMIT $${parameters.length}`;
   return { sql, parameters, limit };
 }
 

@@ -95,6 +95,28 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
     revoked_at text
   );
   `,
+  // 2: the per-session columns every append or writer change touches move out of the wide
+  // `sessions` row (whose jsonb body holds the pinned agent, often several KB) into a narrow
+  // `session_heads` row, so an append locks and rewrites a small tuple.
+  (s) => `
+  CREATE TABLE ${s}.session_heads (
+    session_id text PRIMARY KEY REFERENCES ${s}.sessions (id) ON DELETE CASCADE,
+    status text NOT NULL,
+    stop_reason jsonb,
+    last_seq bigint NOT NULL DEFAULT 0,
+    writer_token bigint NOT NULL DEFAULT 0,
+    updated_at text NOT NULL
+  );
+  INSERT INTO ${s}.session_heads (session_id, status, stop_reason, last_seq, writer_token, updated_at)
+    SELECT id, status, stop_reason, last_seq, writer_token, updated_at FROM ${s}.sessions;
+  CREATE INDEX session_heads_by_status ON ${s}.session_heads (status);
+  DROP INDEX ${s}.sessions_by_status;
+  ALTER TABLE ${s}.sessions
+    DROP COLUMN status,
+    DROP COLUMN stop_reason,
+    DROP COLUMN last_seq,
+    DROP COLUMN writer_token;
+  `,
 ];
 
 /** Quotes a schema name after checking it is a plain identifier. */

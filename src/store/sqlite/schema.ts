@@ -94,6 +94,27 @@ export const SQLITE_MIGRATIONS: readonly string[] = [
     revoked_at TEXT
   );
   `,
+  // 2: the per-session columns every append or writer change touches move out of the wide
+  // `sessions` row (whose JSON body holds the pinned agent, often several KB) into a narrow
+  // `session_heads` row, so an append rewrites ~60 bytes instead of the whole session.
+  `
+  CREATE TABLE session_heads (
+    session_id TEXT PRIMARY KEY REFERENCES sessions (id) ON DELETE CASCADE,
+    status TEXT NOT NULL,
+    stop_reason TEXT,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    writer_token INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT NOT NULL
+  ) WITHOUT ROWID;
+  INSERT INTO session_heads (session_id, status, stop_reason, last_seq, writer_token, updated_at)
+    SELECT id, status, stop_reason, last_seq, writer_token, updated_at FROM sessions;
+  CREATE INDEX session_heads_by_status ON session_heads (status);
+  DROP INDEX sessions_by_status;
+  ALTER TABLE sessions DROP COLUMN status;
+  ALTER TABLE sessions DROP COLUMN stop_reason;
+  ALTER TABLE sessions DROP COLUMN last_seq;
+  ALTER TABLE sessions DROP COLUMN writer_token;
+  `,
 ];
 
 /** Brings the database up to the newest migration, each in its own write transaction. */

@@ -133,9 +133,30 @@ function storeUnavailable(error: unknown): BerthError {
   });
 }
 
+/** The statements of the append path, prepared once. */
+interface AppendStatements {
+  begin: Database.Statement;
+  commit: Database.Statement;
+  rollback: Database.Statement;
+  savepoint: Database.Statement;
+  release: Database.Statement;
+  rollbackToSavepoint: Database.Statement;
+  usedKey: Database.Statement;
+  eventsInRange: Database.Statement;
+  advanceHead: Database.Statement;
+  advanceHeadWithStatus: Database.Statement;
+  headToken: Database.Statement;
+  insertEvent: Database.Statement;
+  insertKey: Database.Statement;
+}
+
+/** Thrown inside a savepoint-free batch when an append failed after it had written rows. */
+class PartialAppend extends Error {}
+
 class SqliteEventStore implements EventStore {
   readonly #database: Database.Database;
   readonly #statements: StatementCache;
+  readonly #append: AppendStatements;
   readonly #subscribers = new EventSubscribers();
   #queue: PendingAppend[] = [];
   #flushScheduled = false;
@@ -144,6 +165,37 @@ class SqliteEventStore implements EventStore {
   constructor(database: Database.Database) {
     this.#database = database;
     this.#statements = new StatementCache(database);
+    const prepare = (sql: string) => database.prepare(sql);
+    this.#append = {
+      begin: prepare('BEGIN IMMEDIATE'),
+      commit: prepare('COMMIT'),
+      rollback: prepare('ROLLBACK'),
+      savepoint: prepare('SAVEPOINT append'),
+      release: prepare('RELEASE append'),
+      rollbackToSavepoint: prepare('ROLLBACK TO append'),
+      usedKey: prepare('SELECT first_seq, count FROM idempotency_keys WHERE session_id = ? AND key = ?'),
+      eventsInRange: prepare(
+        'SELECT session_id, seq, body FROM events WHERE session_id = ? AND seq >= ? AND seq < ? ORDER BY seq',
+      ),
+      // The writer check and the seq reservation in one statement: no row back means the
+      // session is missing or the token is stale, and nothing was written.
+      advanceHead: prepare(
+        `UPDATE session_heads SET last_seq = last_seq + ?
+         WHERE session_id = ? AND writer_token = coalesce(?, writer_token) RETURNING last_seq`,
+      ),
+      advanceHeadWithStatus: prepare(
+        `UPDATE session_heads SET last_seq = last_seq + ?, status = ?, updated_at = ?,
+           stop_reason = CASE WHEN ? THEN stop_reason ELSE ? END
+         WHERE session_id = ? AND writer_token = coalesce(?, writer_token) RETURNING last_seq`,
+      ),
+      headToken: prepare('SELECT writer_token FROM session_heads WHERE session_id = ?'),
+      insertEvent: prepare(
+        'INSERT INTO events (session_id, seq, id, type, processed_at, body) VALUES (?, ?, ?, ?, ?, ?)',
+      ),
+      insertKey: prepare(
+        'INSERT INTO idempotency_keys (session_id, key, first_seq, count) VALUES (?, ?, ?, ?)',
+      ),
+    };
   }
 
   append(sessionId: string, events: readonly NewEvent[], options?: AppendOptions): Promise<AppendResult> {
@@ -189,9 +241,9 @@ class SqliteEventStore implements EventStore {
   }
 
   async headSeq(sessionId: string): Promise<number> {
-    const row = this.#statements.get('SELECT last_seq FROM sessions WHERE id = ?').get(sessionId) as
-      | { last_seq: number }
-      | undefined;
+    const row = this.#statements
+      .get('SELECT last_seq FROM session_heads WHERE session_id = ?')
+      .get(sessionId) as { last_seq: number } | undefined;
     if (row === undefined) throw notFound('session', sessionId);
     return row.last_seq;
   }
@@ -202,7 +254,9 @@ class SqliteEventStore implements EventStore {
 
   async acquireWriter(sessionId: string): Promise<WriterToken> {
     const row = this.#statements
-      .get('UPDATE sessions SET writer_token = writer_token + 1 WHERE id = ? RETURNING writer_token')
+      .get(
+        'UPDATE session_heads SET writer_token = writer_token + 1 WHERE session_id = ? RETURNING writer_token',
+      )
       .get(sessionId) as { writer_token: number } | undefined;
     if (row === undefined) throw notFound('session', sessionId);
     return { sessionId, token: row.writer_token };
@@ -216,30 +270,34 @@ class SqliteEventStore implements EventStore {
   }
 
   /**
-   * Group commit: one transaction (one fsync) for every queued append; a savepoint per append
-   * so a failing append rolls back alone and only its caller is rejected.
+   * Group commit: one transaction (one fsync) for every queued append. Each append is first
+   * applied without a savepoint: one that fails before writing (unknown session, stale writer)
+   * is simply rejected. Only if an append fails after writing (an event id already taken) is
+   * the batch rolled back and applied again with a savepoint per append, so the failing append
+   * rolls back alone and only its caller is rejected.
    */
   #flush(): void {
     this.#flushScheduled = false;
     const batch = this.#queue;
     this.#queue = [];
     if (batch.length === 0) return;
-    const statements = this.#statements;
+    const statements = this.#append;
     const processedAt = new Date().toISOString();
     try {
-      statements.get('BEGIN IMMEDIATE').run();
-      for (const pending of batch) {
-        statements.get('SAVEPOINT append').run();
-        try {
-          pending.result = this.#applyAppend(pending, processedAt);
-          statements.get('RELEASE append').run();
-        } catch (error) {
-          statements.get('ROLLBACK TO append').run();
-          statements.get('RELEASE append').run();
-          pending.error = error;
+      statements.begin.run();
+      try {
+        this.#applyBatch(batch, processedAt, false);
+      } catch (error) {
+        if (!(error instanceof PartialAppend)) throw error;
+        statements.rollback.run();
+        for (const pending of batch) {
+          pending.result = undefined;
+          pending.error = undefined;
         }
+        statements.begin.run();
+        this.#applyBatch(batch, processedAt, true);
       }
-      statements.get('COMMIT').run();
+      statements.commit.run();
     } catch (error) {
       if (this.#database.inTransaction) this.#database.exec('ROLLBACK');
       const failure = storeUnavailable(error);
@@ -259,71 +317,96 @@ class SqliteEventStore implements EventStore {
     }
   }
 
-  #applyAppend(pending: PendingAppend, processedAt: string): AppendResult {
-    const { sessionId, options } = pending;
-    const statements = this.#statements;
-    const session = statements
-      .get('SELECT last_seq, writer_token FROM sessions WHERE id = ?')
-      .get(sessionId) as { last_seq: number; writer_token: number } | undefined;
-    if (session === undefined) throw notFound('session', sessionId);
-    if (options?.writer !== undefined && options.writer.token !== session.writer_token) {
-      throw staleWriter(sessionId, options.writer.token, session.writer_token);
+  /** Applies every append of a batch inside the open transaction. */
+  #applyBatch(batch: readonly PendingAppend[], processedAt: string, savepoints: boolean): void {
+    const statements = this.#append;
+    for (const pending of batch) {
+      if (savepoints) {
+        statements.savepoint.run();
+        try {
+          pending.result = this.#applyAppend(pending, processedAt);
+          statements.release.run();
+        } catch (error) {
+          statements.rollbackToSavepoint.run();
+          statements.release.run();
+          pending.error = error;
+        }
+      } else {
+        const progress = { wrote: false };
+        try {
+          pending.result = this.#applyAppend(pending, processedAt, progress);
+        } catch (error) {
+          if (progress.wrote) throw new PartialAppend();
+          pending.error = error;
+        }
+      }
     }
+  }
+
+  #applyAppend(
+    pending: PendingAppend,
+    processedAt: string,
+    progress: { wrote: boolean } = { wrote: false },
+  ): AppendResult {
+    const { sessionId, options, events } = pending;
+    const statements = this.#append;
+    const token = options?.writer?.token ?? null;
     const key = options?.idempotencyKey;
     if (key !== undefined) {
-      const used = statements
-        .get('SELECT first_seq, count FROM idempotency_keys WHERE session_id = ? AND key = ?')
-        .get(sessionId, key) as { first_seq: number; count: number } | undefined;
+      // The writer is checked before the key, as an append without a key would be.
+      this.#checkHead(sessionId, token);
+      const used = statements.usedKey.get(sessionId, key) as { first_seq: number; count: number } | undefined;
       if (used !== undefined) {
-        const rows = statements
-          .get(
-            'SELECT session_id, seq, body FROM events WHERE session_id = ? AND seq >= ? AND seq < ? ORDER BY seq',
-          )
-          .all(sessionId, used.first_seq, used.first_seq + used.count) as EventRow[];
+        const rows = statements.eventsInRange.all(
+          sessionId,
+          used.first_seq,
+          used.first_seq + used.count,
+        ) as EventRow[];
         return { events: rows.map(storedEventOf), duplicate: true };
       }
     }
-    const insertEvent = statements.get(
-      'INSERT INTO events (session_id, seq, id, type, processed_at, body) VALUES (?, ?, ?, ?, ?, ?)',
-    );
-    const firstSeq = session.last_seq + 1;
+    const change = statusChangeOf(events);
+    const head = (
+      change === undefined
+        ? statements.advanceHead.get(events.length, sessionId, token)
+        : statements.advanceHeadWithStatus.get(
+            events.length,
+            change.status,
+            processedAt,
+            change.stopReason === undefined ? 1 : 0,
+            change.stopReason == null ? null : JSON.stringify(change.stopReason),
+            sessionId,
+            token,
+          )
+    ) as { last_seq: number } | undefined;
+    if (head === undefined) {
+      this.#checkHead(sessionId, token);
+      throw new Error(`session ${sessionId} head did not advance`);
+    }
+    progress.wrote = true;
+    const firstSeq = head.last_seq - events.length + 1;
     const stored: StoredEvent[] = [];
     try {
-      for (const event of pending.events) {
+      for (const event of events) {
         const seq = firstSeq + stored.length;
         event.processed_at = processedAt;
-        insertEvent.run(sessionId, seq, event.id, event.type, processedAt, JSON.stringify(event));
+        statements.insertEvent.run(sessionId, seq, event.id, event.type, processedAt, JSON.stringify(event));
         stored.push({ sessionId, seq, event });
       }
     } catch (error) {
       throw isUniqueViolation(error) ? eventIdTaken(error) : error;
     }
-    const lastSeq = firstSeq + stored.length - 1;
-    if (key !== undefined) {
-      statements
-        .get('INSERT INTO idempotency_keys (session_id, key, first_seq, count) VALUES (?, ?, ?, ?)')
-        .run(sessionId, key, firstSeq, stored.length);
-    }
-    const change = statusChangeOf(pending.events);
-    if (change === undefined) {
-      statements.get('UPDATE sessions SET last_seq = ? WHERE id = ?').run(lastSeq, sessionId);
-    } else {
-      statements
-        .get(
-          `UPDATE sessions SET last_seq = ?, status = ?, updated_at = ?,
-             stop_reason = CASE WHEN ? THEN stop_reason ELSE ? END
-           WHERE id = ?`,
-        )
-        .run(
-          lastSeq,
-          change.status,
-          processedAt,
-          change.stopReason === undefined ? 1 : 0,
-          change.stopReason == null ? null : JSON.stringify(change.stopReason),
-          sessionId,
-        );
-    }
+    if (key !== undefined) statements.insertKey.run(sessionId, key, firstSeq, stored.length);
     return { events: stored, duplicate: false };
+  }
+
+  /** Throws not_found for a missing session, stale_writer when `token` is not the newest. */
+  #checkHead(sessionId: string, token: number | null): void {
+    const head = this.#append.headToken.get(sessionId) as { writer_token: number } | undefined;
+    if (head === undefined) throw notFound('session', sessionId);
+    if (token !== null && token !== head.writer_token) {
+      throw staleWriter(sessionId, token, head.writer_token);
+    }
   }
 }
 
@@ -364,6 +447,13 @@ const TABLE_OF_KIND: Record<ResourceKind, string> = {
   environment: 'environments',
   session: 'sessions',
 };
+
+/** A session is its `sessions` row joined with its narrow, often-written `session_heads` row. */
+const SESSIONS_FROM = 'sessions JOIN session_heads ON session_heads.session_id = sessions.id';
+const SESSION_COLUMNS = `sessions.position, sessions.id, sessions.tenant_id, sessions.owner_id,
+  sessions.created_at, session_heads.updated_at, sessions.archived_at, sessions.body,
+  sessions.agent_id, sessions.agent_version, sessions.environment_id,
+  session_heads.status, session_heads.stop_reason, session_heads.last_seq`;
 
 function recordOf(row: RecordRow): ResourceRecord {
   return {
@@ -510,16 +600,33 @@ class SqliteResourceStore implements ResourceStore {
   }
 
   async update(kind: ResourceKind, record: ResourceRecord): Promise<void> {
-    const result = this.#statements
-      .get(
-        `UPDATE ${TABLE_OF_KIND[kind]} SET body = ?, updated_at = ?, archived_at = ? WHERE id = ? AND tenant_id = ?`,
-      )
-      .run(JSON.stringify(record.body), record.updatedAt, record.archivedAt, record.id, record.tenantId);
-    if (result.changes === 0) throw notFound(kind, record.id);
+    const statement = this.#statements.get(
+      `UPDATE ${TABLE_OF_KIND[kind]} SET body = ?, updated_at = ?, archived_at = ? WHERE id = ? AND tenant_id = ?`,
+    );
+    const parameters = [
+      JSON.stringify(record.body),
+      record.updatedAt,
+      record.archivedAt,
+      record.id,
+      record.tenantId,
+    ];
+    if (kind !== 'session') {
+      if (statement.run(...parameters).changes === 0) throw notFound(kind, record.id);
+      return;
+    }
+    // A session's updated_at is read from its head, which status changes also stamp.
+    this.#database
+      .transaction(() => {
+        if (statement.run(...parameters).changes === 0) throw notFound(kind, record.id);
+        this.#statements
+          .get('UPDATE session_heads SET updated_at = ? WHERE session_id = ?')
+          .run(record.updatedAt, record.id);
+      })
+      .immediate();
   }
 
   async list(kind: Exclude<ResourceKind, 'session'>, query: ListQuery): Promise<Page<ResourceRecord>> {
-    const { sql, parameters, limit } = listSql(TABLE_OF_KIND[kind], query, [], []);
+    const { sql, parameters, limit } = listSql(TABLE_OF_KIND[kind], '*', query, [], []);
     return pageOf(this.#statements.get(sql).all(...parameters) as RecordRow[], limit, recordOf);
   }
 
@@ -531,25 +638,40 @@ class SqliteResourceStore implements ResourceStore {
   }
 
   async createSession(record: SessionRecord): Promise<void> {
-    this.#insertRow('sessions', record, {
-      agent_id: record.agentId,
-      agent_version: record.agentVersion,
-      environment_id: record.environmentId,
-      status: record.status,
-      stop_reason: record.stopReason === null ? null : JSON.stringify(record.stopReason),
-      last_seq: record.lastSeq,
-    });
+    this.#database
+      .transaction(() => {
+        this.#insertRow('sessions', record, {
+          agent_id: record.agentId,
+          agent_version: record.agentVersion,
+          environment_id: record.environmentId,
+        });
+        this.#statements
+          .get(
+            `INSERT INTO session_heads (session_id, status, stop_reason, last_seq, writer_token, updated_at)
+             VALUES (?, ?, ?, ?, 0, ?)`,
+          )
+          .run(
+            record.id,
+            record.status,
+            record.stopReason === null ? null : JSON.stringify(record.stopReason),
+            record.lastSeq,
+            record.updatedAt,
+          );
+      })
+      .immediate();
   }
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
     const row = this.#statements
-      .get('SELECT * FROM sessions WHERE id = ? AND tenant_id = ?')
+      .get(`SELECT ${SESSION_COLUMNS} FROM ${SESSIONS_FROM} WHERE sessions.id = ? AND sessions.tenant_id = ?`)
       .get(id, tenantId) as SessionRow | undefined;
     return row === undefined ? undefined : sessionOf(row);
   }
 
   async getSessionUnscoped(id: string): Promise<SessionRecord | undefined> {
-    const row = this.#statements.get('SELECT * FROM sessions WHERE id = ?').get(id) as SessionRow | undefined;
+    const row = this.#statements
+      .get(`SELECT ${SESSION_COLUMNS} FROM ${SESSIONS_FROM} WHERE sessions.id = ?`)
+      .get(id) as SessionRow | undefined;
     return row === undefined ? undefined : sessionOf(row);
   }
 
@@ -557,18 +679,18 @@ class SqliteResourceStore implements ResourceStore {
     const conditions: string[] = [];
     const parameters: unknown[] = [];
     if (query.agentId !== undefined) {
-      conditions.push('agent_id = ?');
+      conditions.push('sessions.agent_id = ?');
       parameters.push(query.agentId);
     }
     if (query.agentVersion !== undefined) {
-      conditions.push('agent_version = ?');
+      conditions.push('sessions.agent_version = ?');
       parameters.push(query.agentVersion);
     }
     if (query.statuses !== undefined) {
-      conditions.push('status IN (SELECT value FROM json_each(?))');
+      conditions.push('session_heads.status IN (SELECT value FROM json_each(?))');
       parameters.push(JSON.stringify(query.statuses));
     }
-    const list = listSql('sessions', query, conditions, parameters);
+    const list = listSql(SESSIONS_FROM, SESSION_COLUMNS, query, conditions, parameters, 'sessions.');
     return pageOf(
       this.#statements.get(list.sql).all(...list.parameters) as SessionRow[],
       list.limit,
@@ -578,7 +700,10 @@ class SqliteResourceStore implements ResourceStore {
 
   async findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]> {
     const rows = this.#statements
-      .get('SELECT * FROM sessions WHERE status IN (SELECT value FROM json_each(?)) ORDER BY position')
+      .get(
+        `SELECT ${SESSION_COLUMNS} FROM ${SESSIONS_FROM}
+         WHERE session_heads.status IN (SELECT value FROM json_each(?)) ORDER BY sessions.position`,
+      )
       .all(JSON.stringify(statuses)) as SessionRow[];
     return rows.map(sessionOf);
   }
@@ -670,26 +795,29 @@ class SqliteResourceStore implements ResourceStore {
 
 /** SQL for one page of a tenant's rows in creation order (one extra row tells if more follow). */
 function listSql(
-  table: string,
+  from: string,
+  columns: string,
   query: ListQuery,
   extraConditions: readonly string[],
   extraParameters: readonly unknown[],
+  /** Qualifies the record columns when `from` is a join, e.g. `sessions.`. */
+  table = '',
 ): { sql: string; parameters: unknown[]; limit: number } {
   const limit = checkLimit(query.limit);
   const descending = query.order === 'desc';
-  const conditions = ['tenant_id = ?', ...extraConditions];
+  const conditions = [`${table}tenant_id = ?`, ...extraConditions];
   const parameters: unknown[] = [query.tenantId, ...extraParameters];
   if (query.ownerId !== undefined) {
-    conditions.push('owner_id = ?');
+    conditions.push(`${table}owner_id = ?`);
     parameters.push(query.ownerId);
   }
-  if (query.includeArchived !== true) conditions.push('archived_at IS NULL');
+  if (query.includeArchived !== true) conditions.push(`${table}archived_at IS NULL`);
   if (query.cursor !== undefined) {
-    conditions.push(descending ? 'position < ?' : 'position > ?');
+    conditions.push(descending ? `${table}position < ?` : `${table}position > ?`);
     parameters.push(decodeCursor(query.cursor));
   }
   parameters.push(limit + 1);
-  const sql = `SELECT * FROM ${table} WHERE ${conditions.join(' AND ')} ORDER BY position ${descending ? 'DESC' : 'ASC'} LIMIT ?`;
+  const sql = `SELECT ${columns} FROM ${from} WHERE ${conditions.join(' AND ')} ORDER BY ${table}position ${descending ? 'DESC' : 'ASC'} LIMIT ?`;
   return { sql, parameters, limit };
 }
 
