@@ -64,8 +64,12 @@ export async function startBerth(
     }
     const driver = factory();
     const availability = await driver.checkAvailability();
-    if (availability.ok) drivers.set(name, driver);
-    else {
+    if (availability.ok) {
+      drivers.set(name, driver);
+      const reaped = (await driver.reapOrphans?.()) ?? 0;
+      if (reaped > 0)
+        logger.warn('killed sandboxes left behind by a dead process', { driver: name, count: reaped });
+    } else {
       unavailableDrivers[name] = availability.reason;
       logger.warn('sandbox driver unavailable', { driver: name, reason: availability.reason });
     }

@@ -72,4 +72,9 @@ export interface SandboxDriver {
   writeFile(handle: SandboxHandle, path: string, data: string | Uint8Array): Promise<void>;
   /** Kills everything in the sandbox and releases its resources; the workdir stays. */
   destroy(handle: SandboxHandle): Promise<void>;
+  /**
+   * Kills sandboxes of this driver that a dead Berth process left on the host (called at
+   * start-up, before sessions resume). Returns how many it found.
+   */
+  reapOrphans?(): Promise<number>;
 }

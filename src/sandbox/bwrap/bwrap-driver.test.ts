@@ -150,3 +150,44 @@ describe.skipIf(!availability.ok)(`bwrap sandbox isolation${unavailableNote}`, (
     await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
   });
 });
+
+/** Berth sandbox processes that lost their parent (reparented to pid 1): leaked sandboxes. */
+function orphanedSandboxInits(): number[] {
+  return hostProcessesMatching('BERTH_SESSION_ID').filter((pid) => {
+    try {
+      const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+      return /^PPid:\s+1$/m.test(status);
+    } catch {
+      return false;
+    }
+  });
+}
+
+describe.skipIf(!availability.ok || !runningAsRoot)('bwrap sandbox lifetime', () => {
+  it('dies with the server even when the server is killed in the middle of provisioning', async () => {
+    const { spawn } = await import('node:child_process');
+    const root = mkdtempSync(join(tmpdir(), 'berth-lifeline-'));
+    const before = new Set(orphanedSandboxInits());
+    try {
+      // Kill points from "before bwrap starts" to "sandbox fully up" (provisioning takes ~15-30 ms).
+      for (const delay of [0, 3, 6, 9, 12, 15, 18, 21, 25, 30, 40, 80]) {
+        const child = spawn(
+          process.execPath,
+          ['--import', 'tsx', 'test/support/provision-then-die.ts', join(root, `w${delay}`), String(delay)],
+          { stdio: 'ignore' },
+        );
+        await new Promise((resolve) => child.once('exit', resolve));
+      }
+      await new Promise((resolve) => setTimeout(resolve, 500));
+      // A kill in bwrap's own set-up window can strand its half-made child (bwrap arms
+      // --die-with-parent only later): the next start reaps it.
+      await createBwrapDriver().reapOrphans();
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      const leaked = orphanedSandboxInits().filter((pid) => !before.has(pid));
+      for (const pid of leaked) process.kill(pid, 'SIGKILL');
+      expect(leaked).toEqual([]);
+    } finally {
+      rmSync(root, { recursive: true, force: true });
+    }
+  }, 60_000);
+});

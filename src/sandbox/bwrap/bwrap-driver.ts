@@ -1,7 +1,8 @@
 /**
  * The bubblewrap driver: one long-lived bwrap per session (user, pid, mount, net, ipc, uts and
  * cgroup namespaces; uid 1000 inside; read-only /usr; loopback-only network; private /tmp) whose
- * init is `sleep infinity`. Commands enter it with `nsenter` (≈2 ms) and drop to uid 1000 with
+ * init is `cat` reading a lifeline pipe that only Berth holds (so the sandbox dies with Berth, even
+ * when Berth is killed before bwrap arms --die-with-parent). Commands enter it with `nsenter` (≈2 ms) and drop to uid 1000 with
  * no-new-privs. Killing the namespace's init kills everything in it, so destroy leaves nothing.
  *
  * When Berth does not run as root, nsenter cannot join the sandbox (bwrap nests a second user
@@ -17,6 +18,7 @@ import {
   lstatSync,
   mkdirSync,
   readdirSync,
+  readFileSync,
   readlinkSync,
   statSync,
 } from 'node:fs';
@@ -82,6 +84,7 @@ export interface BwrapDriver extends SandboxDriver {
   destroyAll(): Promise<void>;
   /** Host pid of a persistent sandbox's namespace init, for tests and diagnostics. */
   initPid(handle: SandboxHandle): number | undefined;
+  reapOrphans(): Promise<number>;
 }
 
 interface LiveSandbox {
@@ -171,6 +174,9 @@ const ROOT_LAUNCHER_SCRIPT =
   'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$bwrap" "$@"';
 const LAUNCHER_WORKDIR = '/tmp';
 
+/** Environment variable set in every sandbox init; names the session and marks the process as ours. */
+const ORPHAN_MARKER = 'BERTH_SESSION_ID';
+
 /** Creates the bubblewrap driver. Call `checkAvailability()` before provisioning. */
 export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver {
   const runningAsRoot = process.getuid?.() === 0;
@@ -214,6 +220,10 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       '--die-with-parent',
       '--new-session',
       '--clearenv',
+      // Marks the process as a Berth sandbox, so `reapOrphans` can find one whose server died.
+      '--setenv',
+      ORPHAN_MARKER,
+      spec.sessionId,
       '--hostname',
       'sandbox',
       '--ro-bind',
@@ -328,12 +338,16 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         String(FD.info),
         'sh',
         '-c',
-        'echo ready && exec sleep infinity',
+        // The lifeline: the sandbox lives exactly as long as its stdin pipe, whose write end
+        // only this process holds. If Berth dies at any moment, even before bwrap has armed
+        // --die-with-parent, the pipe closes, `cat` exits and the kernel ends the sandbox.
+        'echo ready && exec cat >/dev/null',
       ]);
       child = spawn(command, args, {
         env: { PATH: '/usr/bin:/bin' },
-        stdio: ['ignore', 'pipe', 'pipe', ...EXTRA_STDIO],
+        stdio: ['pipe', 'pipe', 'pipe', ...EXTRA_STDIO],
       });
+      child.stdin?.on('error', () => undefined);
     }
     feedData(child);
     live.bwrap = child;
@@ -630,6 +644,27 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     async destroy(handle) {
       const live = sandboxes.get(handle.id);
       if (live) await destroyLive(live);
+    },
+
+    async reapOrphans() {
+      let reaped = 0;
+      for (const entry of readdirSync('/proc')) {
+        if (!/^\d+$/.test(entry)) continue;
+        try {
+          const status = readFileSync(`/proc/${entry}/status`, 'utf8');
+          // Only sandboxes whose parent is gone: a live server's sandboxes have a live parent.
+          if (!/^PPid:\s+1$/m.test(status)) continue;
+          const uid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]);
+          if (runningAsRoot ? uid !== hostUid : uid !== process.getuid?.()) continue;
+          const commandLine = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0');
+          if (!commandLine[0]?.endsWith('bwrap') || !commandLine.includes(ORPHAN_MARKER)) continue;
+          process.kill(Number(entry), 'SIGKILL');
+          reaped++;
+        } catch {
+          // Exited while we looked, or not ours to read.
+        }
+      }
+      return reaped;
     },
 
     async destroyAll() {

@@ -1,0 +1,118 @@
+import { type ChildProcess, spawn } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { resolve } from 'node:path';
+
+const BERTH_BIN = resolve(import.meta.dirname, '../../bin/berth.js');
+const HEALTH_TIMEOUT_MS = 20_000;
+
+/** A Berth server running as a real child process (`berth serve`), so a test can `kill -9` it. */
+export interface BerthProcess {
+  url: string;
+  apiKey: string;
+  child: ChildProcess;
+  /** When the process was spawned (ms since the epoch). */
+  startedAt: number;
+  /** SIGKILLs the server and resolves once it has exited. */
+  kill(): Promise<void>;
+  /** SIGTERMs the server (a clean stop) and resolves once it has exited. */
+  stop(): Promise<void>;
+  /** The last few kilobytes the server wrote to stderr, for failure messages. */
+  stderr(): string;
+}
+
+/** A TCP port nothing listens on right now. */
+export async function findFreePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+  const address = server.address();
+  await new Promise<void>((done) => server.close(() => done()));
+  if (address === null || typeof address === 'string') throw new Error('no port');
+  return address.port;
+}
+
+/**
+ * Spawns `node bin/berth.js serve` on a free loopback port over `dataDir` (SQLite) and waits
+ * until `GET /health` answers 200. The admin key is read from `<dataDir>/admin.key`.
+ */
+export async function startBerthProcess(options: {
+  dataDir: string;
+  environment?: Record<string, string>;
+}): Promise<BerthProcess> {
+  const port = await findFreePort();
+  const startedAt = Date.now();
+  const child = spawn(
+    process.execPath,
+    [BERTH_BIN, 'serve', '--port', String(port), '--data-dir', options.dataDir],
+    {
+      env: { ...process.env, ...options.environment },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    },
+  );
+  let stderr = '';
+  child.stderr?.on('data', (chunk: Buffer) => {
+    stderr = (stderr + chunk.toString('utf8')).slice(-8192);
+  });
+  const exited = new Promise<void>((done) => {
+    if (child.exitCode !== null || child.signalCode !== null) done();
+    else child.once('exit', () => done());
+  });
+  const url = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + HEALTH_TIMEOUT_MS;
+  for (;;) {
+    if (child.exitCode !== null || child.signalCode !== null) {
+      throw new Error(`berth serve exited during start (${child.exitCode ?? child.signalCode}): ${stderr}`);
+    }
+    try {
+      const response = await fetch(`${url}/health`);
+      if (response.status === 200) break;
+    } catch {
+      // Not listening yet.
+    }
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`berth serve did not answer /health within ${HEALTH_TIMEOUT_MS} ms: ${stderr}`);
+    }
+    await new Promise((done) => setTimeout(done, 25));
+  }
+  const keyFile = resolve(options.dataDir, 'admin.key');
+  if (!existsSync(keyFile)) throw new Error(`no admin key at ${keyFile}`);
+  const apiKey = readFileSync(keyFile, 'utf8').trim();
+  const stopWith = async (signal: NodeJS.Signals) => {
+    if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+    await exited;
+  };
+  return {
+    url,
+    apiKey,
+    child,
+    startedAt,
+    kill: () => stopWith('SIGKILL'),
+    stop: () => stopWith('SIGTERM'),
+    stderr: () => stderr,
+  };
+}
+
+/**
+ * Live (not zombie) processes that use `path`: in their command line or in a mount (a
+ * sandbox binds its session's workspace). Finds sandboxes a killed server left behind even
+ * after they were reparented, which a scan of the server's descendants cannot.
+ */
+export function processesUsing(path: string): Array<{ pid: number; command: string }> {
+  const found: Array<{ pid: number; command: string }> = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
+      const command = readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').trim();
+      if (command.includes(path) || readFileSync(`/proc/${pid}/mountinfo`, 'utf8').includes(path)) {
+        found.push({ pid, command });
+      }
+    } catch {
+      // Gone, or not ours to read.
+    }
+  }
+  return found;
+}
