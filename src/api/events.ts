@@ -140,8 +140,10 @@ export function eventRoutes(dependencies: ApiDependencies) {
     }
     const result = await store.events.append(session.id, events as NewEvent[], { idempotencyKey });
     if (!result.duplicate) {
-      if (events.some((event) => event.type === 'user.interrupt')) supervisor.interrupt(session.id);
-      else supervisor.notify(session.id);
+      const committed = { session, events: result.events };
+      if (events.some((event) => event.type === 'user.interrupt'))
+        supervisor.interrupt(session.id, committed);
+      else supervisor.notify(session.id, committed);
     }
     return context.json({ data: result.events.map((stored) => stored.event) });
   });

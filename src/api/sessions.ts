@@ -136,8 +136,8 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     };
     await resources.createSession(record);
     if (input.initial_events && input.initial_events.length > 0) {
-      await store.events.append(id, input.initial_events);
-      supervisor.notify(id);
+      const appended = await store.events.append(id, input.initial_events);
+      supervisor.notify(id, { session: record, events: appended.events });
     }
     const created = await resources.getSession(principal.tenantId, id);
     return context.json(await presentSession(store, created!));

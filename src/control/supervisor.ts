@@ -1,6 +1,7 @@
 import { isBerthError } from '../errors.js';
 import type { Harness } from '../harness/harness.js';
-import type { Store } from '../store/resource-store.js';
+import type { StoredEvent } from '../store/event-store.js';
+import type { SessionRecord, Store } from '../store/resource-store.js';
 
 /** Where the supervisor reports what it does; `console`-compatible. */
 export interface Logger {
@@ -37,9 +38,13 @@ export class Supervisor {
     this.#logger = options.logger;
   }
 
-  /** Asks for a wake of the session (new input arrived, or a crash left work behind). */
-  notify(sessionId: string): void {
+  /**
+   * Asks for a wake of the session (new input arrived, or a crash left work behind). Pass the
+   * events this process just committed, if any, so the wake need not read them back.
+   */
+  notify(sessionId: string, committed?: { session: SessionRecord; events: readonly StoredEvent[] }): void {
     if (this.#shutdown.signal.aborted) return;
+    if (committed) this.#harness.observe(committed.session, committed.events);
     const actor = this.#actors.get(sessionId);
     if (actor) {
       actor.again = true;
@@ -49,9 +54,9 @@ export class Supervisor {
   }
 
   /** Cancels the session's current model call or tool run; the harness then reads the interrupt. */
-  interrupt(sessionId: string): void {
+  interrupt(sessionId: string, committed?: { session: SessionRecord; events: readonly StoredEvent[] }): void {
     this.#actors.get(sessionId)?.step.abort(new Error('interrupted'));
-    this.notify(sessionId);
+    this.notify(sessionId, committed);
   }
 
   /** Wakes every session a previous process may have left mid-turn. */

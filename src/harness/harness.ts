@@ -89,27 +89,55 @@ export function createHarness(dependencies: HarnessDependencies) {
     return writer;
   }
 
-  // Logs of recently woken sessions. Events are immutable and seq is gapless, so a cached
-  // prefix plus the tail read from the store is exactly the log: a wake reads only what is new.
-  const logCache = new Map<string, StoredEvent[]>();
-  const logCacheSize = dependencies.logCacheSessions ?? 256;
-  async function readLog(sessionId: string): Promise<StoredEvent[]> {
-    const cached = logCache.get(sessionId) ?? [];
-    const afterSeq = cached.length > 0 ? cached[cached.length - 1]!.seq : 0;
-    const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
-    const log = tail.length > 0 ? cached.concat(tail) : cached;
-    rememberLog(sessionId, log);
-    return log;
+  // Recently woken sessions: their record (the pinned agent never changes) and their log.
+  // Events are immutable and seq is gapless, so a cached prefix plus the tail read from the
+  // store is exactly the log: a wake reads only what is new.
+  const cache = new Map<string, { session: SessionRecord; log: StoredEvent[]; current?: boolean }>();
+  const cacheSize = dependencies.logCacheSessions ?? 256;
+  async function load(sessionId: string) {
+    let entry = cache.get(sessionId);
+    if (!entry) {
+      const session = await store.resources.getSessionUnscoped(sessionId);
+      if (!session) return undefined;
+      entry = { session, log: [] };
+    }
+    // A log just extended by `observe` is a prefix of the truth that ends with the input
+    // that caused this wake: deciding on it is the same as having woken a moment earlier,
+    // and every step re-reads the tail anyway. Otherwise read what is new.
+    if (!entry.current) {
+      const afterSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
+      const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
+      if (tail.length > 0) entry = { session: entry.session, log: entry.log.concat(tail) };
+    }
+    remember(sessionId, entry.session, entry.log);
+    return entry;
   }
-  function rememberLog(sessionId: string, log: StoredEvent[]): void {
-    logCache.delete(sessionId);
-    logCache.set(sessionId, log);
-    if (logCache.size > logCacheSize) logCache.delete(logCache.keys().next().value!);
+
+  /**
+   * Tells the harness about a session and the events this process just committed to it
+   * (client input), so the wake they cause need not read them back. The events are used only
+   * when they directly follow the cached log (the first events of a new log included).
+   */
+  function observe(session: SessionRecord, committed: readonly StoredEvent[]): void {
+    const entry = cache.get(session.id) ?? { session, log: [] };
+    const lastSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
+    if (committed.length > 0 && committed[0]!.seq === lastSeq + 1) {
+      remember(session.id, entry.session, entry.log.concat(committed));
+      cache.get(session.id)!.current = true;
+    } else if (!cache.has(session.id)) {
+      remember(session.id, session, []);
+    }
+  }
+  function remember(sessionId: string, session: SessionRecord, log: StoredEvent[]): void {
+    cache.delete(sessionId);
+    cache.set(sessionId, { session, log });
+    if (cache.size > cacheSize) cache.delete(cache.keys().next().value!);
   }
 
   async function wake(sessionId: string, control: WakeControl): Promise<void> {
-    const session = await store.resources.getSessionUnscoped(sessionId);
-    if (!session || session.status === 'terminated') return;
+    const loaded = await load(sessionId);
+    if (!loaded) return;
+    const { session } = loaded;
     const writer = await writerFor(sessionId);
     const append = async (events: NewEvent[]) => {
       try {
@@ -124,7 +152,7 @@ export function createHarness(dependencies: HarnessDependencies) {
     // Tool uses this wake wrote itself; any other open tool use was left by a dead process.
     const startedHere = new Set<string>();
 
-    let log = await readLog(sessionId);
+    let log = loaded.log;
     while (!control.shutdown.aborted) {
       const step = decideNextStep(log);
       let appended: StoredEvent[] = [];
@@ -190,7 +218,7 @@ export function createHarness(dependencies: HarnessDependencies) {
       const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
       if (tail.length === 0 && appended.length === 0) return;
       log = log.concat(tail);
-      rememberLog(sessionId, log);
+      remember(sessionId, session, log);
     }
   }
 
@@ -365,7 +393,7 @@ export function createHarness(dependencies: HarnessDependencies) {
     return { text, reasoning, toolCalls, usage };
   }
 
-  return { wake };
+  return { wake, observe };
 }
 
 export type Harness = ReturnType<typeof createHarness>;

@@ -49,9 +49,9 @@ export interface PostgresStoreOptions {
 
 /**
  * Opens (and migrates) a PostgreSQL store on a connection pool. Each append is one
- * transaction that locks the session row (`FOR UPDATE`), so writers on any node serialize
- * per session; within this process appends to one session are also queued, so subscribers
- * see commits in order.
+ * autocommitted statement whose UPDATE of the session's head row takes its row lock, so
+ * writers on any node serialize per session; within this process appends to one session are
+ * also queued, so subscribers see commits in order.
  */
 export async function openPostgresStore(options: PostgresStoreOptions): Promise<Store> {
   const schema = options.schema ?? 'berth';
@@ -164,9 +164,7 @@ class PostgresEventStore implements EventStore {
     checkWriterSession(sessionId, options);
     const prepared = prepareEvents(events, '');
     return this.#serialized(sessionId, async () => {
-      const result = await inTransaction(this.#pool, (client) =>
-        this.#applyAppend(client, sessionId, prepared, options),
-      );
+      const result = await this.#applyAppend(sessionId, prepared, options);
       // Still inside this session's queue, so listeners see commits in seq order.
       if (!result.duplicate) this.#subscribers.deliver(sessionId, result.events);
       return result;
@@ -238,84 +236,97 @@ class PostgresEventStore implements EventStore {
     this.#subscribers.clear();
   }
 
+  /**
+   * One append in ONE autocommitted statement (one round trip): the head row's UPDATE checks
+   * the writer token and the idempotency key and reserves the seqs under its row lock, and the
+   * events and the key are inserted from what it returns. When it updates no row, a follow-up
+   * read says why (unknown session, stale writer, or a repeated key).
+   */
   async #applyAppend(
-    client: pg.PoolClient,
     sessionId: string,
     events: SessionEvent[],
     options: AppendOptions | undefined,
   ): Promise<AppendResult> {
     const s = this.#s;
-    const locked = await client.query<{ last_seq: string; writer_token: string }>(
-      `SELECT last_seq, writer_token FROM ${s}.session_heads WHERE session_id = $1 FOR UPDATE`,
-      [sessionId],
-    );
-    const session = locked.rows[0];
-    if (session === undefined) throw notFound('session', sessionId);
-    const newestToken = Number(session.writer_token);
-    if (options?.writer !== undefined && options.writer.token !== newestToken) {
-      throw staleWriter(sessionId, options.writer.token, newestToken);
-    }
-    const key = options?.idempotencyKey;
-    if (key !== undefined) {
-      const used = await client.query<{ first_seq: string; count: number }>(
-        `SELECT first_seq, count FROM ${s}.idempotency_keys WHERE session_id = $1 AND key = $2`,
-        [sessionId, key],
-      );
-      const first = used.rows[0];
-      if (first !== undefined) {
-        const firstSeq = Number(first.first_seq);
-        const rows = await client.query<EventRow>(
-          `SELECT session_id, seq, body FROM ${s}.events WHERE session_id = $1 AND seq >= $2 AND seq < $3 ORDER BY seq`,
-          [sessionId, firstSeq, firstSeq + first.count],
-        );
-        return { events: rows.rows.map(storedEventOf), duplicate: true };
-      }
-    }
-    // Stamped after the row lock, so processed_at never goes backwards within a session.
+    const key = options?.idempotencyKey ?? null;
+    const writerToken = options?.writer?.token ?? null;
+    // Appends to one session are serialized in this process, so processed_at never goes
+    // backwards within a session on one node.
     const processedAt = new Date().toISOString();
-    const firstSeq = Number(session.last_seq) + 1;
-    const stored = events.map((event, index): StoredEvent => {
-      event.processed_at = processedAt;
-      return { sessionId, seq: firstSeq + index, event };
-    });
-    const lastSeq = firstSeq + events.length - 1;
+    for (const event of events) event.processed_at = processedAt;
     const change = statusChangeOf(events);
+    let base: number | undefined;
     try {
-      // Events, the idempotency key and the head in one statement: one round trip.
-      await client.query(
-        `WITH inserted AS (
+      const result = await this.#query<{ base: string }>(
+        `WITH head AS (
+           UPDATE ${s}.session_heads SET last_seq = last_seq + $3,
+             status = coalesce($8::text, status),
+             updated_at = CASE WHEN $8::text IS NULL THEN updated_at ELSE $9 END,
+             stop_reason = CASE WHEN $10::boolean THEN stop_reason ELSE $11::jsonb END
+           WHERE session_id = $1
+             AND ($2::bigint IS NULL OR writer_token = $2::bigint)
+             AND ($7::text IS NULL OR NOT EXISTS (
+               SELECT 1 FROM ${s}.idempotency_keys k WHERE k.session_id = $1 AND k.key = $7::text))
+           RETURNING last_seq - $3 AS base
+         ), inserted AS (
            INSERT INTO ${s}.events (session_id, seq, id, type, processed_at, body)
-           SELECT $1, seq, id, type, $2, body::jsonb
-           FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[]) AS t (seq, id, type, body)
+           SELECT $1, head.base + t.ordinal, t.id, t.type, $9, t.body::jsonb
+           FROM head, unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS t (id, type, body, ordinal)
          ), keyed AS (
            INSERT INTO ${s}.idempotency_keys (session_id, key, first_seq, count)
-           SELECT $1, $7::text, $8::bigint, $9::integer WHERE $7::text IS NOT NULL
+           SELECT $1, $7::text, head.base + 1, $3 FROM head WHERE $7::text IS NOT NULL
          )
-         UPDATE ${s}.session_heads SET last_seq = $10,
-           status = coalesce($11::text, status),
-           updated_at = CASE WHEN $11::text IS NULL THEN updated_at ELSE $2 END,
-           stop_reason = CASE WHEN $12::boolean THEN stop_reason ELSE $13::jsonb END
-         WHERE session_id = $1`,
+         SELECT base FROM head`,
         [
           sessionId,
-          processedAt,
-          stored.map((item) => item.seq),
+          writerToken,
+          events.length,
           events.map((event) => event.id),
           events.map((event) => event.type),
           events.map((event) => JSON.stringify(event)),
-          key ?? null,
-          firstSeq,
-          events.length,
-          lastSeq,
+          key,
           change?.status ?? null,
+          processedAt,
           change?.stopReason === undefined,
           change?.stopReason == null ? null : JSON.stringify(change.stopReason),
         ],
       );
+      if (result.rows[0] !== undefined) base = Number(result.rows[0].base);
     } catch (error) {
-      throw (error as { code?: unknown }).code === '23505' ? eventIdTaken(error) : error;
+      const violation = error as { code?: unknown; constraint?: unknown };
+      // Another node stored the same key between our check and insert: answer as a repeat.
+      const keyTaken = violation.code === '23505' && String(violation.constraint).includes('idempotency');
+      if (!keyTaken) throw violation.code === '23505' ? eventIdTaken(error) : error;
     }
-    return { events: stored, duplicate: false };
+    if (base !== undefined) {
+      return {
+        events: events.map((event, index) => ({ sessionId, seq: base + index + 1, event })),
+        duplicate: false,
+      };
+    }
+    // Nothing was written; find out why, in the order the checks are documented.
+    const head = await this.#query<{ writer_token: string }>(
+      `SELECT writer_token FROM ${s}.session_heads WHERE session_id = $1`,
+      [sessionId],
+    );
+    const row = head.rows[0];
+    if (row === undefined) throw notFound('session', sessionId);
+    const newestToken = Number(row.writer_token);
+    if (writerToken !== null && writerToken !== newestToken) {
+      throw staleWriter(sessionId, writerToken, newestToken);
+    }
+    const repeated = await this.#query<EventRow>(
+      `SELECT e.session_id, e.seq, e.body FROM ${s}.idempotency_keys k
+       JOIN ${s}.events e ON e.session_id = k.session_id AND e.seq >= k.first_seq AND e.seq < k.first_seq + k.count
+       WHERE k.session_id = $1 AND k.key = $2 ORDER BY e.seq`,
+      [sessionId, key],
+    );
+    if (repeated.rows.length === 0) {
+      throw new BerthError('store_unavailable', `append to session ${sessionId} was not applied; retry`, {
+        retryable: true,
+      });
+    }
+    return { events: repeated.rows.map(storedEventOf), duplicate: true };
   }
 
   /** Runs tasks for one session one after another, in call order. */
