@@ -93,6 +93,7 @@ export async function startBerth(
   const app = createApp({
     store,
     supervisor,
+    sandboxes,
     deltas,
     sandboxDrivers: [...drivers.keys()],
     unavailableDrivers,

@@ -161,6 +161,22 @@ describe('harness turn behaviour', () => {
     expect(log[log.length - 1]!.event.stop_reason).toEqual({ type: 'end_turn' });
   });
 
+  it('deleting a session destroys its sandbox and its files, and the id is gone everywhere', async () => {
+    const sessionId = await newSession('scripted/bash-once');
+    await say(sessionId, 'echo kept > file.txt && sleep 600 & echo started');
+    await waitFor(sessionId, lastIs('session.status_idle'));
+    const workspace = join(berth.dataDir, 'sessions', sessionId, 'workspace');
+    expect(existsSync(join(workspace, 'file.txt'))).toBe(true);
+    expect(hostProcessesMatching('sleep 600').length).toBeGreaterThan(0);
+    const live = berth.sandboxes.size;
+    await berth.client.beta.sessions.delete(sessionId);
+    expect(berth.sandboxes.size).toBe(live - 1);
+    expect(existsSync(join(berth.dataDir, 'sessions', sessionId))).toBe(false);
+    await waitFor(sessionId, () => hostProcessesMatching('sleep 600').length === 0, 3_000);
+    await expect(berth.client.beta.sessions.retrieve(sessionId)).rejects.toThrow(/not found/);
+    await expect(berth.client.beta.sessions.events.list(sessionId)).rejects.toThrow(/not found/);
+  });
+
   it('after a crash, re-runs an open read-only tool but never re-runs a tool with effects', async () => {
     const sessionId = await newSession('scripted/echo');
     // The log a process leaves when it dies while two tools run.

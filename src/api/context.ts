@@ -1,5 +1,6 @@
 import type { Context } from 'hono';
 import { z } from 'zod';
+import type { SandboxManager } from '../control/sandbox-manager.js';
 import type { Supervisor } from '../control/supervisor.js';
 import { invalidRequest } from '../errors.js';
 import type { DeltaBus } from '../harness/delta-bus.js';
@@ -11,6 +12,8 @@ import { describeZodError } from './errors.js';
 export interface ApiDependencies {
   store: Store;
   supervisor: Supervisor;
+  /** Live sandboxes; a deleted session's sandbox and files go with it. */
+  sandboxes: SandboxManager;
   deltas: DeltaBus;
   /** Sandbox drivers this host can run, by name; the first is the default. */
   sandboxDrivers: readonly string[];

@@ -216,6 +216,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     }
     await supervisor.settled(session.id);
     await resources.delete('session', principal.tenantId, session.id);
+    await dependencies.sandboxes.discard(session.id);
     return context.json({ id: session.id, type: 'session_deleted' });
   });
 

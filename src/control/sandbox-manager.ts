@@ -1,4 +1,4 @@
-import { chown, mkdir } from 'node:fs/promises';
+import { chown, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BerthError } from '../errors.js';
 import type { SandboxDriver, SandboxHandle } from '../sandbox/driver.js';
@@ -94,6 +94,12 @@ export class SandboxManager {
     this.#entries.delete(sessionId);
     const handle = await entry.handle.catch(() => undefined);
     if (handle) await entry.driver.destroy(handle);
+  }
+
+  /** Destroys a session's sandbox and deletes its files (the session itself was deleted). */
+  async discard(sessionId: string): Promise<void> {
+    await this.release(sessionId);
+    await rm(join(this.#dataDir, 'sessions', sessionId), { recursive: true, force: true });
   }
 
   /** Number of live sandboxes. */
