@@ -15,6 +15,7 @@ export type BerthErrorCode =
   | 'payload_too_large'
   | 'rate_limited'
   | 'stale_writer'
+  | 'head_moved'
   | 'store_unavailable'
   | 'sandbox_unavailable'
   | 'sandbox_failed'

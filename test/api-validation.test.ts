@@ -167,6 +167,38 @@ describe('bad input is refused and changes nothing', () => {
     expect(agents.data).toHaveLength(1);
   });
 
+  it('refuses NUL characters and out-of-range numbers in URLs and bodies with 400', async () => {
+    await expectError(await request('GET', '/v1/sessions/%00'), 400, 'invalid_request_error', /NUL/);
+    await expectError(
+      await request('POST', `/v1/sessions/${sessionId}/events`, {
+        events: [{ type: 'user.message', content: [{ type: 'text', text: 'a\u0000b' }] }],
+      }),
+      400,
+      'invalid_request_error',
+      /NUL/,
+    );
+    await expectError(
+      await request('GET', '/v1/sessions?agent_version=abc'),
+      400,
+      'invalid_request_error',
+      /agent_version/,
+    );
+    await expectError(
+      await request('GET', `/v1/agents/${agentId}?version=99999999999`),
+      400,
+      'invalid_request_error',
+      /version/,
+    );
+    const hugeCursor = Buffer.from('seq:99999999999999999999').toString('base64url');
+    await expectError(
+      await request('GET', `/v1/sessions/${sessionId}/events?page=${hugeCursor}`),
+      400,
+      'invalid_request_error',
+      /cursor/,
+    );
+    expect(await eventCount()).toBe(0);
+  });
+
   it('requires an API key and refuses a wrong one with 401', async () => {
     const missing = await fetch(`${berth.url}/v1/agents`);
     await expectError(missing, 401, 'authentication_error', /Missing API key/);

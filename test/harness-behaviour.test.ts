@@ -24,6 +24,7 @@ const scripts: Record<string, Script> = {
     ],
   },
   'slow-model': { name: 'slow-model', steps: [{ delayMs: 10_000, text: 'too late' }] },
+  'slow-echo': { name: 'slow-echo', steps: [{ delayMs: 600, text: 'heard: {{last_user_message}}' }] },
 };
 
 /** The harness's turn rules, observed through the API a client uses. */
@@ -159,6 +160,95 @@ describe('harness turn behaviour', () => {
     expect(Date.now() - started).toBeLessThan(2_000);
     expect(log.some((stored) => stored.event.type === 'agent.message')).toBe(false);
     expect(log[log.length - 1]!.event.stop_reason).toEqual({ type: 'end_turn' });
+  });
+
+  it('answers a message sent while the model was still writing, instead of dropping it', async () => {
+    const sessionId = await newSession('scripted/slow-echo', []);
+    await say(sessionId, 'first');
+    await waitFor(sessionId, (log) => log.some((stored) => stored.event.type === 'span.model_request_start'));
+    await say(sessionId, 'second');
+    const log = await waitFor(
+      sessionId,
+      (entries) =>
+        lastIs('session.status_idle')(entries) &&
+        entries.filter((stored) => stored.event.type === 'agent.message').length === 2,
+    );
+    const replies = log
+      .filter((stored) => stored.event.type === 'agent.message')
+      .map((stored) => (stored.event.content as { text: string }[])[0]!.text);
+    expect(replies).toEqual(['heard: first', 'heard: second']);
+  });
+
+  it('refuses a new message while custom tool results are awaited, and lets an interrupt cancel the wait', async () => {
+    const sessionId = await newSession('scripted/custom-tool', [
+      { type: 'custom', name: 'lookup', description: 'Looks up', input_schema: { type: 'object' } },
+    ]);
+    await say(sessionId, 'look it up');
+    const paused = await waitFor(sessionId, lastIs('session.status_idle'));
+    const toolUse = paused.find((stored) => stored.event.type === 'agent.custom_tool_use')!;
+    await expect(say(sessionId, 'never mind')).rejects.toThrow(/waiting for the results of custom tool uses/);
+    await expect(
+      berth.client.beta.sessions.events.send(sessionId, {
+        events: [
+          { type: 'user.custom_tool_result', custom_tool_use_id: toolUse.event.id, content: [] },
+          { type: 'user.custom_tool_result', custom_tool_use_id: toolUse.event.id, content: [] },
+        ],
+      }),
+    ).rejects.toThrow(/answered twice/);
+    await berth.client.beta.sessions.events.send(sessionId, { events: [{ type: 'user.interrupt' }] });
+    const cancelled = await waitFor(
+      sessionId,
+      (log) => log.length > paused.length + 1 && lastIs('session.status_idle')(log),
+    );
+    const closing = cancelled.find(
+      (stored) => stored.event.type === 'agent.tool_result' && stored.event.tool_use_id === toolUse.event.id,
+    )!;
+    expect(closing.event.is_error).toBe(true);
+    expect(cancelled[cancelled.length - 1]!.event.stop_reason).toEqual({ type: 'end_turn' });
+    // The session is usable again.
+    await say(sessionId, 'again');
+    await waitFor(
+      sessionId,
+      (log) => log.filter((stored) => stored.event.type === 'agent.custom_tool_use').length === 2,
+    );
+  });
+
+  it('does not run a turn whose message came with an interrupt', async () => {
+    const sessionId = await newSession('scripted/echo', []);
+    await berth.client.beta.sessions.events.send(sessionId, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'hi' }] }, { type: 'user.interrupt' }],
+    });
+    const log = await waitFor(sessionId, lastIs('session.status_idle'));
+    expect(log.map((stored) => stored.event.type)).toEqual([
+      'user.message',
+      'user.interrupt',
+      'session.status_idle',
+    ]);
+  });
+
+  it('answers a repeated custom tool result with the same Idempotency-Key as the first time', async () => {
+    const sessionId = await newSession('scripted/custom-tool', [
+      { type: 'custom', name: 'lookup', description: 'Looks up', input_schema: { type: 'object' } },
+    ]);
+    await say(sessionId, 'look it up');
+    const paused = await waitFor(sessionId, lastIs('session.status_idle'));
+    const toolUse = paused.find((stored) => stored.event.type === 'agent.custom_tool_use')!;
+    const send = () =>
+      fetch(`${berth.url}/v1/sessions/${sessionId}/events`, {
+        method: 'POST',
+        headers: {
+          'x-api-key': berth.apiKey,
+          'content-type': 'application/json',
+          'idempotency-key': 'result-1',
+        },
+        body: JSON.stringify({
+          events: [{ type: 'user.custom_tool_result', custom_tool_use_id: toolUse.event.id, content: [] }],
+        }),
+      });
+    const first = await send();
+    const second = await send();
+    expect(second.status).toBe(200);
+    expect(await second.json()).toEqual(await first.json());
   });
 
   it('deleting a session destroys its sandbox and its files, and the id is gone everywhere', async () => {

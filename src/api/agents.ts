@@ -3,7 +3,15 @@ import { conflict, invalidRequest, notFound } from '../errors.js';
 import { newId } from '../ids.js';
 import type { ResourceRecord } from '../store/resource-store.js';
 import type { ApiDependencies } from './context.js';
-import { type ApiEnvironment, nowIso, readBody, readFlag, readOrder, readPageQuery } from './context.js';
+import {
+  type ApiEnvironment,
+  nowIso,
+  readBody,
+  readFlag,
+  readOrder,
+  readPageQuery,
+  readPositiveInteger,
+} from './context.js';
 import { type AgentCreate, type AgentUpdate, agentCreate, agentUpdate, builtinToolNames } from './schemas.js';
 
 type ToolParams = NonNullable<AgentCreate['tools']>[number];
@@ -186,11 +194,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
 
   app.get('/:id', async (context) => {
     const principal = context.get('principal');
-    const versionText = context.req.query('version');
-    const version = versionText === undefined ? undefined : Number(versionText);
-    if (version !== undefined && (!Number.isInteger(version) || version < 1)) {
-      throw invalidRequest('version must be a positive integer');
-    }
+    const version = readPositiveInteger(context, 'version');
     const record = await resources.getAgentVersion(principal.tenantId, context.req.param('id'), version);
     if (!record)
       throw notFound(

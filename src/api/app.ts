@@ -1,6 +1,6 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
-import { BerthError } from '../errors.js';
+import { BerthError, invalidRequest } from '../errors.js';
 import { authenticate } from '../identity/api-keys.js';
 import { agentRoutes } from './agents.js';
 import type { ApiDependencies, ApiEnvironment } from './context.js';
@@ -49,6 +49,8 @@ export function createApp(dependencies: ApiDependencies) {
     }),
   );
   app.use('/v1/*', async (context, next) => {
+    // No id or value Berth stores may contain NUL (PostgreSQL text cannot hold it).
+    if (/%00/.test(context.req.url)) throw invalidRequest('NUL characters are not allowed in URLs');
     const key = presentedKey(context.req);
     if (!key) {
       throw new BerthError(

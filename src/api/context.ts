@@ -39,11 +39,16 @@ export async function readBody<T extends z.ZodType>(context: ApiContext, schema:
   if (text.trim() === '') {
     raw = {};
   } else {
+    let hasNul = false;
     try {
-      raw = JSON.parse(text);
+      raw = JSON.parse(text, (_key, value) => {
+        if (typeof value === 'string' && value.includes('\u0000')) hasNul = true;
+        return value;
+      });
     } catch (error) {
       throw invalidRequest(`Request body is not valid JSON: ${(error as Error).message}`);
     }
+    if (hasNul) throw invalidRequest('Request body strings must not contain NUL characters');
   }
   const parsed = schema.safeParse(raw);
   if (!parsed.success) throw invalidRequest(describeZodError(parsed.error));
@@ -63,6 +68,17 @@ export function readPageQuery(context: ApiContext, defaultLimit = 20) {
   });
   if (!parsed.success) throw invalidRequest(describeZodError(parsed.error));
   return { limit: parsed.data.limit ?? defaultLimit, cursor: parsed.data.page };
+}
+
+/** A positive integer query parameter (at most 2^31 - 1), or undefined when absent. */
+export function readPositiveInteger(context: ApiContext, name: string): number | undefined {
+  const value = context.req.query(name);
+  if (value === undefined || value === '') return undefined;
+  const number = Number(value);
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(number) || number < 1 || number > 2_147_483_647) {
+    throw invalidRequest(`${name} must be a positive integer`);
+  }
+  return number;
 }
 
 /** A boolean query flag (`true`/`false`/absent). */

@@ -23,6 +23,7 @@ const statusByCode: Record<BerthErrorCode, [ContentfulStatusCode, AnthropicError
   payload_too_large: [413, 'request_too_large'],
   rate_limited: [429, 'rate_limit_error'],
   stale_writer: [409, 'invalid_request_error'],
+  head_moved: [409, 'invalid_request_error'],
   store_unavailable: [503, 'overloaded_error'],
   sandbox_unavailable: [400, 'invalid_request_error'],
   sandbox_failed: [500, 'api_error'],

@@ -2,6 +2,7 @@ import { Hono } from 'hono';
 import { type SSEStreamingApi, streamSSE } from 'hono/streaming';
 import { invalidRequest } from '../errors.js';
 import type { DeltaEvent } from '../harness/delta-bus.js';
+import { pendingCustomToolUses } from '../harness/turn-state.js';
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
 import {
   type ApiDependencies,
@@ -23,7 +24,7 @@ import { loadSession } from './sessions.js';
 
 const encodeCursor = (seq: number) => Buffer.from(`seq:${seq}`).toString('base64url');
 function decodeCursor(cursor: string): number {
-  const match = /^seq:(\d+)$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
+  const match = /^seq:(\d{1,15})$/.exec(Buffer.from(cursor, 'base64url').toString('utf8'));
   if (!match) throw invalidRequest('page is not a cursor returned by this endpoint');
   return Number(match[1]);
 }
@@ -55,6 +56,48 @@ function parseClientEvents(events: unknown[]): ClientEvent[] {
 export function eventRoutes(dependencies: ApiDependencies) {
   const { store, supervisor, deltas } = dependencies;
   const app = new Hono<ApiEnvironment>();
+
+  /**
+   * Checks a send against the session's log: custom tool results must answer an open custom
+   * tool use once; a new message cannot start a turn while custom tool results are awaited.
+   */
+  async function checkAgainstLog(sessionId: string, events: readonly ClientEvent[]) {
+    const needsLog = events.some((event) => event.type !== 'user.interrupt');
+    if (!needsLog) return;
+    const relevant = await store.events.read(sessionId, {
+      types: ['agent.custom_tool_use', 'user.custom_tool_result', 'agent.tool_result'],
+      limit: Number.MAX_SAFE_INTEGER,
+    });
+    const pending = new Set(pendingCustomToolUses(relevant).map((stored) => stored.event.id));
+    const answeredHere = new Set<string>();
+    for (const event of events) {
+      if (event.type === 'user.custom_tool_result') {
+        const id = event.custom_tool_use_id;
+        if (answeredHere.has(id))
+          throw invalidRequest(`custom tool use ${id} is answered twice in this request`);
+        if (!pending.has(id)) {
+          const known = relevant.some(
+            (stored) => stored.event.id === id && stored.event.type === 'agent.custom_tool_use',
+          );
+          throw invalidRequest(
+            known
+              ? `custom tool use ${id} already has a result`
+              : `custom_tool_use_id ${id} is not a custom tool use of this session`,
+          );
+        }
+        answeredHere.add(id);
+      }
+      if (event.type === 'user.tool_confirmation') {
+        throw invalidRequest(`tool use ${event.tool_use_id} is not waiting for confirmation`);
+      }
+      if (event.type === 'user.message' && pending.size > answeredHere.size) {
+        const waiting = [...pending].filter((id) => !answeredHere.has(id));
+        throw invalidRequest(
+          `the session is waiting for the results of custom tool uses ${waiting.join(', ')}; send user.custom_tool_result for each (or user.interrupt to cancel) before a new message`,
+        );
+      }
+    }
+  }
 
   app.get('/:id/events', async (context) => {
     const session = await loadSession(store, context.get('principal'), context.req.param('id'));
@@ -111,39 +154,23 @@ export function eventRoutes(dependencies: ApiDependencies) {
     const session = await loadSession(store, principal, context.req.param('id'));
     const input = await readBody(context, eventSend);
     const events = parseClientEvents(input.events);
-    if (session.status === 'terminated') throw invalidRequest(`session ${session.id} is terminated`);
-    if (session.archivedAt) throw invalidRequest(`session ${session.id} is archived`);
-    for (const event of events) {
-      if (event.type === 'user.custom_tool_result') {
-        const toolUse = await store.events.getEvent(session.id, event.custom_tool_use_id);
-        if (toolUse?.event.type !== 'agent.custom_tool_use') {
-          throw invalidRequest(
-            `custom_tool_use_id ${event.custom_tool_use_id} is not a custom tool use of this session`,
-          );
-        }
-        const answered = await store.events.read(session.id, {
-          afterSeq: toolUse.seq,
-          types: ['user.custom_tool_result'],
-          limit: Number.MAX_SAFE_INTEGER,
-        });
-        if (answered.some((stored) => stored.event.custom_tool_use_id === event.custom_tool_use_id)) {
-          throw invalidRequest(`custom tool use ${event.custom_tool_use_id} already has a result`);
-        }
-      }
-      if (event.type === 'user.tool_confirmation') {
-        throw invalidRequest(`tool use ${event.tool_use_id} is not waiting for confirmation`);
-      }
-    }
     const idempotencyKey = context.req.header('idempotency-key') || undefined;
     if (idempotencyKey !== undefined && idempotencyKey.length > 255) {
       throw invalidRequest('Idempotency-Key must be at most 255 characters');
     }
+    // A repeated send is answered as the first one was, before any check of the current state.
+    const repeated =
+      idempotencyKey === undefined
+        ? undefined
+        : await store.events.findByIdempotencyKey(session.id, idempotencyKey);
+    if (repeated) return context.json({ data: repeated.map((stored) => stored.event) });
+    if (session.status === 'terminated') throw invalidRequest(`session ${session.id} is terminated`);
+    if (session.archivedAt) throw invalidRequest(`session ${session.id} is archived`);
+    await checkAgainstLog(session.id, events);
     const result = await store.events.append(session.id, events as NewEvent[], { idempotencyKey });
     if (!result.duplicate) {
-      const committed = { session, events: result.events };
-      if (events.some((event) => event.type === 'user.interrupt'))
-        supervisor.interrupt(session.id, committed);
-      else supervisor.notify(session.id, committed);
+      // An interrupt needs nothing special here: the running wake sees it in the log.
+      supervisor.notify(session.id, { session, events: result.events });
     }
     return context.json({ data: result.events.map((stored) => stored.event) });
   });

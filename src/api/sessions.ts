@@ -12,6 +12,7 @@ import {
   readFlag,
   readOrder,
   readPageQuery,
+  readPositiveInteger,
 } from './context.js';
 import { sessionCreate, sessionUpdate } from './schemas.js';
 
@@ -150,7 +151,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     for (const status of requested ?? []) {
       if (!statuses.has(status as SessionStatus)) throw invalidRequest(`unknown session status "${status}"`);
     }
-    const agentVersionText = context.req.query('agent_version');
+
     const page = await resources.listSessions({
       tenantId: principal.tenantId,
       ownerId: principal.role === 'admin' ? undefined : principal.userId,
@@ -159,7 +160,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       includeArchived: readFlag(context, 'include_archived'),
       order: readOrder(context, 'desc'),
       agentId: context.req.query('agent_id') || undefined,
-      agentVersion: agentVersionText ? Number(agentVersionText) : undefined,
+      agentVersion: readPositiveInteger(context, 'agent_version'),
       statuses: requested as SessionStatus[] | undefined,
     });
     const data = await Promise.all(page.items.map((session) => presentSession(store, session)));

@@ -15,8 +15,6 @@ interface Actor {
   running: Promise<void>;
   /** Another wake was asked for while this one ran: run again when it ends. */
   again: boolean;
-  /** Aborts the current model call or tool run (interrupts). */
-  step: AbortController;
   failures: number;
 }
 
@@ -53,12 +51,6 @@ export class Supervisor {
     this.#start(sessionId, 0);
   }
 
-  /** Cancels the session's current model call or tool run; the harness then reads the interrupt. */
-  interrupt(sessionId: string, committed?: { session: SessionRecord; events: readonly StoredEvent[] }): void {
-    this.#actors.get(sessionId)?.step.abort(new Error('interrupted'));
-    this.notify(sessionId, committed);
-  }
-
   /** Wakes every session a previous process may have left mid-turn. */
   async recover(): Promise<number> {
     const sessions = await this.#store.resources.findSessionsByStatus(['running', 'rescheduling', 'idle']);
@@ -86,12 +78,11 @@ export class Supervisor {
   /** Stops taking work, interrupts steps in flight, and waits for every wake to end. */
   async shutdown(): Promise<void> {
     this.#shutdown.abort();
-    for (const actor of this.#actors.values()) actor.step.abort(new Error('shutting down'));
     await Promise.all([...this.#actors.values()].map((actor) => actor.running.catch(() => undefined)));
   }
 
   #start(sessionId: string, failures: number): void {
-    const actor: Actor = { running: Promise.resolve(), again: false, step: new AbortController(), failures };
+    const actor: Actor = { running: Promise.resolve(), again: false, failures };
     this.#actors.set(sessionId, actor);
     actor.running = this.#run(sessionId, actor);
   }
@@ -101,13 +92,7 @@ export class Supervisor {
     try {
       do {
         actor.again = false;
-        await this.#harness.wake(sessionId, {
-          stepSignal: () => {
-            if (actor.step.signal.aborted) actor.step = new AbortController();
-            return actor.step.signal;
-          },
-          shutdown: this.#shutdown.signal,
-        });
+        await this.#harness.wake(sessionId, { shutdown: this.#shutdown.signal });
       } while (actor.again && !this.#shutdown.signal.aborted);
     } catch (error) {
       if (isBerthError(error, 'stale_writer')) {

@@ -42,7 +42,18 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
     assistant = undefined;
     toolResults = undefined;
   };
+  const resultsSeen = new Set<string>();
+  const deferred: LanguageModelV3Message[] = [];
+  let requestOpen = false;
+  const flushDeferred = () => {
+    flush();
+    prompt.push(...deferred);
+    deferred.length = 0;
+  };
   const addResult = (toolCallId: string, content: unknown, isError: boolean) => {
+    // Providers reject two results for one call; the first one stored is the answer.
+    if (resultsSeen.has(toolCallId)) return;
+    resultsSeen.add(toolCallId);
     if (assistant) {
       prompt.push({ role: 'assistant', content: assistant });
       assistant = undefined;
@@ -59,12 +70,28 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
 
   for (const { event } of log) {
     switch (event.type) {
-      case 'user.message':
-        flush();
-        prompt.push({ role: 'user', content: [{ type: 'text', text: contentText(event.content) }] });
+      case 'user.message': {
+        const message: LanguageModelV3Message = {
+          role: 'user',
+          content: [{ type: 'text', text: contentText(event.content) }],
+        };
+        // Sent while a model request was open: that response did not see it, so it follows it.
+        if (requestOpen) {
+          deferred.push(message);
+          break;
+        }
+        flushDeferred();
+        prompt.push(message);
         break;
+      }
       case 'span.model_request_start':
-        flush();
+        flushDeferred();
+        requestOpen = true;
+        break;
+      case 'span.model_request_end':
+        // Messages that came in during the request go after its tool results, which must
+        // directly follow the tool calls.
+        requestOpen = false;
         break;
       case 'agent.message':
         if (toolResults) flush();
@@ -97,6 +124,6 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
         break;
     }
   }
-  flush();
+  flushDeferred();
   return prompt;
 }

@@ -36,9 +36,10 @@ export interface SessionToolbox {
 
 /** Per-wake controls from the supervisor. */
 export interface WakeControl {
-  /** A fresh signal for the next model call or tool run; aborted when an interrupt arrives. */
-  stepSignal(): AbortSignal;
-  /** Aborted when the process is shutting down: the wake stops between steps. */
+  /**
+   * Aborted when the process is shutting down: the step in flight is cancelled and left open
+   * in the log (the next wake, here or elsewhere, finishes it).
+   */
   shutdown: AbortSignal;
 }
 
@@ -135,15 +136,61 @@ export function createHarness(dependencies: HarnessDependencies) {
   }
 
   async function wake(sessionId: string, control: WakeControl): Promise<void> {
+    // Interrupts come from the log: a committed `user.interrupt` aborts the step in flight.
+    // Subscribing before the first read means none can slip in between.
+    let step = new AbortController();
+    let newestInterrupt = 0;
+    const unsubscribe = store.events.subscribe(sessionId, (events) => {
+      for (const stored of events) {
+        if (stored.event.type !== 'user.interrupt') continue;
+        newestInterrupt = Math.max(newestInterrupt, stored.seq);
+        step.abort(new Error('interrupted by the user'));
+      }
+    });
+    const onShutdown = () => step.abort(new Error('shutting down'));
+    control.shutdown.addEventListener('abort', onShutdown);
+    /** A signal for the next step; already aborted if input it must not ignore has arrived. */
+    const stepSignal = (log: readonly StoredEvent[]) => {
+      step = new AbortController();
+      if (control.shutdown.aborted || newestInterrupt > headOf(log)) step.abort(new Error('interrupted'));
+      return step.signal;
+    };
+    try {
+      await runWake(sessionId, control, stepSignal);
+    } catch (error) {
+      // Whatever the wake appended before failing is not in the cache: start over from the store.
+      cache.delete(sessionId);
+      throw error;
+    } finally {
+      unsubscribe();
+      control.shutdown.removeEventListener('abort', onShutdown);
+    }
+  }
+
+  async function runWake(
+    sessionId: string,
+    control: WakeControl,
+    stepSignal: (log: readonly StoredEvent[]) => AbortSignal,
+  ): Promise<void> {
     const loaded = await load(sessionId);
     if (!loaded) return;
     const { session } = loaded;
     const writer = await writerFor(sessionId);
-    const append = async (events: NewEvent[]) => {
+    const append = async (events: NewEvent[], expectedHeadSeq?: number) => {
       try {
-        return await store.events.append(sessionId, events, { writer });
+        return (await store.events.append(sessionId, events, { writer, expectedHeadSeq })).events;
       } catch (error) {
         if (isBerthError(error, 'stale_writer')) writers.delete(sessionId);
+        throw error;
+      }
+    };
+    // Ending a turn is conditional on the log not having grown since the decision: input that
+    // arrived meanwhile (a message, a tool result) is never left behind an idle.
+    const appendIfUnchanged = async (events: NewEvent[], log: readonly StoredEvent[]) => {
+      try {
+        return await append(events, headOf(log));
+      } catch (error) {
+        if (isBerthError(error, 'head_moved')) return [];
         throw error;
       }
     };
@@ -151,71 +198,89 @@ export function createHarness(dependencies: HarnessDependencies) {
     const toolbox = dependencies.toolboxFor(session);
     // Tool uses this wake wrote itself; any other open tool use was left by a dead process.
     const startedHere = new Set<string>();
+    const model = (log: readonly StoredEvent[], leading: NewEvent[] = []) =>
+      callModel({
+        session,
+        agent,
+        toolbox,
+        log,
+        append,
+        signal: stepSignal(log),
+        control,
+        startedHere,
+        leading,
+      });
 
     let log = loaded.log;
     while (!control.shutdown.aborted) {
-      const step = decideNextStep(log);
+      const next = decideNextStep(log);
       let appended: StoredEvent[] = [];
-      switch (step.kind) {
+      switch (next.kind) {
         case 'none':
           return;
         case 'start_turn':
           // A new turn always calls the model next: one commit for both events.
-          appended = await callModel(session, agent, toolbox, log, append, control, startedHere, [
-            { type: 'session.status_running' },
-          ]);
+          appended = await model(log, [{ type: 'session.status_running' }]);
           break;
         case 'end_turn':
-          appended = (await append([idleEvent({ type: 'end_turn' })])).events;
+          appended = await appendIfUnchanged([idleEvent({ type: 'end_turn' })], log);
           break;
         case 'await_client':
-          appended = (await append([idleEvent({ type: 'requires_action', event_ids: step.eventIds })]))
-            .events;
+          appended = await appendIfUnchanged(
+            [idleEvent({ type: 'requires_action', event_ids: next.eventIds })],
+            log,
+          );
           break;
         case 'interrupted':
-          appended = (
-            await append([
-              ...step.openToolUses.map((toolUse) =>
+          appended = await appendIfUnchanged(
+            [
+              ...next.openToolUses.map((toolUse) =>
                 resultEvent(toolUse, {
                   content: 'Interrupted by the user before this tool finished.',
                   isError: true,
                 }),
               ),
               idleEvent({ type: 'end_turn' }),
-            ])
-          ).events;
+            ],
+            log,
+          );
           break;
         case 'run_tools': {
-          const toolUse = step.toolUses[0]!;
-          const outcome = await runTool(toolbox, toolUse, startedHere.has(toolUse.event.id), control);
-          appended = (await append([resultEvent(toolUse, outcome)])).events;
+          const toolUse = next.toolUses[0]!;
+          const outcome = await runTool(toolbox, toolUse, startedHere.has(toolUse.event.id), stepSignal(log));
+          // On shutdown the tool was killed: leave it open for the crash rule of the next wake.
+          if (control.shutdown.aborted) return;
+          appended = await append([resultEvent(toolUse, outcome)]);
           break;
         }
         case 'call_model':
-          if (step.failures >= maxRetries) {
-            appended = (
-              await append([
+          if (next.failures >= maxRetries) {
+            appended = await appendIfUnchanged(
+              [
                 {
                   type: 'session.error',
                   error: {
                     type: 'model_request_failed_error',
-                    message: `The model request failed ${step.failures} times in a row; giving up on this turn.`,
+                    message: `The model request failed ${next.failures} times in a row; giving up on this turn.`,
                     retry_status: { type: 'exhausted' },
                   },
                 },
                 idleEvent({ type: 'retries_exhausted' }),
-              ])
-            ).events;
+              ],
+              log,
+            );
             break;
           }
-          if (step.failures > 0) await sleep(retryBaseDelayMs * 2 ** (step.failures - 1), control.shutdown);
-          appended = await callModel(session, agent, toolbox, log, append, control, startedHere);
+          if (next.failures > 0) await sleep(retryBaseDelayMs * 2 ** (next.failures - 1), stepSignal(log));
+          appended = await model(log);
           break;
       }
       // Re-read the tail rather than trusting `appended`: client events (an interrupt, a
       // custom tool result) may have landed in between.
-      const afterSeq = log.length > 0 ? log[log.length - 1]!.seq : 0;
-      const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
+      const tail = await store.events.read(sessionId, {
+        afterSeq: headOf(log),
+        limit: Number.MAX_SAFE_INTEGER,
+      });
       if (tail.length === 0 && appended.length === 0) return;
       log = log.concat(tail);
       remember(sessionId, session, log);
@@ -226,14 +291,14 @@ export function createHarness(dependencies: HarnessDependencies) {
     toolbox: SessionToolbox,
     toolUse: StoredEvent,
     startedHere: boolean,
-    control: WakeControl,
+    signal: AbortSignal,
   ): Promise<ToolOutcome> {
     const name = toolUse.event.name as string;
     const tool = toolbox.tools.find((candidate) => candidate.name === name);
     if (!tool) return { content: `Unknown tool "${name}".`, isError: true };
     if (!startedHere && !tool.readOnly) return { content: RESTART_NOTICE, isError: true };
     try {
-      return await toolbox.execute(name, toolUse.event.input, { signal: control.stepSignal() });
+      return await toolbox.execute(name, toolUse.event.input, { signal });
     } catch (error) {
       // A sandbox that died is a tool error, never a dead session.
       const message = error instanceof Error ? error.message : String(error);
@@ -241,24 +306,25 @@ export function createHarness(dependencies: HarnessDependencies) {
     }
   }
 
-  async function callModel(
-    session: SessionRecord,
-    agent: PinnedAgent,
-    toolbox: SessionToolbox,
-    log: readonly StoredEvent[],
-    append: (events: NewEvent[]) => Promise<{ events: StoredEvent[] }>,
-    control: WakeControl,
-    startedHere: Set<string>,
-    leading: NewEvent[] = [],
-  ): Promise<StoredEvent[]> {
+  async function callModel(request: {
+    session: SessionRecord;
+    agent: PinnedAgent;
+    toolbox: SessionToolbox;
+    log: readonly StoredEvent[];
+    append: (events: NewEvent[]) => Promise<StoredEvent[]>;
+    signal: AbortSignal;
+    control: WakeControl;
+    startedHere: Set<string>;
+    leading: NewEvent[];
+  }): Promise<StoredEvent[]> {
+    const { session, agent, toolbox, log, append, control, startedHere } = request;
     const startId = newId('sevt');
     // The request starts while its start event commits: the model is not kept waiting on an
     // fsync. Should the process die before that commit, the log shows no request and the
     // next wake makes it again, exactly as if it had died a moment earlier.
-    const startCommitted = append([...leading, { id: startId, type: 'span.model_request_start' }]);
+    const startCommitted = append([...request.leading, { id: startId, type: 'span.model_request_start' }]);
     const cancel = new AbortController();
-    const stepSignal = control.stepSignal();
-    const signal = AbortSignal.any([stepSignal, cancel.signal]);
+    const signal = AbortSignal.any([request.signal, cancel.signal]);
     let start: StoredEvent[] = [];
     const messageId = newId('sevt');
     try {
@@ -269,32 +335,33 @@ export function createHarness(dependencies: HarnessDependencies) {
         description: tool.description,
         inputSchema: tool.inputSchema,
       }));
-      const request = model.doStream({ prompt: buildPrompt(agent.system, log), tools, abortSignal: signal });
-      request.then(undefined, () => undefined); // Awaited below; never an unhandled rejection.
+      const call = model.doStream({ prompt: buildPrompt(agent.system, log), tools, abortSignal: signal });
+      call.then(undefined, () => undefined); // Awaited below; never an unhandled rejection.
       try {
-        start = (await startCommitted).events;
+        start = await startCommitted;
       } catch (error) {
         cancel.abort(error);
         throw error;
       }
-      const { stream } = await request;
+      const { stream } = await call;
       const response = await collect(stream, session.id, messageId, signal);
       const events: NewEvent[] = [];
       if (response.reasoning) events.push({ type: 'agent.thinking' });
-      if (response.text)
+      if (response.text) {
         events.push({
           id: messageId,
           type: 'agent.message',
           content: [{ type: 'text', text: response.text }],
         });
-      for (const call of response.toolCalls) {
+      }
+      for (const toolCall of response.toolCalls) {
         const id = newId('sevt');
-        const custom = toolbox.tools.find((tool) => tool.name === call.toolName)?.kind === 'custom';
+        const custom = toolbox.tools.find((tool) => tool.name === toolCall.toolName)?.kind === 'custom';
         events.push({
           id,
           type: custom ? 'agent.custom_tool_use' : 'agent.tool_use',
-          name: call.toolName,
-          input: call.input,
+          name: toolCall.toolName,
+          input: toolCall.input,
         });
         startedHere.add(id);
       }
@@ -304,22 +371,22 @@ export function createHarness(dependencies: HarnessDependencies) {
         is_error: false,
         model_usage: usageOf(response.usage),
       });
-      return [...start, ...(await append(events)).events];
+      return [...start, ...(await append(events))];
     } catch (error) {
-      if (start.length === 0) start = (await startCommitted).events;
+      if (start.length === 0) start = await startCommitted;
       if (isBerthError(error, 'stale_writer')) throw error;
-      const interrupted = stepSignal.aborted;
-      const message = error instanceof Error ? error.message : String(error);
+      // On shutdown the request stays open in the log; the next wake makes it again.
+      if (control.shutdown.aborted) return start;
+      const interrupted = request.signal.aborted;
+      const terminal = isBerthError(error, 'invalid_request');
       const events: NewEvent[] = [];
       if (!interrupted) {
         events.push({
           type: 'session.error',
           error: {
-            type: isBerthError(error, 'invalid_request')
-              ? 'model_request_failed_error'
-              : 'model_request_failed_error',
-            message,
-            retry_status: { type: isBerthError(error, 'invalid_request') ? 'terminal' : 'retrying' },
+            type: 'model_request_failed_error',
+            message: error instanceof Error ? error.message : String(error),
+            retry_status: { type: terminal ? 'terminal' : 'retrying' },
           },
         });
       }
@@ -329,11 +396,9 @@ export function createHarness(dependencies: HarnessDependencies) {
         is_error: true,
         model_usage: usageOf(undefined),
       });
-      if (isBerthError(error, 'invalid_request')) {
-        // A configuration problem (unknown model, missing key) will not fix itself by retrying.
-        events.push(idleEvent({ type: 'retries_exhausted' }));
-      }
-      return [...start, ...(await append(events)).events];
+      // A configuration problem (unknown model, missing key) will not fix itself by retrying.
+      if (terminal && !interrupted) events.push(idleEvent({ type: 'retries_exhausted' }));
+      return [...start, ...(await append(events))];
     }
   }
 
@@ -430,10 +495,18 @@ function usageOf(usage: LanguageModelV3Usage | undefined) {
 
 function sleep(milliseconds: number, signal: AbortSignal): Promise<void> {
   return new Promise((resolve) => {
-    const timer = setTimeout(resolve, milliseconds);
-    signal.addEventListener('abort', () => {
+    if (signal.aborted) return resolve();
+    const done = () => {
       clearTimeout(timer);
+      signal.removeEventListener('abort', done);
       resolve();
-    });
+    };
+    const timer = setTimeout(done, milliseconds);
+    signal.addEventListener('abort', done);
   });
+}
+
+/** The seq of the newest event of a log, 0 for an empty one. */
+function headOf(log: readonly StoredEvent[]): number {
+  return log.length > 0 ? log[log.length - 1]!.seq : 0;
 }

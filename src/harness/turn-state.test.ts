@@ -145,4 +145,43 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
       decideNextStep(log(message, ['session.status_running'], idle, ['user.interrupt'], message)).kind,
     ).toBe('start_turn');
   });
+
+  it('calls the model again for a message that arrived while the last request was open', () => {
+    const step = decideNextStep(
+      log(
+        message,
+        ['session.status_running'],
+        ['span.model_request_start'],
+        message,
+        ['agent.message', { content: [] }],
+        ['span.model_request_end', { is_error: false }],
+      ),
+    );
+    expect(step).toEqual({ kind: 'call_model', failures: 0 });
+  });
+
+  it('honours an interrupt that arrived before the turn started running', () => {
+    expect(decideNextStep(log(message, ['user.interrupt']))).toEqual({
+      kind: 'interrupted',
+      openToolUses: [],
+    });
+  });
+
+  it('cancels an idle wait for custom tool results on interrupt', () => {
+    const step = decideNextStep(
+      log(
+        message,
+        ['session.status_running'],
+        ['span.model_request_start'],
+        ['agent.custom_tool_use', { name: 'lookup', input: {} }],
+        ['span.model_request_end', { is_error: false }],
+        ['session.status_idle', { stop_reason: { type: 'requires_action', event_ids: ['e4'] } }],
+        ['user.interrupt'],
+      ),
+    );
+    expect(step.kind).toBe('interrupted');
+    expect(step.kind === 'interrupted' && step.openToolUses.map((toolUse) => toolUse.event.id)).toEqual([
+      'e4',
+    ]);
+  });
 });

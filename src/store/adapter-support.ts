@@ -57,6 +57,13 @@ export function staleWriter(sessionId: string, token: number, newest: number): B
 }
 
 /** The error for an event id already stored by an earlier append. */
+/** The log grew past the head an append was conditioned on. */
+export function headMoved(sessionId: string, expected: number, actual: number): BerthError {
+  return new BerthError('head_moved', `session ${sessionId} log is at seq ${actual}, not ${expected}`, {
+    retryable: true,
+  });
+}
+
 export function eventIdTaken(cause?: unknown): BerthError {
   return new BerthError('conflict', 'an event id in this append is already used', { cause });
 }

@@ -43,6 +43,12 @@ export interface AppendOptions {
   writer?: WriterToken;
   /** Client-chosen key; a repeat returns the events first stored under it. */
   idempotencyKey?: string;
+  /**
+   * Compare-and-append: fails with `head_moved` (nothing written) unless the log's newest seq
+   * is exactly this. The harness uses it so a decision taken on the log (such as "the turn is
+   * over") cannot land after input it never saw.
+   */
+  expectedHeadSeq?: number;
 }
 
 export interface AppendResult {
@@ -81,6 +87,8 @@ export interface EventStore {
   read(sessionId: string, query?: ReadQuery): Promise<StoredEvent[]>;
   /** Finds one event by id. */
   getEvent(sessionId: string, eventId: string): Promise<StoredEvent | undefined>;
+  /** The events first stored under an idempotency key, or undefined when the key is unused. */
+  findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined>;
   /** The seq of the newest event, 0 when the log is empty. */
   headSeq(sessionId: string): Promise<number>;
   /** Live committed events of a session; returns the unsubscribe function. */

@@ -347,6 +347,36 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         ]);
       });
 
+      it('appends on condition of the head seq, and writes nothing once the log has moved on', async () => {
+        const sessionId = await newSession();
+        const writer = await store.events.acquireWriter(sessionId);
+        await store.events.append(sessionId, [userMessage('one')]);
+        await store.events.append(sessionId, [{ type: 'session.status_running' }], {
+          writer,
+          expectedHeadSeq: 1,
+        });
+        // A client event lands after the harness decided on a log ending at seq 2.
+        await store.events.append(sessionId, [userMessage('two')]);
+        const idle = { type: 'session.status_idle', stop_reason: { type: 'end_turn' } };
+        expect(
+          await rejectionCode(store.events.append(sessionId, [idle], { writer, expectedHeadSeq: 2 })),
+        ).toBe('head_moved');
+        expect(await store.events.headSeq(sessionId)).toBe(3);
+        expect((await store.resources.getSession(TENANT, sessionId))?.status).toBe('running');
+        await store.events.append(sessionId, [idle], { writer, expectedHeadSeq: 3 });
+        expect(await store.events.headSeq(sessionId)).toBe(4);
+      });
+
+      it('stores strings with NUL characters (binary tool output) without failing the append', async () => {
+        const sessionId = await newSession();
+        await store.events.append(sessionId, [
+          { type: 'agent.tool_result', tool_use_id: 'x', content: [{ type: 'text', text: 'a\u0000b' }] },
+        ]);
+        const [stored] = await store.events.read(sessionId);
+        // PostgreSQL text cannot hold NUL: that adapter stores U+FFFD in its place.
+        expect(['a\u0000b', 'a\ufffdb']).toContain((stored!.event.content as { text: string }[])[0]!.text);
+      });
+
       it('refuses a writer token of another session', async () => {
         const sessionId = await newSession();
         const otherSessionId = await newSession();

@@ -8,6 +8,7 @@ import {
   EventSubscribers,
   encodeCursor,
   eventIdTaken,
+  headMoved,
   prepareEvents,
   staleWriter,
   statusChangeOf,
@@ -132,6 +133,14 @@ async function inTransaction<T>(pool: pg.Pool, work: (client: pg.PoolClient) => 
   }
 }
 
+/**
+ * JSON text for a jsonb column. PostgreSQL text cannot hold NUL, so a NUL inside a string
+ * (a tool's binary output, say) becomes U+FFFD instead of failing the whole append.
+ */
+function toJsonb(value: unknown): string {
+  return JSON.stringify(value).replace(/(?<!\\)((?:\\\\)*)\\u0000/g, '$1\\ufffd');
+}
+
 interface EventRow {
   session_id: string;
   seq: string;
@@ -169,6 +178,16 @@ class PostgresEventStore implements EventStore {
       if (!result.duplicate) this.#subscribers.deliver(sessionId, result.events);
       return result;
     });
+  }
+
+  async findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined> {
+    const result = await this.#query<EventRow>(
+      `SELECT e.session_id, e.seq, e.body FROM ${this.#s}.idempotency_keys k
+       JOIN ${this.#s}.events e ON e.session_id = k.session_id AND e.seq >= k.first_seq AND e.seq < k.first_seq + k.count
+       WHERE k.session_id = $1 AND k.key = $2 ORDER BY e.seq`,
+      [sessionId, key],
+    );
+    return result.rows.length === 0 ? undefined : result.rows.map(storedEventOf);
   }
 
   async read(sessionId: string, query: ReadQuery = {}): Promise<StoredEvent[]> {
@@ -265,6 +284,7 @@ class PostgresEventStore implements EventStore {
              stop_reason = CASE WHEN $10::boolean THEN stop_reason ELSE $11::jsonb END
            WHERE session_id = $1
              AND ($2::bigint IS NULL OR writer_token = $2::bigint)
+             AND ($12::bigint IS NULL OR last_seq = $12::bigint)
              AND ($7::text IS NULL OR NOT EXISTS (
                SELECT 1 FROM ${s}.idempotency_keys k WHERE k.session_id = $1 AND k.key = $7::text))
            RETURNING last_seq - $3 AS base
@@ -283,12 +303,13 @@ class PostgresEventStore implements EventStore {
           events.length,
           events.map((event) => event.id),
           events.map((event) => event.type),
-          events.map((event) => JSON.stringify(event)),
+          events.map((event) => toJsonb(event)),
           key,
           change?.status ?? null,
           processedAt,
           change?.stopReason === undefined,
-          change?.stopReason == null ? null : JSON.stringify(change.stopReason),
+          change?.stopReason == null ? null : toJsonb(change.stopReason),
+          options?.expectedHeadSeq ?? null,
         ],
       );
       if (result.rows[0] !== undefined) base = Number(result.rows[0].base);
@@ -305,8 +326,8 @@ class PostgresEventStore implements EventStore {
       };
     }
     // Nothing was written; find out why, in the order the checks are documented.
-    const head = await this.#query<{ writer_token: string }>(
-      `SELECT writer_token FROM ${s}.session_heads WHERE session_id = $1`,
+    const head = await this.#query<{ writer_token: string; last_seq: string }>(
+      `SELECT writer_token, last_seq FROM ${s}.session_heads WHERE session_id = $1`,
       [sessionId],
     );
     const row = head.rows[0];
@@ -321,6 +342,10 @@ class PostgresEventStore implements EventStore {
        WHERE k.session_id = $1 AND k.key = $2 ORDER BY e.seq`,
       [sessionId, key],
     );
+    const expected = options?.expectedHeadSeq;
+    if (repeated.rows.length === 0 && expected !== undefined && Number(row.last_seq) !== expected) {
+      throw headMoved(sessionId, expected, Number(row.last_seq));
+    }
     if (repeated.rows.length === 0) {
       throw new BerthError('store_unavailable', `append to session ${sessionId} was not applied; retry`, {
         retryable: true,
@@ -485,7 +510,7 @@ class PostgresResourceStore implements ResourceStore {
       await client.query(
         `UPDATE ${s}.agents SET latest_version = $1, body = $2::jsonb, updated_at = $3, archived_at = $4
          WHERE id = $5 AND tenant_id = $6`,
-        [version, JSON.stringify(record.body), record.updatedAt, record.archivedAt, agentId, tenantId],
+        [version, toJsonb(record.body), record.updatedAt, record.archivedAt, agentId, tenantId],
       );
       await this.#insertAgentVersion(client, record, version);
     });
@@ -545,7 +570,7 @@ class PostgresResourceStore implements ResourceStore {
 
   async update(kind: ResourceKind, record: ResourceRecord): Promise<void> {
     const parameters = [
-      JSON.stringify(record.body),
+      toJsonb(record.body),
       record.updatedAt,
       record.archivedAt,
       record.id,
@@ -593,7 +618,7 @@ class PostgresResourceStore implements ResourceStore {
         [
           record.id,
           record.status,
-          record.stopReason === null ? null : JSON.stringify(record.stopReason),
+          record.stopReason === null ? null : toJsonb(record.stopReason),
           record.lastSeq,
           record.updatedAt,
         ],
@@ -704,7 +729,7 @@ class PostgresResourceStore implements ResourceStore {
       record.createdAt,
       record.updatedAt,
       record.archivedAt,
-      JSON.stringify(record.body),
+      toJsonb(record.body),
       ...Object.values(extra),
     ];
     try {
@@ -729,7 +754,7 @@ class PostgresResourceStore implements ResourceStore {
         record.createdAt,
         record.updatedAt,
         record.archivedAt,
-        JSON.stringify(record.body),
+        toJsonb(record.body),
       ],
     );
   }

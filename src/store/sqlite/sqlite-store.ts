@@ -8,6 +8,7 @@ import {
   EventSubscribers,
   encodeCursor,
   eventIdTaken,
+  headMoved,
   prepareEvents,
   staleWriter,
   statusChangeOf,
@@ -146,6 +147,8 @@ interface AppendStatements {
   advanceHead: Database.Statement;
   advanceHeadWithStatus: Database.Statement;
   headToken: Database.Statement;
+
+  headSeq: Database.Statement;
   insertEvent: Database.Statement;
   insertKey: Database.Statement;
 }
@@ -189,6 +192,7 @@ class SqliteEventStore implements EventStore {
          WHERE session_id = ? AND writer_token = coalesce(?, writer_token) RETURNING last_seq`,
       ),
       headToken: prepare('SELECT writer_token FROM session_heads WHERE session_id = ?'),
+      headSeq: prepare('SELECT last_seq FROM session_heads WHERE session_id = ?'),
       insertEvent: prepare(
         'INSERT INTO events (session_id, seq, id, type, processed_at, body) VALUES (?, ?, ?, ?, ?, ?)',
       ),
@@ -210,6 +214,17 @@ class SqliteEventStore implements EventStore {
         setImmediate(() => this.#flush());
       }
     });
+  }
+
+  async findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined> {
+    const used = this.#append.usedKey.get(sessionId, key) as { first_seq: number; count: number } | undefined;
+    if (used === undefined) return undefined;
+    const rows = this.#append.eventsInRange.all(
+      sessionId,
+      used.first_seq,
+      used.first_seq + used.count,
+    ) as EventRow[];
+    return rows.map(storedEventOf);
   }
 
   async read(sessionId: string, query: ReadQuery = {}): Promise<StoredEvent[]> {
@@ -363,6 +378,14 @@ class SqliteEventStore implements EventStore {
           used.first_seq + used.count,
         ) as EventRow[];
         return { events: rows.map(storedEventOf), duplicate: true };
+      }
+    }
+    if (options?.expectedHeadSeq !== undefined) {
+      // The batch runs in one transaction on this thread: nothing can append in between.
+      this.#checkHead(sessionId, token);
+      const current = statements.headSeq.get(sessionId) as { last_seq: number };
+      if (current.last_seq !== options.expectedHeadSeq) {
+        throw headMoved(sessionId, options.expectedHeadSeq, current.last_seq);
       }
     }
     const change = statusChangeOf(events);
