@@ -110,7 +110,7 @@ describe('harness turn behaviour', () => {
       berth.client.beta.sessions.events.send(sessionId, {
         events: [{ type: 'user.custom_tool_result', custom_tool_use_id: toolUse.event.id, content: [] }],
       }),
-    ).rejects.toThrow(/already has a result/);
+    ).rejects.toThrow(/not waiting for an answer any more/);
   });
 
   it('ends the turn with retries_exhausted after the model fails three times in a row', async () => {
@@ -186,7 +186,7 @@ describe('harness turn behaviour', () => {
     await say(sessionId, 'look it up');
     const paused = await waitFor(sessionId, lastIs('session.status_idle'));
     const toolUse = paused.find((stored) => stored.event.type === 'agent.custom_tool_use')!;
-    await expect(say(sessionId, 'never mind')).rejects.toThrow(/waiting for the results of custom tool uses/);
+    await expect(say(sessionId, 'never mind')).rejects.toThrow(/waiting for the client on/);
     await expect(
       berth.client.beta.sessions.events.send(sessionId, {
         events: [

@@ -2,7 +2,7 @@ import { Hono } from 'hono';
 import { type SSEStreamingApi, streamSSE } from 'hono/streaming';
 import { invalidRequest } from '../errors.js';
 import type { DeltaEvent } from '../harness/delta-bus.js';
-import { pendingCustomToolUses } from '../harness/turn-state.js';
+import { pendingClientActions } from '../harness/turn-state.js';
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
 import {
   type ApiDependencies,
@@ -58,42 +58,46 @@ export function eventRoutes(dependencies: ApiDependencies) {
   const app = new Hono<ApiEnvironment>();
 
   /**
-   * Checks a send against the session's log: custom tool results must answer an open custom
-   * tool use once; a new message cannot start a turn while custom tool results are awaited.
+   * Checks a send against the session's log: a custom tool result must answer an open custom
+   * tool use, a confirmation an unconfirmed `always_ask` tool use, each once; a new message
+   * cannot start a turn while the client still owes results or confirmations.
    */
   async function checkAgainstLog(sessionId: string, events: readonly ClientEvent[]) {
-    const needsLog = events.some((event) => event.type !== 'user.interrupt');
-    if (!needsLog) return;
+    if (events.every((event) => event.type === 'user.interrupt')) return;
     const relevant = await store.events.read(sessionId, {
-      types: ['agent.custom_tool_use', 'user.custom_tool_result', 'agent.tool_result'],
+      types: [
+        'agent.custom_tool_use',
+        'agent.tool_use',
+        'user.custom_tool_result',
+        'agent.tool_result',
+        'user.tool_confirmation',
+      ],
       limit: Number.MAX_SAFE_INTEGER,
     });
-    const pending = new Set(pendingCustomToolUses(relevant).map((stored) => stored.event.id));
+    const pending = new Map(
+      pendingClientActions(relevant).map((stored) => [stored.event.id, stored.event.type]),
+    );
     const answeredHere = new Set<string>();
-    for (const event of events) {
-      if (event.type === 'user.custom_tool_result') {
-        const id = event.custom_tool_use_id;
-        if (answeredHere.has(id))
-          throw invalidRequest(`custom tool use ${id} is answered twice in this request`);
-        if (!pending.has(id)) {
-          const known = relevant.some(
-            (stored) => stored.event.id === id && stored.event.type === 'agent.custom_tool_use',
-          );
-          throw invalidRequest(
-            known
-              ? `custom tool use ${id} already has a result`
-              : `custom_tool_use_id ${id} is not a custom tool use of this session`,
-          );
-        }
-        answeredHere.add(id);
-      }
-      if (event.type === 'user.tool_confirmation') {
-        throw invalidRequest(`tool use ${event.tool_use_id} is not waiting for confirmation`);
-      }
-      if (event.type === 'user.message' && pending.size > answeredHere.size) {
-        const waiting = [...pending].filter((id) => !answeredHere.has(id));
+    const answer = (id: string, expectedType: string, what: string) => {
+      if (answeredHere.has(id)) throw invalidRequest(`${what} ${id} is answered twice in this request`);
+      if (pending.get(id) !== expectedType) {
+        const known = relevant.some((stored) => stored.event.id === id && stored.event.type === expectedType);
         throw invalidRequest(
-          `the session is waiting for the results of custom tool uses ${waiting.join(', ')}; send user.custom_tool_result for each (or user.interrupt to cancel) before a new message`,
+          known
+            ? `${what} ${id} is not waiting for an answer any more`
+            : `${id} is not a ${what} of this session that awaits an answer`,
+        );
+      }
+      answeredHere.add(id);
+    };
+    for (const event of events) {
+      if (event.type === 'user.custom_tool_result')
+        answer(event.custom_tool_use_id, 'agent.custom_tool_use', 'custom tool use');
+      if (event.type === 'user.tool_confirmation') answer(event.tool_use_id, 'agent.tool_use', 'tool use');
+      if (event.type === 'user.message' && pending.size > answeredHere.size) {
+        const waiting = [...pending.keys()].filter((id) => !answeredHere.has(id));
+        throw invalidRequest(
+          `the session is waiting for the client on ${waiting.join(', ')} (user.custom_tool_result for custom tools, user.tool_confirmation for tools that ask first); answer each, or send user.interrupt to cancel, before a new message`,
         );
       }
     }

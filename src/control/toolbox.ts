@@ -8,8 +8,8 @@ interface AgentToolEntry {
   name?: string;
   description?: string;
   input_schema?: Record<string, unknown>;
-  configs?: { name: string; enabled: boolean }[];
-  default_config?: { enabled: boolean };
+  configs?: { name: string; enabled: boolean; permission_policy?: { type: string } }[];
+  default_config?: { enabled: boolean; permission_policy?: { type: string } };
 }
 
 /**
@@ -29,6 +29,11 @@ export function toolsOfAgent(agentTools: readonly AgentToolEntry[]): HarnessTool
           inputSchema: definition.inputSchema as Record<string, unknown>,
           kind: 'builtin',
           readOnly: definition.readOnly,
+          // `auto` (a model-evaluated policy upstream) runs like `always_allow` in Berth.
+          permission:
+            (config?.permission_policy ?? entry.default_config?.permission_policy)?.type === 'always_ask'
+              ? 'ask'
+              : 'allow',
         });
       }
     } else if (entry.type === 'custom') {
@@ -38,6 +43,7 @@ export function toolsOfAgent(agentTools: readonly AgentToolEntry[]): HarnessTool
         inputSchema: entry.input_schema ?? { type: 'object' },
         kind: 'custom',
         readOnly: false,
+        permission: 'allow',
       });
     }
   }

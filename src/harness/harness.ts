@@ -21,6 +21,8 @@ export interface HarnessTool {
   kind: 'builtin' | 'custom';
   /** Read-only tools are safe to re-run after a crash. */
   readOnly: boolean;
+  /** `ask`: the client must confirm each use (`always_ask`); built-in tools only. */
+  permission: 'allow' | 'ask';
 }
 
 export interface ToolOutcome {
@@ -218,9 +220,30 @@ export function createHarness(dependencies: HarnessDependencies) {
       switch (next.kind) {
         case 'none':
           return;
-        case 'start_turn':
-          // A new turn always calls the model next: one commit for both events.
-          appended = await model(log, [{ type: 'session.status_running' }]);
+        case 'start_turn': {
+          const running: NewEvent = { type: 'session.status_running' };
+          const then = decideNextStep([
+            ...log,
+            { sessionId, seq: headOf(log) + 1, event: { ...running, id: '', processed_at: '' } },
+          ]);
+          if (then.kind === 'call_model') {
+            // The usual case: one commit for the status and the model request start.
+            appended = await model(log, [running]);
+            break;
+          }
+          // Resuming confirmed tool uses: this wake starts the turn, so it is the first to run them.
+          appended = await append([running]);
+          if (then.kind === 'run_tools')
+            for (const toolUse of then.toolUses) startedHere.add(toolUse.event.id);
+          break;
+        }
+        case 'deny_tool':
+          appended = await append([
+            resultEvent(next.toolUse, {
+              content: `The user denied this tool call${next.message ? `: ${next.message}` : '.'}`,
+              isError: true,
+            }),
+          ]);
           break;
         case 'end_turn':
           appended = await appendIfUnchanged([idleEvent({ type: 'end_turn' })], log);
@@ -356,13 +379,20 @@ export function createHarness(dependencies: HarnessDependencies) {
       }
       for (const toolCall of response.toolCalls) {
         const id = newId('sevt');
-        const custom = toolbox.tools.find((tool) => tool.name === toolCall.toolName)?.kind === 'custom';
-        events.push({
-          id,
-          type: custom ? 'agent.custom_tool_use' : 'agent.tool_use',
-          name: toolCall.toolName,
-          input: toolCall.input,
-        });
+        const tool = toolbox.tools.find((candidate) => candidate.name === toolCall.toolName);
+        if (tool?.kind === 'custom') {
+          events.push({ id, type: 'agent.custom_tool_use', name: toolCall.toolName, input: toolCall.input });
+        } else {
+          const ask = tool?.permission === 'ask';
+          events.push({
+            id,
+            type: 'agent.tool_use',
+            name: toolCall.toolName,
+            input: toolCall.input,
+            evaluated_permission: ask ? 'ask' : 'allow',
+            evaluation: { type: ask ? 'always_ask' : 'always_allow' },
+          });
+        }
         startedHere.add(id);
       }
       events.push({

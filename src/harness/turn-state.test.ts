@@ -184,4 +184,38 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
       'e4',
     ]);
   });
+
+  it('waits for confirmation of an always_ask tool use, then runs it if allowed or denies it', () => {
+    const paused = log(
+      message,
+      ['session.status_running'],
+      ['span.model_request_start'],
+      ['agent.tool_use', { name: 'bash', input: {}, evaluated_permission: 'ask' }],
+      ['span.model_request_end', { is_error: false }],
+    );
+    expect(decideNextStep(paused)).toEqual({ kind: 'await_client', eventIds: ['e4'] });
+    const idleThenAllowed = [
+      ...paused,
+      ...log(idle, ['user.tool_confirmation', { tool_use_id: 'e4', result: 'allow' }]).map(
+        (stored, index) => ({
+          ...stored,
+          seq: paused.length + index + 1,
+          event: { ...stored.event, id: `c${index}` },
+        }),
+      ),
+    ];
+    expect(decideNextStep(idleThenAllowed).kind).toBe('start_turn');
+    const resumed = [
+      ...idleThenAllowed,
+      { sessionId: 's', seq: 99, event: { id: 'r', type: 'session.status_running', processed_at: '' } },
+    ];
+    const run = decideNextStep(resumed);
+    expect(run.kind === 'run_tools' && run.toolUses.map((toolUse) => toolUse.event.id)).toEqual(['e4']);
+    const denied = resumed.map((stored) =>
+      stored.event.type === 'user.tool_confirmation'
+        ? { ...stored, event: { ...stored.event, result: 'deny', deny_message: 'no' } }
+        : stored,
+    );
+    expect(decideNextStep(denied)).toMatchObject({ kind: 'deny_tool', message: 'no' });
+  });
 });

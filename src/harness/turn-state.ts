@@ -9,9 +9,11 @@ export type NextStep =
   | { kind: 'none' }
   /** A turn must start: mark the session running. */
   | { kind: 'start_turn' }
-  /** Built-in tool uses have no result yet (run them in order). */
+  /** Built-in tool uses have no result yet (run the first; the rest follow in order). */
   | { kind: 'run_tools'; toolUses: StoredEvent[] }
-  /** Custom tool uses wait for the client's results. */
+  /** The client denied an `always_ask` tool use: its result is the denial, the tool never runs. */
+  | { kind: 'deny_tool'; toolUse: StoredEvent; message: string | null }
+  /** Custom tool results or `always_ask` confirmations are awaited from the client. */
   | { kind: 'await_client'; eventIds: string[] }
   /** The model must be called with the log so far; `failures` counts failed calls in a row. */
   | { kind: 'call_model'; failures: number }
@@ -37,11 +39,38 @@ function answeredToolUseId(stored: StoredEvent): string | undefined {
   }
 }
 
-/** Custom tool uses in the log that no result (client result or closing error) answers yet. */
-export function pendingCustomToolUses(log: readonly StoredEvent[]): StoredEvent[] {
+/** The client's answer to an `always_ask` tool use, by tool use id. */
+function confirmationsOf(
+  log: readonly StoredEvent[],
+): Map<string, { allow: boolean; denyMessage: string | null }> {
+  const confirmations = new Map<string, { allow: boolean; denyMessage: string | null }>();
+  for (const { event } of log) {
+    if (event.type !== 'user.tool_confirmation') continue;
+    const id = event.tool_use_id as string;
+    if (!confirmations.has(id)) {
+      confirmations.set(id, {
+        allow: event.result === 'allow',
+        denyMessage: (event.deny_message as string | null) ?? null,
+      });
+    }
+  }
+  return confirmations;
+}
+
+/**
+ * What the client still owes the session: custom tool uses without a result, and
+ * `always_ask` tool uses without a confirmation (and without a result).
+ */
+export function pendingClientActions(log: readonly StoredEvent[]): StoredEvent[] {
   const answered = answeredIds(log);
+  const confirmations = confirmationsOf(log);
   return log.filter(
-    (stored) => stored.event.type === 'agent.custom_tool_use' && !answered.has(stored.event.id),
+    (stored) =>
+      !answered.has(stored.event.id) &&
+      (stored.event.type === 'agent.custom_tool_use' ||
+        (stored.event.type === 'agent.tool_use' &&
+          stored.event.evaluated_permission === 'ask' &&
+          !confirmations.has(stored.event.id))),
   );
 }
 
@@ -54,16 +83,18 @@ function answeredIds(log: readonly StoredEvent[]): Set<string> {
   return answered;
 }
 
-const inputTypes = new Set(['user.message', 'user.custom_tool_result']);
+const inputTypes = new Set(['user.message', 'user.custom_tool_result', 'user.tool_confirmation']);
 const resultTypes = new Set(['agent.tool_result', 'agent.mcp_tool_result', 'user.custom_tool_result']);
 
 /**
  * Decides the next step from the session's log. Rules, in order:
- * - a turn opens with the first input (`user.message`, `user.custom_tool_result`) after the
- *   newest `session.status_idle` and lasts until the next idle;
+ * - a turn opens with the first input (`user.message`, `user.custom_tool_result`,
+ *   `user.tool_confirmation`) after the newest `session.status_idle` and lasts until the next
+ *   idle; while the client still owes results or confirmations, no turn starts;
  * - an interrupt after that first input ends the turn (before or after it started running);
- *   while idle and waiting on custom tool results, an interrupt cancels the wait;
- * - tool uses without results are run (built-in) or awaited (custom);
+ *   while idle and waiting on the client, an interrupt cancels the wait;
+ * - tool uses without results are run in order (`always_ask` ones once allowed; a denied one
+ *   gets the denial as its result), or awaited (custom tools, unconfirmed `always_ask`);
  * - a model request that started but never ended is retried, and so is one that failed;
  * - input that arrived after the newest model request started (a message sent while the
  *   model was writing, tool results) needs another model call;
@@ -81,17 +112,16 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
   }
   const sinceIdle = log.slice(lastIdle + 1);
   const answered = answeredIds(log);
+  const confirmations = confirmationsOf(log);
   const firstInput = sinceIdle.findIndex((stored) => inputTypes.has(stored.event.type));
   const interrupted =
     firstInput >= 0 && sinceIdle.slice(firstInput).some((stored) => stored.event.type === 'user.interrupt');
   const running = sinceIdle.some((stored) => stored.event.type === 'session.status_running');
+  const waiting = pendingClientActions(log);
 
   if (!running) {
-    const waiting = log.filter(
-      (stored) => stored.event.type === 'agent.custom_tool_use' && !answered.has(stored.event.id),
-    );
     if (waiting.length > 0) {
-      // A turn waiting on several custom tool results starts only when all have arrived.
+      // A turn waiting on several client answers starts only when all have arrived.
       const cancelled = sinceIdle.some((stored) => stored.event.type === 'user.interrupt');
       return cancelled ? { kind: 'interrupted', openToolUses: waiting } : { kind: 'none' };
     }
@@ -99,16 +129,20 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
     return interrupted ? { kind: 'interrupted', openToolUses: [] } : { kind: 'start_turn' };
   }
 
-  const open = sinceIdle.filter(
-    (stored) => toolUseTypes.has(stored.event.type) && !answered.has(stored.event.id),
-  );
+  // Open tool uses of the whole log: those of a turn paused for confirmation came before its idle.
+  const open = log.filter((stored) => toolUseTypes.has(stored.event.type) && !answered.has(stored.event.id));
   if (interrupted) return { kind: 'interrupted', openToolUses: open };
 
   const openBuiltin = open.filter((stored) => stored.event.type === 'agent.tool_use');
-  if (openBuiltin.length > 0) return { kind: 'run_tools', toolUses: openBuiltin };
-  const openCustom = open.filter((stored) => stored.event.type === 'agent.custom_tool_use');
-  if (openCustom.length > 0)
-    return { kind: 'await_client', eventIds: openCustom.map((stored) => stored.event.id) };
+  const first = openBuiltin[0];
+  if (first && (first.event.evaluated_permission !== 'ask' || confirmations.has(first.event.id))) {
+    const confirmation = confirmations.get(first.event.id);
+    if (confirmation && !confirmation.allow) {
+      return { kind: 'deny_tool', toolUse: first, message: confirmation.denyMessage };
+    }
+    return { kind: 'run_tools', toolUses: openBuiltin };
+  }
+  if (waiting.length > 0) return { kind: 'await_client', eventIds: waiting.map((stored) => stored.event.id) };
 
   // The newest model request, and whether it ended.
   let lastStart = -1;

@@ -1,0 +1,140 @@
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createModelRegistry } from '../src/models/provider-registry.js';
+import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+
+type StreamEvent = { type: string; id: string; [field: string]: unknown };
+
+/** `always_ask` tools pause for `user.tool_confirmation`, driven by the official SDK. */
+describe('tool permission policies through the official SDK', () => {
+  let berth: TestBerth;
+  let agentId: string;
+  let environmentId: string;
+
+  beforeAll(async () => {
+    berth = await startTestBerth({
+      models: createModelRegistry({
+        environment: {},
+        scriptedScripts: {
+          'ask-bash': {
+            name: 'ask-bash',
+            steps: [
+              { toolCalls: [{ toolName: 'bash', input: { command: 'echo ran > proof.txt && echo done' } }] },
+              { text: 'Tool said: {{last_tool_result}}' },
+            ],
+          },
+        },
+      }),
+    });
+    const agent = await berth.client.beta.agents.create({
+      name: 'careful',
+      model: 'scripted/ask-bash',
+      tools: [
+        {
+          type: 'agent_toolset_20260401',
+          configs: [{ name: 'bash', permission_policy: { type: 'always_ask' } }],
+        },
+      ],
+    });
+    agentId = agent.id;
+    expect(agent.tools[0]).toMatchObject({
+      configs: expect.arrayContaining([
+        expect.objectContaining({ name: 'bash', permission_policy: { type: 'always_ask' } }),
+      ]),
+    });
+    environmentId = (await berth.client.beta.environments.create({ name: 'careful' })).id;
+  });
+  afterAll(async () => berth?.dispose());
+
+  /** Sends events and collects the stream until the session goes idle. */
+  async function sendAndWaitIdle(
+    sessionId: string,
+    events: Parameters<TestBerth['client']['beta']['sessions']['events']['send']>[1]['events'],
+  ) {
+    const stream = await berth.client.beta.sessions.events.stream(sessionId);
+    await berth.client.beta.sessions.events.send(sessionId, { events });
+    const seen: StreamEvent[] = [];
+    for await (const event of stream) {
+      seen.push(event as unknown as StreamEvent);
+      if (event.type === 'session.status_idle') break;
+    }
+    return seen;
+  }
+
+  async function pausedSession() {
+    const session = await berth.client.beta.sessions.create({
+      agent: agentId,
+      environment_id: environmentId,
+    });
+    const seen = await sendAndWaitIdle(session.id, [
+      { type: 'user.message', content: [{ type: 'text', text: 'make proof' }] },
+    ]);
+    const toolUse = seen.find((event) => event.type === 'agent.tool_use')!;
+    const idle = seen[seen.length - 1]!;
+    return {
+      sessionId: session.id,
+      toolUse,
+      idle,
+      proof: join(berth.dataDir, 'sessions', session.id, 'workspace', 'proof.txt'),
+    };
+  }
+
+  it('pauses before running an always_ask tool and runs it once the client allows', async () => {
+    const { sessionId, toolUse, idle, proof } = await pausedSession();
+    expect(toolUse.evaluated_permission).toBe('ask');
+    expect(toolUse.evaluation).toEqual({ type: 'always_ask' });
+    expect(idle.stop_reason).toEqual({ type: 'requires_action', event_ids: [toolUse.id] });
+    expect(existsSync(proof)).toBe(false);
+    await expect(
+      berth.client.beta.sessions.events.send(sessionId, {
+        events: [{ type: 'user.message', content: [{ type: 'text', text: 'hurry up' }] }],
+      }),
+    ).rejects.toThrow(/waiting for the client/);
+
+    const seen = await sendAndWaitIdle(sessionId, [
+      { type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow' },
+    ]);
+    const result = seen.find((event) => event.type === 'agent.tool_result')!;
+    expect(result.tool_use_id).toBe(toolUse.id);
+    expect(result.is_error).toBe(false);
+    expect(existsSync(proof)).toBe(true);
+    expect(JSON.stringify(seen.find((event) => event.type === 'agent.message')?.content)).toContain(
+      'Tool said: done',
+    );
+    expect(seen[seen.length - 1]!.stop_reason).toEqual({ type: 'end_turn' });
+    // A second confirmation for the same tool use is refused.
+    await expect(
+      berth.client.beta.sessions.events.send(sessionId, {
+        events: [{ type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow' }],
+      }),
+    ).rejects.toThrow(/not waiting/);
+  });
+
+  it('never runs a denied tool and shows the model the denial message', async () => {
+    const { sessionId, toolUse, proof } = await pausedSession();
+    const seen = await sendAndWaitIdle(sessionId, [
+      {
+        type: 'user.tool_confirmation',
+        tool_use_id: toolUse.id,
+        result: 'deny',
+        deny_message: 'not in production',
+      },
+    ]);
+    const result = seen.find((event) => event.type === 'agent.tool_result')!;
+    expect(result.is_error).toBe(true);
+    expect(JSON.stringify(result.content)).toContain('not in production');
+    expect(existsSync(proof)).toBe(false);
+    expect(seen[seen.length - 1]!.stop_reason).toEqual({ type: 'end_turn' });
+  });
+
+  it('cancels a pending confirmation on user.interrupt', async () => {
+    const { sessionId, toolUse, proof } = await pausedSession();
+    const seen = await sendAndWaitIdle(sessionId, [{ type: 'user.interrupt' }]);
+    const result = seen.find((event) => event.type === 'agent.tool_result')!;
+    expect(result.tool_use_id).toBe(toolUse.id);
+    expect(result.is_error).toBe(true);
+    expect(existsSync(proof)).toBe(false);
+    expect(seen[seen.length - 1]!.stop_reason).toEqual({ type: 'end_turn' });
+  });
+});
