@@ -19,7 +19,7 @@ const scripts: Record<string, Script> = {
   'slow-bash': {
     name: 'slow-bash',
     steps: [
-      { toolCalls: [{ toolName: 'bash', input: { command: 'sleep 31.5; echo never' } }] },
+      { toolCalls: [{ toolName: 'bash', input: { command: 'sleep 60.5; echo never' } }] },
       { text: 'done' },
     ],
   },
@@ -135,19 +135,19 @@ describe('harness turn behaviour', () => {
     expect(log[log.length - 1]!.event.stop_reason).toEqual({ type: 'retries_exhausted' });
   });
 
-  it('stops a running command promptly on user.interrupt and kills it', async () => {
+  it('returns to idle within 1 s when interrupted during sleep 60 in bash, and kills the command', async () => {
     const sessionId = await newSession('scripted/slow-bash');
     await say(sessionId, 'run it');
     await waitFor(sessionId, (log) => log.some((stored) => stored.event.type === 'agent.tool_use'));
-    await waitFor(sessionId, () => hostProcessesMatching('sleep 31.5').length > 0);
+    await waitFor(sessionId, () => hostProcessesMatching('sleep 60.5').length > 0);
     const started = Date.now();
     await berth.client.beta.sessions.events.send(sessionId, { events: [{ type: 'user.interrupt' }] });
     const log = await waitFor(sessionId, lastIs('session.status_idle'), 5_000);
-    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(Date.now() - started).toBeLessThan(1_000);
     const result = log.find((stored) => stored.event.type === 'agent.tool_result')!;
     expect(result.event.is_error).toBe(true);
     expect(log.some((stored) => stored.event.type === 'agent.message')).toBe(false);
-    await waitFor(sessionId, () => hostProcessesMatching('sleep 31.5').length === 0, 3_000);
+    await waitFor(sessionId, () => hostProcessesMatching('sleep 60.5').length === 0, 3_000);
   });
 
   it('cancels a model call in flight on user.interrupt', async () => {
@@ -157,7 +157,7 @@ describe('harness turn behaviour', () => {
     const started = Date.now();
     await berth.client.beta.sessions.events.send(sessionId, { events: [{ type: 'user.interrupt' }] });
     const log = await waitFor(sessionId, lastIs('session.status_idle'), 5_000);
-    expect(Date.now() - started).toBeLessThan(2_000);
+    expect(Date.now() - started).toBeLessThan(1_000);
     expect(log.some((stored) => stored.event.type === 'agent.message')).toBe(false);
     expect(log[log.length - 1]!.event.stop_reason).toEqual({ type: 'end_turn' });
   });
