@@ -10,6 +10,7 @@ import type { NewEvent, StoredEvent, WriterToken } from '../store/event-store.js
 import type { SessionRecord, Store } from '../store/resource-store.js';
 import { buildPrompt } from './context.js';
 import type { DeltaBus } from './delta-bus.js';
+import { selectTools, TOOL_SELECTION_THRESHOLD } from './tool-selection.js';
 import { decideNextStep } from './turn-state.js';
 
 /** A tool the model may call, as the harness offers it. */
@@ -352,7 +353,14 @@ export function createHarness(dependencies: HarnessDependencies) {
     const messageId = newId('sevt');
     try {
       const model = models.resolve(agent.model.id);
-      const tools: LanguageModelV3FunctionTool[] = toolbox.tools.map((tool) => ({
+      // Built-in tools always go along; many custom or MCP tools are narrowed by tool search.
+      const builtin = toolbox.tools.filter((tool) => tool.kind === 'builtin');
+      const others = toolbox.tools.filter((tool) => tool.kind !== 'builtin');
+      const offered =
+        toolbox.tools.length > TOOL_SELECTION_THRESHOLD
+          ? [...builtin, ...selectTools(others, log)]
+          : toolbox.tools;
+      const tools: LanguageModelV3FunctionTool[] = offered.map((tool) => ({
         type: 'function',
         name: tool.name,
         description: tool.description,
