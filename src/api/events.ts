@@ -68,6 +68,8 @@ export function eventRoutes(dependencies: ApiDependencies) {
       types: [
         'agent.custom_tool_use',
         'agent.tool_use',
+        'agent.mcp_tool_use',
+        'agent.mcp_tool_result',
         'user.custom_tool_result',
         'agent.tool_result',
         'user.tool_confirmation',
@@ -93,7 +95,11 @@ export function eventRoutes(dependencies: ApiDependencies) {
     for (const event of events) {
       if (event.type === 'user.custom_tool_result')
         answer(event.custom_tool_use_id, 'agent.custom_tool_use', 'custom tool use');
-      if (event.type === 'user.tool_confirmation') answer(event.tool_use_id, 'agent.tool_use', 'tool use');
+      if (event.type === 'user.tool_confirmation') {
+        const type =
+          pending.get(event.tool_use_id) === 'agent.mcp_tool_use' ? 'agent.mcp_tool_use' : 'agent.tool_use';
+        answer(event.tool_use_id, type, 'tool use');
+      }
       if (event.type === 'user.message' && pending.size > answeredHere.size) {
         const waiting = [...pending.keys()].filter((id) => !answeredHere.has(id));
         throw invalidRequest(

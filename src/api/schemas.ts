@@ -116,9 +116,26 @@ const modelConfig = z.union([
     .strict(),
 ]);
 
-const mcpServer = z
-  .object({ name: z.string().min(1), type: z.literal('url'), url: z.string().url() })
-  .strict();
+const mcpServerName = z
+  .string()
+  .regex(/^[a-zA-Z0-9_-]{1,32}$/, 'MCP server names are 1-32 characters of letters, digits, _ and -');
+
+/**
+ * MCP servers: `url` (streamable HTTP, as in the official API) or Berth's `stdio`, a command
+ * started inside the session's sandbox.
+ */
+const mcpServer = z.discriminatedUnion('type', [
+  z.object({ name: mcpServerName, type: z.literal('url'), url: z.string().url() }).strict(),
+  z
+    .object({
+      name: mcpServerName,
+      type: z.literal('stdio'),
+      command: z.string().min(1),
+      args: z.array(z.string()).max(64).optional(),
+      env: z.record(z.string().regex(/^[A-Za-z_][A-Za-z0-9_]*$/), z.string()).optional(),
+    })
+    .strict(),
+]);
 const skill = z
   .object({
     type: z.enum(['anthropic', 'custom']),

@@ -56,7 +56,7 @@ export function createToolbox(session: SessionRecord, sandboxes: SandboxManager)
   const tools = toolsOfAgent(agent.tools ?? []);
   const access = sandboxes.access(session);
   return {
-    tools,
+    listTools: async () => tools,
     async execute(name, input, options) {
       const handle = await access.get();
       const driver = sandboxes.driverOf(session.id);

@@ -18,6 +18,21 @@ export function contentText(content: unknown): string {
     .join('');
 }
 
+/**
+ * The name the model knows a tool use by: the tool's name, or `<server>__<tool>` for an MCP
+ * tool (names must be unique across servers and match providers' `[a-zA-Z0-9_-]{1,64}`).
+ */
+export function modelToolName(event: { type: string; name?: unknown; mcp_server_name?: unknown }): string {
+  if (event.type === 'agent.mcp_tool_use')
+    return mcpModelToolName(String(event.mcp_server_name), String(event.name));
+  return String(event.name);
+}
+
+/** The model-facing name of an MCP server's tool. */
+export function mcpModelToolName(serverName: string, toolName: string): string {
+  return `${serverName}__${toolName}`.replace(/[^a-zA-Z0-9_-]/g, '_').slice(0, 64);
+}
+
 type AssistantPart =
   | LanguageModelV3ToolCallPart
   | { type: 'text'; text: string }
@@ -103,11 +118,11 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
       case 'agent.mcp_tool_use':
         if (toolResults) flush();
         assistant ??= [];
-        toolNames.set(event.id, event.name as string);
+        toolNames.set(event.id, modelToolName(event));
         assistant.push({
           type: 'tool-call',
           toolCallId: event.id,
-          toolName: event.name as string,
+          toolName: modelToolName(event),
           input: event.input,
         });
         break;

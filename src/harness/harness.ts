@@ -8,7 +8,7 @@ import { newId } from '../ids.js';
 import type { ModelRegistry } from '../models/model-registry.js';
 import type { NewEvent, StoredEvent, WriterToken } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
-import { buildPrompt } from './context.js';
+import { buildPrompt, modelToolName } from './context.js';
 import type { DeltaBus } from './delta-bus.js';
 import { selectTools, TOOL_SELECTION_THRESHOLD } from './tool-selection.js';
 import { decideNextStep } from './turn-state.js';
@@ -18,8 +18,10 @@ export interface HarnessTool {
   name: string;
   description: string;
   inputSchema: Record<string, unknown>;
-  /** `builtin` runs in the sandbox; `custom` is run by the client. */
-  kind: 'builtin' | 'custom';
+  /** `builtin` runs in the sandbox; `custom` is run by the client; `mcp` by an MCP server. */
+  kind: 'builtin' | 'custom' | 'mcp';
+  /** For `mcp` tools: the server, and the tool's own name there (`name` is what the model sees). */
+  mcp?: { serverName: string; toolName: string };
   /** Read-only tools are safe to re-run after a crash. */
   readOnly: boolean;
   /** `ask`: the client must confirm each use (`always_ask`); built-in tools only. */
@@ -33,7 +35,8 @@ export interface ToolOutcome {
 
 /** Runs built-in tools for one session (the sandbox is provisioned lazily behind it). */
 export interface SessionToolbox {
-  tools: readonly HarnessTool[];
+  /** The tools on offer (MCP tool lists are fetched once per session, on first call). */
+  listTools(): Promise<readonly HarnessTool[]>;
   execute(name: string, input: unknown, options: { signal: AbortSignal }): Promise<ToolOutcome>;
 }
 
@@ -317,8 +320,8 @@ export function createHarness(dependencies: HarnessDependencies) {
     startedHere: boolean,
     signal: AbortSignal,
   ): Promise<ToolOutcome> {
-    const name = toolUse.event.name as string;
-    const tool = toolbox.tools.find((candidate) => candidate.name === name);
+    const name = modelToolName(toolUse.event);
+    const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
     if (!tool) return { content: `Unknown tool "${name}".`, isError: true };
     if (!startedHere && !tool.readOnly) return { content: RESTART_NOTICE, isError: true };
     try {
@@ -354,12 +357,11 @@ export function createHarness(dependencies: HarnessDependencies) {
     try {
       const model = models.resolve(agent.model.id);
       // Built-in tools always go along; many custom or MCP tools are narrowed by tool search.
-      const builtin = toolbox.tools.filter((tool) => tool.kind === 'builtin');
-      const others = toolbox.tools.filter((tool) => tool.kind !== 'builtin');
+      const available = await toolbox.listTools();
+      const builtin = available.filter((tool) => tool.kind === 'builtin');
+      const others = available.filter((tool) => tool.kind !== 'builtin');
       const offered =
-        toolbox.tools.length > TOOL_SELECTION_THRESHOLD
-          ? [...builtin, ...selectTools(others, log)]
-          : toolbox.tools;
+        available.length > TOOL_SELECTION_THRESHOLD ? [...builtin, ...selectTools(others, log)] : available;
       const tools: LanguageModelV3FunctionTool[] = offered.map((tool) => ({
         type: 'function',
         name: tool.name,
@@ -387,9 +389,20 @@ export function createHarness(dependencies: HarnessDependencies) {
       }
       for (const toolCall of response.toolCalls) {
         const id = newId('sevt');
-        const tool = toolbox.tools.find((candidate) => candidate.name === toolCall.toolName);
+        const tool = available.find((candidate) => candidate.name === toolCall.toolName);
         if (tool?.kind === 'custom') {
           events.push({ id, type: 'agent.custom_tool_use', name: toolCall.toolName, input: toolCall.input });
+        } else if (tool?.kind === 'mcp') {
+          const ask = tool.permission === 'ask';
+          events.push({
+            id,
+            type: 'agent.mcp_tool_use',
+            name: tool.mcp!.toolName,
+            mcp_server_name: tool.mcp!.serverName,
+            input: toolCall.input,
+            evaluated_permission: ask ? 'ask' : 'allow',
+            evaluation: { type: ask ? 'always_ask' : 'always_allow' },
+          });
         } else {
           const ask = tool?.permission === 'ask';
           events.push({
@@ -506,6 +519,14 @@ function idleEvent(stopReason: Record<string, unknown>): NewEvent {
 }
 
 function resultEvent(toolUse: StoredEvent, outcome: ToolOutcome): NewEvent {
+  if (toolUse.event.type === 'agent.mcp_tool_use') {
+    return {
+      type: 'agent.mcp_tool_result',
+      mcp_tool_use_id: toolUse.event.id,
+      content: [{ type: 'text', text: outcome.content }],
+      is_error: outcome.isError,
+    };
+  }
   return {
     type: 'agent.tool_result',
     tool_use_id: toolUse.event.id,

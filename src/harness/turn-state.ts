@@ -68,7 +68,7 @@ export function pendingClientActions(log: readonly StoredEvent[]): StoredEvent[]
     (stored) =>
       !answered.has(stored.event.id) &&
       (stored.event.type === 'agent.custom_tool_use' ||
-        (stored.event.type === 'agent.tool_use' &&
+        ((stored.event.type === 'agent.tool_use' || stored.event.type === 'agent.mcp_tool_use') &&
           stored.event.evaluated_permission === 'ask' &&
           !confirmations.has(stored.event.id))),
   );
@@ -133,7 +133,10 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
   const open = log.filter((stored) => toolUseTypes.has(stored.event.type) && !answered.has(stored.event.id));
   if (interrupted) return { kind: 'interrupted', openToolUses: open };
 
-  const openBuiltin = open.filter((stored) => stored.event.type === 'agent.tool_use');
+  // Tools the runtime runs itself: built-in (sandbox) and MCP.
+  const openBuiltin = open.filter(
+    (stored) => stored.event.type === 'agent.tool_use' || stored.event.type === 'agent.mcp_tool_use',
+  );
   const first = openBuiltin[0];
   if (first && (first.event.evaluated_permission !== 'ask' || confirmations.has(first.event.id))) {
     const confirmation = confirmations.get(first.event.id);
