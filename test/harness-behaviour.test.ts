@@ -213,6 +213,28 @@ describe('harness turn behaviour', () => {
     );
   });
 
+  it('redirects: an interrupt followed by a new message stops the turn and answers the new message', async () => {
+    const sessionId = await newSession('scripted/slow-echo', []);
+    await say(sessionId, 'first');
+    await waitFor(sessionId, (log) => log.some((stored) => stored.event.type === 'span.model_request_start'));
+    await berth.client.beta.sessions.events.send(sessionId, {
+      events: [
+        { type: 'user.interrupt' },
+        { type: 'user.message', content: [{ type: 'text', text: 'second' }] },
+      ],
+    });
+    const log = await waitFor(
+      sessionId,
+      (entries) =>
+        lastIs('session.status_idle')(entries) &&
+        entries.some((stored) => stored.event.type === 'agent.message'),
+    );
+    const replies = log
+      .filter((stored) => stored.event.type === 'agent.message')
+      .map((stored) => (stored.event.content as { text: string }[])[0]!.text);
+    expect(replies).toEqual(['heard: second']);
+  });
+
   it('does not run a turn whose message came with an interrupt', async () => {
     const sessionId = await newSession('scripted/echo', []);
     await berth.client.beta.sessions.events.send(sessionId, {

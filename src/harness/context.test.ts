@@ -87,4 +87,19 @@ describe('buildPrompt: the model context rebuilt from the log', () => {
     expect(results).toHaveLength(1);
     expect(results[0]).toMatchObject({ toolCallId: 'e3', output: { value: 'one' } });
   });
+
+  it('places a message sent while a tool ran after that tool result', () => {
+    const prompt = buildPrompt(
+      null,
+      log(
+        ['user.message', text('first')],
+        ['span.model_request_start'],
+        ['agent.tool_use', { name: 'bash', input: {} }],
+        ['span.model_request_end', { is_error: false }],
+        ['user.message', text('second')],
+        ['agent.tool_result', { tool_use_id: 'e3', ...text('done') }],
+      ),
+    );
+    expect(prompt.map((message) => message.role)).toEqual(['user', 'assistant', 'tool', 'user']);
+  });
 });

@@ -60,6 +60,8 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
   const resultsSeen = new Set<string>();
   const deferred: LanguageModelV3Message[] = [];
   let requestOpen = false;
+  // Tool calls still waiting for their results: their results must directly follow them.
+  const unansweredCalls = new Set<string>();
   const flushDeferred = () => {
     flush();
     prompt.push(...deferred);
@@ -69,6 +71,7 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
     // Providers reject two results for one call; the first one stored is the answer.
     if (resultsSeen.has(toolCallId)) return;
     resultsSeen.add(toolCallId);
+    unansweredCalls.delete(toolCallId);
     if (assistant) {
       prompt.push({ role: 'assistant', content: assistant });
       assistant = undefined;
@@ -90,8 +93,9 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
           role: 'user',
           content: [{ type: 'text', text: contentText(event.content) }],
         };
-        // Sent while a model request was open: that response did not see it, so it follows it.
-        if (requestOpen) {
+        // Sent while a model request was open, or while its tools ran: that response did not
+        // see it, and its tool results must come first, so the message follows them.
+        if (requestOpen || unansweredCalls.size > 0) {
           deferred.push(message);
           break;
         }
@@ -119,6 +123,7 @@ export function buildPrompt(system: string | null, log: readonly StoredEvent[]):
         if (toolResults) flush();
         assistant ??= [];
         toolNames.set(event.id, modelToolName(event));
+        unansweredCalls.add(event.id);
         assistant.push({
           type: 'tool-call',
           toolCallId: event.id,

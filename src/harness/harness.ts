@@ -99,7 +99,7 @@ export function createHarness(dependencies: HarnessDependencies) {
   // Recently woken sessions: their record (the pinned agent never changes) and their log.
   // Events are immutable and seq is gapless, so a cached prefix plus the tail read from the
   // store is exactly the log: a wake reads only what is new.
-  const cache = new Map<string, { session: SessionRecord; log: StoredEvent[]; current?: boolean }>();
+  const cache = new Map<string, { session: SessionRecord; log: StoredEvent[] }>();
   const cacheSize = dependencies.logCacheSessions ?? 256;
   async function load(sessionId: string) {
     let entry = cache.get(sessionId);
@@ -108,29 +108,25 @@ export function createHarness(dependencies: HarnessDependencies) {
       if (!session) return undefined;
       entry = { session, log: [] };
     }
-    // A log just extended by `observe` is a prefix of the truth that ends with the input
-    // that caused this wake: deciding on it is the same as having woken a moment earlier,
-    // and every step re-reads the tail anyway. Otherwise read what is new.
-    if (!entry.current) {
-      const afterSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
-      const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
-      if (tail.length > 0) entry = { session: entry.session, log: entry.log.concat(tail) };
-    }
+    // Always read the tail, even after `observe`: the wake subscribed to interrupts just
+    // before, so this read sees any that were committed before the subscription.
+    const afterSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
+    const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
+    if (tail.length > 0) entry = { session: entry.session, log: entry.log.concat(tail) };
     remember(sessionId, entry.session, entry.log);
     return entry;
   }
 
   /**
    * Tells the harness about a session and the events this process just committed to it
-   * (client input), so the wake they cause need not read them back. The events are used only
-   * when they directly follow the cached log (the first events of a new log included).
+   * (client input), so the wake they cause need not look the session up or read those events
+   * back. The events are used only when they directly follow the cached log.
    */
   function observe(session: SessionRecord, committed: readonly StoredEvent[]): void {
     const entry = cache.get(session.id) ?? { session, log: [] };
     const lastSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
     if (committed.length > 0 && committed[0]!.seq === lastSeq + 1) {
       remember(session.id, entry.session, entry.log.concat(committed));
-      cache.get(session.id)!.current = true;
     } else if (!cache.has(session.id)) {
       remember(session.id, session, []);
     }
@@ -258,6 +254,9 @@ export function createHarness(dependencies: HarnessDependencies) {
             log,
           );
           break;
+        case 'give_up':
+          appended = await appendIfUnchanged([idleEvent({ type: 'retries_exhausted' })], log);
+          break;
         case 'interrupted':
           appended = await appendIfUnchanged(
             [
@@ -268,6 +267,8 @@ export function createHarness(dependencies: HarnessDependencies) {
                 }),
               ),
               idleEvent({ type: 'end_turn' }),
+              // Input after the interrupt redirects the agent: the next turn starts at once.
+              ...(next.restart ? [{ type: 'session.status_running' }] : []),
             ],
             log,
           );
@@ -321,10 +322,10 @@ export function createHarness(dependencies: HarnessDependencies) {
     signal: AbortSignal,
   ): Promise<ToolOutcome> {
     const name = modelToolName(toolUse.event);
-    const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
-    if (!tool) return { content: `Unknown tool "${name}".`, isError: true };
-    if (!startedHere && !tool.readOnly) return { content: RESTART_NOTICE, isError: true };
     try {
+      const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
+      if (!tool) return { content: `Unknown tool "${name}".`, isError: true };
+      if (!startedHere && !tool.readOnly) return { content: RESTART_NOTICE, isError: true };
       return await toolbox.execute(name, toolUse.event.input, { signal });
     } catch (error) {
       // A sandbox that died is a tool error, never a dead session.
@@ -447,8 +448,8 @@ export function createHarness(dependencies: HarnessDependencies) {
         is_error: true,
         model_usage: usageOf(undefined),
       });
-      // A configuration problem (unknown model, missing key) will not fix itself by retrying.
-      if (terminal && !interrupted) events.push(idleEvent({ type: 'retries_exhausted' }));
+      // A configuration problem (unknown model, missing key) will not fix itself by retrying:
+      // the `terminal` error makes the next decision `give_up`.
       return [...start, ...(await append(events))];
     }
   }

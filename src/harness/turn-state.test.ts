@@ -164,6 +164,7 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
     expect(decideNextStep(log(message, ['user.interrupt']))).toEqual({
       kind: 'interrupted',
       openToolUses: [],
+      restart: false,
     });
   });
 
@@ -217,5 +218,67 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
         : stored,
     );
     expect(decideNextStep(denied)).toMatchObject({ kind: 'deny_tool', message: 'no' });
+  });
+
+  it('redirects: an interrupt followed by a new message closes the turn and restarts with the message', () => {
+    const step = decideNextStep(
+      log(
+        message,
+        ['session.status_running'],
+        ['span.model_request_start'],
+        ['agent.tool_use', { name: 'bash', input: {} }],
+        ['span.model_request_end', { is_error: false }],
+        ['user.interrupt'],
+        message,
+      ),
+    );
+    expect(step).toMatchObject({ kind: 'interrupted', restart: true });
+    expect(step.kind === 'interrupted' && step.openToolUses.map((toolUse) => toolUse.event.id)).toEqual([
+      'e4',
+    ]);
+    // After the harness appended [result, idle, running], the next turn calls the model, and a
+    // later interrupt still counts although the turn's message came before the idle.
+    const restarted = log(
+      message,
+      ['session.status_running'],
+      ['session.status_idle', { stop_reason: { type: 'end_turn' } }],
+      ['session.status_running'],
+    );
+    expect(decideNextStep(restarted).kind).toBe('call_model');
+    expect(
+      decideNextStep([...restarted, ...log(['user.interrupt']).map((stored) => ({ ...stored, seq: 9 }))])
+        .kind,
+    ).toBe('interrupted');
+  });
+
+  it('an interrupt after an allow confirmation closes the confirmed tool use too', () => {
+    const step = decideNextStep(
+      log(
+        message,
+        ['session.status_running'],
+        ['span.model_request_start'],
+        ['agent.tool_use', { name: 'bash', input: {}, evaluated_permission: 'ask' }],
+        ['span.model_request_end', { is_error: false }],
+        ['session.status_idle', { stop_reason: { type: 'requires_action', event_ids: ['e4'] } }],
+        ['user.tool_confirmation', { tool_use_id: 'e4', result: 'allow' }],
+        ['user.interrupt'],
+      ),
+    );
+    expect(step.kind === 'interrupted' && step.openToolUses.map((toolUse) => toolUse.event.id)).toEqual([
+      'e4',
+    ]);
+  });
+
+  it('gives up without retrying after a terminal model error', () => {
+    const step = decideNextStep(
+      log(
+        message,
+        ['session.status_running'],
+        ['span.model_request_start'],
+        ['session.error', { error: { retry_status: { type: 'terminal' } } }],
+        ['span.model_request_end', { is_error: true }],
+      ),
+    );
+    expect(step.kind).toBe('give_up');
   });
 });

@@ -19,8 +19,13 @@ export type NextStep =
   | { kind: 'call_model'; failures: number }
   /** The model finished its turn; the session goes idle. */
   | { kind: 'end_turn' }
-  /** An interrupt arrived: close open tool uses (or cancelled custom ones) and go idle. */
-  | { kind: 'interrupted'; openToolUses: StoredEvent[] };
+  /**
+   * An interrupt arrived: close every open tool use and go idle. `restart` is true when new
+   * input came after the interrupt: the next turn starts at once (redirecting the agent).
+   */
+  | { kind: 'interrupted'; openToolUses: StoredEvent[]; restart: boolean }
+  /** The model failed in a way retrying cannot fix (a configuration problem): go idle. */
+  | { kind: 'give_up' };
 
 const toolUseTypes = new Set(['agent.tool_use', 'agent.custom_tool_use', 'agent.mcp_tool_use']);
 
@@ -114,24 +119,33 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
   const answered = answeredIds(log);
   const confirmations = confirmationsOf(log);
   const firstInput = sinceIdle.findIndex((stored) => inputTypes.has(stored.event.type));
-  const interrupted =
-    firstInput >= 0 && sinceIdle.slice(firstInput).some((stored) => stored.event.type === 'user.interrupt');
+  let lastInterrupt = -1;
+  for (let index = sinceIdle.length - 1; index >= 0; index--) {
+    if (sinceIdle[index]!.event.type === 'user.interrupt') {
+      lastInterrupt = index;
+      break;
+    }
+  }
   const running = sinceIdle.some((stored) => stored.event.type === 'session.status_running');
   const waiting = pendingClientActions(log);
-
-  if (!running) {
-    if (waiting.length > 0) {
-      // A turn waiting on several client answers starts only when all have arrived.
-      const cancelled = sinceIdle.some((stored) => stored.event.type === 'user.interrupt');
-      return cancelled ? { kind: 'interrupted', openToolUses: waiting } : { kind: 'none' };
-    }
-    if (firstInput < 0) return { kind: 'none' };
-    return interrupted ? { kind: 'interrupted', openToolUses: [] } : { kind: 'start_turn' };
+  // Open tool uses of the whole log: those of a turn paused for the client came before its idle.
+  const open = log.filter((stored) => toolUseTypes.has(stored.event.type) && !answered.has(stored.event.id));
+  // An interrupt counts once the turn has input before it (or while the client is awaited).
+  const firstRunning = sinceIdle.findIndex((stored) => stored.event.type === 'session.status_running');
+  const turnOpened = [firstInput, firstRunning].filter((index) => index >= 0);
+  const interrupted =
+    lastInterrupt >= 0 &&
+    ((turnOpened.length > 0 && Math.min(...turnOpened) < lastInterrupt) || waiting.length > 0);
+  if (interrupted) {
+    const restart = sinceIdle.slice(lastInterrupt + 1).some((stored) => stored.event.type === 'user.message');
+    return { kind: 'interrupted', openToolUses: open, restart };
   }
 
-  // Open tool uses of the whole log: those of a turn paused for confirmation came before its idle.
-  const open = log.filter((stored) => toolUseTypes.has(stored.event.type) && !answered.has(stored.event.id));
-  if (interrupted) return { kind: 'interrupted', openToolUses: open };
+  if (!running) {
+    // A turn waiting on several client answers starts only when all have arrived.
+    if (waiting.length > 0 || firstInput < 0) return { kind: 'none' };
+    return { kind: 'start_turn' };
+  }
 
   // Tools the runtime runs itself: built-in (sandbox) and MCP.
   const openBuiltin = open.filter(
@@ -166,10 +180,18 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
     failures++;
   }
   if (lastStart < 0 || lastEnd < lastStart) return { kind: 'call_model', failures };
-  const unseenInput = sinceIdle
-    .slice(lastStart + 1)
-    .some((stored) => inputTypes.has(stored.event.type) || resultTypes.has(stored.event.type));
+  const afterStart = sinceIdle.slice(lastStart + 1);
+  const unseenInput = afterStart.some(
+    (stored) => inputTypes.has(stored.event.type) || resultTypes.has(stored.event.type),
+  );
   if (unseenInput) return { kind: 'call_model', failures: 0 };
+  const terminal = afterStart.some(
+    (stored) =>
+      stored.event.type === 'session.error' &&
+      (stored.event.error as { retry_status?: { type?: string } } | undefined)?.retry_status?.type ===
+        'terminal',
+  );
+  if (terminal) return { kind: 'give_up' };
   if (sinceIdle[lastEnd]!.event.is_error === true) return { kind: 'call_model', failures };
   return { kind: 'end_turn' };
 }
