@@ -3,12 +3,18 @@
  * `describeSandboxDriverContract(...)` with a factory; the suite skips itself (naming the reason)
  * when the driver is unavailable on this host.
  */
-import { mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { isBerthError } from '../errors.js';
-import type { SandboxDriver, SandboxHandle } from './driver.js';
+import type {
+  ReadOnlyMount,
+  SandboxDriver,
+  SandboxHandle,
+  SandboxProcess,
+  SandboxSpawnOptions,
+} from './driver.js';
 
 /** How a driver's test file plugs into the contract suite. */
 export interface SandboxDriverContractOptions {
@@ -33,6 +39,27 @@ export function hostProcessesMatching(needle: string): number[] {
   return matches.filter((pid) => pid !== process.pid);
 }
 
+/** Resolves with the next `count` lines a process writes to stdout (rejects after 10 s). */
+function readLines(process: SandboxProcess, count: number): Promise<string[]> {
+  return new Promise((resolve, reject) => {
+    let buffered = '';
+    const timer = setTimeout(() => {
+      process.stdout.off('data', onData);
+      reject(new Error(`timed out waiting for ${count} lines; got ${JSON.stringify(buffered)}`));
+    }, 10_000);
+    const onData = (chunk: Buffer) => {
+      buffered += chunk.toString('utf8');
+      const lines = buffered.split('\n');
+      if (lines.length > count) {
+        clearTimeout(timer);
+        process.stdout.off('data', onData);
+        resolve(lines.slice(0, count));
+      }
+    };
+    process.stdout.on('data', onData);
+  });
+}
+
 /** Registers the shared sandbox driver contract tests under `describe(name)`. */
 export function describeSandboxDriverContract(name: string, options: SandboxDriverContractOptions): void {
   describe(`${name}: sandbox driver contract`, () => {
@@ -46,11 +73,36 @@ export function describeSandboxDriverContract(name: string, options: SandboxDriv
       workdirs.push(directory);
       return directory;
     };
-    const provision = async (context: TestContext, env?: Record<string, string>) => {
+    const provision = async (
+      context: TestContext,
+      env?: Record<string, string>,
+      readOnlyMounts?: ReadOnlyMount[],
+    ) => {
       if (unavailableReason !== undefined) context.skip(`driver unavailable: ${unavailableReason}`);
-      const handle = await driver.provision({ sessionId: 'sesn_contract', workdir: newWorkdir(), env });
+      const handle = await driver.provision({
+        sessionId: 'sesn_contract',
+        workdir: newWorkdir(),
+        env,
+        readOnlyMounts,
+      });
       handles.push(handle);
       return handle;
+    };
+    /** Spawns, or skips the test naming why the driver cannot. */
+    const spawnOrSkip = (
+      context: TestContext,
+      handle: SandboxHandle,
+      argv: string[],
+      spawnOptions?: SandboxSpawnOptions,
+    ): SandboxProcess => {
+      if (!driver.spawn) return context.skip('driver has no spawn capability');
+      try {
+        return driver.spawn(handle, argv, spawnOptions);
+      } catch (error) {
+        if (isBerthError(error, 'sandbox_unavailable'))
+          return context.skip(`spawn unavailable: ${error.message}`);
+        throw error;
+      }
     };
 
     beforeAll(async () => {
@@ -175,6 +227,108 @@ export function describeSandboxDriverContract(name: string, options: SandboxDriv
       const view = await driver.exec(second, ['sh', '-c', 'ls; ls /tmp; cat /tmp/mine.txt']);
       expect(view.stdout).not.toContain('mine.txt');
       expect(view.exitCode).not.toBe(0);
+    });
+
+    it('spawns a long-lived process and talks to it line by line over stdin and stdout', async (context) => {
+      const handle = await provision(context);
+      const cat = spawnOrSkip(context, handle, ['cat']);
+      const first = readLines(cat, 1);
+      cat.stdin.write('first line\n');
+      expect(await first).toEqual(['first line']);
+      const next = readLines(cat, 2);
+      cat.stdin.write('second\nthird\n');
+      expect(await next).toEqual(['second', 'third']);
+      cat.stdin.end();
+      expect(await cat.exited).toEqual({ exitCode: 0, signal: null });
+    });
+
+    it('runs a spawned process as the sandbox user with only the sandbox environment', async (context) => {
+      const handle = await provision(context, { FROM_SPEC: 'spec-value' });
+      process.env.BERTH_CONTRACT_CANARY = 'host-only';
+      try {
+        const shell = spawnOrSkip(
+          context,
+          handle,
+          ['sh', '-c', 'id -u; pwd; echo "$FROM_SPEC $FROM_SPAWN [$BERTH_CONTRACT_CANARY]"; echo err >&2'],
+          { cwd: '/tmp', env: { FROM_SPAWN: 'spawn-value' } },
+        );
+        let stderr = '';
+        shell.stderr.on('data', (chunk: Buffer) => {
+          stderr += chunk.toString('utf8');
+        });
+        const lines = readLines(shell, 3);
+        expect(await lines).toEqual(['1000', '/tmp', 'spec-value spawn-value []']);
+        expect(await shell.exited).toEqual({ exitCode: 0, signal: null });
+        expect(stderr).toBe('err\n');
+      } finally {
+        delete process.env.BERTH_CONTRACT_CANARY;
+      }
+    });
+
+    it('kill stops a spawned process and everything it started', async (context) => {
+      const handle = await provision(context);
+      const marker = `sleep 1001.${process.pid}${Date.now() % 1000}`;
+      const shell = spawnOrSkip(context, handle, ['sh', '-c', `${marker} & echo started; exec cat`]);
+      expect(await readLines(shell, 1)).toEqual(['started']);
+      const started = Date.now();
+      shell.kill();
+      const exit = await shell.exited;
+      expect(Date.now() - started).toBeLessThan(5000);
+      expect(exit.exitCode).toBeNull();
+      await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
+      shell.kill();
+      expect((await driver.exec(handle, ['echo', 'still up'])).stdout).toBe('still up\n');
+    });
+
+    it('destroy kills spawned processes', async (context) => {
+      const handle = await provision(context);
+      const marker = `sleep 1002.${process.pid}${Date.now() % 1000}`;
+      const shell = spawnOrSkip(context, handle, ['sh', '-c', `${marker} & echo started; exec cat`]);
+      expect(await readLines(shell, 1)).toEqual(['started']);
+      await driver.destroy(handle);
+      expect((await shell.exited).exitCode).toBeNull();
+      await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
+      const failure = (() => {
+        try {
+          driver.spawn!(handle, ['cat']);
+        } catch (error) {
+          return error;
+        }
+      })();
+      expect(isBerthError(failure, 'sandbox_failed')).toBe(true);
+    });
+
+    it('shows a read-only mount that commands can read but not change', async (context) => {
+      // Not under /tmp: as root the bwrap launcher stages the workdir there.
+      const source = mkdtempSync('/var/tmp/berth-contract-ro-');
+      workdirs.push(source);
+      writeFileSync(join(source, 'shared.txt'), 'shared content\n');
+      chmodSync(source, 0o755);
+      chmodSync(join(source, 'shared.txt'), 0o644);
+      const handle = await provision(context, undefined, [{ hostPath: source, insidePath: '/opt/shared' }]);
+      expect((await driver.exec(handle, ['cat', '/opt/shared/shared.txt'])).stdout).toBe('shared content\n');
+      const write = await driver.exec(handle, [
+        'sh',
+        '-c',
+        'echo changed > /opt/shared/shared.txt || touch /opt/shared/new.txt || echo refused',
+      ]);
+      expect(write.stdout).toBe('refused\n');
+      expect(readFileSync(join(source, 'shared.txt'), 'utf8')).toBe('shared content\n');
+      expect(readdirSync(source)).toEqual(['shared.txt']);
+    });
+
+    it('refuses a read-only mount over the sandbox own directories', async (context) => {
+      if (unavailableReason !== undefined) context.skip(`driver unavailable: ${unavailableReason}`);
+      for (const insidePath of ['/', '/workspace', '/workspace/x', '/proc', '/tmp/x', 'relative']) {
+        const failure = await driver
+          .provision({
+            sessionId: 'sesn_contract',
+            workdir: newWorkdir(),
+            readOnlyMounts: [{ hostPath: '/usr', insidePath }],
+          })
+          .catch((error: unknown) => error);
+        expect(isBerthError(failure, 'invalid_request'), insidePath).toBe(true);
+      }
     });
 
     it('leaves no process behind after destroy, background ones included', async (context) => {

@@ -5,6 +5,7 @@
  * in `driver-contract.test-suite.ts`. Optional capabilities are optional methods; a driver
  * that cannot do something throws a `sandbox_unavailable` BerthError saying so.
  */
+import type { Readable, Writable } from 'node:stream';
 
 /** Resource limits; drivers enforce what they can and report the rest in `capabilities`. */
 export interface SandboxLimits {
@@ -22,6 +23,18 @@ export interface SandboxSpec {
   limits?: SandboxLimits;
   /** Extra environment variables visible to every command. */
   env?: Readonly<Record<string, string>>;
+  /**
+   * Host directories or files visible read-only inside the sandbox (e.g. the MCP server
+   * packages). Both paths are absolute; `insidePath` must not be `/`, `/workspace` or below
+   * `/proc`, `/dev`, `/tmp`, `/workspace`.
+   */
+  readOnlyMounts?: readonly ReadOnlyMount[];
+}
+
+/** A host path bound read-only into the sandbox. */
+export interface ReadOnlyMount {
+  hostPath: string;
+  insidePath: string;
 }
 
 export interface SandboxHandle {
@@ -56,6 +69,33 @@ export interface ExecResult {
   durationMs: number;
 }
 
+/** Options for `SandboxDriver.spawn`. */
+export interface SandboxSpawnOptions {
+  /** Directory inside the sandbox (default: the working directory). */
+  cwd?: string;
+  env?: Readonly<Record<string, string>>;
+}
+
+/** How a spawned process ended: an exit code, or null and the signal that killed it. */
+export interface SandboxProcessExit {
+  exitCode: number | null;
+  signal: string | null;
+}
+
+/**
+ * A long-lived process inside a sandbox, talked to over its pipes (e.g. an MCP stdio server).
+ * Nothing caps its output or time: the caller reads the streams and kills it when done.
+ */
+export interface SandboxProcess {
+  readonly stdin: Writable;
+  readonly stdout: Readable;
+  readonly stderr: Readable;
+  /** SIGKILLs the process and everything it started; safe to call more than once. */
+  kill(): void;
+  /** Settles (never rejects) once the process has exited. */
+  readonly exited: Promise<SandboxProcessExit>;
+}
+
 /** Whether this host can run the driver, and if not, what to do about it. */
 export type DriverAvailability = { ok: true } | { ok: false; reason: string };
 
@@ -66,6 +106,12 @@ export interface SandboxDriver {
   provision(spec: SandboxSpec): Promise<SandboxHandle>;
   /** Runs `argv` (argv[0] looked up on PATH inside the sandbox). */
   exec(handle: SandboxHandle, argv: readonly string[], options?: ExecOptions): Promise<ExecResult>;
+  /**
+   * Starts a long-lived process inside the sandbox with the same user, environment rules and
+   * isolation as `exec`. `destroy` kills it. Drivers that cannot keep a process inside a live
+   * sandbox throw a `sandbox_unavailable` BerthError.
+   */
+  spawn?(handle: SandboxHandle, argv: readonly string[], options?: SandboxSpawnOptions): SandboxProcess;
   /** Reads a file, resolving `path` inside the sandbox (symlinks cannot escape it). */
   readFile(handle: SandboxHandle, path: string, maxBytes?: number): Promise<Uint8Array>;
   /** Writes a file inside the sandbox, creating parent directories. */

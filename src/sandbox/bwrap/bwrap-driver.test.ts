@@ -191,3 +191,47 @@ describe.skipIf(!availability.ok || !runningAsRoot)('bwrap sandbox lifetime', ()
     }
   }, 60_000);
 });
+
+describe.skipIf(!availability.ok)('bwrap spawn and read-only mounts', () => {
+  it('refuses spawn in per-exec mode, saying it needs the persistent mode', async () => {
+    const perExec = createBwrapDriver({ mode: 'per-exec' });
+    const root = mkdtempSync(join(tmpdir(), 'berth-spawn-'));
+    try {
+      const sandbox = await perExec.provision({ sessionId: 'sesn_spawn', workdir: join(root, 'w') });
+      const failure = (() => {
+        try {
+          perExec.spawn(sandbox, ['cat']);
+        } catch (error) {
+          return error;
+        }
+      })();
+      expect(isBerthError(failure, 'sandbox_unavailable')).toBe(true);
+      expect((failure as Error).message).toMatch(/persistent mode/);
+    } finally {
+      await perExec.destroyAll();
+      rmSync(root, { recursive: true, force: true });
+    }
+  });
+
+  it.skipIf(!runningAsRoot)(
+    'refuses a read-only mount source under /tmp as root (the launcher hides it)',
+    async () => {
+      const driver = createBwrapDriver();
+      const root = mkdtempSync(join(tmpdir(), 'berth-ro-'));
+      try {
+        const failure = await driver
+          .provision({
+            sessionId: 'sesn_ro',
+            workdir: join(root, 'w'),
+            readOnlyMounts: [{ hostPath: root, insidePath: '/opt/shared' }],
+          })
+          .catch((error: unknown) => error);
+        expect(isBerthError(failure, 'invalid_request')).toBe(true);
+        expect((failure as Error).message).toMatch(/under \/tmp/);
+      } finally {
+        await driver.destroyAll();
+        rmSync(root, { recursive: true, force: true });
+      }
+    },
+  );
+});

@@ -31,6 +31,9 @@ import type {
   ExecResult,
   SandboxDriver,
   SandboxHandle,
+  SandboxProcess,
+  SandboxProcessExit,
+  SandboxSpawnOptions,
   SandboxSpec,
 } from '../driver.js';
 import {
@@ -80,6 +83,8 @@ export type BwrapMode = 'persistent' | 'per-exec';
 /** The bwrap driver, plus shutdown and introspection the supervisor needs. */
 export interface BwrapDriver extends SandboxDriver {
   readonly mode: BwrapMode;
+  /** Always present; throws `sandbox_unavailable` in per-exec mode (no live sandbox to enter). */
+  spawn(handle: SandboxHandle, argv: readonly string[], options?: SandboxSpawnOptions): SandboxProcess;
   /** Destroys every sandbox this driver still tracks (for server shutdown). */
   destroyAll(): Promise<void>;
   /** Host pid of a persistent sandbox's namespace init, for tests and diagnostics. */
@@ -96,7 +101,7 @@ interface LiveSandbox {
   initPid?: number;
   exited?: Promise<void>;
   stopped: boolean;
-  /** Commands running right now (host processes), killed by destroy. */
+  /** Commands and spawned processes running right now (host processes), killed by destroy. */
   running: Set<ChildProcess>;
 }
 
@@ -146,6 +151,50 @@ function validateEnvironment(env: Readonly<Record<string, string>> | undefined):
       throw new BerthError('invalid_request', `invalid environment variable name or value: ${name}`);
     }
   }
+}
+
+/** Inside paths a read-only mount may not cover or sit under (the sandbox's own mounts). */
+const RESERVED_INSIDE_PATHS = ['/proc', '/dev', '/tmp', BWRAP_WORKDIR_INSIDE, SANDBOX_HOME];
+
+/** Rejects read-only mounts that would shadow the sandbox's own mounts or cannot be bound. */
+function validateReadOnlyMounts(spec: SandboxSpec, runningAsRoot: boolean): void {
+  for (const mount of spec.readOnlyMounts ?? []) {
+    const { hostPath, insidePath: inside } = mount;
+    for (const path of [hostPath, inside]) {
+      if (!path.startsWith('/') || path.includes('\0') || posix.normalize(path) !== path) {
+        throw new BerthError('invalid_request', `read-only mount paths must be absolute and normal: ${path}`);
+      }
+    }
+    const reserved = RESERVED_INSIDE_PATHS.find(
+      (prefix) => inside === prefix || inside.startsWith(`${prefix}/`) || prefix.startsWith(`${inside}/`),
+    );
+    if (inside === '/' || reserved !== undefined) {
+      throw new BerthError('invalid_request', `read-only mount cannot be placed at ${inside}`);
+    }
+    // As root, bwrap starts after the launcher has bound the workdir over /tmp (see
+    // ROOT_LAUNCHER_SCRIPT), so a host path under /tmp would resolve into the workdir.
+    if (runningAsRoot && (hostPath === LAUNCHER_WORKDIR || hostPath.startsWith(`${LAUNCHER_WORKDIR}/`))) {
+      throw new BerthError(
+        'invalid_request',
+        `read-only mount source ${hostPath} is under ${LAUNCHER_WORKDIR}, which the root launcher hides; move it elsewhere`,
+      );
+    }
+    try {
+      statSync(hostPath);
+    } catch {
+      throw new BerthError('invalid_request', `read-only mount source does not exist: ${hostPath}`);
+    }
+  }
+}
+
+/** Rejects argv that `env -i ... argv` or the kernel would misread. */
+function validateArgv(argv: readonly string[]): void {
+  if (argv.length === 0 || argv[0] === '') throw new BerthError('invalid_request', 'argv must not be empty');
+  if (argv.some((argument) => argument.includes('\0'))) {
+    throw new BerthError('invalid_request', 'argv must not contain NUL bytes');
+  }
+  // `env -i NAME=VALUE... argv` would take such an argv[0] for one more assignment.
+  if (argv[0]!.includes('=')) throw new BerthError('invalid_request', 'argv[0] must not contain "="');
 }
 
 /** Resolves a path inside the sandbox: relative paths start at the working directory. */
@@ -266,6 +315,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       '--bind',
       runningAsRoot ? LAUNCHER_WORKDIR : spec.workdir,
       BWRAP_WORKDIR_INSIDE,
+      ...(spec.readOnlyMounts ?? []).flatMap((mount) => ['--ro-bind', mount.hostPath, mount.insidePath]),
       // The root tmpfs is memory; nothing may write to it.
       '--remount-ro',
       '/',
@@ -415,19 +465,42 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     return live;
   };
 
+  /**
+   * nsenter arguments that run argv in a persistent sandbox. nsenter runs as host root, so it
+   * gets a fixed minimal environment; the command's environment is set by `env -i` inside, after
+   * uid 1000 and no-new-privs are in place (a caller-chosen LD_PRELOAD must never reach a
+   * host-root process).
+   */
+  const nsenterArguments = (
+    live: LiveSandbox,
+    cwd: string,
+    env: Readonly<Record<string, string>>,
+    argv: readonly string[],
+  ): string[] => [
+    '-t',
+    String(live.initPid),
+    '--all',
+    `--wdns=${cwd}`,
+    '-S',
+    String(SANDBOX_UID),
+    '-G',
+    String(SANDBOX_UID),
+    '/usr/bin/setpriv',
+    '--no-new-privs',
+    '--',
+    '/usr/bin/env',
+    '-i',
+    ...Object.entries(env).map(([name, value]) => `${name}=${value}`),
+    ...argv,
+  ];
+
   /** Runs argv inside the sandbox; the shared core of exec, readFile and writeFile. */
   const run = async (
     handle: SandboxHandle,
     argv: readonly string[],
     execOptions: ExecOptions,
   ): Promise<RunProcessResult> => {
-    if (argv.length === 0 || argv[0] === '')
-      throw new BerthError('invalid_request', 'argv must not be empty');
-    if (argv.some((argument) => argument.includes('\0'))) {
-      throw new BerthError('invalid_request', 'argv must not contain NUL bytes');
-    }
-    // `env -i NAME=VALUE... argv` would take such an argv[0] for one more assignment.
-    if (argv[0]!.includes('=')) throw new BerthError('invalid_request', 'argv[0] must not contain "="');
+    validateArgv(argv);
     validateEnvironment(execOptions.env);
     const live = lookup(handle);
     const binaries = requireBinaries();
@@ -443,38 +516,14 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     };
     try {
       if (mode === 'persistent') {
-        // nsenter runs as host root, so it gets a fixed minimal environment; the command's
-        // environment is set by `env -i` inside, after uid 1000 and no-new-privs are in place
-        // (a caller-chosen LD_PRELOAD must never reach a host-root process).
-        const assignments = Object.entries(env).map(([name, value]) => `${name}=${value}`);
-        return await runProcess(
-          binaries.nsenter!,
-          [
-            '-t',
-            String(live.initPid),
-            '--all',
-            `--wdns=${cwd}`,
-            '-S',
-            String(SANDBOX_UID),
-            '-G',
-            String(SANDBOX_UID),
-            '/usr/bin/setpriv',
-            '--no-new-privs',
-            '--',
-            '/usr/bin/env',
-            '-i',
-            ...assignments,
-            ...argv,
-          ],
-          {
-            ...common,
-            spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
-            onSpawn: (child) => {
-              tracked = child;
-              live.running.add(child);
-            },
+        return await runProcess(binaries.nsenter!, nsenterArguments(live, cwd, env, argv), {
+          ...common,
+          spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
+          onSpawn: (child) => {
+            tracked = child;
+            live.running.add(child);
           },
-        );
+        });
       }
       const setenv = Object.entries(env).flatMap(([name, value]) => ['--setenv', name, value]);
       const [command, args] = launch(live.spec, binaries.bwrap, [
@@ -582,6 +631,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     async provision(spec: SandboxSpec): Promise<SandboxHandle> {
       const binaries = requireBinaries();
       validateEnvironment(spec.env);
+      validateReadOnlyMounts(spec, runningAsRoot);
       prepareWorkdir(spec);
       const handle: SandboxHandle = {
         id: newId('sbx'),
@@ -612,6 +662,45 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         timedOut: result.timedOut,
         truncated: result.truncated,
         durationMs: result.durationMs,
+      };
+    },
+
+    spawn(handle, argv, spawnOptions = {}): SandboxProcess {
+      if (mode !== 'persistent') {
+        throw new BerthError(
+          'sandbox_unavailable',
+          'the bwrap driver keeps processes inside a live sandbox only in persistent mode, which needs Berth to run as root',
+        );
+      }
+      validateArgv(argv);
+      validateEnvironment(spawnOptions.env);
+      const live = lookup(handle);
+      const binaries = requireBinaries();
+      const cwd = insidePath(spawnOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
+      const env = commandEnvironment(live.spec, spawnOptions.env);
+      // Its own process group, so kill() reaches nsenter's forked child and what it started.
+      const child = spawn(binaries.nsenter!, nsenterArguments(live, cwd, env, argv), {
+        env: { PATH: '/usr/bin:/bin' },
+        stdio: ['pipe', 'pipe', 'pipe'],
+        detached: true,
+      });
+      live.running.add(child);
+      // Writes to a process that has exited fail with EPIPE; the caller learns of it from `exited`.
+      child.stdin!.on('error', () => undefined);
+      const exited = new Promise<SandboxProcessExit>((resolve) => {
+        child.once('exit', (exitCode, signal) => resolve({ exitCode, signal }));
+        child.once('error', () => resolve({ exitCode: null, signal: null }));
+      }).finally(() => live.running.delete(child));
+      return {
+        stdin: child.stdin!,
+        stdout: child.stdout!,
+        stderr: child.stderr!,
+        exited,
+        kill: () => {
+          if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
+            killProcessTree(child.pid);
+          }
+        },
       };
     },
 
