@@ -1,18 +1,22 @@
 #!/usr/bin/env node
 import { existsSync, readFileSync, statSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { join, relative, resolve } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { Command, Option } from 'commander';
+import type { AgentCreate } from '../api/schemas.js';
+import { agentFileName, loadAgentFolder, type Problem } from '../config/agent-files.js';
 import { loadConfig } from '../config/config.js';
 import { isBerthError } from '../errors.js';
 import { type RunningBerth, startBerth } from '../server.js';
+import { applyAgent, enabledToolNames } from './apply-agent.js';
 import { dim, renderEvent } from './render.js';
 
 /**
  * The `berth` command: `serve` runs the server; `run` and `demo` drive a session and print
- * it for a person; `sessions` inspects sessions. Client commands talk to `--url` (or
- * BERTH_URL) with `--api-key` (or BERTH_API_KEY, or the data directory's admin.key); `run`
- * and `demo` start an embedded server when no URL is given.
+ * it for a person; `sessions` inspects sessions; `validate` checks an agent folder and `apply`
+ * creates or updates its agent. Client commands talk to `--url` (or
+ * BERTH_URL) with `--api-key` (or BERTH_API_KEY, or the data directory's admin.key); `run`,
+ * `apply` and `demo` start an embedded server when no URL is given.
  */
 const program = new Command();
 program
@@ -40,7 +44,10 @@ program
 program
   .command('run')
   .description('create a session for an agent, send a prompt, and print the session as it runs')
-  .argument('<agent>', 'agent definition: a JSON file of agent create params, or a folder holding agent.json')
+  .argument(
+    '<agent>',
+    'agent definition: a folder holding AGENTS.md (or agent.json), or a JSON file of agent create params',
+  )
   .argument('<prompt>', 'the first user message')
   .option('--url <url>', 'a running Berth server (default: start one in-process)', process.env.BERTH_URL)
   .option(
@@ -50,7 +57,7 @@ program
   )
   .addOption(dataDirOption())
   .action(async (agentPath: string, prompt: string, options: ClientOptions) => {
-    const agent = readAgentFile(agentPath);
+    const agent = await readAgentFile(agentPath);
     await withClient(options, (client) => runSession(client, agent, prompt));
   });
 
@@ -67,7 +74,7 @@ program
     const berth = await start(options);
     const key = readFileSync(join(resolve(options.dataDir), 'admin.key'), 'utf8').trim();
     const client = new Anthropic({ apiKey: key, baseURL: berth.url, maxRetries: 0 });
-    const agent = readAgentFile(resolve(import.meta.dirname, '../../examples/demo/agent.json'));
+    const agent = await readAgentFile(resolve(import.meta.dirname, '../../examples/demo/agent.json'));
     if (process.env.ANTHROPIC_API_KEY) agent.model = 'anthropic/claude-sonnet-4-5';
     console.log(dim(`Berth ${berth.url} · model ${agent.model} · sandbox bwrap\n`));
     await runSession(client, agent, 'Show me what you can do in your sandbox.');
@@ -81,6 +88,57 @@ program
     console.log(`Try: npx berth run examples/demo "list the files in your workspace" --url ${berth.url}`);
     console.log('Press Ctrl-C to stop.');
     stopOnSignals(berth);
+  });
+
+program
+  .command('validate')
+  .description('check an agent folder (AGENTS.md and skills/*/SKILL.md) and print every problem')
+  .argument('<dir>', 'the agent folder')
+  .action(async (dir: string) => {
+    const result = await loadAgentFolder(resolve(dir));
+    if (!result.ok) {
+      printProblems(dir, result.problems);
+      process.exitCode = 1;
+      return;
+    }
+    const { value, skills } = result;
+    const model = typeof value.model === 'string' ? value.model : value.model.id;
+    const tools = enabledToolNames(value.tools ?? []);
+    const count = (n: number, noun: string) => `${n} ${noun}${n === 1 ? '' : 's'}`;
+    console.log(
+      `${dir}: OK: agent "${value.name}", model ${model}, ${count(tools.length, 'tool')}` +
+        `${tools.length > 0 ? ` (${tools.join(', ')})` : ''}, ${count(skills.length, 'skill')}` +
+        `${skills.length > 0 ? ` (${skills.map((skill) => skill.name).join(', ')})` : ''}`,
+    );
+  });
+
+program
+  .command('apply')
+  .description(
+    'create the agent defined by a folder, or update the agent of the same name when the folder changed it',
+  )
+  .argument('<dir>', 'the agent folder (AGENTS.md and skills/)')
+  .option('--url <url>', 'a running Berth server (default: start one in-process)', process.env.BERTH_URL)
+  .option(
+    '--api-key <key>',
+    'API key (default: BERTH_API_KEY or <data-dir>/admin.key)',
+    process.env.BERTH_API_KEY,
+  )
+  .addOption(dataDirOption())
+  .action(async (dir: string, options: ClientOptions) => {
+    const params = await readAgentFolder(dir);
+    await withClient(options, async (client) => {
+      const outcome = await applyAgent(client, params);
+      const { agent } = outcome;
+      if (outcome.kind === 'created') console.log(`created agent ${agent.id} version ${agent.version}`);
+      else if (outcome.kind === 'updated') {
+        for (const change of outcome.changes) console.log(`  ${change}`);
+        console.log(`updated agent ${agent.id} to version ${agent.version}`);
+      } else {
+        if (outcome.note) console.log(dim(`  ${outcome.note}`));
+        console.log(`agent ${agent.id} unchanged (version ${agent.version})`);
+      }
+    });
   });
 
 const sessions = program.command('sessions').description('inspect sessions');
@@ -170,15 +228,37 @@ function stopOnSignals(berth: RunningBerth) {
   process.once('SIGTERM', stop);
 }
 
-/** Reads an agent definition: a JSON file, or a folder holding agent.json. */
-function readAgentFile(path: string): Anthropic.Beta.AgentCreateParams {
+/** Reads an agent definition: a folder holding AGENTS.md or agent.json, or a JSON file. */
+async function readAgentFile(path: string): Promise<Anthropic.Beta.AgentCreateParams> {
   let file = resolve(path);
-  if (existsSync(file) && statSync(file).isDirectory()) file = join(file, 'agent.json');
+  if (existsSync(file) && statSync(file).isDirectory()) {
+    if (existsSync(join(file, agentFileName))) {
+      return (await readAgentFolder(path)) as Anthropic.Beta.AgentCreateParams;
+    }
+    file = join(file, 'agent.json');
+  }
   if (!existsSync(file)) throw new UsageError(`no agent definition at ${file}`);
   try {
     return JSON.parse(readFileSync(file, 'utf8'));
   } catch (error) {
     throw new UsageError(`${file} is not valid JSON: ${(error as Error).message}`);
+  }
+}
+
+/** Loads an agent folder, or prints its problems to stderr and fails. */
+async function readAgentFolder(dir: string): Promise<AgentCreate> {
+  const result = await loadAgentFolder(resolve(dir));
+  if (result.ok) return result.value;
+  printProblems(dir, result.problems, console.error);
+  const count = result.problems.length;
+  throw new UsageError(`${dir} has ${count} problem${count === 1 ? '' : 's'}`);
+}
+
+/** Prints problems as `file:line: message`, with paths relative to the working directory. */
+function printProblems(dir: string, problems: readonly Problem[], write = console.log) {
+  for (const problem of problems) {
+    const file = relative(process.cwd(), join(resolve(dir), problem.file)) || '.';
+    write(`${file}${problem.line ? `:${problem.line}` : ''}: ${problem.message}`);
   }
 }
 

@@ -1,0 +1,147 @@
+import { execFile } from 'node:child_process';
+import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { applyAgent } from '../src/cli/apply-agent.js';
+import { loadAgentFolder } from '../src/config/agent-files.js';
+import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+
+const root = resolve(import.meta.dirname, '..');
+const examples = join(root, 'examples');
+
+/** Runs `node bin/berth.js <args>` without blocking the event loop (the test server lives here). */
+function berthCli(args: string[], cwd = root): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((done) => {
+    execFile(
+      process.execPath,
+      [join(root, 'bin/berth.js'), ...args],
+      { cwd, env: { ...process.env, BERTH_URL: '', BERTH_API_KEY: '' } },
+      (error, stdout, stderr) => {
+        done({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
+      },
+    );
+  });
+}
+
+async function load(dir: string) {
+  const result = await loadAgentFolder(dir);
+  if (!result.ok) throw new Error(JSON.stringify(result.problems));
+  return result.value;
+}
+
+let berth: TestBerth;
+let workDir: string;
+
+beforeAll(async () => {
+  berth = await startTestBerth();
+  workDir = await mkdtemp(join(tmpdir(), 'berth-apply-'));
+});
+
+afterAll(async () => {
+  await berth?.dispose();
+  if (workDir) await rm(workDir, { recursive: true, force: true });
+});
+
+describe('berth apply', () => {
+  it('creates version 1, changes nothing on a second apply, and makes version 2 after an edit', async () => {
+    const dir = join(workDir, 'file-helper');
+    await cp(join(examples, 'file-helper'), dir, { recursive: true });
+
+    const first = await applyAgent(berth.client, await load(dir));
+    expect(first.kind).toBe('created');
+    expect(first.agent.version).toBe(1);
+
+    const second = await applyAgent(berth.client, await load(dir));
+    expect(second).toMatchObject({ kind: 'unchanged', agent: { id: first.agent.id, version: 1 } });
+
+    const agentFile = join(dir, 'AGENTS.md');
+    await writeFile(agentFile, `${await readFile(agentFile, 'utf8')}\nAnswer in one paragraph.\n`);
+    const third = await applyAgent(berth.client, await load(dir));
+    expect(third).toMatchObject({ kind: 'updated', changes: ['system: changed'] });
+    expect(third.agent).toMatchObject({ id: first.agent.id, version: 2 });
+    expect(third.agent.system).toContain('Answer in one paragraph.');
+
+    const versions = await berth.client.beta.agents.versions.list(first.agent.id);
+    expect(versions.data.map((agent) => agent.version)).toEqual([2, 1]);
+  });
+
+  it('names each changed field: tools added and removed, metadata keys dropped, the model', async () => {
+    const dir = join(workDir, 'changes');
+    await cp(join(examples, 'file-helper'), dir, { recursive: true });
+    const agentFile = join(dir, 'AGENTS.md');
+    const original = await readFile(agentFile, 'utf8');
+    const created = await applyAgent(berth.client, { ...(await load(dir)), name: 'changes' });
+
+    await writeFile(
+      agentFile,
+      original
+        .replace('tools: [bash, read, glob, grep]', 'tools: [bash, read, glob, write]')
+        .replace('model: scripted/bash-once', 'model: scripted/echo')
+        .replace('metadata:\n  example: "true"\n', ''),
+    );
+    const updated = await applyAgent(berth.client, { ...(await load(dir)), name: 'changes' });
+    expect(updated).toMatchObject({
+      kind: 'updated',
+      changes: ['model: scripted/bash-once → scripted/echo', 'tools: +write, -grep', 'metadata: -example'],
+      agent: { id: created.agent.id, version: 2, metadata: {} },
+    });
+  });
+
+  it('works from the command line against a running server', async () => {
+    const dir = join(workDir, 'demo');
+    await cp(join(examples, 'demo'), dir, { recursive: true });
+    const options = ['--url', berth.url, '--api-key', berth.apiKey];
+
+    const created = await berthCli(['apply', dir, ...options]);
+    expect(created.stderr).toBe('');
+    expect(created.code).toBe(0);
+    const id = /^created agent (\S+) version 1$/m.exec(created.stdout)?.[1];
+    expect(id).toBeDefined();
+
+    const again = await berthCli(['apply', dir, ...options]);
+    expect(again.stdout.trim()).toBe(`agent ${id} unchanged (version 1)`);
+
+    const agentFile = join(dir, 'AGENTS.md');
+    await writeFile(agentFile, (await readFile(agentFile, 'utf8')).replace('summarise briefly', 'stop'));
+    const edited = await berthCli(['apply', dir, ...options]);
+    expect(edited.stdout).toBe(`  system: changed\nupdated agent ${id} to version 2\n`);
+
+    await writeFile(agentFile, '---\nname: demo\n---\n');
+    const broken = await berthCli(['apply', dir, ...options]);
+    expect(broken.code).toBe(1);
+    expect(broken.stderr).toContain('AGENTS.md:1: missing required key "model"');
+    expect(broken.stdout).toBe('');
+  });
+});
+
+describe('berth validate', () => {
+  it('exits 0 with a summary line for both examples', async () => {
+    const demo = await berthCli(['validate', 'examples/demo']);
+    expect(demo).toMatchObject({ code: 0, stderr: '' });
+    expect(demo.stdout).toMatch(/^examples\/demo: OK: agent "berth-demo", model scripted\/demo, 8 tools/);
+    const fileHelper = await berthCli(['validate', 'examples/file-helper']);
+    expect(fileHelper).toMatchObject({
+      code: 0,
+      stdout:
+        'examples/file-helper: OK: agent "file-helper", model scripted/bash-once, 4 tools (bash, read, glob, grep), 1 skill (summarize-files)\n',
+    });
+  });
+
+  it('exits 1 and prints every problem as file:line: message, relative to the working directory', async () => {
+    const dir = join(workDir, 'broken');
+    await cp(join(examples, 'file-helper'), dir, { recursive: true });
+    await writeFile(join(dir, 'AGENTS.md'), '---\nname: broken\nmodel: gpt-4\ntools: [bash, grpe]\n---\n');
+    await writeFile(
+      join(dir, 'skills/summarize-files/SKILL.md'),
+      '---\nname: summarise-files\ndescription: x\n---\n',
+    );
+    const result = await berthCli(['validate', 'broken'], workDir);
+    expect(result.code).toBe(1);
+    expect(result.stdout.trim().split('\n')).toEqual([
+      expect.stringMatching(/^broken\/AGENTS\.md:3: model must be/),
+      expect.stringMatching(/^broken\/AGENTS\.md:4: unknown built-in tool "grpe"/),
+      'broken/skills/summarize-files/SKILL.md:2: skill name "summarise-files" must match its folder name "summarize-files"',
+    ]);
+  });
+});
