@@ -1,11 +1,12 @@
 import { mkdir } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
+import { resolve } from 'node:path';
 import { serve } from '@hono/node-server';
 import { createApp } from './api/app.js';
 import type { BerthConfig } from './config/config.js';
 import { SandboxManager } from './control/sandbox-manager.js';
 import { type Logger, Supervisor } from './control/supervisor.js';
-import { createToolbox } from './control/toolbox.js';
+import { Toolboxes } from './control/toolbox.js';
 import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
 import { ensureAdminKey } from './identity/api-keys.js';
@@ -78,11 +79,12 @@ export async function startBerth(
   const models = options.models ?? createModelRegistry({ environment: config.modelEnvironment });
   const deltas = new DeltaBus();
   const sandboxes = new SandboxManager({ drivers, store, dataDir: config.dataDir });
+  const toolboxes = new Toolboxes({ sandboxes, projectRoot: resolve(import.meta.dirname, '..') });
   const harness = createHarness({
     store,
     models,
     deltas,
-    toolboxFor: (session) => createToolbox(session, sandboxes),
+    toolboxFor: (session) => toolboxes.for(session),
     maxModelRetries: config.maxModelRetries,
     retryBaseDelayMs: config.retryBaseDelayMs,
   });
@@ -93,7 +95,10 @@ export async function startBerth(
   const app = createApp({
     store,
     supervisor,
-    sandboxes,
+    forgetSession: async (sessionId) => {
+      await toolboxes.release(sessionId);
+      await sandboxes.discard(sessionId);
+    },
     deltas,
     sandboxDrivers: [...drivers.keys()],
     unavailableDrivers,
@@ -125,6 +130,7 @@ export async function startBerth(
           (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
         });
         await supervisor.shutdown();
+        await toolboxes.releaseAll();
         await sandboxes.releaseAll();
         await store.close();
       })();

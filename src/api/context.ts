@@ -1,6 +1,5 @@
 import type { Context } from 'hono';
 import { z } from 'zod';
-import type { SandboxManager } from '../control/sandbox-manager.js';
 import type { Supervisor } from '../control/supervisor.js';
 import { invalidRequest } from '../errors.js';
 import type { DeltaBus } from '../harness/delta-bus.js';
@@ -12,8 +11,8 @@ import { describeZodError } from './errors.js';
 export interface ApiDependencies {
   store: Store;
   supervisor: Supervisor;
-  /** Live sandboxes; a deleted session's sandbox and files go with it. */
-  sandboxes: SandboxManager;
+  /** Drops everything live of a deleted session: MCP connections, sandbox, files. */
+  forgetSession(sessionId: string): Promise<void>;
   deltas: DeltaBus;
   /** Sandbox drivers this host can run, by name; the first is the default. */
   sandboxDrivers: readonly string[];

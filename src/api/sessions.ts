@@ -217,7 +217,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     }
     await supervisor.settled(session.id);
     await resources.delete('session', principal.tenantId, session.id);
-    await dependencies.sandboxes.discard(session.id);
+    await dependencies.forgetSession(session.id);
     return context.json({ id: session.id, type: 'session_deleted' });
   });
 

@@ -1,7 +1,7 @@
 import { chown, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BerthError } from '../errors.js';
-import type { SandboxDriver, SandboxHandle } from '../sandbox/driver.js';
+import type { SandboxDriver, SandboxHandle, SandboxSpec } from '../sandbox/driver.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 
 /** Lazily gives a session its sandbox: provisioned on the first tool call, then reused. */
@@ -38,8 +38,8 @@ export class SandboxManager {
   }
 
   /** Access to the session's sandbox; nothing is provisioned until `get()` is called. */
-  access(session: SessionRecord): SandboxAccess {
-    return { get: () => this.#get(session) };
+  access(session: SessionRecord, extra?: Pick<SandboxSpec, 'readOnlyMounts'>): SandboxAccess {
+    return { get: () => this.#get(session, extra) };
   }
 
   /** The driver a session's sandbox runs on, once provisioned. */
@@ -47,7 +47,7 @@ export class SandboxManager {
     return this.#entries.get(sessionId)?.driver;
   }
 
-  async #get(session: SessionRecord): Promise<SandboxHandle> {
+  async #get(session: SessionRecord, extra?: Pick<SandboxSpec, 'readOnlyMounts'>): Promise<SandboxHandle> {
     const existing = this.#entries.get(session.id);
     if (existing) return existing.handle;
     const environment = await this.#store.resources.get(
@@ -74,6 +74,7 @@ export class SandboxManager {
       return driver.provision({
         sessionId: session.id,
         workdir,
+        readOnlyMounts: extra?.readOnlyMounts,
         limits: {
           cpu: berth?.limits?.cpu,
           memoryMb: berth?.limits?.memory_mb,

@@ -1,4 +1,7 @@
+import { mcpModelToolName } from '../harness/context.js';
 import type { HarnessTool, SessionToolbox } from '../harness/harness.js';
+import { mcpPackagesMount } from '../mcp/mcp-packages.js';
+import { createMcpSession, type McpServerSpec, type McpSession, type McpTool } from '../mcp/mcp-session.js';
 import type { SessionRecord } from '../store/resource-store.js';
 import { builtinToolDefinitions, createBuiltinToolExecutor } from '../tools/builtin-tools.js';
 import type { SandboxManager } from './sandbox-manager.js';
@@ -8,6 +11,7 @@ interface AgentToolEntry {
   name?: string;
   description?: string;
   input_schema?: Record<string, unknown>;
+  mcp_server_name?: string;
   configs?: { name: string; enabled: boolean; permission_policy?: { type: string } }[];
   default_config?: { enabled: boolean; permission_policy?: { type: string } };
 }
@@ -29,11 +33,7 @@ export function toolsOfAgent(agentTools: readonly AgentToolEntry[]): HarnessTool
           inputSchema: definition.inputSchema as Record<string, unknown>,
           kind: 'builtin',
           readOnly: definition.readOnly,
-          // `auto` (a model-evaluated policy upstream) runs like `always_allow` in Berth.
-          permission:
-            (config?.permission_policy ?? entry.default_config?.permission_policy)?.type === 'always_ask'
-              ? 'ask'
-              : 'allow',
+          permission: permissionOf(config, entry, 'allow'),
         });
       }
     } else if (entry.type === 'custom') {
@@ -50,18 +50,138 @@ export function toolsOfAgent(agentTools: readonly AgentToolEntry[]): HarnessTool
   return tools;
 }
 
-/** Builds a session's toolbox; the sandbox behind it is provisioned on the first built-in call. */
-export function createToolbox(session: SessionRecord, sandboxes: SandboxManager): SessionToolbox {
-  const agent = session.body.agent as { tools?: AgentToolEntry[] };
-  const tools = toolsOfAgent(agent.tools ?? []);
-  const access = sandboxes.access(session);
-  return {
-    listTools: async () => tools,
-    async execute(name, input, options) {
-      const handle = await access.get();
+/** Permission of a tool from its config, falling back to the toolset default, then `fallback`. */
+function permissionOf(
+  config: { permission_policy?: { type: string } } | undefined,
+  entry: AgentToolEntry,
+  fallback: 'allow' | 'ask',
+): 'allow' | 'ask' {
+  // `auto` (a model-evaluated policy upstream) runs like `always_allow` in Berth.
+  const type = (config?.permission_policy ?? entry.default_config?.permission_policy)?.type;
+  if (type === undefined) return fallback;
+  return type === 'always_ask' ? 'ask' : 'allow';
+}
+
+/** The MCP tools an agent's `mcp_toolset` entries enable, from the servers' tool lists. */
+export function mcpToolsOfAgent(
+  agentTools: readonly AgentToolEntry[],
+  listed: readonly McpTool[],
+): HarnessTool[] {
+  const tools: HarnessTool[] = [];
+  for (const entry of agentTools) {
+    if (entry.type !== 'mcp_toolset') continue;
+    for (const tool of listed) {
+      if (tool.serverName !== entry.mcp_server_name) continue;
+      const config = entry.configs?.find((candidate) => candidate.name === tool.name);
+      if (!(config?.enabled ?? entry.default_config?.enabled ?? true)) continue;
+      tools.push({
+        name: mcpModelToolName(tool.serverName, tool.name),
+        description: tool.description,
+        inputSchema: tool.inputSchema,
+        kind: 'mcp',
+        mcp: { serverName: tool.serverName, toolName: tool.name },
+        readOnly: false,
+        // MCP tools ask first unless the agent says otherwise, as in the official API.
+        permission: permissionOf(config, entry, 'ask'),
+      });
+    }
+  }
+  return tools;
+}
+
+interface SessionEntry {
+  toolbox: SessionToolbox;
+  mcp: McpSession | undefined;
+}
+
+/**
+ * The toolboxes of this process's sessions: built-in tools run in the session's sandbox
+ * (provisioned on first use); MCP servers are connected on first need and kept for the
+ * session (stdio servers run inside its sandbox, with Berth's `node_modules` mounted
+ * read-only so the bundled servers are there).
+ */
+export class Toolboxes {
+  readonly #entries = new Map<string, SessionEntry>();
+  readonly #sandboxes: SandboxManager;
+  readonly #projectRoot: string;
+  readonly #mcpTimeoutMs: number | undefined;
+
+  constructor(options: { sandboxes: SandboxManager; projectRoot: string; mcpTimeoutMs?: number }) {
+    this.#sandboxes = options.sandboxes;
+    this.#projectRoot = options.projectRoot;
+    this.#mcpTimeoutMs = options.mcpTimeoutMs;
+  }
+
+  /** The session's toolbox (made once per session and process). */
+  for(session: SessionRecord): SessionToolbox {
+    const existing = this.#entries.get(session.id);
+    if (existing) return existing.toolbox;
+    const agent = session.body.agent as { tools?: AgentToolEntry[]; mcp_servers?: McpServerSpec[] };
+    const agentTools = agent.tools ?? [];
+    const builtin = toolsOfAgent(agentTools);
+    const servers = (agent.mcp_servers ?? []).filter((server) =>
+      agentTools.some((tool) => tool.type === 'mcp_toolset' && tool.mcp_server_name === server.name),
+    );
+    const needsPackages = servers.some((server) => server.type === 'stdio');
+    const access = this.#sandboxes.access(
+      session,
+      needsPackages ? { readOnlyMounts: [mcpPackagesMount(this.#projectRoot)] } : undefined,
+    );
+    const sandboxes = this.#sandboxes;
+    const driverOf = () => {
       const driver = sandboxes.driverOf(session.id);
       if (!driver) throw new Error("the session's sandbox was released while a tool was starting");
-      return createBuiltinToolExecutor(driver, { get: async () => handle }).execute(name, input, options);
-    },
-  };
+      return driver;
+    };
+    const mcp =
+      servers.length === 0
+        ? undefined
+        : createMcpSession({
+            servers,
+            requestTimeoutMs: this.#mcpTimeoutMs,
+            spawnInSandbox: async (argv, env) => {
+              const handle = await access.get();
+              const driver = driverOf();
+              if (!driver.spawn)
+                throw new Error(`sandbox driver ${driver.name} cannot run stdio MCP servers`);
+              return driver.spawn(handle, argv, { env });
+            },
+          });
+    let listing: Promise<readonly HarnessTool[]> | undefined;
+    const toolbox: SessionToolbox = {
+      listTools: () => {
+        listing ??= (async () => [
+          ...builtin,
+          ...mcpToolsOfAgent(agentTools, mcp ? await mcp.listTools() : []),
+        ])();
+        return listing;
+      },
+      async execute(name, input, options) {
+        const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
+        if (tool?.kind === 'mcp' && mcp) {
+          return mcp.callTool(tool.mcp!.serverName, tool.mcp!.toolName, input, options);
+        }
+        const handle = await access.get();
+        return createBuiltinToolExecutor(driverOf(), { get: async () => handle }).execute(
+          name,
+          input,
+          options,
+        );
+      },
+    };
+    this.#entries.set(session.id, { toolbox, mcp });
+    return toolbox;
+  }
+
+  /** Closes the session's MCP connections (its sandbox is released separately). */
+  async release(sessionId: string): Promise<void> {
+    const entry = this.#entries.get(sessionId);
+    this.#entries.delete(sessionId);
+    await entry?.mcp?.close();
+  }
+
+  /** Closes every session's MCP connections. */
+  async releaseAll(): Promise<void> {
+    await Promise.all([...this.#entries.keys()].map((sessionId) => this.release(sessionId)));
+  }
 }

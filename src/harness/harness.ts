@@ -11,7 +11,7 @@ import type { SessionRecord, Store } from '../store/resource-store.js';
 import { buildPrompt, modelToolName } from './context.js';
 import type { DeltaBus } from './delta-bus.js';
 import { selectTools, TOOL_SELECTION_THRESHOLD } from './tool-selection.js';
-import { decideNextStep } from './turn-state.js';
+import { decideNextStep, openRuntimeToolUses } from './turn-state.js';
 
 /** A tool the model may call, as the harness offers it. */
 export interface HarnessTool {
@@ -233,8 +233,7 @@ export function createHarness(dependencies: HarnessDependencies) {
           }
           // Resuming confirmed tool uses: this wake starts the turn, so it is the first to run them.
           appended = await append([running]);
-          if (then.kind === 'run_tools')
-            for (const toolUse of then.toolUses) startedHere.add(toolUse.event.id);
+          for (const toolUse of openRuntimeToolUses(log)) startedHere.add(toolUse.event.id);
           break;
         }
         case 'deny_tool':

@@ -79,6 +79,16 @@ export function pendingClientActions(log: readonly StoredEvent[]): StoredEvent[]
   );
 }
 
+/** Tool uses the runtime runs (built-in and MCP) that have no result yet. */
+export function openRuntimeToolUses(log: readonly StoredEvent[]): StoredEvent[] {
+  const answered = answeredIds(log);
+  return log.filter(
+    (stored) =>
+      (stored.event.type === 'agent.tool_use' || stored.event.type === 'agent.mcp_tool_use') &&
+      !answered.has(stored.event.id),
+  );
+}
+
 function answeredIds(log: readonly StoredEvent[]): Set<string> {
   const answered = new Set<string>();
   for (const stored of log) {
