@@ -160,4 +160,30 @@ describe('official Anthropic SDK against Berth', () => {
     for await (const event of client.beta.sessions.events.list(session.id)) stored.push(event.type);
     expect(stored).not.toContain('event_delta');
   });
+
+  it('applies metadata patches like the official API: null removes a key', async () => {
+    const { client } = berth;
+    const environment = await client.beta.environments.create({
+      name: 'meta',
+      metadata: { team: 'a', tier: 'x' },
+    });
+    const patched = await client.beta.environments.update(environment.id, {
+      metadata: { tier: null, owner: 'b' },
+    });
+    expect(patched.metadata).toEqual({ team: 'a', owner: 'b' });
+    const agent = await client.beta.agents.create({
+      name: 'meta',
+      model: 'scripted/echo',
+      metadata: { a: '1' },
+    });
+    const session = await client.beta.sessions.create({
+      agent: agent.id,
+      environment_id: environment.id,
+      metadata: { k: 'v' },
+    });
+    expect(
+      (await client.beta.sessions.update(session.id, { metadata: { k: null, j: 'w' } })).metadata,
+    ).toEqual({ j: 'w' });
+    expect((await client.beta.agents.update(agent.id, { metadata: { a: null } })).metadata).toEqual({});
+  });
 });

@@ -5,10 +5,12 @@ import type { ResourceRecord } from '../store/resource-store.js';
 import type { ApiDependencies } from './context.js';
 import {
   type ApiEnvironment,
+  archiveRecord,
+  listRecords,
+  mergeMetadata,
+  newRecord,
   nowIso,
   readBody,
-  readFlag,
-  readOrder,
   readPageQuery,
   readPositiveInteger,
 } from './context.js';
@@ -141,14 +143,7 @@ function applyUpdate(current: AgentCreate, update: AgentUpdate): AgentCreate {
   if (update.mcp_servers !== undefined) next.mcp_servers = update.mcp_servers ?? [];
   if (update.skills !== undefined) next.skills = update.skills ?? [];
   if (update.execution_identity !== undefined) next.execution_identity = update.execution_identity;
-  if (update.metadata !== undefined) {
-    const metadata = { ...(current.metadata ?? {}) };
-    for (const [key, value] of Object.entries(update.metadata ?? {})) {
-      if (value === null) delete metadata[key];
-      else metadata[key] = value;
-    }
-    next.metadata = update.metadata === null ? {} : metadata;
-  }
+  if (update.metadata !== undefined) next.metadata = mergeMetadata(current.metadata, update.metadata);
   return next;
 }
 
@@ -166,31 +161,12 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const now = nowIso();
     const id = newId('agent');
     const body = agentBody(id, 1, input, now, now);
-    const record: ResourceRecord = {
-      id,
-      tenantId: principal.tenantId,
-      ownerId: principal.userId,
-      createdAt: now,
-      updatedAt: now,
-      archivedAt: null,
-      body,
-    };
+    const record = newRecord(principal, id, now, body);
     await resources.createAgent(record);
     return context.json(body);
   });
 
-  app.get('/', async (context) => {
-    const principal = context.get('principal');
-    const { limit, cursor } = readPageQuery(context);
-    const page = await resources.list('agent', {
-      tenantId: principal.tenantId,
-      limit,
-      cursor,
-      includeArchived: readFlag(context, 'include_archived'),
-      order: readOrder(context, 'desc'),
-    });
-    return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
-  });
+  app.get('/', (context) => listRecords(context, resources, 'agent'));
 
   app.get('/:id', async (context) => {
     const principal = context.get('principal');
@@ -246,14 +222,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const id = context.req.param('id');
     const record = await resources.get('agent', principal.tenantId, id);
     if (!record) throw notFound('agent', id);
-    if (!record.archivedAt) {
-      const now = nowIso();
-      record.archivedAt = now;
-      record.updatedAt = now;
-      record.body = { ...record.body, archived_at: now, updated_at: now };
-      await resources.update('agent', record);
-    }
-    return context.json(record.body);
+    return context.json(await archiveRecord(resources, 'agent', record));
   });
 
   return app;

@@ -4,7 +4,7 @@ import type { Supervisor } from '../control/supervisor.js';
 import { invalidRequest } from '../errors.js';
 import type { DeltaBus } from '../harness/delta-bus.js';
 import type { Principal } from '../identity/api-keys.js';
-import type { Store } from '../store/resource-store.js';
+import type { ResourceRecord, ResourceStore, Store } from '../store/resource-store.js';
 import { describeZodError } from './errors.js';
 
 /** What the routes need; built once by `createApp`. */
@@ -108,4 +108,72 @@ export function readArrayQuery(context: ApiContext, name: string): string[] | un
 /** Now as the API shows times. */
 export function nowIso(): string {
   return new Date().toISOString();
+}
+
+/**
+ * Applies a metadata patch as the official API does: a key set to null is removed; a null
+ * patch clears everything.
+ */
+export function mergeMetadata(
+  current: Record<string, string> | undefined,
+  patch: Record<string, string | null> | null,
+): Record<string, string> {
+  if (patch === null) return {};
+  const metadata = { ...(current ?? {}) };
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete metadata[key];
+    else metadata[key] = value;
+  }
+  return metadata;
+}
+
+/** A new row owned by the caller. */
+export function newRecord(
+  principal: Principal,
+  id: string,
+  now: string,
+  body: Record<string, unknown>,
+): ResourceRecord {
+  return {
+    id,
+    tenantId: principal.tenantId,
+    ownerId: principal.userId,
+    createdAt: now,
+    updatedAt: now,
+    archivedAt: null,
+    body,
+  };
+}
+
+/** Marks a row archived (once) and stores it; returns the body to answer with. */
+export async function archiveRecord(
+  resources: ResourceStore,
+  kind: 'agent' | 'environment',
+  record: ResourceRecord,
+): Promise<Record<string, unknown>> {
+  if (!record.archivedAt) {
+    const now = nowIso();
+    record.archivedAt = now;
+    record.updatedAt = now;
+    record.body = { ...record.body, archived_at: now, updated_at: now };
+    await resources.update(kind, record);
+  }
+  return record.body;
+}
+
+/** `GET /v1/agents` and `GET /v1/environments`: a tenant's rows, newest first, page by page. */
+export async function listRecords(
+  context: ApiContext,
+  resources: ResourceStore,
+  kind: 'agent' | 'environment',
+) {
+  const { limit, cursor } = readPageQuery(context);
+  const page = await resources.list(kind, {
+    tenantId: context.get('principal').tenantId,
+    limit,
+    cursor,
+    includeArchived: readFlag(context, 'include_archived'),
+    order: readOrder(context, 'desc'),
+  });
+  return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
 }

@@ -1,15 +1,15 @@
 import { Hono } from 'hono';
 import { conflict, invalidRequest, notFound } from '../errors.js';
 import { newId } from '../ids.js';
-import type { ResourceRecord } from '../store/resource-store.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
+  archiveRecord,
+  listRecords,
+  mergeMetadata,
+  newRecord,
   nowIso,
   readBody,
-  readFlag,
-  readOrder,
-  readPageQuery,
 } from './context.js';
 import { type EnvironmentConfigParams, environmentCreate, environmentUpdate } from './schemas.js';
 
@@ -100,31 +100,12 @@ export function environmentRoutes(dependencies: ApiDependencies) {
       updated_at: now,
       archived_at: null,
     };
-    const record: ResourceRecord = {
-      id,
-      tenantId: principal.tenantId,
-      ownerId: principal.userId,
-      createdAt: now,
-      updatedAt: now,
-      archivedAt: null,
-      body,
-    };
+    const record = newRecord(principal, id, now, body);
     await resources.insert('environment', record);
     return context.json(body);
   });
 
-  app.get('/', async (context) => {
-    const principal = context.get('principal');
-    const { limit, cursor } = readPageQuery(context);
-    const page = await resources.list('environment', {
-      tenantId: principal.tenantId,
-      limit,
-      cursor,
-      includeArchived: readFlag(context, 'include_archived'),
-      order: readOrder(context, 'desc'),
-    });
-    return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
-  });
+  app.get('/', (context) => listRecords(context, resources, 'environment'));
 
   app.get('/:id', async (context) => {
     const record = await load(context.get('principal').tenantId, context.req.param('id'));
@@ -143,12 +124,7 @@ export function environmentRoutes(dependencies: ApiDependencies) {
     if (input.scope != null) body.scope = input.scope;
     if (input.config != null) body.config = normalizeConfig(input.config, dependencies);
     if (input.metadata !== undefined) {
-      const metadata = { ...(body.metadata as Record<string, string>) };
-      for (const [key, value] of Object.entries(input.metadata)) {
-        if (value === null) delete metadata[key];
-        else metadata[key] = value;
-      }
-      body.metadata = metadata;
+      body.metadata = mergeMetadata(body.metadata as Record<string, string>, input.metadata);
     }
     record.body = body;
     record.updatedAt = now;
@@ -158,14 +134,7 @@ export function environmentRoutes(dependencies: ApiDependencies) {
 
   app.post('/:id/archive', async (context) => {
     const record = await load(context.get('principal').tenantId, context.req.param('id'));
-    if (!record.archivedAt) {
-      const now = nowIso();
-      record.archivedAt = now;
-      record.updatedAt = now;
-      record.body = { ...record.body, archived_at: now, updated_at: now };
-      await resources.update('environment', record);
-    }
-    return context.json(record.body);
+    return context.json(await archiveRecord(resources, 'environment', record));
   });
 
   app.delete('/:id', async (context) => {

@@ -6,6 +6,8 @@ import type { SessionRecord, Store } from '../store/resource-store.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
+  mergeMetadata,
+  newRecord,
   nowIso,
   readArrayQuery,
   readBody,
@@ -121,13 +123,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       created_at: now,
     };
     const record: SessionRecord = {
-      id,
-      tenantId: principal.tenantId,
-      ownerId: principal.userId,
-      createdAt: now,
-      updatedAt: now,
-      archivedAt: null,
-      body,
+      ...newRecord(principal, id, now, body),
       agentId: agent.id,
       agentVersion: agent.body.version as number,
       environmentId: environment.id,
@@ -183,12 +179,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     if (input.title !== undefined) body.title = input.title;
     if (input.budget !== undefined) body.budget = input.budget;
     if (input.metadata !== undefined) {
-      const metadata = { ...(body.metadata as Record<string, string>) };
-      for (const [key, value] of Object.entries(input.metadata ?? {})) {
-        if (value === null) delete metadata[key];
-        else metadata[key] = value;
-      }
-      body.metadata = input.metadata === null ? {} : metadata;
+      body.metadata = mergeMetadata(body.metadata as Record<string, string>, input.metadata);
     }
     session.body = body;
     session.updatedAt = now;
