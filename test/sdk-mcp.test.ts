@@ -155,4 +155,48 @@ describe('MCP tools in a session', () => {
     expect(results.map((event) => event.is_error)).toEqual([true, false]);
     expect(JSON.stringify(results[0]!.content)).toContain('no writes');
   });
+
+  it('reports an MCP server that fails to start once, and the turn goes on without its tools', async () => {
+    const agent = await berth.client.beta.agents.create({
+      name: 'mcp-broken',
+      model: 'scripted/mcp-user',
+      mcp_servers: [
+        {
+          name: 'fs',
+          type: 'stdio',
+          command: 'node',
+          args: [MCP_SERVER_ENTRY_POINTS.filesystem, '/workspace'],
+        } as never,
+        { name: 'everything', type: 'stdio', command: 'node', args: ['-e', 'process.exit(3)'] } as never,
+      ],
+      tools: [
+        {
+          type: 'mcp_toolset',
+          mcp_server_name: 'fs',
+          default_config: { permission_policy: { type: 'always_allow' } },
+        },
+        {
+          type: 'mcp_toolset',
+          mcp_server_name: 'everything',
+          default_config: { permission_policy: { type: 'always_allow' } },
+        },
+      ],
+    });
+    const sessionId = (
+      await berth.client.beta.sessions.create({ agent: agent.id, environment_id: environmentId })
+    ).id;
+    const seen = await run(sessionId, [{ type: 'user.message', content: [{ type: 'text', text: 'go' }] }]);
+    const errors = seen.filter((event) => event.type === 'session.error');
+    expect(errors).toHaveLength(1);
+    expect(errors[0]!.error).toMatchObject({
+      type: 'mcp_connection_failed_error',
+      mcp_server_name: 'everything',
+    });
+    // The model still got the working server's tool; the broken server's tool is an error result.
+    const results = seen.filter(
+      (event) => event.type === 'agent.mcp_tool_result' || event.type === 'agent.tool_result',
+    );
+    expect(results.map((event) => event.is_error)).toEqual([false, true]);
+    expect(seen[seen.length - 1]!.stop_reason).toEqual({ type: 'end_turn' });
+  });
 });

@@ -156,6 +156,7 @@ export class Toolboxes {
         ])();
         return listing;
       },
+      failures: () => mcp?.errors() ?? [],
       async execute(name, input, options) {
         const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
         if (tool?.kind === 'mcp' && mcp) {

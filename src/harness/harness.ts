@@ -38,6 +38,8 @@ export interface SessionToolbox {
   /** The tools on offer (MCP tool lists are fetched once per session, on first call). */
   listTools(): Promise<readonly HarnessTool[]>;
   execute(name: string, input: unknown, options: { signal: AbortSignal }): Promise<ToolOutcome>;
+  /** MCP servers whose tools are missing, and why (reported once per session as `session.error`). */
+  failures?(): { serverName: string; message: string }[];
 }
 
 /** Per-wake controls from the supervisor. */
@@ -379,6 +381,23 @@ export function createHarness(dependencies: HarnessDependencies) {
       const { stream } = await call;
       const response = await collect(stream, session.id, messageId, signal);
       const events: NewEvent[] = [];
+      const reported = new Set(
+        log
+          .filter((stored) => stored.event.type === 'session.error')
+          .map((stored) => (stored.event.error as { mcp_server_name?: string } | undefined)?.mcp_server_name),
+      );
+      for (const failure of toolbox.failures?.() ?? []) {
+        if (reported.has(failure.serverName)) continue;
+        events.push({
+          type: 'session.error',
+          error: {
+            type: 'mcp_connection_failed_error',
+            mcp_server_name: failure.serverName,
+            message: failure.message,
+            retry_status: { type: 'terminal' },
+          },
+        });
+      }
       if (response.reasoning) events.push({ type: 'agent.thinking' });
       if (response.text) {
         events.push({

@@ -275,7 +275,10 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
         message,
         ['session.status_running'],
         ['span.model_request_start'],
-        ['session.error', { error: { retry_status: { type: 'terminal' } } }],
+        [
+          'session.error',
+          { error: { type: 'model_request_failed_error', retry_status: { type: 'terminal' } } },
+        ],
         ['span.model_request_end', { is_error: true }],
       ),
     );

@@ -195,12 +195,16 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
     (stored) => inputTypes.has(stored.event.type) || resultTypes.has(stored.event.type),
   );
   if (unseenInput) return { kind: 'call_model', failures: 0 };
-  const terminal = afterStart.some(
-    (stored) =>
+  // Only a model failure ends the turn; other errors (an MCP server down) are reported and the
+  // turn goes on without those tools.
+  const terminal = afterStart.some((stored) => {
+    const error = stored.event.error as { type?: string; retry_status?: { type?: string } } | undefined;
+    return (
       stored.event.type === 'session.error' &&
-      (stored.event.error as { retry_status?: { type?: string } } | undefined)?.retry_status?.type ===
-        'terminal',
-  );
+      error?.type === 'model_request_failed_error' &&
+      error.retry_status?.type === 'terminal'
+    );
+  });
   if (terminal) return { kind: 'give_up' };
   if (sinceIdle[lastEnd]!.event.is_error === true) return { kind: 'call_model', failures };
   return { kind: 'end_turn' };
