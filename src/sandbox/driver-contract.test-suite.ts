@@ -299,7 +299,7 @@ export function describeSandboxDriverContract(name: string, options: SandboxDriv
     });
 
     it('shows a read-only mount that commands can read but not change', async (context) => {
-      // Not under /tmp: as root the bwrap launcher stages the workdir there.
+      // A path the sandbox's host user can read.
       const source = mkdtempSync('/var/tmp/berth-contract-ro-');
       workdirs.push(source);
       writeFileSync(join(source, 'shared.txt'), 'shared content\n');

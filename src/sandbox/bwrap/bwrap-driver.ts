@@ -13,6 +13,7 @@ import type { ChildProcess } from 'node:child_process';
 import { spawn } from 'node:child_process';
 import {
   accessSync,
+  chmodSync,
   constants,
   lchownSync,
   lstatSync,
@@ -22,7 +23,7 @@ import {
   readlinkSync,
   statSync,
 } from 'node:fs';
-import { delimiter, join, posix, resolve } from 'node:path';
+import { delimiter, dirname, join, posix, resolve } from 'node:path';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
 import type {
@@ -172,7 +173,7 @@ function validateReadOnlyMounts(spec: SandboxSpec, runningAsRoot: boolean): void
       throw new BerthError('invalid_request', `read-only mount cannot be placed at ${inside}`);
     }
     // As root, bwrap starts after the launcher has bound the workdir over /tmp (see
-    // ROOT_LAUNCHER_SCRIPT), so a host path under /tmp would resolve into the workdir.
+    // ROOT_LAUNCHER_SCRIPT), so a host path under it would resolve into the workdir.
     if (runningAsRoot && (hostPath === LAUNCHER_WORKDIR || hostPath.startsWith(`${LAUNCHER_WORKDIR}/`))) {
       throw new BerthError(
         'invalid_request',
@@ -219,9 +220,14 @@ const EXTRA_STDIO: Array<'pipe'> = ['pipe', 'pipe', 'pipe', 'pipe'];
  * and execs bwrap. The bind is invisible to the host and goes away with the sandbox.
  */
 const ROOT_LAUNCHER_SCRIPT =
-  'mount --bind "$0" /tmp && uid=$1 gid=$2 bwrap=$3 && shift 3 && ' +
+  'mount --bind "$0" /run/berth/workdir && uid=$1 gid=$2 bwrap=$3 && shift 3 && ' +
   'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$bwrap" "$@"';
-const LAUNCHER_WORKDIR = '/tmp';
+/**
+ * Where the root launcher binds the session's workdir (in its private mount namespace) so
+ * bwrap, running as the unprivileged host user, can reach it. A dedicated, otherwise empty
+ * directory: whatever it hides on the host cannot be a mount source anyone needs.
+ */
+const LAUNCHER_WORKDIR = '/run/berth/workdir';
 
 /** Environment variable set in every sandbox init; names the session and marks the process as ours. */
 const ORPHAN_MARKER = 'BERTH_SESSION_ID';
@@ -371,6 +377,10 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
 
   const prepareWorkdir = (spec: SandboxSpec) => {
     mkdirSync(spec.workdir, { recursive: true });
+    if (runningAsRoot) {
+      mkdirSync(LAUNCHER_WORKDIR, { recursive: true, mode: 0o755 });
+      chmodSync(dirname(LAUNCHER_WORKDIR), 0o755);
+    }
     if (!statSync(spec.workdir).isDirectory()) {
       throw new BerthError('invalid_request', `sandbox workdir is not a directory: ${spec.workdir}`);
     }
