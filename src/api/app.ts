@@ -1,7 +1,7 @@
 import { Hono } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { BerthError, invalidRequest } from '../errors.js';
-import { authenticate } from '../identity/api-keys.js';
+import { Authenticator } from '../identity/api-keys.js';
 import { agentRoutes } from './agents.js';
 import type { ApiDependencies, ApiEnvironment } from './context.js';
 import { environmentRoutes } from './environments.js';
@@ -25,6 +25,7 @@ function presentedKey(headers: { header(name: string): string | undefined }): st
  */
 export function createApp(dependencies: ApiDependencies) {
   const app = new Hono<ApiEnvironment>();
+  const authenticator = new Authenticator(dependencies.store.resources);
   app.onError(handleError);
   app.notFound((context) =>
     context.json(errorBody('not_found_error', `No route for ${context.req.method} ${context.req.path}`), 404),
@@ -58,7 +59,7 @@ export function createApp(dependencies: ApiDependencies) {
         'Missing API key: send it in the x-api-key header or as Authorization: Bearer',
       );
     }
-    const principal = await authenticate(dependencies.store.resources, key);
+    const principal = await authenticator.authenticate(key);
     if (!principal) throw new BerthError('authentication', 'Invalid API key');
     context.set('principal', principal);
     await next();

@@ -4,6 +4,7 @@ import { invalidRequest } from '../errors.js';
 import type { DeltaEvent } from '../harness/delta-bus.js';
 import { pendingClientActions } from '../harness/turn-state.js';
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
+import type { SessionRecord } from '../store/resource-store.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
@@ -62,8 +63,16 @@ export function eventRoutes(dependencies: ApiDependencies) {
    * tool use, a confirmation an unconfirmed `always_ask` tool use, each once; a new message
    * cannot start a turn while the client still owes results or confirmations.
    */
-  async function checkAgainstLog(sessionId: string, events: readonly ClientEvent[]) {
+  async function checkAgainstLog(session: SessionRecord, events: readonly ClientEvent[]) {
+    const sessionId = session.id;
     if (events.every((event) => event.type === 'user.interrupt')) return;
+    // Plain messages need the log only when the session waits on the client (the common
+    // case, a message to an idle or running session, stays off this read).
+    const answersClient = events.some(
+      (event) => event.type !== 'user.message' && event.type !== 'user.interrupt',
+    );
+    const waiting = session.status === 'idle' && session.stopReason?.type === 'requires_action';
+    if (!answersClient && !waiting) return;
     const relevant = await store.events.read(sessionId, {
       types: [
         'agent.custom_tool_use',
@@ -176,7 +185,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
     if (repeated) return context.json({ data: repeated.map((stored) => stored.event) });
     if (session.status === 'terminated') throw invalidRequest(`session ${session.id} is terminated`);
     if (session.archivedAt) throw invalidRequest(`session ${session.id} is archived`);
-    await checkAgainstLog(session.id, events);
+    await checkAgainstLog(session, events);
     const result = await store.events.append(session.id, events as NewEvent[], { idempotencyKey });
     if (!result.duplicate) {
       // An interrupt needs nothing special here: the running wake sees it in the log.

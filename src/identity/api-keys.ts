@@ -25,6 +25,42 @@ export function generateApiKey(): string {
   return `berth_sk_${randomBytes(24).toString('base64url')}`;
 }
 
+/**
+ * Authenticates keys with a per-process cache of keys already seen (by hash), so a request
+ * does not pay a database round trip for its key. Expiry is checked on every use. Keys cannot
+ * be revoked yet; when revocation lands (issue 5) it must call `forget` here and, with several
+ * nodes, broadcast it (LISTEN/NOTIFY) so every node forgets at once.
+ */
+export class Authenticator {
+  readonly #resources: ResourceStore;
+  readonly #known = new Map<string, ApiKeyRecord>();
+
+  constructor(resources: ResourceStore) {
+    this.#resources = resources;
+  }
+
+  /** The principal behind a presented key, or undefined (unknown, revoked or expired). */
+  async authenticate(key: string, now = new Date()): Promise<Principal | undefined> {
+    const hash = hashApiKey(key);
+    let record = this.#known.get(hash);
+    if (!record) {
+      record = await this.#resources.findApiKeyByHash(hash);
+      if (!record) return undefined;
+      // Bounded: an attacker cannot grow it, only valid keys are cached.
+      if (this.#known.size >= 10_000) this.#known.clear();
+      this.#known.set(hash, record);
+    }
+    if (record.revokedAt) return undefined;
+    if (record.expiresAt && new Date(record.expiresAt) <= now) return undefined;
+    return { tenantId: record.tenantId, userId: record.userId, role: record.role, keyId: record.id };
+  }
+
+  /** Drops a key from the cache (after it was revoked or changed). */
+  forget(hash: string): void {
+    this.#known.delete(hash);
+  }
+}
+
 /** Looks up the principal behind a presented key, or undefined (unknown, revoked or expired). */
 export async function authenticate(
   resources: ResourceStore,
