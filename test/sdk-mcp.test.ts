@@ -6,8 +6,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { MCP_SERVER_ENTRY_POINTS } from '../src/mcp/mcp-packages.js';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { sendAndWaitIdle } from './support/session-stream.js';
 
-type StreamEvent = { type: string; id: string; [field: string]: unknown };
 const projectRoot = resolve(import.meta.dirname, '..');
 
 async function freePort(): Promise<number> {
@@ -76,19 +76,8 @@ describe('MCP tools in a session', () => {
     remote?.kill('SIGKILL');
   });
 
-  async function run(
-    sessionId: string,
-    events: Parameters<TestBerth['client']['beta']['sessions']['events']['send']>[1]['events'],
-  ) {
-    const stream = await berth.client.beta.sessions.events.stream(sessionId);
-    await berth.client.beta.sessions.events.send(sessionId, { events });
-    const seen: StreamEvent[] = [];
-    for await (const event of stream) {
-      seen.push(event as unknown as StreamEvent);
-      if (event.type === 'session.status_idle') break;
-    }
-    return seen;
-  }
+  const run = (sessionId: string, events: Parameters<typeof sendAndWaitIdle>[2]) =>
+    sendAndWaitIdle(berth.client, sessionId, events);
 
   async function session(permission: 'always_allow' | 'always_ask') {
     const agent = await berth.client.beta.agents.create({

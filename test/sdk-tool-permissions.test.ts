@@ -3,8 +3,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
-
-type StreamEvent = { type: string; id: string; [field: string]: unknown };
+import { sendAndWaitIdle } from './support/session-stream.js';
 
 /** `always_ask` tools pause for `user.tool_confirmation`, driven by the official SDK. */
 describe('tool permission policies through the official SDK', () => {
@@ -48,26 +47,15 @@ describe('tool permission policies through the official SDK', () => {
   afterAll(async () => berth?.dispose());
 
   /** Sends events and collects the stream until the session goes idle. */
-  async function sendAndWaitIdle(
-    sessionId: string,
-    events: Parameters<TestBerth['client']['beta']['sessions']['events']['send']>[1]['events'],
-  ) {
-    const stream = await berth.client.beta.sessions.events.stream(sessionId);
-    await berth.client.beta.sessions.events.send(sessionId, { events });
-    const seen: StreamEvent[] = [];
-    for await (const event of stream) {
-      seen.push(event as unknown as StreamEvent);
-      if (event.type === 'session.status_idle') break;
-    }
-    return seen;
-  }
+  const run = (sessionId: string, events: Parameters<typeof sendAndWaitIdle>[2]) =>
+    sendAndWaitIdle(berth.client, sessionId, events);
 
   async function pausedSession() {
     const session = await berth.client.beta.sessions.create({
       agent: agentId,
       environment_id: environmentId,
     });
-    const seen = await sendAndWaitIdle(session.id, [
+    const seen = await run(session.id, [
       { type: 'user.message', content: [{ type: 'text', text: 'make proof' }] },
     ]);
     const toolUse = seen.find((event) => event.type === 'agent.tool_use')!;
@@ -92,7 +80,7 @@ describe('tool permission policies through the official SDK', () => {
       }),
     ).rejects.toThrow(/waiting for the client/);
 
-    const seen = await sendAndWaitIdle(sessionId, [
+    const seen = await run(sessionId, [
       { type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow' },
     ]);
     const result = seen.find((event) => event.type === 'agent.tool_result')!;
@@ -113,7 +101,7 @@ describe('tool permission policies through the official SDK', () => {
 
   it('never runs a denied tool and shows the model the denial message', async () => {
     const { sessionId, toolUse, proof } = await pausedSession();
-    const seen = await sendAndWaitIdle(sessionId, [
+    const seen = await run(sessionId, [
       {
         type: 'user.tool_confirmation',
         tool_use_id: toolUse.id,
@@ -130,7 +118,7 @@ describe('tool permission policies through the official SDK', () => {
 
   it('cancels a pending confirmation on user.interrupt', async () => {
     const { sessionId, toolUse, proof } = await pausedSession();
-    const seen = await sendAndWaitIdle(sessionId, [{ type: 'user.interrupt' }]);
+    const seen = await run(sessionId, [{ type: 'user.interrupt' }]);
     const result = seen.find((event) => event.type === 'agent.tool_result')!;
     expect(result.tool_use_id).toBe(toolUse.id);
     expect(result.is_error).toBe(true);
