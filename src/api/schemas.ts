@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import { MODEL_PROVIDERS } from '../models/provider-registry.js';
 
 /**
  * Request schemas, shaped like the official SDK's `client.beta.*` params. Unknown fields are
@@ -94,10 +95,13 @@ export const modelId = z
   .string()
   .min(1)
   .refine(
-    (value) => /^claude-/.test(value) || /^(anthropic|openai|openai-compatible|scripted)\/.+/.test(value),
+    (value) =>
+      /^claude-/.test(value) ||
+      MODEL_PROVIDERS.some(
+        (provider) => value.startsWith(`${provider}/`) && value.length > provider.length + 1,
+      ),
     {
-      message:
-        'model must be "<provider>/<model>" with provider anthropic, openai, openai-compatible or scripted, or a bare claude-* id',
+      message: `model must be "<provider>/<model>" with provider ${MODEL_PROVIDERS.join(', ')}, or a bare claude-* id`,
     },
   );
 

@@ -26,6 +26,11 @@ program
 
 const dataDirOption = () =>
   new Option('--data-dir <dir>', 'data directory').default(process.env.BERTH_DATA_DIR ?? '.berth');
+const urlOption = (description: string, fallback: string | undefined) =>
+  new Option('--url <url>', description).default(fallback);
+// No commander default: `--help` would print the key.
+const apiKeyOption = () =>
+  new Option('--api-key <key>', 'API key (default: BERTH_API_KEY or <data-dir>/admin.key)');
 
 program
   .command('serve')
@@ -49,12 +54,8 @@ program
     'agent definition: a folder holding AGENTS.md (or agent.json), or a JSON file of agent create params',
   )
   .argument('<prompt>', 'the first user message')
-  .option('--url <url>', 'a running Berth server (default: start one in-process)', process.env.BERTH_URL)
-  .option(
-    '--api-key <key>',
-    'API key (default: BERTH_API_KEY or <data-dir>/admin.key)',
-    process.env.BERTH_API_KEY,
-  )
+  .addOption(urlOption('a running Berth server (default: start one in-process)', process.env.BERTH_URL))
+  .addOption(apiKeyOption())
   .addOption(dataDirOption())
   .action(async (agentPath: string, prompt: string, options: ClientOptions) => {
     const agent = await readAgentFile(agentPath);
@@ -118,12 +119,8 @@ program
     'create the agent defined by a folder, or update the agent of the same name when the folder changed it',
   )
   .argument('<dir>', 'the agent folder (AGENTS.md and skills/)')
-  .option('--url <url>', 'a running Berth server (default: start one in-process)', process.env.BERTH_URL)
-  .option(
-    '--api-key <key>',
-    'API key (default: BERTH_API_KEY or <data-dir>/admin.key)',
-    process.env.BERTH_API_KEY,
-  )
+  .addOption(urlOption('a running Berth server (default: start one in-process)', process.env.BERTH_URL))
+  .addOption(apiKeyOption())
   .addOption(dataDirOption())
   .action(async (dir: string, options: ClientOptions) => {
     const params = await readAgentFolder(dir);
@@ -150,12 +147,8 @@ for (const [name, description] of [
   const command = sessions.command(name).description(description);
   if (name !== 'list') command.argument('<id>', 'session id');
   command
-    .option('--url <url>', 'Berth server URL', process.env.BERTH_URL ?? 'http://127.0.0.1:8080')
-    .option(
-      '--api-key <key>',
-      'API key (default: BERTH_API_KEY or <data-dir>/admin.key)',
-      process.env.BERTH_API_KEY,
-    )
+    .addOption(urlOption('Berth server URL', process.env.BERTH_URL ?? 'http://127.0.0.1:8080'))
+    .addOption(apiKeyOption())
     .option('--json', 'print raw JSON')
     .addOption(dataDirOption())
     .action(async (...args: unknown[]) => {
@@ -269,7 +262,7 @@ async function withClient(options: ClientOptions, action: (client: Anthropic) =>
     berth = await start({ port: '0', dataDir: options.dataDir });
     url = berth.url;
   }
-  let apiKey = options.apiKey;
+  let apiKey = options.apiKey ?? process.env.BERTH_API_KEY;
   const keyFile = join(resolve(options.dataDir), 'admin.key');
   if (!apiKey && existsSync(keyFile)) apiKey = readFileSync(keyFile, 'utf8').trim();
   if (!apiKey)

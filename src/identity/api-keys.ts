@@ -61,18 +61,6 @@ export class Authenticator {
   }
 }
 
-/** Looks up the principal behind a presented key, or undefined (unknown, revoked or expired). */
-export async function authenticate(
-  resources: ResourceStore,
-  key: string,
-  now = new Date(),
-): Promise<Principal | undefined> {
-  const record = await resources.findApiKeyByHash(hashApiKey(key));
-  if (!record || record.revokedAt) return undefined;
-  if (record.expiresAt && new Date(record.expiresAt) <= now) return undefined;
-  return { tenantId: record.tenantId, userId: record.userId, role: record.role, keyId: record.id };
-}
-
 /**
  * On first start with an empty key table, creates the admin key, stores only its hash and
  * writes the key to `<dataDir>/admin.key` with mode 0600. Returns the file path when it did.

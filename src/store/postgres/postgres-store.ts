@@ -336,22 +336,15 @@ class PostgresEventStore implements EventStore {
     if (writerToken !== null && writerToken !== newestToken) {
       throw staleWriter(sessionId, writerToken, newestToken);
     }
-    const repeated = await this.#query<EventRow>(
-      `SELECT e.session_id, e.seq, e.body FROM ${s}.idempotency_keys k
-       JOIN ${s}.events e ON e.session_id = k.session_id AND e.seq >= k.first_seq AND e.seq < k.first_seq + k.count
-       WHERE k.session_id = $1 AND k.key = $2 ORDER BY e.seq`,
-      [sessionId, key],
-    );
+    const repeated = key === null ? undefined : await this.findByIdempotencyKey(sessionId, key);
+    if (repeated) return { events: repeated, duplicate: true };
     const expected = options?.expectedHeadSeq;
-    if (repeated.rows.length === 0 && expected !== undefined && Number(row.last_seq) !== expected) {
+    if (expected !== undefined && Number(row.last_seq) !== expected) {
       throw headMoved(sessionId, expected, Number(row.last_seq));
     }
-    if (repeated.rows.length === 0) {
-      throw new BerthError('store_unavailable', `append to session ${sessionId} was not applied; retry`, {
-        retryable: true,
-      });
-    }
-    return { events: repeated.rows.map(storedEventOf), duplicate: true };
+    throw new BerthError('store_unavailable', `append to session ${sessionId} was not applied; retry`, {
+      retryable: true,
+    });
   }
 
   /** Runs tasks for one session one after another, in call order. */

@@ -217,6 +217,11 @@ class SqliteEventStore implements EventStore {
   }
 
   async findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined> {
+    return this.#eventsOfKey(sessionId, key);
+  }
+
+  /** The events first stored under an idempotency key (synchronous, usable inside a batch). */
+  #eventsOfKey(sessionId: string, key: string): StoredEvent[] | undefined {
     const used = this.#append.usedKey.get(sessionId, key) as { first_seq: number; count: number } | undefined;
     if (used === undefined) return undefined;
     const rows = this.#append.eventsInRange.all(
@@ -370,15 +375,8 @@ class SqliteEventStore implements EventStore {
     if (key !== undefined) {
       // The writer is checked before the key, as an append without a key would be.
       this.#checkHead(sessionId, token);
-      const used = statements.usedKey.get(sessionId, key) as { first_seq: number; count: number } | undefined;
-      if (used !== undefined) {
-        const rows = statements.eventsInRange.all(
-          sessionId,
-          used.first_seq,
-          used.first_seq + used.count,
-        ) as EventRow[];
-        return { events: rows.map(storedEventOf), duplicate: true };
-      }
+      const repeated = this.#eventsOfKey(sessionId, key);
+      if (repeated) return { events: repeated, duplicate: true };
     }
     if (options?.expectedHeadSeq !== undefined) {
       // The batch runs in one transaction on this thread: nothing can append in between.
