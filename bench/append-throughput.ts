@@ -1,5 +1,5 @@
 import { newId } from '../src/ids.js';
-import type { NewEvent } from '../src/store/event-store.js';
+import type { NewEvent, SessionKey } from '../src/store/event-store.js';
 import type { SessionRecord, Store } from '../src/store/resource-store.js';
 import { type Summary, summarize } from './stats.js';
 
@@ -112,11 +112,11 @@ async function measure(
   seconds: number,
   warmupSeconds: number,
 ): Promise<AppendRun> {
-  const ids: string[] = [];
+  const ids: SessionKey[] = [];
   for (let index = 0; index < sessions; index++) {
     const record = sessionRecord();
     await store.resources.createSession(record);
-    ids.push(record.id);
+    ids.push({ tenantId: record.tenantId, id: record.id });
   }
   const batch = (index: number) =>
     Array.from({ length: eventsPerAppend }, (_, position) => smallEvent(index * eventsPerAppend + position));
@@ -125,7 +125,7 @@ async function measure(
   let appends = 0;
   let recording = false;
   let stopping = false;
-  const loop = async (sessionId: string) => {
+  const loop = async (sessionId: SessionKey) => {
     for (let index = 0; !stopping; index++) {
       const started = performance.now();
       await store.events.append(sessionId, batch(index));

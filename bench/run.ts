@@ -14,7 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { openStore } from '../src/store/open-store.js';
-import { createTestDatabase } from '../test/support/postgres-database.js';
+import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/support/postgres-database.js';
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
 import { describeMachine, formatMachine } from './machine.js';
@@ -133,7 +133,7 @@ async function benchSqlite(results: Results): Promise<void> {
 async function benchPostgres(results: Results, postgres: TestPostgres): Promise<void> {
   if (!flags['skip-appends']) {
     const schema = `bench_${randomBytes(4).toString('hex')}`;
-    const store = await openStore({ kind: 'postgres', url: postgres.url, schema });
+    const store = await openStore({ kind: 'postgres', ...testRoleUrls(postgres.url), schema });
     try {
       log(`\n### PostgreSQL: sustained appends (schema ${schema}, pool of 10 connections)\n`);
       const runs = await runAppendBench(store, appendOptions, (run) =>
@@ -198,6 +198,7 @@ async function main(): Promise<void> {
   if (stores.includes('sqlite')) await benchSqlite(results);
   if (stores.includes('postgres')) {
     const postgres = await startPostgres();
+    await ensureTestRoles(postgres.url);
     try {
       await benchPostgres(results, postgres);
     } finally {

@@ -9,10 +9,12 @@ import type {
 } from '@ai-sdk/provider';
 import { loadConfig } from '../src/config/config.js';
 import type { Logger } from '../src/control/supervisor.js';
+import { DEFAULT_TENANT_ID } from '../src/identity/api-keys.js';
 import type { ModelRegistry } from '../src/models/model-registry.js';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import { startBerth } from '../src/server.js';
 import type { StoredEvent } from '../src/store/event-store.js';
+import type { TestDatabaseUrls } from '../test/support/postgres-database.js';
 import { type Summary, summarize } from './stats.js';
 
 /** Timestamps (performance.now) of one turn, from just before the POST. */
@@ -46,7 +48,7 @@ export interface TurnRun {
 
 export interface TurnBenchOptions {
   /** `undefined` for SQLite in the data dir, or a postgres:// URL. */
-  database: string | undefined;
+  database: TestDatabaseUrls | undefined;
   turns: number;
   warmup: number;
 }
@@ -88,7 +90,15 @@ class TimedModel implements LanguageModelV3 {
  */
 export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]> {
   const dataDir = await mkdtemp(join(tmpdir(), 'berth-bench-'));
-  const config = loadConfig({ flags: { port: 0, dataDir, database: options.database }, environment: {} });
+  const config = loadConfig({
+    flags: { port: 0, dataDir, database: options.database?.url },
+    // Each turn is measured alone; the per-user rate limits must not pace a benchmark.
+    environment: {
+      BERTH_DATABASE_MIGRATION_URL: options.database?.migrationUrl,
+      BERTH_USER_EVENTS_PER_MINUTE: '0',
+      BERTH_TENANT_EVENTS_PER_MINUTE: '0',
+    },
+  });
   const real = createModelRegistry({ environment: config.modelEnvironment });
   const timed = new Map<string, TimedModel>();
   const models: ModelRegistry = {
@@ -128,13 +138,16 @@ export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]
       const idleSeen = new Promise<void>((resolve) => {
         idle = resolve;
       });
-      const unsubscribe = berth.store.events.subscribe(sessionId, (events: readonly StoredEvent[]) => {
-        const now = performance.now();
-        for (const { event } of events) {
-          seen[event.type] ??= now;
-          if (event.type === 'session.status_idle') idle();
-        }
-      });
+      const unsubscribe = berth.store.events.subscribe(
+        { tenantId: DEFAULT_TENANT_ID, id: sessionId },
+        (events: readonly StoredEvent[]) => {
+          const now = performance.now();
+          for (const { event } of events) {
+            seen[event.type] ??= now;
+            if (event.type === 'session.status_idle') idle();
+          }
+        },
+      );
       model.streamCalledAt = undefined;
       const started = performance.now();
       const response = await fetch(`${berth.url}/v1/sessions/${sessionId}/events`, {

@@ -9,7 +9,8 @@ import { type Logger, Supervisor } from './control/supervisor.js';
 import { Toolboxes } from './control/toolbox.js';
 import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
-import { ensureAdminKey } from './identity/api-keys.js';
+import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
+import { Limits } from './identity/limits.js';
 import type { ModelRegistry } from './models/model-registry.js';
 import { createModelRegistry } from './models/provider-registry.js';
 import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
@@ -51,9 +52,12 @@ export async function startBerth(
 ): Promise<RunningBerth> {
   const logger = options.logger ?? jsonLogger;
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
-  const store = await openStore(
-    config.store.kind === 'sqlite' ? config.store : { kind: 'postgres', url: config.store.url },
-  );
+  const store = await openStore(config.store);
+  if (!store.rowLevelSecurity.enforced && store.kind === 'postgres') {
+    logger.warn('PostgreSQL row-level security is not a second wall for this connection', {
+      reason: store.rowLevelSecurity.reason,
+    });
+  }
 
   const drivers = new Map<string, SandboxDriver>();
   const unavailableDrivers: Record<string, string> = {};
@@ -89,16 +93,24 @@ export async function startBerth(
     retryBaseDelayMs: config.retryBaseDelayMs,
   });
   const supervisor = new Supervisor({ harness, store, logger });
+  const limits = new Limits({
+    defaults: config.limits,
+    resources: store.resources,
+    liveSessions: (tenantId, userId) => supervisor.liveCount(tenantId, userId),
+  });
+  const authenticator = new Authenticator(store.resources);
   const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
   if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
 
   const app = createApp({
     store,
     supervisor,
-    forgetSession: async (sessionId) => {
-      await toolboxes.release(sessionId);
-      await sandboxes.discard(sessionId);
+    forgetSession: async (session) => {
+      await toolboxes.release(session);
+      await sandboxes.discard(session);
     },
+    limits,
+    authenticator,
     deltas,
     sandboxDrivers: [...drivers.keys()],
     unavailableDrivers,

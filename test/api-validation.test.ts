@@ -240,7 +240,7 @@ describe('bad input is refused and changes nothing', () => {
     });
     expect(first.status).toBe(200);
     expect(await second.json()).toEqual(await first.json());
-    await berth.supervisor.settled(sessionId);
+    await berth.supervisor.settled(berth.keyOf(sessionId));
     const events = (await (await request('GET', `/v1/sessions/${sessionId}/events?limit=1000`)).json()) as {
       data: { type: string }[];
     };

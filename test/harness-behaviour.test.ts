@@ -48,7 +48,7 @@ describe('harness turn behaviour', () => {
     berth.client.beta.sessions.events.send(sessionId, {
       events: [{ type: 'user.message', content: [{ type: 'text', text }] }],
     });
-  const events = (sessionId: string) => berth.store.events.read(sessionId, { limit: 10_000 });
+  const events = (sessionId: string) => berth.store.events.read(berth.keyOf(sessionId), { limit: 10_000 });
   async function waitFor(sessionId: string, predicate: (log: StoredEvent[]) => boolean, timeoutMs = 10_000) {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
@@ -294,7 +294,7 @@ describe('harness turn behaviour', () => {
     // The log a process leaves when it dies while two tools run.
     const marker = 'crash-marker.txt';
     const [, , , bash, read] = (
-      await berth.store.events.append(sessionId, [
+      await berth.store.events.append(berth.keyOf(sessionId), [
         { type: 'user.message', content: [{ type: 'text', text: 'go' }] },
         { type: 'session.status_running' },
         { type: 'span.model_request_start' },
@@ -303,7 +303,7 @@ describe('harness turn behaviour', () => {
         { type: 'span.model_request_end', is_error: false, model_usage: {} },
       ])
     ).events;
-    berth.supervisor.notify(sessionId);
+    berth.supervisor.notify(berth.keyOf(sessionId));
     const log = await waitFor(sessionId, lastIs('session.status_idle'));
     const resultOf = (toolUse: StoredEvent) =>
       log.find(

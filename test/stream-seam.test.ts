@@ -29,7 +29,7 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
       const batch: NewEvent[] = [];
       for (let k = n; k < Math.min(n + 5, first + count); k++)
         batch.push({ type: 'berth.test_marker', n: k });
-      await berth.store.events.append(sessionId, batch);
+      await berth.store.events.append(berth.keyOf(sessionId), batch);
       await new Promise((resolve) => setImmediate(resolve));
     }
   }
@@ -52,7 +52,7 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
 
   it('delivers every event after the cursor exactly once while appends continue', async () => {
     await appendMarkers(0, 100);
-    const history = await berth.store.events.read(sessionId, { limit: 1000 });
+    const history = await berth.store.events.read(berth.keyOf(sessionId), { limit: 1000 });
     const cursors = [history[10]!, history[49]!, history[99]!];
     const total = 600;
     const writer = appendMarkers(100, total - 100);
@@ -65,7 +65,7 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
       };
     });
     await writer;
-    const all = await berth.store.events.read(sessionId, { limit: 10_000 });
+    const all = await berth.store.events.read(berth.keyOf(sessionId), { limit: 10_000 });
     for (const { cursor, seen } of await Promise.all(readers)) {
       const expected = all.filter((stored) => stored.seq > cursor.seq).map((stored) => stored.event.id);
       expect(seen.map((event) => event.id)).toEqual(expected);
@@ -74,7 +74,7 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
 
   it('a stream without a cursor starts at the present and sees each new event once', async () => {
     const stream = await berth.client.beta.sessions.events.stream(sessionId);
-    const before = await berth.store.events.headSeq(sessionId);
+    const before = await berth.store.events.headSeq(berth.keyOf(sessionId));
     const writer = appendMarkers(1000, 200);
     const seen: Streamed[] = [];
     for await (const event of stream) {
@@ -82,7 +82,7 @@ describe.each(['sqlite', 'postgres'] as const)('resumable event stream on %s', (
       if ((event as unknown as Streamed).n === 1199) break;
     }
     await writer;
-    const after = await berth.store.events.read(sessionId, { afterSeq: before, limit: 10_000 });
+    const after = await berth.store.events.read(berth.keyOf(sessionId), { afterSeq: before, limit: 10_000 });
     expect(seen.map((event) => event.id)).toEqual(after.map((stored) => stored.event.id));
   });
 });

@@ -1,12 +1,13 @@
-import { Hono } from 'hono';
+import { type Context, Hono, type Next } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { BerthError, invalidRequest } from '../errors.js';
-import { Authenticator } from '../identity/api-keys.js';
+import { loadSessionFor } from '../identity/access.js';
 import { agentRoutes } from './agents.js';
 import type { ApiDependencies, ApiEnvironment } from './context.js';
 import { environmentRoutes } from './environments.js';
 import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
+import { identityRoutes } from './identity.js';
 import { sessionRoutes } from './sessions.js';
 
 /** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
@@ -25,7 +26,7 @@ function presentedKey(headers: { header(name: string): string | undefined }): st
  */
 export function createApp(dependencies: ApiDependencies) {
   const app = new Hono<ApiEnvironment>();
-  const authenticator = new Authenticator(dependencies.store.resources);
+  const { authenticator } = dependencies;
   app.onError(handleError);
   app.notFound((context) =>
     context.json(errorBody('not_found_error', `No route for ${context.req.method} ${context.req.path}`), 404),
@@ -65,6 +66,19 @@ export function createApp(dependencies: ApiDependencies) {
     await next();
   });
 
+  // The one ownership check of every session path, present and future: any route under
+  // /v1/sessions/:id runs only after the session was loaded for the caller (404 otherwise).
+  const withSession = async (context: Context<ApiEnvironment>, next: Next) => {
+    context.set(
+      'session',
+      await loadSessionFor(dependencies.store, context.get('principal'), context.req.param('id')!),
+    );
+    await next();
+  };
+  app.use('/v1/sessions/:id', withSession);
+  app.use('/v1/sessions/:id/*', withSession);
+
+  app.route('/v1', identityRoutes(dependencies));
   app.route('/v1/agents', agentRoutes(dependencies));
   app.route('/v1/environments', environmentRoutes(dependencies));
   app.route('/v1/sessions', eventRoutes(dependencies));

@@ -3,8 +3,10 @@ import { z } from 'zod';
 import type { Supervisor } from '../control/supervisor.js';
 import { invalidRequest } from '../errors.js';
 import type { DeltaBus } from '../harness/delta-bus.js';
-import type { Principal } from '../identity/api-keys.js';
-import type { ResourceRecord, ResourceStore, Store } from '../store/resource-store.js';
+import type { Authenticator, Principal } from '../identity/api-keys.js';
+import type { Limits } from '../identity/limits.js';
+import type { SessionKey } from '../store/event-store.js';
+import type { ResourceRecord, ResourceStore, SessionRecord, Store } from '../store/resource-store.js';
 import { describeZodError } from './errors.js';
 
 /** What the routes need; built once by `createApp`. */
@@ -12,7 +14,11 @@ export interface ApiDependencies {
   store: Store;
   supervisor: Supervisor;
   /** Drops everything live of a deleted session: MCP connections, sandbox, files. */
-  forgetSession(sessionId: string): Promise<void>;
+  forgetSession(session: SessionKey): Promise<void>;
+  /** Per-tenant and per-user limits (429 with retry-after). */
+  limits: Limits;
+  /** Resolves API keys; revocations end streams held under the key. */
+  authenticator: Authenticator;
   deltas: DeltaBus;
   /** Sandbox drivers this host can run, by name; the first is the default. */
   sandboxDrivers: readonly string[];
@@ -26,7 +32,11 @@ export interface ApiDependencies {
 
 /** Hono context variables set by the middleware. */
 export interface ApiEnvironment {
-  Variables: { principal: Principal };
+  Variables: {
+    principal: Principal;
+    /** Set for every `/v1/sessions/:id…` route, by the one ownership check in `app.ts`. */
+    session: SessionRecord;
+  };
 }
 
 export type ApiContext = Context<ApiEnvironment>;

@@ -56,6 +56,9 @@ export function handleError(error: unknown, context: Context): Response {
   if (BerthError.isInstance(error)) {
     const [status, type] = statusByCode[error.code];
     if (status >= 500) console.error(error);
+    const retryAfter = error.details?.retryAfterSeconds;
+    if (typeof retryAfter === 'number')
+      context.header('retry-after', String(Math.max(1, Math.ceil(retryAfter))));
     return context.json(errorBody(type, error.message), status);
   }
   console.error(error);

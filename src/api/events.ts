@@ -21,7 +21,6 @@ import {
   knownEventTypes,
   unsupportedClientEventTypes,
 } from './schemas.js';
-import { loadSession } from './sessions.js';
 
 const encodeCursor = (seq: number) => Buffer.from(`seq:${seq}`).toString('base64url');
 function decodeCursor(cursor: string): number {
@@ -55,7 +54,7 @@ function parseClientEvents(events: unknown[]): ClientEvent[] {
 
 /** `/v1/sessions/:id/events`: list the log, send client events, and stream (history + live). */
 export function eventRoutes(dependencies: ApiDependencies) {
-  const { store, supervisor, deltas } = dependencies;
+  const { store, supervisor, deltas, limits, authenticator } = dependencies;
   const app = new Hono<ApiEnvironment>();
 
   /**
@@ -64,7 +63,6 @@ export function eventRoutes(dependencies: ApiDependencies) {
    * cannot start a turn while the client still owes results or confirmations.
    */
   async function checkAgainstLog(session: SessionRecord, events: readonly ClientEvent[]) {
-    const sessionId = session.id;
     if (events.every((event) => event.type === 'user.interrupt')) return;
     // Plain messages need the log only when the session waits on the client (the common
     // case, a message to an idle or running session, stays off this read).
@@ -73,7 +71,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
     );
     const waiting = session.status === 'idle' && session.stopReason?.type === 'requires_action';
     if (!answersClient && !waiting) return;
-    const relevant = await store.events.read(sessionId, {
+    const relevant = await store.events.read(session, {
       types: [
         'agent.custom_tool_use',
         'agent.tool_use',
@@ -119,7 +117,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
   }
 
   app.get('/:id/events', async (context) => {
-    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    const session = context.get('session');
     const { limit, cursor } = readPageQuery(context, 100);
     const order = readOrder(context, 'asc');
     const types = readArrayQuery(context, 'types');
@@ -150,7 +148,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
     let next = position;
     let exhausted = false;
     while (data.length < limit + 1 && !exhausted) {
-      const batch = await store.events.read(session.id, {
+      const batch = await store.events.read(session, {
         order,
         types,
         limit: limit + 1,
@@ -170,7 +168,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
 
   app.post('/:id/events', async (context) => {
     const principal = context.get('principal');
-    const session = await loadSession(store, principal, context.req.param('id'));
+    const session = context.get('session');
     const input = await readBody(context, eventSend);
     const events = parseClientEvents(input.events);
     const idempotencyKey = context.req.header('idempotency-key') || undefined;
@@ -181,21 +179,32 @@ export function eventRoutes(dependencies: ApiDependencies) {
     const repeated =
       idempotencyKey === undefined
         ? undefined
-        : await store.events.findByIdempotencyKey(session.id, idempotencyKey);
+        : await store.events.findByIdempotencyKey(session, idempotencyKey);
     if (repeated) return context.json({ data: repeated.map((stored) => stored.event) });
     if (session.status === 'terminated') throw invalidRequest(`session ${session.id} is terminated`);
     if (session.archivedAt) throw invalidRequest(`session ${session.id} is archived`);
     await checkAgainstLog(session, events);
-    const result = await store.events.append(session.id, events as NewEvent[], { idempotencyKey });
-    if (!result.duplicate) {
-      // An interrupt needs nothing special here: the running wake sees it in the log.
-      supervisor.notify(session.id, { session, events: result.events });
+    await limits.chargeEvents(principal, events.length);
+    // Anything but an interrupt may start a turn: a session that is not live yet must fit
+    // under its owner's live-session limits.
+    const startsTurn = events.some((event) => event.type !== 'user.interrupt') && !supervisor.isLive(session);
+    const admitted = startsTurn
+      ? await limits.admitLiveSession({ tenantId: session.tenantId, userId: session.ownerId })
+      : undefined;
+    try {
+      const result = await store.events.append(session, events as NewEvent[], { idempotencyKey });
+      if (!result.duplicate) {
+        // An interrupt needs nothing special here: the running wake sees it in the log.
+        supervisor.notify(session, { session, events: result.events });
+      }
+      return context.json({ data: result.events.map((stored) => stored.event) });
+    } finally {
+      admitted?.();
     }
-    return context.json({ data: result.events.map((stored) => stored.event) });
   });
 
   app.get('/:id/events/stream', async (context) => {
-    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    const session = context.get('session');
     const wantedDeltas = new Set(readArrayQuery(context, 'event_deltas') ?? []);
     for (const type of wantedDeltas) {
       if (type !== 'agent.message' && type !== 'agent.thinking') {
@@ -206,7 +215,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
     const cursorId = context.req.header('last-event-id') || context.req.query('after_id') || undefined;
     let afterSeq: number | undefined;
     if (cursorId !== undefined) {
-      const cursorEvent = await store.events.getEvent(session.id, cursorId);
+      const cursorEvent = await store.events.getEvent(session, cursorId);
       if (!cursorEvent) throw invalidRequest(`after_id ${cursorId} is not an event of this session`);
       afterSeq = cursorEvent.seq;
     }
@@ -219,14 +228,14 @@ export function eventRoutes(dependencies: ApiDependencies) {
     // sends after seeing the stream open is always delivered.
     const queue: StoredEvent[] = [];
     let wake: (() => void) | undefined;
-    const unsubscribe = store.events.subscribe(session.id, (events) => {
+    const unsubscribe = store.events.subscribe(session, (events) => {
       queue.push(...events);
       wake?.();
     });
     const deltaQueue: DeltaEvent[] = [];
     const unsubscribeDeltas =
       wantedDeltas.size > 0
-        ? deltas.subscribe(session.id, (_sessionId, delta) => {
+        ? deltas.subscribe(session, (_session, delta) => {
             const type = delta.type === 'event_start' ? delta.event.type : 'agent.message';
             if (!wantedDeltas.has(type)) return;
             deltaQueue.push(delta);
@@ -235,7 +244,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
         : () => undefined;
     let lastSent: number;
     try {
-      lastSent = afterSeq ?? (await store.events.headSeq(session.id));
+      lastSent = afterSeq ?? (await store.events.headSeq(session));
     } catch (error) {
       unsubscribe();
       unsubscribeDeltas();
@@ -244,17 +253,21 @@ export function eventRoutes(dependencies: ApiDependencies) {
 
     return streamSSE(context, async (stream) => {
       let closed = false;
-      stream.onAbort(() => {
+      const close = () => {
         closed = true;
         wake?.();
-      });
+      };
+      stream.onAbort(close);
+      // The stream lives only as long as the key that opened it: revoking it (or its expiry)
+      // ends the stream at once.
+      const release = authenticator.hold(context.get('principal'), close);
       const ping = setInterval(() => {
         stream.writeSSE({ event: 'ping', data: '{"type":"ping"}' }).catch(() => undefined);
       }, pingMs);
       try {
         if (afterSeq !== undefined) {
           for (;;) {
-            const history = await store.events.read(session.id, { afterSeq: lastSent, limit: 1000 });
+            const history = await store.events.read(session, { afterSeq: lastSent, limit: 1000 });
             for (const stored of history) lastSent = await send(stream, stored, lastSent);
             if (history.length < 1000) break;
           }
@@ -273,6 +286,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
           wake = undefined;
         }
       } finally {
+        release();
         clearInterval(ping);
         unsubscribe();
         unsubscribeDeltas();

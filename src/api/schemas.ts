@@ -401,3 +401,36 @@ export const knownEventTypes = new Set([
   'system.message',
   'session.usage',
 ]);
+
+/** Names of tenants and users: short, readable, safe in URLs and logs. */
+export const principalName = z
+  .string()
+  .regex(
+    /^[a-z0-9][a-z0-9._-]{0,62}$/,
+    'use 1–63 lower-case letters, digits, ".", "_" or "-", starting with a letter or digit',
+  );
+
+/** `POST /v1/users` (admins): a user of the caller's tenant. */
+export const userCreate = z
+  .object({ name: principalName, role: z.enum(['admin', 'member']).default('member') })
+  .strict();
+
+/** `POST /v1/api_keys`: a key for the caller, or (admins) for a user of the tenant. */
+export const apiKeyCreate = z
+  .object({
+    name: z.string().min(1).max(100),
+    user_id: z.string().min(1).max(100).optional(),
+    /** Absolute expiry (RFC 3339), or… */
+    expires_at: z.iso.datetime({ offset: true }).optional(),
+    /** …seconds from now. */
+    expires_in_seconds: z
+      .number()
+      .int()
+      .min(1)
+      .max(10 * 365 * 86_400)
+      .optional(),
+  })
+  .strict()
+  .refine((value) => value.expires_at === undefined || value.expires_in_seconds === undefined, {
+    message: 'give expires_at or expires_in_seconds, not both',
+  });

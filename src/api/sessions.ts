@@ -1,5 +1,6 @@
 import { Hono } from 'hono';
 import { conflict, invalidRequest, notFound } from '../errors.js';
+import { sessionOwnerFilter } from '../identity/access.js';
 import { newId } from '../ids.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
@@ -31,7 +32,7 @@ const usageEventTypes = [
  * usage from `span.model_request_end`, active time from status changes).
  */
 export async function presentSession(store: Store, session: SessionRecord) {
-  const events = await store.events.read(session.id, {
+  const events = await store.events.read(session, {
     types: usageEventTypes,
     limit: Number.MAX_SAFE_INTEGER,
   });
@@ -84,7 +85,7 @@ const statuses = new Set<SessionStatus>(['idle', 'running', 'rescheduling', 'ter
 
 /** `/v1/sessions`: create (pinning an agent version), read, update, list, archive, delete. */
 export function sessionRoutes(dependencies: ApiDependencies) {
-  const { store, supervisor } = dependencies;
+  const { store, supervisor, limits } = dependencies;
   const { resources } = store;
   const app = new Hono<ApiEnvironment>();
 
@@ -99,6 +100,12 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const environment = await resources.get('environment', principal.tenantId, input.environment_id);
     if (!environment) throw notFound('environment', input.environment_id);
     if (environment.archivedAt) throw invalidRequest(`environment ${input.environment_id} is archived`);
+    // Limits are charged after validation and before the first write: a refused request
+    // (429) leaves nothing behind.
+    const initialEvents = input.initial_events ?? [];
+    await limits.chargeSessionCreate(principal);
+    if (initialEvents.length > 0) await limits.chargeEvents(principal, initialEvents.length);
+    const admitted = initialEvents.length > 0 ? await limits.admitLiveSession(principal) : undefined;
 
     const now = nowIso();
     const id = newId('sesn');
@@ -131,10 +138,14 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       stopReason: null,
       lastSeq: 0,
     };
-    await resources.createSession(record);
-    if (input.initial_events && input.initial_events.length > 0) {
-      const appended = await store.events.append(id, input.initial_events);
-      supervisor.notify(id, { session: record, events: appended.events });
+    try {
+      await resources.createSession(record);
+      if (initialEvents.length > 0) {
+        const appended = await store.events.append(record, initialEvents);
+        supervisor.notify(record, { session: record, events: appended.events });
+      }
+    } finally {
+      admitted?.();
     }
     const created = await resources.getSession(principal.tenantId, id);
     return context.json(await presentSession(store, created!));
@@ -150,7 +161,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
 
     const page = await resources.listSessions({
       tenantId: principal.tenantId,
-      ownerId: principal.role === 'admin' ? undefined : principal.userId,
+      ownerId: sessionOwnerFilter(principal),
       limit,
       cursor,
       includeArchived: readFlag(context, 'include_archived'),
@@ -164,13 +175,11 @@ export function sessionRoutes(dependencies: ApiDependencies) {
   });
 
   app.get('/:id', async (context) => {
-    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
-    return context.json(await presentSession(store, session));
+    return context.json(await presentSession(store, context.get('session')));
   });
 
   app.post('/:id', async (context) => {
-    const principal = context.get('principal');
-    const session = await loadSession(store, principal, context.req.param('id'));
+    const session = context.get('session');
     const input = await readBody(context, sessionUpdate);
     if (input.agent !== undefined)
       throw invalidRequest("changing a session's agent is not supported by Berth yet");
@@ -188,7 +197,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
   });
 
   app.post('/:id/archive', async (context) => {
-    const session = await loadSession(store, context.get('principal'), context.req.param('id'));
+    const session = context.get('session');
     if (!session.archivedAt) {
       const now = nowIso();
       session.archivedAt = now;
@@ -199,33 +208,17 @@ export function sessionRoutes(dependencies: ApiDependencies) {
   });
 
   app.delete('/:id', async (context) => {
-    const principal = context.get('principal');
-    const session = await loadSession(store, principal, context.req.param('id'));
+    const session = context.get('session');
     if (session.status === 'running' || session.status === 'rescheduling') {
       throw conflict(
         `session ${session.id} is ${session.status}; send user.interrupt and wait for idle before deleting`,
       );
     }
-    await supervisor.settled(session.id);
-    await resources.delete('session', principal.tenantId, session.id);
-    await dependencies.forgetSession(session.id);
+    await supervisor.settled(session);
+    await resources.delete('session', session.tenantId, session.id);
+    await dependencies.forgetSession(session);
     return context.json({ id: session.id, type: 'session_deleted' });
   });
 
   return app;
-}
-
-/**
- * The one ownership check for every session path: the session must belong to the caller's
- * tenant, and a member sees only the sessions they created. Anything else is a 404.
- */
-export async function loadSession(
-  store: Store,
-  principal: { tenantId: string; userId: string; role: string },
-  id: string,
-): Promise<SessionRecord> {
-  const session = await store.resources.getSession(principal.tenantId, id);
-  if (!session || (principal.role !== 'admin' && session.ownerId !== principal.userId))
-    throw notFound('session', id);
-  return session;
 }

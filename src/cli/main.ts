@@ -1,13 +1,17 @@
 #!/usr/bin/env node
 import { existsSync, readFileSync, statSync } from 'node:fs';
+import { mkdir } from 'node:fs/promises';
 import { join, relative, resolve } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { Command, Option } from 'commander';
-import type { AgentCreate } from '../api/schemas.js';
+import { type AgentCreate, principalName } from '../api/schemas.js';
 import { agentFileName, loadAgentFolder, type Problem } from '../config/agent-files.js';
 import { loadConfig } from '../config/config.js';
 import { isBerthError } from '../errors.js';
+import { createTenantWithAdmin } from '../identity/api-keys.js';
 import { type RunningBerth, startBerth } from '../server.js';
+import { openStore } from '../store/open-store.js';
+import type { Store, TenantLimits } from '../store/resource-store.js';
 import { applyAgent, enabledToolNames } from './apply-agent.js';
 import { dim, renderEvent } from './render.js';
 
@@ -176,6 +180,225 @@ for (const [name, description] of [
         }
       });
     });
+}
+
+const tenants = program
+  .command('tenants')
+  .description("manage tenants (operators: works on the server's own store, --data-dir or --database)");
+tenants
+  .command('create')
+  .description("create a tenant with its first admin user; prints the admin's API key once")
+  .argument('<name>', 'tenant name (lower-case letters, digits, ".", "_", "-")')
+  .option('--live-sessions <n>', 'limit: sessions with a turn in flight at once (0 = unlimited)')
+  .option('--sessions-per-minute <n>', 'limit: sessions created per minute (0 = unlimited)')
+  .option('--events-per-minute <n>', 'limit: client events per minute (0 = unlimited)')
+  .option('--json', 'print JSON')
+  .addOption(dataDirOption())
+  .option('--database <url>', 'postgres:// URL (default: SQLite in the data directory)')
+  .action(
+    async (
+      name: string,
+      options: StoreOptions & {
+        liveSessions?: string;
+        sessionsPerMinute?: string;
+        eventsPerMinute?: string;
+        json?: boolean;
+      },
+    ) => {
+      const parsed = principalName.safeParse(name);
+      if (!parsed.success) throw new UsageError(`tenant name: ${parsed.error.issues[0]?.message}`);
+      const limits: TenantLimits = {};
+      for (const [field, value] of [
+        ['liveSessions', options.liveSessions],
+        ['sessionsPerMinute', options.sessionsPerMinute],
+        ['eventsPerMinute', options.eventsPerMinute],
+      ] as const) {
+        if (value === undefined) continue;
+        if (!/^\d+$/.test(value)) throw new UsageError(`--${field} must be a whole number`);
+        limits[field] = Number(value);
+      }
+      await withStore(options, async (store) => {
+        const created = await createTenantWithAdmin(store.resources, {
+          name,
+          limits: Object.keys(limits).length > 0 ? limits : null,
+        });
+        if (options.json) {
+          return print({ tenant: created.tenant, admin: created.admin, api_key: created.key });
+        }
+        console.error(
+          `Created tenant ${created.tenant.name} (${created.tenant.id}) with admin user ${created.admin.id}.`,
+        );
+        console.error('Its admin API key, shown this once:');
+        console.log(created.key);
+      });
+    },
+  );
+tenants
+  .command('list')
+  .description('list tenants')
+  .option('--json', 'print JSON')
+  .addOption(dataDirOption())
+  .option('--database <url>', 'postgres:// URL (default: SQLite in the data directory)')
+  .action(async (options: StoreOptions & { json?: boolean }) => {
+    await withStore(options, async (store) => {
+      const list = await store.resources.listTenants();
+      if (options.json) return print(list);
+      for (const tenant of list) {
+        console.log(
+          `${tenant.id}  ${tenant.name.padEnd(20)} ${tenant.createdAt}${tenant.limits ? `  limits ${JSON.stringify(tenant.limits)}` : ''}`,
+        );
+      }
+    });
+  });
+
+/** Adds the client options every API command shares. */
+function clientCommand(command: Command): Command {
+  return command
+    .addOption(urlOption('Berth server URL', process.env.BERTH_URL ?? 'http://127.0.0.1:8080'))
+    .addOption(apiKeyOption())
+    .option('--json', 'print JSON')
+    .addOption(dataDirOption());
+}
+
+interface ApiUser {
+  id: string;
+  name: string;
+  role: string;
+  created_at: string;
+}
+interface ApiKeyView {
+  id: string;
+  name: string;
+  user_id: string;
+  role: string;
+  created_at: string;
+  expires_at: string | null;
+  revoked_at: string | null;
+  key?: string;
+}
+
+const users = program
+  .command('users')
+  .description("manage the users of your tenant (admins; uses the server's API)");
+clientCommand(
+  users
+    .command('create')
+    .description('create a user and a first API key for them (the key is printed once)')
+    .argument('<name>', 'user name, unique in the tenant')
+    .addOption(new Option('--role <role>', 'admin or member').choices(['admin', 'member']).default('member'))
+    .option('--no-key', 'create the user without an API key'),
+).action(async (name: string, options: ClientOptions & { role: string; key: boolean; json?: boolean }) => {
+  await withClient(options, async (client) => {
+    const user = await client.post<ApiUser>('/v1/users', { body: { name, role: options.role } });
+    const key = options.key
+      ? await client.post<ApiKeyView>('/v1/api_keys', {
+          body: { name: `${name} key`, user_id: user.id },
+        })
+      : undefined;
+    if (options.json) return print({ user, api_key: key });
+    console.error(`Created ${user.role} ${user.name} (${user.id}).`);
+    if (key) {
+      console.error('Their API key, shown this once:');
+      console.log(key.key);
+    }
+  });
+});
+clientCommand(users.command('list').description('list the users of your tenant')).action(
+  async (options: ClientOptions & { json?: boolean }) => {
+    await withClient(options, async (client) => {
+      const page = await client.get<{ data: ApiUser[] }>('/v1/users');
+      if (options.json) return print(page.data);
+      for (const user of page.data)
+        console.log(`${user.id}  ${user.role.padEnd(7)} ${user.name}  ${user.created_at}`);
+    });
+  },
+);
+
+const keys = program
+  .command('keys')
+  .description("manage API keys (uses the server's API; revocation applies at once)");
+clientCommand(
+  keys
+    .command('create')
+    .description('create an API key (for yourself, or as an admin for --user); printed once')
+    .option('--user <id>', 'the user the key acts as (admins)')
+    .option('--name <name>', 'a label for the key', 'cli')
+    .option('--expires-in <seconds>', 'the key stops working after this many seconds'),
+).action(
+  async (options: ClientOptions & { user?: string; name: string; expiresIn?: string; json?: boolean }) => {
+    if (options.expiresIn !== undefined && !/^\d+$/.test(options.expiresIn)) {
+      throw new UsageError('--expires-in must be a whole number of seconds');
+    }
+    await withClient(options, async (client) => {
+      const key = await client.post<ApiKeyView>('/v1/api_keys', {
+        body: {
+          name: options.name,
+          ...(options.user ? { user_id: options.user } : {}),
+          ...(options.expiresIn ? { expires_in_seconds: Number(options.expiresIn) } : {}),
+        },
+      });
+      if (options.json) return print(key);
+      console.error(
+        `Created key ${key.id} for ${key.user_id}${key.expires_at ? `, expiring ${key.expires_at}` : ''}; shown this once:`,
+      );
+      console.log(key.key);
+    });
+  },
+);
+clientCommand(
+  keys
+    .command('list')
+    .description('list API keys (all of the tenant for admins)')
+    .option('--user <id>', "only this user's keys"),
+).action(async (options: ClientOptions & { user?: string; json?: boolean }) => {
+  await withClient(options, async (client) => {
+    const page = await client.get<{ data: ApiKeyView[] }>('/v1/api_keys', {
+      query: options.user ? { user_id: options.user } : {},
+    });
+    if (options.json) return print(page.data);
+    for (const key of page.data) {
+      const state = key.revoked_at
+        ? `revoked ${key.revoked_at}`
+        : key.expires_at
+          ? `expires ${key.expires_at}`
+          : 'active';
+      console.log(`${key.id}  ${key.user_id}  ${key.role.padEnd(7)} ${key.name.padEnd(16)} ${state}`);
+    }
+  });
+});
+clientCommand(
+  keys
+    .command('revoke')
+    .description('revoke an API key; it stops working at once')
+    .argument('<id>', 'key id'),
+).action(async (id: string, options: ClientOptions & { json?: boolean }) => {
+  await withClient(options, async (client) => {
+    const key = await client.post<ApiKeyView>(`/v1/api_keys/${encodeURIComponent(id)}/revoke`);
+    if (options.json) return print(key);
+    console.error(`Revoked ${key.id} at ${key.revoked_at}.`);
+  });
+});
+
+interface StoreOptions {
+  dataDir: string;
+  database?: string;
+}
+
+/** Opens the configured store directly (operator commands), runs `action`, closes it. */
+async function withStore(options: StoreOptions, action: (store: Store) => Promise<unknown>) {
+  const config = loadConfig({
+    flags: { dataDir: options.dataDir, database: options.database },
+    environment: process.env,
+  });
+  if (config.store.kind === 'sqlite') {
+    await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  }
+  const store = await openStore(config.store);
+  try {
+    await action(store);
+  } finally {
+    await store.close();
+  }
 }
 
 interface ClientOptions {

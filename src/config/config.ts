@@ -10,7 +10,16 @@ export interface BerthConfig {
   host: string;
   port: number;
   dataDir: string;
-  store: { kind: 'sqlite'; path: string } | { kind: 'postgres'; url: string };
+  store:
+    | { kind: 'sqlite'; path: string }
+    | {
+        kind: 'postgres';
+        url: string;
+        /** Owner role for migrations (`BERTH_DATABASE_MIGRATION_URL`), so `url`'s role is bound by RLS. */
+        migrationUrl?: string;
+      };
+  /** Default limits per tenant and per user (tenants may override theirs). */
+  limits: LimitsConfig;
   /** Provider settings (API keys, base URLs) handed to the model registry. */
   modelEnvironment: Readonly<Record<string, string | undefined>>;
   /** Sandbox driver names in order of preference; the first available is the default. */
@@ -20,6 +29,21 @@ export interface BerthConfig {
   /** Failed model calls in a row before a turn ends with retries_exhausted. */
   maxModelRetries: number;
   retryBaseDelayMs: number;
+}
+
+/** One level's limits; 0 means unlimited. */
+export interface LimitSettings {
+  /** Sessions with a turn in flight at once. */
+  liveSessions: number;
+  /** Sessions created per minute. */
+  sessionsPerMinute: number;
+  /** Client events sent per minute. */
+  eventsPerMinute: number;
+}
+
+export interface LimitsConfig {
+  tenant: LimitSettings;
+  user: LimitSettings;
 }
 
 /** Raw inputs: CLI flags (already parsed) and the process environment. */
@@ -52,7 +76,11 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
     const path = database?.startsWith('sqlite:') ? database.slice('sqlite:'.length) : '';
     store = { kind: 'sqlite', path: path ? resolve(path) : resolve(dataDir, 'berth.db') };
   } else if (/^postgres(ql)?:\/\//.test(database)) {
-    store = { kind: 'postgres', url: database };
+    const migrationUrl = environment.BERTH_DATABASE_MIGRATION_URL;
+    if (migrationUrl !== undefined && migrationUrl !== '' && !/^postgres(ql)?:\/\//.test(migrationUrl)) {
+      throw invalidRequest('BERTH_DATABASE_MIGRATION_URL must be a postgres:// URL');
+    }
+    store = { kind: 'postgres', url: database, ...(migrationUrl ? { migrationUrl } : {}) };
   } else {
     throw invalidRequest('database must be a postgres:// URL or sqlite:<path>');
   }
@@ -76,6 +104,18 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
       .map((name) => name.trim())
       .filter(Boolean),
     maxBodyBytes: number('BERTH_MAX_BODY_BYTES', 1024 * 1024),
+    limits: {
+      tenant: {
+        liveSessions: number('BERTH_TENANT_LIVE_SESSIONS', 200),
+        sessionsPerMinute: number('BERTH_TENANT_SESSIONS_PER_MINUTE', 1200),
+        eventsPerMinute: number('BERTH_TENANT_EVENTS_PER_MINUTE', 60_000),
+      },
+      user: {
+        liveSessions: number('BERTH_USER_LIVE_SESSIONS', 50),
+        sessionsPerMinute: number('BERTH_USER_SESSIONS_PER_MINUTE', 300),
+        eventsPerMinute: number('BERTH_USER_EVENTS_PER_MINUTE', 12_000),
+      },
+    },
     maxModelRetries: number('BERTH_MAX_MODEL_RETRIES', 3),
     retryBaseDelayMs: number('BERTH_RETRY_BASE_DELAY_MS', 500),
   };

@@ -2,6 +2,7 @@ import { chown, mkdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { BerthError } from '../errors.js';
 import type { SandboxDriver, SandboxHandle, SandboxSpec } from '../sandbox/driver.js';
+import { type SessionKey, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 
 /** Lazily gives a session its sandbox: provisioned on the first tool call, then reused. */
@@ -10,6 +11,7 @@ export interface SandboxAccess {
 }
 
 interface Entry {
+  session: SessionKey;
   driver: SandboxDriver;
   handle: Promise<SandboxHandle>;
 }
@@ -43,12 +45,13 @@ export class SandboxManager {
   }
 
   /** The driver a session's sandbox runs on, once provisioned. */
-  driverOf(sessionId: string): SandboxDriver | undefined {
-    return this.#entries.get(sessionId)?.driver;
+  driverOf(session: SessionKey): SandboxDriver | undefined {
+    return this.#entries.get(sessionKeyString(session))?.driver;
   }
 
   async #get(session: SessionRecord, extra?: Pick<SandboxSpec, 'readOnlyMounts'>): Promise<SandboxHandle> {
-    const existing = this.#entries.get(session.id);
+    const key = sessionKeyString(session);
+    const existing = this.#entries.get(key);
     if (existing) return existing.handle;
     const environment = await this.#store.resources.get(
       'environment',
@@ -83,24 +86,25 @@ export class SandboxManager {
         },
       });
     })();
-    this.#entries.set(session.id, { driver, handle });
-    handle.catch(() => this.#entries.delete(session.id));
+    this.#entries.set(key, { session: { tenantId: session.tenantId, id: session.id }, driver, handle });
+    handle.catch(() => this.#entries.delete(key));
     return handle;
   }
 
   /** Destroys a session's sandbox (its working directory stays). */
-  async release(sessionId: string): Promise<void> {
-    const entry = this.#entries.get(sessionId);
+  async release(session: SessionKey): Promise<void> {
+    const key = sessionKeyString(session);
+    const entry = this.#entries.get(key);
     if (!entry) return;
-    this.#entries.delete(sessionId);
+    this.#entries.delete(key);
     const handle = await entry.handle.catch(() => undefined);
     if (handle) await entry.driver.destroy(handle);
   }
 
   /** Destroys a session's sandbox and deletes its files (the session itself was deleted). */
-  async discard(sessionId: string): Promise<void> {
-    await this.release(sessionId);
-    await rm(join(this.#dataDir, 'sessions', sessionId), { recursive: true, force: true });
+  async discard(session: SessionKey): Promise<void> {
+    await this.release(session);
+    await rm(join(this.#dataDir, 'sessions', session.id), { recursive: true, force: true });
   }
 
   /** Number of live sandboxes. */
@@ -110,6 +114,6 @@ export class SandboxManager {
 
   /** Destroys every sandbox of this process. */
   async releaseAll(): Promise<void> {
-    await Promise.all([...this.#entries.keys()].map((sessionId) => this.release(sessionId)));
+    await Promise.all([...this.#entries.values()].map((entry) => this.release(entry.session)));
   }
 }

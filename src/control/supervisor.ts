@@ -1,6 +1,6 @@
 import { isBerthError } from '../errors.js';
 import type { Harness } from '../harness/harness.js';
-import type { StoredEvent } from '../store/event-store.js';
+import { type SessionKey, type StoredEvent, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 
 /** Where the supervisor reports what it does; `console`-compatible. */
@@ -10,7 +10,13 @@ export interface Logger {
   error(message: string, fields?: Record<string, unknown>): void;
 }
 
+/** A session as the supervisor places it: its key and the user it belongs to. */
+export interface SessionOwnerKey extends SessionKey {
+  readonly ownerId: string;
+}
+
 interface Actor {
+  session: SessionOwnerKey;
   /** The wake in progress. */
   running: Promise<void>;
   /** Another wake was asked for while this one ran: run again when it ends. */
@@ -21,10 +27,13 @@ interface Actor {
 /**
  * One live instance per session: the session's actor. `notify` asks for a wake; wakes of
  * one session never overlap, and a notify during a wake causes exactly one more wake after
- * it, so no appended input is ever left unprocessed.
+ * it, so no appended input is ever left unprocessed. Actors are keyed by tenant and session,
+ * and counted per tenant and per user (the live-session limits read those counts).
  */
 export class Supervisor {
   readonly #actors = new Map<string, Actor>();
+  /** Live actors per tenant, and per tenant + user. */
+  readonly #liveCounts = new Map<string, number>();
   readonly #shutdown = new AbortController();
   readonly #harness: Harness;
   readonly #store: Store;
@@ -40,15 +49,28 @@ export class Supervisor {
    * Asks for a wake of the session (new input arrived, or a crash left work behind). Pass the
    * events this process just committed, if any, so the wake need not read them back.
    */
-  notify(sessionId: string, committed?: { session: SessionRecord; events: readonly StoredEvent[] }): void {
+  notify(
+    session: SessionOwnerKey,
+    committed?: { session: SessionRecord; events: readonly StoredEvent[] },
+  ): void {
     if (this.#shutdown.signal.aborted) return;
     if (committed) this.#harness.observe(committed.session, committed.events);
-    const actor = this.#actors.get(sessionId);
+    const actor = this.#actors.get(sessionKeyString(session));
     if (actor) {
       actor.again = true;
       return;
     }
-    this.#start(sessionId, 0);
+    this.#start(session, 0);
+  }
+
+  /** Sessions with a wake in flight on this node: the tenant's, or one user's in it. */
+  liveCount(tenantId: string, userId?: string): number {
+    return this.#liveCounts.get(userId === undefined ? tenantId : `${tenantId}/${userId}`) ?? 0;
+  }
+
+  /** True when the session has a wake in flight (it counts as live already). */
+  isLive(session: SessionKey): boolean {
+    return this.#actors.has(sessionKeyString(session));
   }
 
   /** Wakes every session a previous process may have left mid-turn. */
@@ -58,10 +80,10 @@ export class Supervisor {
     for (const session of sessions) {
       if (session.status === 'idle') {
         // Cheap check: only an idle session whose newest event is client input has work.
-        const [newest] = await this.#store.events.read(session.id, { order: 'desc', limit: 1 });
+        const [newest] = await this.#store.events.read(session, { order: 'desc', limit: 1 });
         if (!newest?.event.type.startsWith('user.')) continue;
       }
-      this.notify(session.id);
+      this.notify(session);
       woken++;
     }
     if (woken > 0) this.#logger.info('resuming sessions left mid-turn', { count: woken });
@@ -69,8 +91,9 @@ export class Supervisor {
   }
 
   /** Resolves when the session has no wake running (tests and graceful shutdown). */
-  async settled(sessionId: string): Promise<void> {
-    for (let actor = this.#actors.get(sessionId); actor; actor = this.#actors.get(sessionId)) {
+  async settled(session: SessionKey): Promise<void> {
+    const key = sessionKeyString(session);
+    for (let actor = this.#actors.get(key); actor; actor = this.#actors.get(key)) {
       await actor.running.catch(() => undefined);
     }
   }
@@ -81,18 +104,30 @@ export class Supervisor {
     await Promise.all([...this.#actors.values()].map((actor) => actor.running.catch(() => undefined)));
   }
 
-  #start(sessionId: string, failures: number): void {
-    const actor: Actor = { running: Promise.resolve(), again: false, failures };
-    this.#actors.set(sessionId, actor);
-    actor.running = this.#run(sessionId, actor);
+  #start(session: SessionOwnerKey, failures: number): void {
+    const owner = { tenantId: session.tenantId, id: session.id, ownerId: session.ownerId };
+    const actor: Actor = { session: owner, running: Promise.resolve(), again: false, failures };
+    this.#actors.set(sessionKeyString(owner), actor);
+    this.#count(owner, 1);
+    actor.running = this.#run(actor);
   }
 
-  async #run(sessionId: string, actor: Actor): Promise<void> {
+  #count(session: SessionOwnerKey, change: number): void {
+    for (const key of [session.tenantId, `${session.tenantId}/${session.ownerId}`]) {
+      const count = (this.#liveCounts.get(key) ?? 0) + change;
+      if (count > 0) this.#liveCounts.set(key, count);
+      else this.#liveCounts.delete(key);
+    }
+  }
+
+  async #run(actor: Actor): Promise<void> {
+    const { session } = actor;
+    const sessionId = session.id;
     let retryDelay = 0;
     try {
       do {
         actor.again = false;
-        await this.#harness.wake(sessionId, { shutdown: this.#shutdown.signal });
+        await this.#harness.wake(session, { shutdown: this.#shutdown.signal });
       } while (actor.again && !this.#shutdown.signal.aborted);
     } catch (error) {
       if (isBerthError(error, 'stale_writer')) {
@@ -107,11 +142,12 @@ export class Supervisor {
         });
       }
     } finally {
-      this.#actors.delete(sessionId);
+      this.#actors.delete(sessionKeyString(session));
+      this.#count(session, -1);
     }
     if (retryDelay > 0 && !this.#shutdown.signal.aborted) {
       const timer = setTimeout(() => {
-        if (!this.#actors.has(sessionId)) this.#start(sessionId, actor.failures);
+        if (!this.#actors.has(sessionKeyString(session))) this.#start(session, actor.failures);
       }, retryDelay);
       timer.unref();
     }

@@ -2,6 +2,7 @@ import { mcpModelToolName } from '../harness/context.js';
 import type { HarnessTool, SessionToolbox } from '../harness/harness.js';
 import { mcpPackagesMount } from '../mcp/mcp-packages.js';
 import { createMcpSession, type McpServerSpec, type McpSession, type McpTool } from '../mcp/mcp-session.js';
+import { type SessionKey, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
 import { builtinToolDefinitions, createBuiltinToolExecutor } from '../tools/builtin-tools.js';
 import type { SandboxManager } from './sandbox-manager.js';
@@ -90,6 +91,7 @@ export function mcpToolsOfAgent(
 }
 
 interface SessionEntry {
+  session: SessionKey;
   toolbox: SessionToolbox;
   mcp: McpSession | undefined;
 }
@@ -114,7 +116,8 @@ export class Toolboxes {
 
   /** The session's toolbox (made once per session and process). */
   for(session: SessionRecord): SessionToolbox {
-    const existing = this.#entries.get(session.id);
+    const key = sessionKeyString(session);
+    const existing = this.#entries.get(key);
     if (existing) return existing.toolbox;
     const agent = session.body.agent as { tools?: AgentToolEntry[]; mcp_servers?: McpServerSpec[] };
     const agentTools = agent.tools ?? [];
@@ -129,7 +132,7 @@ export class Toolboxes {
     );
     const sandboxes = this.#sandboxes;
     const driverOf = () => {
-      const driver = sandboxes.driverOf(session.id);
+      const driver = sandboxes.driverOf(session);
       if (!driver) throw new Error("the session's sandbox was released while a tool was starting");
       return driver;
     };
@@ -170,19 +173,20 @@ export class Toolboxes {
         );
       },
     };
-    this.#entries.set(session.id, { toolbox, mcp });
+    this.#entries.set(key, { session: { tenantId: session.tenantId, id: session.id }, toolbox, mcp });
     return toolbox;
   }
 
   /** Closes the session's MCP connections (its sandbox is released separately). */
-  async release(sessionId: string): Promise<void> {
-    const entry = this.#entries.get(sessionId);
-    this.#entries.delete(sessionId);
+  async release(session: SessionKey): Promise<void> {
+    const key = sessionKeyString(session);
+    const entry = this.#entries.get(key);
+    this.#entries.delete(key);
     await entry?.mcp?.close();
   }
 
   /** Closes every session's MCP connections. */
   async releaseAll(): Promise<void> {
-    await Promise.all([...this.#entries.keys()].map((sessionId) => this.release(sessionId)));
+    await Promise.all([...this.#entries.values()].map((entry) => this.release(entry.session)));
   }
 }

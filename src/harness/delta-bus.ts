@@ -1,3 +1,4 @@
+import { type SessionKey, sessionKeyString } from '../store/event-store.js';
 /**
  * Streaming deltas of agent messages while the model writes them. They go to live
  * subscribers only and are never stored: the stored `agent.message` is the truth.
@@ -11,19 +12,19 @@ export type DeltaEvent =
       delta: { type: 'content_delta'; content: { type: 'text'; text: string }; index: number };
     };
 
-export type DeltaListener = (sessionId: string, delta: DeltaEvent) => void;
+export type DeltaListener = (session: SessionKey, delta: DeltaEvent) => void;
 
 /** In-process fan-out of deltas, keyed by session id. */
 export class DeltaBus {
   readonly #listeners = new Map<string, Set<DeltaListener>>();
 
   /** Delivers a delta to the session's subscribers; a throwing listener is dropped. */
-  publish(sessionId: string, delta: DeltaEvent): void {
-    const listeners = this.#listeners.get(sessionId);
+  publish(session: SessionKey, delta: DeltaEvent): void {
+    const listeners = this.#listeners.get(sessionKeyString(session));
     if (!listeners) return;
     for (const listener of listeners) {
       try {
-        listener(sessionId, delta);
+        listener(session, delta);
       } catch {
         listeners.delete(listener);
       }
@@ -31,7 +32,8 @@ export class DeltaBus {
   }
 
   /** Subscribes to a session's deltas; returns the unsubscribe function. */
-  subscribe(sessionId: string, listener: DeltaListener): () => void {
+  subscribe(session: SessionKey, listener: DeltaListener): () => void {
+    const sessionId = sessionKeyString(session);
     let listeners = this.#listeners.get(sessionId);
     if (!listeners) {
       listeners = new Set();

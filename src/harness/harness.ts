@@ -6,7 +6,13 @@ import type {
 import { BerthError, isBerthError } from '../errors.js';
 import { newId } from '../ids.js';
 import type { ModelRegistry } from '../models/model-registry.js';
-import type { NewEvent, StoredEvent, WriterToken } from '../store/event-store.js';
+import {
+  type NewEvent,
+  type SessionKey,
+  type StoredEvent,
+  sessionKeyString,
+  type WriterToken,
+} from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 import { buildPrompt, modelToolName } from './context.js';
 import type { DeltaBus } from './delta-bus.js';
@@ -76,7 +82,7 @@ const RESTART_NOTICE =
   'Check the current state before running it again.';
 
 /**
- * The stateless agent loop. `wake(sessionId)` reads the log, decides the next step with
+ * The stateless agent loop. `wake(session)` reads the log, decides the next step with
  * `decideNextStep`, performs it, appends the outcome, and repeats until nothing is left to
  * do. Everything it needs comes from the log and the pinned agent version, so any process
  * can finish a turn another one started.
@@ -89,11 +95,11 @@ export function createHarness(dependencies: HarnessDependencies) {
   // Writer tokens this process holds, so a wake does not pay a commit to re-acquire one.
   // A stale token (another writer took over) is dropped and the wake fails.
   const writers = new Map<string, WriterToken>();
-  async function writerFor(sessionId: string): Promise<WriterToken> {
-    let writer = writers.get(sessionId);
+  async function writerFor(key: SessionKey): Promise<WriterToken> {
+    let writer = writers.get(sessionKeyString(key));
     if (!writer) {
-      writer = await store.events.acquireWriter(sessionId);
-      writers.set(sessionId, writer);
+      writer = await store.events.acquireWriter(key);
+      writers.set(sessionKeyString(key), writer);
     }
     return writer;
   }
@@ -103,19 +109,19 @@ export function createHarness(dependencies: HarnessDependencies) {
   // store is exactly the log: a wake reads only what is new.
   const cache = new Map<string, { session: SessionRecord; log: StoredEvent[] }>();
   const cacheSize = dependencies.logCacheSessions ?? 256;
-  async function load(sessionId: string) {
-    let entry = cache.get(sessionId);
+  async function load(key: SessionKey) {
+    let entry = cache.get(sessionKeyString(key));
     if (!entry) {
-      const session = await store.resources.getSessionUnscoped(sessionId);
+      const session = await store.resources.getSession(key.tenantId, key.id);
       if (!session) return undefined;
       entry = { session, log: [] };
     }
     // Always read the tail, even after `observe`: the wake subscribed to interrupts just
     // before, so this read sees any that were committed before the subscription.
     const afterSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
-    const tail = await store.events.read(sessionId, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
+    const tail = await store.events.read(key, { afterSeq, limit: Number.MAX_SAFE_INTEGER });
     if (tail.length > 0) entry = { session: entry.session, log: entry.log.concat(tail) };
-    remember(sessionId, entry.session, entry.log);
+    remember(entry.session, entry.log);
     return entry;
   }
 
@@ -125,26 +131,28 @@ export function createHarness(dependencies: HarnessDependencies) {
    * back. The events are used only when they directly follow the cached log.
    */
   function observe(session: SessionRecord, committed: readonly StoredEvent[]): void {
-    const entry = cache.get(session.id) ?? { session, log: [] };
+    const key = sessionKeyString(session);
+    const entry = cache.get(key) ?? { session, log: [] };
     const lastSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
     if (committed.length > 0 && committed[0]!.seq === lastSeq + 1) {
-      remember(session.id, entry.session, entry.log.concat(committed));
-    } else if (!cache.has(session.id)) {
-      remember(session.id, session, []);
+      remember(entry.session, entry.log.concat(committed));
+    } else if (!cache.has(key)) {
+      remember(session, []);
     }
   }
-  function remember(sessionId: string, session: SessionRecord, log: StoredEvent[]): void {
-    cache.delete(sessionId);
-    cache.set(sessionId, { session, log });
+  function remember(session: SessionRecord, log: StoredEvent[]): void {
+    const key = sessionKeyString(session);
+    cache.delete(key);
+    cache.set(key, { session, log });
     if (cache.size > cacheSize) cache.delete(cache.keys().next().value!);
   }
 
-  async function wake(sessionId: string, control: WakeControl): Promise<void> {
+  async function wake(key: SessionKey, control: WakeControl): Promise<void> {
     // Interrupts come from the log: a committed `user.interrupt` aborts the step in flight.
     // Subscribing before the first read means none can slip in between.
     let step = new AbortController();
     let newestInterrupt = 0;
-    const unsubscribe = store.events.subscribe(sessionId, (events) => {
+    const unsubscribe = store.events.subscribe(key, (events) => {
       for (const stored of events) {
         if (stored.event.type !== 'user.interrupt') continue;
         newestInterrupt = Math.max(newestInterrupt, stored.seq);
@@ -160,10 +168,10 @@ export function createHarness(dependencies: HarnessDependencies) {
       return step.signal;
     };
     try {
-      await runWake(sessionId, control, stepSignal);
+      await runWake(key, control, stepSignal);
     } catch (error) {
       // Whatever the wake appended before failing is not in the cache: start over from the store.
-      cache.delete(sessionId);
+      cache.delete(sessionKeyString(key));
       throw error;
     } finally {
       unsubscribe();
@@ -172,19 +180,20 @@ export function createHarness(dependencies: HarnessDependencies) {
   }
 
   async function runWake(
-    sessionId: string,
+    key: SessionKey,
     control: WakeControl,
     stepSignal: (log: readonly StoredEvent[]) => AbortSignal,
   ): Promise<void> {
-    const loaded = await load(sessionId);
+    const loaded = await load(key);
     if (!loaded) return;
     const { session } = loaded;
-    const writer = await writerFor(sessionId);
+    const sessionId = session.id;
+    const writer = await writerFor(session);
     const append = async (events: NewEvent[], expectedHeadSeq?: number) => {
       try {
-        return (await store.events.append(sessionId, events, { writer, expectedHeadSeq })).events;
+        return (await store.events.append(session, events, { writer, expectedHeadSeq })).events;
       } catch (error) {
-        if (isBerthError(error, 'stale_writer')) writers.delete(sessionId);
+        if (isBerthError(error, 'stale_writer')) writers.delete(sessionKeyString(session));
         throw error;
       }
     };
@@ -306,13 +315,13 @@ export function createHarness(dependencies: HarnessDependencies) {
       }
       // Re-read the tail rather than trusting `appended`: client events (an interrupt, a
       // custom tool result) may have landed in between.
-      const tail = await store.events.read(sessionId, {
+      const tail = await store.events.read(session, {
         afterSeq: headOf(log),
         limit: Number.MAX_SAFE_INTEGER,
       });
       if (tail.length === 0 && appended.length === 0) return;
       log = log.concat(tail);
-      remember(sessionId, session, log);
+      remember(session, log);
     }
   }
 
@@ -379,7 +388,7 @@ export function createHarness(dependencies: HarnessDependencies) {
         throw error;
       }
       const { stream } = await call;
-      const response = await collect(stream, session.id, messageId, signal);
+      const response = await collect(stream, session, messageId, signal);
       const events: NewEvent[] = [];
       const reported = new Set(
         log
@@ -474,7 +483,7 @@ export function createHarness(dependencies: HarnessDependencies) {
 
   async function collect(
     stream: ReadableStream<LanguageModelV3StreamPart>,
-    sessionId: string,
+    session: SessionKey,
     messageId: string,
     signal: AbortSignal,
   ) {
@@ -493,13 +502,13 @@ export function createHarness(dependencies: HarnessDependencies) {
           case 'text-delta':
             if (!started) {
               started = true;
-              deltas.publish(sessionId, {
+              deltas.publish(session, {
                 type: 'event_start',
                 event: { id: messageId, type: 'agent.message' },
               });
             }
             text += part.delta;
-            deltas.publish(sessionId, {
+            deltas.publish(session, {
               type: 'event_delta',
               event_id: messageId,
               delta: { type: 'content_delta', content: { type: 'text', text: part.delta }, index: 0 },

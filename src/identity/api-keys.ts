@@ -2,17 +2,19 @@ import { createHash, randomBytes } from 'node:crypto';
 import { chmod, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { newId } from '../ids.js';
-import type { ApiKeyRecord, ResourceStore } from '../store/resource-store.js';
+import type { ApiKeyRecord, ResourceStore, Role, TenantRecord, UserRecord } from '../store/resource-store.js';
 
 /** Who is calling: resolved from the API key on every request. */
 export interface Principal {
   tenantId: string;
   userId: string;
-  role: 'admin' | 'member';
+  role: Role;
   keyId: string;
+  /** When the key stops working (ISO), or null. Open streams close then. */
+  expiresAt: string | null;
 }
 
-/** The tenant the first admin key belongs to (multi-tenancy builds on it later). */
+/** The tenant the first admin key belongs to. */
 export const DEFAULT_TENANT_ID = 'tnt_default';
 
 /** SHA-256 of a key: the only form in which keys are stored. */
@@ -25,15 +27,21 @@ export function generateApiKey(): string {
   return `berth_sk_${randomBytes(24).toString('base64url')}`;
 }
 
+/** Cached keys are re-read after this long, so a revocation made elsewhere applies within it. */
+const CACHE_MAX_AGE_MS = 10_000;
+
 /**
- * Authenticates keys with a per-process cache of keys already seen (by hash), so a request
- * does not pay a database round trip for its key. Expiry is checked on every use. Keys cannot
- * be revoked yet; when revocation lands (issue 5) it must call `forget` here and, with several
- * nodes, broadcast it (LISTEN/NOTIFY) so every node forgets at once.
+ * Authenticates keys with a per-process cache of keys already seen (by hash, with their
+ * tenant, user and role), so a request does not pay a database round trip for its key.
+ * Expiry is checked on every use. A revocation made through this process applies at once:
+ * `revoked` drops the key and ends everything open under it (SSE streams); one made by
+ * another process applies when the cached entry ages out (10 s).
  */
 export class Authenticator {
   readonly #resources: ResourceStore;
-  readonly #known = new Map<string, ApiKeyRecord>();
+  readonly #known = new Map<string, { record: ApiKeyRecord; readAt: number }>();
+  /** What to end when a key is revoked: open streams, by key id. */
+  readonly #holders = new Map<string, Set<() => void>>();
 
   constructor(resources: ResourceStore) {
     this.#resources = resources;
@@ -42,46 +50,146 @@ export class Authenticator {
   /** The principal behind a presented key, or undefined (unknown, revoked or expired). */
   async authenticate(key: string, now = new Date()): Promise<Principal | undefined> {
     const hash = hashApiKey(key);
-    let record = this.#known.get(hash);
-    if (!record) {
-      record = await this.#resources.findApiKeyByHash(hash);
-      if (!record) return undefined;
+    let entry = this.#known.get(hash);
+    if (!entry || now.getTime() - entry.readAt > CACHE_MAX_AGE_MS) {
+      const record = await this.#resources.findApiKeyByHash(hash);
+      if (!record) {
+        this.#known.delete(hash);
+        return undefined;
+      }
       // Bounded: an attacker cannot grow it, only valid keys are cached.
       if (this.#known.size >= 10_000) this.#known.clear();
-      this.#known.set(hash, record);
+      entry = { record, readAt: now.getTime() };
+      this.#known.set(hash, entry);
+      if (record.revokedAt) this.#end(record.id);
     }
+    const { record } = entry;
     if (record.revokedAt) return undefined;
     if (record.expiresAt && new Date(record.expiresAt) <= now) return undefined;
-    return { tenantId: record.tenantId, userId: record.userId, role: record.role, keyId: record.id };
+    return {
+      tenantId: record.tenantId,
+      userId: record.userId,
+      role: record.role,
+      keyId: record.id,
+      expiresAt: record.expiresAt,
+    };
   }
 
-  /** Drops a key from the cache (after it was revoked or changed). */
-  forget(hash: string): void {
-    this.#known.delete(hash);
+  /**
+   * Ties something long-lived (an SSE stream) to the principal's key: `end` runs when the key
+   * is revoked through this process or when it expires. Returns the function that unties it.
+   */
+  hold(principal: Principal, end: () => void): () => void {
+    let holders = this.#holders.get(principal.keyId);
+    if (!holders) {
+      holders = new Set();
+      this.#holders.set(principal.keyId, holders);
+    }
+    const holder = () => end();
+    holders.add(holder);
+    let timer: NodeJS.Timeout | undefined;
+    if (principal.expiresAt !== null) {
+      const arm = () => {
+        const remaining = Date.parse(principal.expiresAt!) - Date.now();
+        if (remaining <= 0) return end();
+        // setTimeout holds at most ~24.8 days; re-arm for longer expiries.
+        timer = setTimeout(arm, Math.min(remaining, 2_147_483_647));
+        timer.unref();
+      };
+      arm();
+    }
+    return () => {
+      if (timer) clearTimeout(timer);
+      holders.delete(holder);
+      if (holders.size === 0) this.#holders.delete(principal.keyId);
+    };
+  }
+
+  /** A key was revoked: forget it and end everything held under it. */
+  revoked(record: ApiKeyRecord): void {
+    this.#known.delete(record.hash);
+    this.#end(record.id);
+  }
+
+  #end(keyId: string): void {
+    const holders = this.#holders.get(keyId);
+    if (!holders) return;
+    this.#holders.delete(keyId);
+    for (const holder of holders) holder();
   }
 }
 
+/** A new key for a user: the stored record and the key itself (shown once). */
+export async function issueApiKey(
+  resources: ResourceStore,
+  user: UserRecord,
+  options: { name: string; expiresAt?: string | null; key?: string },
+): Promise<{ record: ApiKeyRecord; key: string }> {
+  const key = options.key ?? generateApiKey();
+  const stored = {
+    id: newId('key'),
+    tenantId: user.tenantId,
+    userId: user.id,
+    hash: hashApiKey(key),
+    name: options.name,
+    createdAt: new Date().toISOString(),
+    expiresAt: options.expiresAt ?? null,
+    revokedAt: null,
+  };
+  await resources.createApiKey(stored);
+  return { record: { ...stored, role: user.role }, key };
+}
+
 /**
- * On first start with an empty key table, creates the admin key, stores only its hash and
- * writes the key to `<dataDir>/admin.key` with mode 0600. Returns the file path when it did.
+ * Creates a tenant with its first admin user and that user's key (operators, through
+ * `berth tenants create`). The key is returned once and stored only as a hash.
+ */
+export async function createTenantWithAdmin(
+  resources: ResourceStore,
+  input: { name: string; limits?: TenantRecord['limits']; adminName?: string },
+): Promise<{ tenant: TenantRecord; admin: UserRecord; key: string; keyRecord: ApiKeyRecord }> {
+  const now = new Date().toISOString();
+  const tenant: TenantRecord = {
+    id: newId('tnt'),
+    name: input.name,
+    createdAt: now,
+    limits: input.limits ?? null,
+  };
+  await resources.createTenant(tenant);
+  const admin: UserRecord = {
+    id: newId('user'),
+    tenantId: tenant.id,
+    name: input.adminName ?? 'admin',
+    role: 'admin',
+    createdAt: now,
+  };
+  await resources.createUser(admin);
+  const { record, key } = await issueApiKey(resources, admin, { name: 'admin' });
+  return { tenant, admin, key, keyRecord: record };
+}
+
+/**
+ * On first start with an empty key table, creates the default tenant, its admin user and
+ * key, stores only the key's hash and writes the key to `<dataDir>/admin.key` with mode 0600.
+ * Returns the file path when it did.
  */
 export async function ensureAdminKey(resources: ResourceStore, dataDir: string): Promise<string | undefined> {
   if ((await resources.countApiKeys()) > 0) return undefined;
+  // The file first: a crash before the key is stored leaves a file that the next start
+  // overwrites, never a stored key that nobody has.
   const key = generateApiKey();
-  const record: ApiKeyRecord = {
-    id: newId('key'),
-    tenantId: DEFAULT_TENANT_ID,
-    userId: 'user_admin',
-    role: 'admin',
-    hash: hashApiKey(key),
-    name: 'admin',
-    createdAt: new Date().toISOString(),
-    expiresAt: null,
-    revokedAt: null,
-  };
   const path = join(dataDir, 'admin.key');
   await writeFile(path, `${key}\n`, { mode: 0o600 });
   await chmod(path, 0o600);
-  await resources.createApiKey(record);
+  const now = new Date().toISOString();
+  if (!(await resources.getTenant(DEFAULT_TENANT_ID))) {
+    await resources.createTenant({ id: DEFAULT_TENANT_ID, name: 'default', createdAt: now, limits: null });
+  }
+  let admin = await resources.getUser(DEFAULT_TENANT_ID, 'user_admin');
+  if (!admin) {
+    admin = { id: 'user_admin', tenantId: DEFAULT_TENANT_ID, name: 'admin', role: 'admin', createdAt: now };
+    await resources.createUser(admin);
+  }
+  await issueApiKey(resources, admin, { name: 'admin', key });
   return path;
 }

@@ -7,8 +7,24 @@
  *  3. an append with an idempotency key that was already used returns the first answer and
  *     writes nothing;
  *  4. an append carrying a writer token is refused unless that token is the session's newest;
- *  5. subscribers see each committed event once, in order, after it is durable.
+ *  5. subscribers see each committed event once, in order, after it is durable;
+ *  6. every call names the session together with its tenant (`SessionKey`): a key whose tenant
+ *     is not the session's finds nothing (`not_found`), so a log is never reached by id alone.
  */
+
+/**
+ * Which log: a session id within its tenant. Session records satisfy it, so callers pass the
+ * record they already loaded through the one ownership check.
+ */
+export interface SessionKey {
+  readonly tenantId: string;
+  readonly id: string;
+}
+
+/** A map key for a session that carries its tenant: in-memory maps never key by id alone. */
+export function sessionKeyString(session: SessionKey): string {
+  return `${session.tenantId}/${session.id}`;
+}
 
 /** An event as the API shows it: `id`, `type`, `processed_at`, then type-specific fields. */
 export interface SessionEvent {
@@ -82,17 +98,17 @@ export interface EventStore {
    * same transaction. Fails with `not_found` for an unknown session, `stale_writer` for a
    * stale token, `conflict` for an event id already used by another append.
    */
-  append(sessionId: string, events: readonly NewEvent[], options?: AppendOptions): Promise<AppendResult>;
-  /** Reads a range of the log. */
-  read(sessionId: string, query?: ReadQuery): Promise<StoredEvent[]>;
+  append(session: SessionKey, events: readonly NewEvent[], options?: AppendOptions): Promise<AppendResult>;
+  /** Reads a range of the log (empty for an unknown session or another tenant's). */
+  read(session: SessionKey, query?: ReadQuery): Promise<StoredEvent[]>;
   /** Finds one event by id. */
-  getEvent(sessionId: string, eventId: string): Promise<StoredEvent | undefined>;
+  getEvent(session: SessionKey, eventId: string): Promise<StoredEvent | undefined>;
   /** The events first stored under an idempotency key, or undefined when the key is unused. */
-  findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined>;
+  findByIdempotencyKey(session: SessionKey, key: string): Promise<StoredEvent[] | undefined>;
   /** The seq of the newest event, 0 when the log is empty. */
-  headSeq(sessionId: string): Promise<number>;
+  headSeq(session: SessionKey): Promise<number>;
   /** Live committed events of a session; returns the unsubscribe function. */
-  subscribe(sessionId: string, listener: EventListener): () => void;
+  subscribe(session: SessionKey, listener: EventListener): () => void;
   /** Makes the caller the session's writer, fencing off every earlier token. */
-  acquireWriter(sessionId: string): Promise<WriterToken>;
+  acquireWriter(session: SessionKey): Promise<WriterToken>;
 }

@@ -8,6 +8,8 @@ export type OpenStoreOptions =
   | {
       kind: 'postgres';
       url: string;
+      /** Role that owns the schema and runs migrations (default: `url`'s). */
+      migrationUrl?: string;
       /** Schema holding Berth's tables; default `berth`. */
       schema?: string;
       /** Most pooled connections; default 10. */

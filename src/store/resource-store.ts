@@ -56,18 +56,51 @@ export interface Page<T> {
   nextCursor: string | null;
 }
 
-/** A stored API key: only its SHA-256 hash is kept. */
+/** What a user may do in its tenant: `admin` manages it, `member` uses it. */
+export type Role = 'admin' | 'member';
+
+/** Per-tenant overrides of the configured limits (absent fields keep the defaults). */
+export interface TenantLimits {
+  liveSessions?: number;
+  sessionsPerMinute?: number;
+  eventsPerMinute?: number;
+}
+
+/** A tenant: the unit of isolation. Every other row belongs to exactly one. */
+export interface TenantRecord {
+  id: string;
+  /** Unique, human-chosen (`acme`). */
+  name: string;
+  createdAt: string;
+  /** Overrides of the tenant-wide limits; null keeps every default. */
+  limits: TenantLimits | null;
+}
+
+/** A user of a tenant; API keys act as their user. */
+export interface UserRecord {
+  id: string;
+  tenantId: string;
+  /** Unique within the tenant. */
+  name: string;
+  role: Role;
+  createdAt: string;
+}
+
+/** A stored API key: only its SHA-256 hash is kept. `role` is its user's, read with it. */
 export interface ApiKeyRecord {
   id: string;
   tenantId: string;
   userId: string;
-  role: 'admin' | 'member';
+  role: Role;
   hash: string;
   name: string;
   createdAt: string;
   expiresAt: string | null;
   revokedAt: string | null;
 }
+
+/** An API key as stored (the role lives on the user). */
+export type NewApiKey = Omit<ApiKeyRecord, 'role'>;
 
 export interface ResourceStore {
   /** Inserts an agent row and its version 1 (body.version must be 1). */
@@ -104,20 +137,49 @@ export interface ResourceStore {
 
   createSession(record: SessionRecord): Promise<void>;
   getSession(tenantId: string, id: string): Promise<SessionRecord | undefined>;
-  /** Finds a session by id alone: only for the supervisor, never for request handling. */
-  getSessionUnscoped(id: string): Promise<SessionRecord | undefined>;
   listSessions(query: SessionListQuery): Promise<Page<SessionRecord>>;
-  /** Sessions in the given statuses across all tenants (crash recovery at start-up). */
+  /**
+   * Sessions in the given statuses across all tenants: crash recovery at start-up only. One
+   * of the few deliberately cross-tenant reads (PostgreSQL serves it through a narrow
+   * SECURITY DEFINER function, see `postgres/schema.ts`).
+   */
   findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]>;
 
-  createApiKey(record: ApiKeyRecord): Promise<void>;
+  /** Inserts a tenant; `conflict` when its id or name is taken. */
+  createTenant(record: TenantRecord): Promise<void>;
+  getTenant(id: string): Promise<TenantRecord | undefined>;
+  /** Every tenant (operators only: the CLI on the server's own store). Cross-tenant. */
+  listTenants(): Promise<TenantRecord[]>;
+
+  /** Inserts a user; `conflict` when its name is taken in the tenant. */
+  createUser(record: UserRecord): Promise<void>;
+  getUser(tenantId: string, id: string): Promise<UserRecord | undefined>;
+  listUsers(tenantId: string): Promise<UserRecord[]>;
+
+  createApiKey(record: NewApiKey): Promise<void>;
+  /** The key with this hash and its user's role, in any tenant: authentication only. */
   findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined>;
+  /** A tenant's keys (or one user's), newest first. */
+  listApiKeys(tenantId: string, userId?: string): Promise<ApiKeyRecord[]>;
+  getApiKey(tenantId: string, id: string): Promise<ApiKeyRecord | undefined>;
+  /** Marks a key revoked (once; the first time stays). Returns it, or undefined if unknown. */
+  revokeApiKey(tenantId: string, id: string, at: string): Promise<ApiKeyRecord | undefined>;
+  /** Keys in all tenants (0 means first start). Cross-tenant. */
   countApiKeys(): Promise<number>;
+}
+
+/** Whether the database itself keeps tenants apart (PostgreSQL row-level security). */
+export interface RowLevelSecurity {
+  enforced: boolean;
+  /** Why not, when not (SQLite; or connected as the tables' owner or a BYPASSRLS role). */
+  reason?: string;
 }
 
 /** An opened database: both ports, plus lifecycle. */
 export interface Store {
   readonly kind: 'sqlite' | 'postgres';
+  /** The second wall under the application's tenant checks, if this store has one. */
+  readonly rowLevelSecurity: RowLevelSecurity;
   readonly events: EventStore;
   readonly resources: ResourceStore;
   close(): Promise<void>;

@@ -3,7 +3,7 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isBerthError } from '../errors.js';
 import { newId } from '../ids.js';
-import type { StoredEvent } from './event-store.js';
+import type { SessionKey, StoredEvent } from './event-store.js';
 import { type OpenStoreOptions, openStore } from './open-store.js';
 import type { ResourceRecord, SessionRecord, Store } from './resource-store.js';
 
@@ -22,6 +22,8 @@ const REPOSITORY_ROOT = fileURLToPath(new URL('../../', import.meta.url));
 const CHILD_SCRIPT = fileURLToPath(new URL('../../test/support/append-until-killed.ts', import.meta.url));
 const TENANT = 'tnt_contract';
 const OTHER_TENANT = 'tnt_other';
+/** A session key no session has. */
+const MISSING = { tenantId: TENANT, id: 'sesn_missing' };
 const ISO_MILLISECONDS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/;
 
 let clock = Date.parse('2026-01-01T00:00:00.000Z');
@@ -100,10 +102,11 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
       await database.dispose();
     });
 
-    async function newSession(overrides: Partial<SessionRecord> = {}): Promise<string> {
+    /** Creates a session; returns its key (tenant and id), which every event-store call takes. */
+    async function newSession(overrides: Partial<SessionRecord> = {}): Promise<SessionKey> {
       const record = sessionRecord(overrides);
       await store.resources.createSession(record);
-      return record.id;
+      return { tenantId: record.tenantId, id: record.id };
     }
 
     describe('event log', () => {
@@ -122,7 +125,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect(other.events.map((stored) => stored.seq)).toEqual([1]);
         expect(second.events[0]!.event.id).toBe('sevt_client_chosen');
         for (const stored of [...first.events, ...second.events]) {
-          expect(stored.sessionId).toBe(sessionId);
+          expect(stored.sessionId).toBe(sessionId.id);
           expect(stored.event.id).toMatch(/^sevt_/);
           expect(stored.event.processed_at).toMatch(ISO_MILLISECONDS);
         }
@@ -131,7 +134,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect(Object.keys(read[0]!.event).slice(0, 3)).toEqual(['id', 'type', 'processed_at']);
         expect(read[2]!.event.content).toEqual([{ type: 'text', text: 'c' }]);
         expect(await store.events.headSeq(sessionId)).toBe(3);
-        expect((await store.resources.getSession(TENANT, sessionId))?.lastSeq).toBe(3);
+        expect((await store.resources.getSession(TENANT, sessionId.id))?.lastSeq).toBe(3);
       });
 
       it('overrides a client-sent processed_at with the store time', async () => {
@@ -146,11 +149,9 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
       });
 
       it('refuses to append to a session that does not exist', async () => {
-        expect(await rejectionCode(store.events.append('sesn_missing', [userMessage('a')]))).toBe(
-          'not_found',
-        );
-        expect(await rejectionCode(store.events.headSeq('sesn_missing'))).toBe('not_found');
-        expect(await rejectionCode(store.events.acquireWriter('sesn_missing'))).toBe('not_found');
+        expect(await rejectionCode(store.events.append(MISSING, [userMessage('a')]))).toBe('not_found');
+        expect(await rejectionCode(store.events.headSeq(MISSING))).toBe('not_found');
+        expect(await rejectionCode(store.events.acquireWriter(MISSING))).toBe('not_found');
       });
 
       it('refuses an empty append', async () => {
@@ -196,7 +197,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
           store.events.append(sessions[0]!, [userMessage('ok 1')]),
           store.events.append(sessions[0]!, [{ id: 'sevt_taken', ...userMessage('conflict') }]),
           store.events.append(sessions[1]!, [userMessage('stale')], { writer }),
-          store.events.append('sesn_missing', [userMessage('unknown')]),
+          store.events.append(MISSING, [userMessage('unknown')]),
           store.events.append(sessions[2]!, [userMessage('ok 2')]),
           store.events.append(sessions[0]!, [userMessage('ok 3')]),
         ]);
@@ -237,7 +238,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
       it('keeps session status and stop_reason in step with status events', async () => {
         const sessionId = await newSession({ status: 'idle' });
         const statusOf = async () => {
-          const session = await store.resources.getSession(TENANT, sessionId);
+          const session = await store.resources.getSession(TENANT, sessionId.id);
           return { status: session?.status, stopReason: session?.stopReason };
         };
 
@@ -263,7 +264,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
 
         await store.events.append(sessionId, [{ type: 'session.status_terminated' }]);
         expect((await statusOf()).status).toBe('terminated');
-        expect((await store.resources.getSession(TENANT, sessionId))?.lastSeq).toBe(8);
+        expect((await store.resources.getSession(TENANT, sessionId.id))?.lastSeq).toBe(8);
       });
 
       it('does not change status when a status append fails', async () => {
@@ -274,7 +275,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
           { id: 'sevt_taken', ...userMessage('b') },
         ]);
         expect(await rejectionCode(failing)).toBe('conflict');
-        expect((await store.resources.getSession(TENANT, sessionId))?.status).toBe('idle');
+        expect((await store.resources.getSession(TENANT, sessionId.id))?.status).toBe('idle');
       });
 
       it('answers a repeated idempotency key with the first stored events and writes nothing', async () => {
@@ -329,7 +330,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         const firstWriter = await store.events.acquireWriter(sessionId);
         const secondWriter = await store.events.acquireWriter(sessionId);
         expect(secondWriter.token).toBeGreaterThan(firstWriter.token);
-        expect(secondWriter.sessionId).toBe(sessionId);
+        expect(secondWriter.sessionId).toBe(sessionId.id);
 
         await store.events.append(sessionId, [userMessage('current')], { writer: secondWriter });
         expect(
@@ -362,7 +363,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
           await rejectionCode(store.events.append(sessionId, [idle], { writer, expectedHeadSeq: 2 })),
         ).toBe('head_moved');
         expect(await store.events.headSeq(sessionId)).toBe(3);
-        expect((await store.resources.getSession(TENANT, sessionId))?.status).toBe('running');
+        expect((await store.resources.getSession(TENANT, sessionId.id))?.status).toBe('running');
         await store.events.append(sessionId, [idle], { writer, expectedHeadSeq: 3 });
         expect(await store.events.headSeq(sessionId)).toBe(4);
       });
@@ -411,7 +412,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
           seqsOf(await store.events.read(sessionId, { types: ['agent.message', 'session.status_running'] })),
         ).toEqual([2, 4]);
         expect(await store.events.read(sessionId, { types: [] })).toEqual([]);
-        expect(await store.events.read('sesn_missing')).toEqual([]);
+        expect(await store.events.read(MISSING)).toEqual([]);
       });
 
       it('finds one event by id within its session', async () => {
@@ -454,7 +455,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect(delivered.map((stored) => stored.seq)).toEqual(
           Array.from({ length: 32 }, (_, index) => index + 1),
         );
-        expect(delivered.every((stored) => stored.sessionId === sessionId)).toBe(true);
+        expect(delivered.every((stored) => stored.sessionId === sessionId.id)).toBe(true);
         expect(delivered).toEqual(await store.events.read(sessionId));
         for (const visible of await Promise.all(visibleAtDelivery)) expect(visible).toBeDefined();
       });
@@ -494,7 +495,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         await store.close();
         store = await openStore(database.options);
         expect(await store.events.read(sessionId)).toEqual(events);
-        expect((await store.resources.getSession(TENANT, sessionId))?.status).toBe('running');
+        expect((await store.resources.getSession(TENANT, sessionId.id))?.status).toBe('running');
       });
 
       it('keeps every acknowledged event when the writing process is killed with SIGKILL', async () => {
@@ -508,7 +509,7 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
             (stored) => stored.seq,
           );
           expect(seqs).toEqual(Array.from({ length: seqs.length }, (_, index) => index + 1));
-          const highestAcknowledged = Math.max(0, ...(acknowledged.get(sessionId) ?? []));
+          const highestAcknowledged = Math.max(0, ...(acknowledged.get(sessionId.id) ?? []));
           expect(seqs.length).toBeGreaterThanOrEqual(highestAcknowledged);
           expect(await reopened.events.headSeq(sessionId)).toBe(seqs.length);
         }
@@ -519,11 +520,11 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
       it('deletes a session together with its events', async () => {
         const sessionId = await newSession();
         const { events } = await store.events.append(sessionId, [userMessage('a')], { idempotencyKey: 'k' });
-        expect(await store.resources.delete('session', TENANT, sessionId)).toBe(true);
-        expect(await store.resources.getSession(TENANT, sessionId)).toBeUndefined();
+        expect(await store.resources.delete('session', TENANT, sessionId.id)).toBe(true);
+        expect(await store.resources.getSession(TENANT, sessionId.id)).toBeUndefined();
         expect(await store.events.read(sessionId)).toEqual([]);
         expect(await store.events.getEvent(sessionId, events[0]!.event.id)).toBeUndefined();
-        expect(await store.resources.delete('session', TENANT, sessionId)).toBe(false);
+        expect(await store.resources.delete('session', TENANT, sessionId.id)).toBe(false);
       });
     });
 
@@ -613,9 +614,8 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect(await store.resources.delete('environment', OTHER_TENANT, environment.id)).toBe(false);
 
         const sessionId = await newSession();
-        expect(await store.resources.getSession(OTHER_TENANT, sessionId)).toBeUndefined();
-        expect(await store.resources.get('session', OTHER_TENANT, sessionId)).toBeUndefined();
-        expect((await store.resources.getSessionUnscoped(sessionId))?.id).toBe(sessionId);
+        expect(await store.resources.getSession(OTHER_TENANT, sessionId.id)).toBeUndefined();
+        expect(await store.resources.get('session', OTHER_TENANT, sessionId.id)).toBeUndefined();
       });
 
       it('updates body, updatedAt and archivedAt of a row', async () => {
@@ -631,9 +631,9 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect(await store.resources.get('environment', TENANT, environment.id)).toEqual(archived);
 
         const sessionId = await newSession();
-        const session = (await store.resources.getSession(TENANT, sessionId))!;
+        const session = (await store.resources.getSession(TENANT, sessionId.id))!;
         await store.resources.update('session', { ...session, body: { ...session.body, title: 'renamed' } });
-        expect((await store.resources.getSession(TENANT, sessionId))?.body.title).toBe('renamed');
+        expect((await store.resources.getSession(TENANT, sessionId.id))?.body.title).toBe('renamed');
         expect(await rejectionCode(store.resources.update('environment', resourceRecord('env')))).toBe(
           'not_found',
         );
@@ -717,9 +717,9 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
       });
 
       it('filters sessions by agent, agent version and status', async () => {
-        const a1 = await newSession({ agentId: 'agent_a', agentVersion: 1, status: 'idle' });
-        const a2 = await newSession({ agentId: 'agent_a', agentVersion: 2, status: 'running' });
-        const b1 = await newSession({ agentId: 'agent_b', agentVersion: 1, status: 'terminated' });
+        const a1 = (await newSession({ agentId: 'agent_a', agentVersion: 1, status: 'idle' })).id;
+        const a2 = (await newSession({ agentId: 'agent_a', agentVersion: 2, status: 'running' })).id;
+        const b1 = (await newSession({ agentId: 'agent_b', agentVersion: 1, status: 'terminated' })).id;
         await newSession({ agentId: 'agent_a', tenantId: OTHER_TENANT });
         const idsOf = async (query: Parameters<Store['resources']['listSessions']>[0]) =>
           (await store.resources.listSessions(query)).items.map((item) => item.id);
@@ -763,38 +763,132 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
 
         const found = await store.resources.findSessionsByStatus(['running', 'rescheduling']);
         expect(found.map((session) => session.id).sort()).toEqual(
-          [running, rescheduling, idleThenRunning].sort(),
+          [running.id, rescheduling.id, idleThenRunning.id].sort(),
         );
         expect(await store.resources.findSessionsByStatus([])).toEqual([]);
       });
 
-      it('finds API keys by hash and counts them', async () => {
+      it("stores tenants, users and keys; a key is found by hash with its user's role", async () => {
         expect(await store.resources.countApiKeys()).toBe(0);
+        await store.resources.createTenant({
+          id: TENANT,
+          name: 'contract',
+          createdAt: nextTimestamp(),
+          limits: null,
+        });
+        await store.resources.createTenant({
+          id: OTHER_TENANT,
+          name: 'other',
+          createdAt: nextTimestamp(),
+          limits: { liveSessions: 3 },
+        });
+        expect(
+          await rejectionCode(
+            store.resources.createTenant({
+              id: 'tnt_third',
+              name: 'other',
+              createdAt: nextTimestamp(),
+              limits: null,
+            }),
+          ),
+        ).toBe('conflict');
+        expect((await store.resources.getTenant(OTHER_TENANT))?.limits).toEqual({ liveSessions: 3 });
+        expect((await store.resources.listTenants()).map((tenant) => tenant.name)).toEqual([
+          'contract',
+          'other',
+        ]);
+
+        const alice = {
+          id: 'user_alice',
+          tenantId: TENANT,
+          name: 'alice',
+          role: 'admin' as const,
+          createdAt: nextTimestamp(),
+        };
+        const bob = {
+          id: 'user_bob',
+          tenantId: TENANT,
+          name: 'bob',
+          role: 'member' as const,
+          createdAt: nextTimestamp(),
+        };
+        await store.resources.createUser(alice);
+        await store.resources.createUser(bob);
+        // Names are unique per tenant, not across tenants.
+        expect(await rejectionCode(store.resources.createUser({ ...bob, id: 'user_bob2' }))).toBe('conflict');
+        await store.resources.createUser({ ...bob, id: 'user_bob_other', tenantId: OTHER_TENANT });
+        expect(await store.resources.listUsers(TENANT)).toEqual([alice, bob]);
+        expect(await store.resources.getUser(OTHER_TENANT, 'user_alice')).toBeUndefined();
+
         const key = {
           id: newId('key'),
           tenantId: TENANT,
           userId: 'user_alice',
-          role: 'admin' as const,
           hash: 'a'.repeat(64),
           name: 'bootstrap',
           createdAt: nextTimestamp(),
           expiresAt: null,
           revokedAt: null,
         };
-        await store.resources.createApiKey(key);
-        await store.resources.createApiKey({
+        const memberKey = {
           ...key,
           id: newId('key'),
+          userId: 'user_bob',
           hash: 'b'.repeat(64),
-          role: 'member',
           expiresAt: nextTimestamp(),
+        };
+        await store.resources.createApiKey(key);
+        await store.resources.createApiKey(memberKey);
+        expect(await store.resources.findApiKeyByHash(key.hash)).toEqual({ ...key, role: 'admin' });
+        expect(await store.resources.findApiKeyByHash(memberKey.hash)).toEqual({
+          ...memberKey,
+          role: 'member',
         });
-        expect(await store.resources.findApiKeyByHash(key.hash)).toEqual(key);
         expect(await store.resources.findApiKeyByHash('c'.repeat(64))).toBeUndefined();
         expect(await store.resources.countApiKeys()).toBe(2);
         expect(await rejectionCode(store.resources.createApiKey({ ...key, id: newId('key') }))).toBe(
           'conflict',
         );
+
+        expect((await store.resources.listApiKeys(TENANT)).map((found) => found.id)).toEqual([
+          memberKey.id,
+          key.id,
+        ]);
+        expect((await store.resources.listApiKeys(TENANT, 'user_bob')).map((found) => found.id)).toEqual([
+          memberKey.id,
+        ]);
+        expect(await store.resources.listApiKeys(OTHER_TENANT)).toEqual([]);
+        expect(await store.resources.getApiKey(OTHER_TENANT, key.id)).toBeUndefined();
+        // Revoking through another tenant changes nothing; the first revocation time stays.
+        expect(await store.resources.revokeApiKey(OTHER_TENANT, key.id, nextTimestamp())).toBeUndefined();
+        expect((await store.resources.getApiKey(TENANT, key.id))?.revokedAt).toBeNull();
+        const revokedAt = nextTimestamp();
+        expect((await store.resources.revokeApiKey(TENANT, key.id, revokedAt))?.revokedAt).toBe(revokedAt);
+        expect((await store.resources.revokeApiKey(TENANT, key.id, nextTimestamp()))?.revokedAt).toBe(
+          revokedAt,
+        );
+        expect((await store.resources.findApiKeyByHash(key.hash))?.revokedAt).toBe(revokedAt);
+      });
+
+      it('never reaches a log through a key naming another tenant', async () => {
+        const session = await newSession();
+        await store.events.append(session, [userMessage('secret')], { idempotencyKey: 'k1' });
+        const [stored] = await store.events.read(session);
+        const foreign = { tenantId: OTHER_TENANT, id: session.id };
+        expect(await store.events.read(foreign)).toEqual([]);
+        expect(await store.events.getEvent(foreign, stored!.event.id)).toBeUndefined();
+        expect(await store.events.findByIdempotencyKey(foreign, 'k1')).toBeUndefined();
+        expect(await rejectionCode(store.events.headSeq(foreign))).toBe('not_found');
+        expect(await rejectionCode(store.events.acquireWriter(foreign))).toBe('not_found');
+        expect(await rejectionCode(store.events.append(foreign, [userMessage('intruder')]))).toBe(
+          'not_found',
+        );
+        const heard: unknown[] = [];
+        const unsubscribe = store.events.subscribe(foreign, (events) => heard.push(...events));
+        await store.events.append(session, [userMessage('more')]);
+        unsubscribe();
+        expect(heard).toEqual([]);
+        expect((await store.events.read(session)).map((event) => event.seq)).toEqual([1, 2]);
       });
     });
   });
@@ -806,12 +900,12 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
  */
 async function runChildUntilKilled(
   options: OpenStoreOptions,
-  sessionIds: readonly string[],
+  sessions: readonly SessionKey[],
   acknowledgements: number,
 ): Promise<Map<string, number[]>> {
   const child = spawn(
     process.execPath,
-    ['--import', 'tsx', CHILD_SCRIPT, JSON.stringify(options), JSON.stringify(sessionIds)],
+    ['--import', 'tsx', CHILD_SCRIPT, JSON.stringify(options), JSON.stringify(sessions)],
     {
       // tsx resolves from the repository, whatever directory the tests were started in.
       cwd: REPOSITORY_ROOT,

@@ -3,15 +3,19 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { type BerthConfig, loadConfig } from '../../src/config/config.js';
-import type { Logger } from '../../src/control/supervisor.js';
+import type { Logger, SessionOwnerKey } from '../../src/control/supervisor.js';
+import { DEFAULT_TENANT_ID } from '../../src/identity/api-keys.js';
 import type { ModelRegistry } from '../../src/models/model-registry.js';
 import { type RunningBerth, startBerth } from '../../src/server.js';
+import type { TestDatabaseUrls } from './postgres-database.js';
 
 /** A Berth server started in-process on a free loopback port, with a client for it. */
 export interface TestBerth extends RunningBerth {
   apiKey: string;
   client: Anthropic;
   dataDir: string;
+  /** The store key of a session the admin key created (tenant `tnt_default`, user `user_admin`). */
+  keyOf(sessionId: string): SessionOwnerKey;
   /** Stops the server and removes its data directory. */
   dispose(): Promise<void>;
 }
@@ -26,15 +30,20 @@ const quietLogger: Logger = {
 export async function startTestBerth(
   options: {
     environment?: Record<string, string | undefined>;
-    database?: string;
+    /** PostgreSQL URLs (app role and migration owner); SQLite in the data directory when absent. */
+    database?: TestDatabaseUrls;
     models?: ModelRegistry;
     configure?: (config: BerthConfig) => void;
   } = {},
 ): Promise<TestBerth> {
   const dataDir = await mkdtemp(join(tmpdir(), 'berth-test-'));
   const config = loadConfig({
-    flags: { port: 0, dataDir, database: options.database },
-    environment: { BERTH_RETRY_BASE_DELAY_MS: '20', ...options.environment },
+    flags: { port: 0, dataDir, database: options.database?.url },
+    environment: {
+      BERTH_RETRY_BASE_DELAY_MS: '20',
+      BERTH_DATABASE_MIGRATION_URL: options.database?.migrationUrl,
+      ...options.environment,
+    },
   });
   options.configure?.(config);
   const berth = await startBerth(config, { logger: quietLogger, models: options.models });
@@ -45,6 +54,7 @@ export async function startTestBerth(
     apiKey,
     client,
     dataDir,
+    keyOf: (sessionId) => ({ tenantId: DEFAULT_TENANT_ID, id: sessionId, ownerId: 'user_admin' }),
     async dispose() {
       await berth.close();
       await rm(dataDir, { recursive: true, force: true });

@@ -1,5 +1,5 @@
 import pg from 'pg';
-import { BerthError, conflict, invalidRequest, notFound } from '../../errors.js';
+import { BerthError, conflict, invalidRequest, isBerthError, notFound } from '../../errors.js';
 import {
   checkLimit,
   checkWriterSession,
@@ -21,27 +21,42 @@ import type {
   NewEvent,
   ReadQuery,
   SessionEvent,
+  SessionKey,
   SessionStatus,
   StoredEvent,
   WriterToken,
 } from '../event-store.js';
+import { sessionKeyString } from '../event-store.js';
 import type {
   ApiKeyRecord,
   ListQuery,
+  NewApiKey,
   Page,
   ResourceKind,
   ResourceRecord,
   ResourceStore,
+  RowLevelSecurity,
   SessionListQuery,
   SessionRecord,
   Store,
+  TenantRecord,
+  UserRecord,
 } from '../resource-store.js';
 import { migratePostgres, quoteSchemaName } from './schema.js';
 
 /** Where the PostgreSQL store lives. */
 export interface PostgresStoreOptions {
-  /** Connection string, e.g. `postgres://user@127.0.0.1:5432/berth`. */
+  /**
+   * Connection string the application uses, e.g. `postgres://berth_app@127.0.0.1:5432/berth`.
+   * For row-level security to be a wall, its role must not own the tables, nor be a superuser
+   * or BYPASSRLS (`rowLevelSecurity` on the opened store says whether it is).
+   */
   url: string;
+  /**
+   * Connection string of the role that owns the schema and runs migrations (default: `url`).
+   * The application role of `url` is granted data rights on open.
+   */
+  migrationUrl?: string;
   /** Schema holding Berth's tables (default `berth`); tests use a fresh one each. */
   schema?: string;
   /** Most pooled connections (default 10). */
@@ -60,24 +75,57 @@ export async function openPostgresStore(options: PostgresStoreOptions): Promise<
   const pool = new pg.Pool({ connectionString: options.url, max: options.maxConnections ?? 10 });
   // An idle client losing its connection must not crash the process; the next query reports it.
   pool.on('error', () => {});
+  let rowLevelSecurity: RowLevelSecurity;
   try {
-    await migratePostgres(pool, schema);
+    const role = await pool.query<{ name: string; superuser: boolean; bypass: boolean }>(
+      `SELECT current_user AS name, rolsuper AS superuser, rolbypassrls AS bypass
+       FROM pg_catalog.pg_roles WHERE rolname = current_user`,
+    );
+    const app = role.rows[0]!;
+    if (options.migrationUrl !== undefined && options.migrationUrl !== options.url) {
+      const owner = new pg.Pool({ connectionString: options.migrationUrl, max: 1 });
+      owner.on('error', () => {});
+      try {
+        await migratePostgres(owner, schema, app.name);
+      } finally {
+        await owner.end();
+      }
+    } else {
+      await migratePostgres(pool, schema);
+    }
+    const owned = await pool.query<{ owner: string }>(
+      `SELECT pg_catalog.pg_get_userbyid(relowner) AS owner FROM pg_catalog.pg_class
+       WHERE oid = to_regclass($1)`,
+      [`${quoted}.events`],
+    );
+    rowLevelSecurity = app.superuser
+      ? { enforced: false, reason: `role ${app.name} is a superuser, which bypasses row-level security` }
+      : app.bypass
+        ? { enforced: false, reason: `role ${app.name} has BYPASSRLS` }
+        : owned.rows[0]?.owner === app.name
+          ? {
+              enforced: false,
+              reason: `role ${app.name} owns the tables; give migrations their own role (migration URL)`,
+            }
+          : { enforced: true };
   } catch (error) {
     await pool.end();
     throw mapError(error);
   }
-  return new PostgresStore(pool, quoted);
+  return new PostgresStore(pool, quoted, rowLevelSecurity);
 }
 
 class PostgresStore implements Store {
   readonly kind = 'postgres' as const;
   readonly events: PostgresEventStore;
   readonly resources: PostgresResourceStore;
+  readonly rowLevelSecurity: RowLevelSecurity;
   readonly #pool: pg.Pool;
   #closed = false;
 
-  constructor(pool: pg.Pool, schema: string) {
+  constructor(pool: pg.Pool, schema: string, rowLevelSecurity: RowLevelSecurity) {
     this.#pool = pool;
+    this.rowLevelSecurity = rowLevelSecurity;
     this.events = new PostgresEventStore(pool, schema);
     this.resources = new PostgresResourceStore(pool, schema);
   }
@@ -108,8 +156,17 @@ function mapError(error: unknown): unknown {
   return error;
 }
 
-/** Runs `work` in one transaction on one pooled client; rolls back on any error. */
-async function inTransaction<T>(pool: pg.Pool, work: (client: pg.PoolClient) => Promise<T>): Promise<T> {
+/**
+ * Runs `work` in one transaction on one pooled client, with the transaction's tenant set
+ * (`berth.tenant_id`, read by every row-level security policy); rolls back on any error.
+ * Every query of the store runs in one of these: the tenant is set per transaction, never per
+ * connection, so a pooled connection carries nothing from one tenant's work to the next.
+ */
+async function inTenant<T>(
+  pool: pg.Pool,
+  tenantId: string,
+  work: (client: pg.PoolClient) => Promise<T>,
+): Promise<T> {
   let client: pg.PoolClient;
   try {
     client = await pool.connect();
@@ -117,7 +174,10 @@ async function inTransaction<T>(pool: pg.Pool, work: (client: pg.PoolClient) => 
     throw mapError(error);
   }
   try {
-    await client.query('BEGIN');
+    // One round trip for both (simple protocol); the literal is escaped by the driver.
+    await client.query(
+      `BEGIN; SELECT set_config('berth.tenant_id', ${client.escapeLiteral(tenantId)}, true)`,
+    );
     const result = await work(client);
     await client.query('COMMIT');
     client.release();
@@ -166,33 +226,35 @@ class PostgresEventStore implements EventStore {
   }
 
   async append(
-    sessionId: string,
+    session: SessionKey,
     events: readonly NewEvent[],
     options?: AppendOptions,
   ): Promise<AppendResult> {
-    checkWriterSession(sessionId, options);
+    checkWriterSession(session.id, options);
     const prepared = prepareEvents(events, '');
-    return this.#serialized(sessionId, async () => {
-      const result = await this.#applyAppend(sessionId, prepared, options);
+    const key = sessionKeyString(session);
+    return this.#serialized(key, async () => {
+      const result = await this.#applyAppend(session, prepared, options);
       // Still inside this session's queue, so listeners see commits in seq order.
-      if (!result.duplicate) this.#subscribers.deliver(sessionId, result.events);
+      if (!result.duplicate) this.#subscribers.deliver(key, result.events);
       return result;
     });
   }
 
-  async findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined> {
+  async findByIdempotencyKey(session: SessionKey, key: string): Promise<StoredEvent[] | undefined> {
     const result = await this.#query<EventRow>(
+      session.tenantId,
       `SELECT e.session_id, e.seq, e.body FROM ${this.#s}.idempotency_keys k
        JOIN ${this.#s}.events e ON e.session_id = k.session_id AND e.seq >= k.first_seq AND e.seq < k.first_seq + k.count
-       WHERE k.session_id = $1 AND k.key = $2 ORDER BY e.seq`,
-      [sessionId, key],
+       WHERE k.session_id = $1 AND k.key = $2 AND k.tenant_id = $3 ORDER BY e.seq`,
+      [session.id, key, session.tenantId],
     );
     return result.rows.length === 0 ? undefined : result.rows.map(storedEventOf);
   }
 
-  async read(sessionId: string, query: ReadQuery = {}): Promise<StoredEvent[]> {
-    const conditions = ['session_id = $1'];
-    const parameters: unknown[] = [sessionId];
+  async read(session: SessionKey, query: ReadQuery = {}): Promise<StoredEvent[]> {
+    const conditions = ['session_id = $1', 'tenant_id = $2'];
+    const parameters: unknown[] = [session.id, session.tenantId];
     if (query.afterSeq !== undefined) {
       parameters.push(query.afterSeq);
       conditions.push(`seq > $${parameters.length}`);
@@ -208,6 +270,7 @@ class PostgresEventStore implements EventStore {
     parameters.push(checkLimit(query.limit ?? DEFAULT_READ_LIMIT));
     const order = query.order === 'desc' ? 'DESC' : 'ASC';
     const result = await this.#query<EventRow>(
+      session.tenantId,
       `SELECT session_id, seq, body FROM ${this.#s}.events WHERE ${conditions.join(' AND ')}
        ORDER BY seq ${order} LIMIT $${parameters.length}`,
       parameters,
@@ -215,38 +278,41 @@ class PostgresEventStore implements EventStore {
     return result.rows.map(storedEventOf);
   }
 
-  async getEvent(sessionId: string, eventId: string): Promise<StoredEvent | undefined> {
+  async getEvent(session: SessionKey, eventId: string): Promise<StoredEvent | undefined> {
     const result = await this.#query<EventRow>(
-      `SELECT session_id, seq, body FROM ${this.#s}.events WHERE id = $1 AND session_id = $2`,
-      [eventId, sessionId],
+      session.tenantId,
+      `SELECT session_id, seq, body FROM ${this.#s}.events WHERE id = $1 AND session_id = $2 AND tenant_id = $3`,
+      [eventId, session.id, session.tenantId],
     );
     const row = result.rows[0];
     return row === undefined ? undefined : storedEventOf(row);
   }
 
-  async headSeq(sessionId: string): Promise<number> {
+  async headSeq(session: SessionKey): Promise<number> {
     const result = await this.#query<{ last_seq: string }>(
-      `SELECT last_seq FROM ${this.#s}.session_heads WHERE session_id = $1`,
-      [sessionId],
+      session.tenantId,
+      `SELECT last_seq FROM ${this.#s}.session_heads WHERE session_id = $1 AND tenant_id = $2`,
+      [session.id, session.tenantId],
     );
     const row = result.rows[0];
-    if (row === undefined) throw notFound('session', sessionId);
+    if (row === undefined) throw notFound('session', session.id);
     return Number(row.last_seq);
   }
 
-  subscribe(sessionId: string, listener: EventListener): () => void {
-    return this.#subscribers.add(sessionId, listener);
+  subscribe(session: SessionKey, listener: EventListener): () => void {
+    return this.#subscribers.add(sessionKeyString(session), listener);
   }
 
-  async acquireWriter(sessionId: string): Promise<WriterToken> {
+  async acquireWriter(session: SessionKey): Promise<WriterToken> {
     const result = await this.#query<{ writer_token: string }>(
-      `UPDATE ${this.#s}.session_heads SET writer_token = writer_token + 1 WHERE session_id = $1
-       RETURNING writer_token`,
-      [sessionId],
+      session.tenantId,
+      `UPDATE ${this.#s}.session_heads SET writer_token = writer_token + 1
+       WHERE session_id = $1 AND tenant_id = $2 RETURNING writer_token`,
+      [session.id, session.tenantId],
     );
     const row = result.rows[0];
-    if (row === undefined) throw notFound('session', sessionId);
-    return { sessionId, token: Number(row.writer_token) };
+    if (row === undefined) throw notFound('session', session.id);
+    return { sessionId: session.id, token: Number(row.writer_token) };
   }
 
   /** Waits for queued appends, then drops listeners. Called by `Store.close`. */
@@ -262,10 +328,12 @@ class PostgresEventStore implements EventStore {
    * read says why (unknown session, stale writer, or a repeated key).
    */
   async #applyAppend(
-    sessionId: string,
+    session: SessionKey,
     events: SessionEvent[],
     options: AppendOptions | undefined,
   ): Promise<AppendResult> {
+    const sessionId = session.id;
+    const tenantId = session.tenantId;
     const s = this.#s;
     const key = options?.idempotencyKey ?? null;
     const writerToken = options?.writer?.token ?? null;
@@ -277,24 +345,25 @@ class PostgresEventStore implements EventStore {
     let base: number | undefined;
     try {
       const result = await this.#query<{ base: string }>(
+        tenantId,
         `WITH head AS (
            UPDATE ${s}.session_heads SET last_seq = last_seq + $3,
              status = coalesce($8::text, status),
              updated_at = CASE WHEN $8::text IS NULL THEN updated_at ELSE $9 END,
              stop_reason = CASE WHEN $10::boolean THEN stop_reason ELSE $11::jsonb END
-           WHERE session_id = $1
+           WHERE session_id = $1 AND tenant_id = $13
              AND ($2::bigint IS NULL OR writer_token = $2::bigint)
              AND ($12::bigint IS NULL OR last_seq = $12::bigint)
              AND ($7::text IS NULL OR NOT EXISTS (
                SELECT 1 FROM ${s}.idempotency_keys k WHERE k.session_id = $1 AND k.key = $7::text))
            RETURNING last_seq - $3 AS base
          ), inserted AS (
-           INSERT INTO ${s}.events (session_id, seq, id, type, processed_at, body)
-           SELECT $1, head.base + t.ordinal, t.id, t.type, $9, t.body::jsonb
+           INSERT INTO ${s}.events (session_id, tenant_id, seq, id, type, processed_at, body)
+           SELECT $1, $13, head.base + t.ordinal, t.id, t.type, $9, t.body::jsonb
            FROM head, unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS t (id, type, body, ordinal)
          ), keyed AS (
-           INSERT INTO ${s}.idempotency_keys (session_id, key, first_seq, count)
-           SELECT $1, $7::text, head.base + 1, $3 FROM head WHERE $7::text IS NOT NULL
+           INSERT INTO ${s}.idempotency_keys (session_id, tenant_id, key, first_seq, count)
+           SELECT $1, $13, $7::text, head.base + 1, $3 FROM head WHERE $7::text IS NOT NULL
          )
          SELECT base FROM head`,
         [
@@ -310,11 +379,15 @@ class PostgresEventStore implements EventStore {
           change?.stopReason === undefined,
           change?.stopReason == null ? null : toJsonb(change.stopReason),
           options?.expectedHeadSeq ?? null,
+          tenantId,
         ],
       );
       if (result.rows[0] !== undefined) base = Number(result.rows[0].base);
     } catch (error) {
-      const violation = error as { code?: unknown; constraint?: unknown };
+      const violation = ((BerthError.isInstance(error) ? error.cause : error) ?? {}) as {
+        code?: unknown;
+        constraint?: unknown;
+      };
       // Another node stored the same key between our check and insert: answer as a repeat.
       const keyTaken = violation.code === '23505' && String(violation.constraint).includes('idempotency');
       if (!keyTaken) throw violation.code === '23505' ? eventIdTaken(error) : error;
@@ -327,8 +400,9 @@ class PostgresEventStore implements EventStore {
     }
     // Nothing was written; find out why, in the order the checks are documented.
     const head = await this.#query<{ writer_token: string; last_seq: string }>(
-      `SELECT writer_token, last_seq FROM ${s}.session_heads WHERE session_id = $1`,
-      [sessionId],
+      tenantId,
+      `SELECT writer_token, last_seq FROM ${s}.session_heads WHERE session_id = $1 AND tenant_id = $2`,
+      [sessionId, tenantId],
     );
     const row = head.rows[0];
     if (row === undefined) throw notFound('session', sessionId);
@@ -336,7 +410,7 @@ class PostgresEventStore implements EventStore {
     if (writerToken !== null && writerToken !== newestToken) {
       throw staleWriter(sessionId, writerToken, newestToken);
     }
-    const repeated = key === null ? undefined : await this.findByIdempotencyKey(sessionId, key);
+    const repeated = key === null ? undefined : await this.findByIdempotencyKey(session, key);
     if (repeated) return { events: repeated, duplicate: true };
     const expected = options?.expectedHeadSeq;
     if (expected !== undefined && Number(row.last_seq) !== expected) {
@@ -362,15 +436,13 @@ class PostgresEventStore implements EventStore {
     return run;
   }
 
-  async #query<Row extends pg.QueryResultRow>(
+  /** One statement in a transaction scoped to the tenant. */
+  #query<Row extends pg.QueryResultRow>(
+    tenantId: string,
     sql: string,
     parameters: unknown[],
   ): Promise<pg.QueryResult<Row>> {
-    try {
-      return await this.#pool.query<Row>(sql, parameters);
-    } catch (error) {
-      throw mapError(error);
-    }
+    return inTenant(this.#pool, tenantId, (client) => client.query<Row>(sql, parameters));
   }
 }
 
@@ -393,6 +465,34 @@ interface SessionRow extends RecordRow {
   stop_reason: Record<string, unknown> | null;
   last_seq: string;
 }
+
+interface TenantRow {
+  id: string;
+  name: string;
+  created_at: string;
+  limits: TenantRecord['limits'];
+}
+
+interface UserRow {
+  id: string;
+  tenant_id: string;
+  name: string;
+  role: 'admin' | 'member';
+  created_at: string;
+}
+
+function tenantOf(row: TenantRow): TenantRecord {
+  return { id: row.id, name: row.name, createdAt: row.created_at, limits: row.limits };
+}
+
+function userOf(row: UserRow): UserRecord {
+  return { id: row.id, tenantId: row.tenant_id, name: row.name, role: row.role, createdAt: row.created_at };
+}
+
+/** A key is read with its user's role. */
+const apiKeysFrom = (s: string) => `${s}.api_keys JOIN ${s}.users ON users.id = api_keys.user_id`;
+const API_KEY_COLUMNS = `api_keys.id, api_keys.tenant_id, api_keys.user_id, users.role, api_keys.hash,
+  api_keys.name, api_keys.created_at, api_keys.expires_at, api_keys.revoked_at`;
 
 interface ApiKeyRow {
   id: string;
@@ -472,7 +572,7 @@ class PostgresResourceStore implements ResourceStore {
 
   async createAgent(record: ResourceRecord): Promise<void> {
     if (record.body.version !== 1) throw invalidRequest('a new agent body must have version 1');
-    await inTransaction(this.#pool, async (client) => {
+    await inTenant(this.#pool, record.tenantId, async (client) => {
       await this.#insertRow(client, 'agents', record, { latest_version: 1 });
       await this.#insertAgentVersion(client, record, 1);
     });
@@ -490,7 +590,7 @@ class PostgresResourceStore implements ResourceStore {
     if (record.id !== agentId || record.tenantId !== tenantId)
       throw invalidRequest('record does not match agent');
     const s = this.#s;
-    await inTransaction(this.#pool, async (client) => {
+    await inTenant(this.#pool, tenantId, async (client) => {
       const current = await client.query<{ latest_version: number }>(
         `SELECT latest_version FROM ${s}.agents WHERE id = $1 AND tenant_id = $2 FOR UPDATE`,
         [agentId, tenantId],
@@ -516,6 +616,7 @@ class PostgresResourceStore implements ResourceStore {
   ): Promise<ResourceRecord | undefined> {
     if (version === undefined) return this.get('agent', tenantId, agentId);
     const result = await this.#query<RecordRow>(
+      tenantId,
       `SELECT ${VERSION_COLUMNS} FROM ${this.#s}.agent_versions WHERE agent_id = $1 AND tenant_id = $2 AND version = $3`,
       [agentId, tenantId, version],
     );
@@ -538,6 +639,7 @@ class PostgresResourceStore implements ResourceStore {
     }
     parameters.push(limit + 1);
     const result = await this.#query<RecordRow>(
+      tenantId,
       `SELECT ${VERSION_COLUMNS} FROM ${this.#s}.agent_versions
        WHERE agent_id = $1 AND tenant_id = $2 ${cursorCondition}
        ORDER BY version ${descending ? 'DESC' : 'ASC'} LIMIT $${parameters.length}`,
@@ -548,12 +650,15 @@ class PostgresResourceStore implements ResourceStore {
 
   async insert(kind: Exclude<ResourceKind, 'session'>, record: ResourceRecord): Promise<void> {
     if (kind === 'agent') return this.createAgent(record);
-    await this.#insertRow(this.#pool, 'environments', record, {});
+    await inTenant(this.#pool, record.tenantId, (client) =>
+      this.#insertRow(client, 'environments', record, {}),
+    );
   }
 
   async get(kind: ResourceKind, tenantId: string, id: string): Promise<ResourceRecord | undefined> {
     if (kind === 'session') return this.getSession(tenantId, id);
     const result = await this.#query<RecordRow>(
+      tenantId,
       `SELECT ${RECORD_COLUMNS} FROM ${this.#s}.${TABLE_OF_KIND[kind]} WHERE id = $1 AND tenant_id = $2`,
       [id, tenantId],
     );
@@ -580,18 +685,19 @@ class PostgresResourceStore implements ResourceStore {
            FROM updated WHERE session_heads.session_id = updated.id`
         : `UPDATE ${this.#s}.${TABLE_OF_KIND[kind]} SET body = $1::jsonb, updated_at = $2, archived_at = $3
            WHERE id = $4 AND tenant_id = $5`;
-    const result = await this.#query(sql, parameters);
+    const result = await this.#query(record.tenantId, sql, parameters);
     if (result.rowCount === 0) throw notFound(kind, record.id);
   }
 
   async list(kind: Exclude<ResourceKind, 'session'>, query: ListQuery): Promise<Page<ResourceRecord>> {
     const list = listSql(`${this.#s}.${TABLE_OF_KIND[kind]}`, RECORD_COLUMNS, query, [], []);
-    const result = await this.#query<RecordRow>(list.sql, list.parameters);
+    const result = await this.#query<RecordRow>(query.tenantId, list.sql, list.parameters);
     return pageOf(result.rows, list.limit, recordOf);
   }
 
   async delete(kind: ResourceKind, tenantId: string, id: string): Promise<boolean> {
     const result = await this.#query(
+      tenantId,
       `DELETE FROM ${this.#s}.${TABLE_OF_KIND[kind]} WHERE id = $1 AND tenant_id = $2`,
       [id, tenantId],
     );
@@ -599,21 +705,22 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async createSession(record: SessionRecord): Promise<void> {
-    await inTransaction(this.#pool, async (client) => {
+    await inTenant(this.#pool, record.tenantId, async (client) => {
       await this.#insertRow(client, 'sessions', record, {
         agent_id: record.agentId,
         agent_version: record.agentVersion,
         environment_id: record.environmentId,
       });
       await client.query(
-        `INSERT INTO ${this.#s}.session_heads (session_id, status, stop_reason, last_seq, writer_token, updated_at)
-         VALUES ($1, $2, $3::jsonb, $4, 0, $5)`,
+        `INSERT INTO ${this.#s}.session_heads (session_id, tenant_id, status, stop_reason, last_seq, writer_token, updated_at)
+         VALUES ($1, $6, $2, $3::jsonb, $4, 0, $5)`,
         [
           record.id,
           record.status,
           record.stopReason === null ? null : toJsonb(record.stopReason),
           record.lastSeq,
           record.updatedAt,
+          record.tenantId,
         ],
       );
     });
@@ -621,17 +728,9 @@ class PostgresResourceStore implements ResourceStore {
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
     const result = await this.#query<SessionRow>(
+      tenantId,
       `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)} WHERE sessions.id = $1 AND sessions.tenant_id = $2`,
       [id, tenantId],
-    );
-    const row = result.rows[0];
-    return row === undefined ? undefined : sessionOf(row);
-  }
-
-  async getSessionUnscoped(id: string): Promise<SessionRecord | undefined> {
-    const result = await this.#query<SessionRow>(
-      `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)} WHERE sessions.id = $1`,
-      [id],
     );
     const row = result.rows[0];
     return row === undefined ? undefined : sessionOf(row);
@@ -654,28 +753,81 @@ class PostgresResourceStore implements ResourceStore {
       conditions.push(`session_heads.status = ANY($${parameters.length + 1}::text[])`);
     }
     const list = listSql(sessionsFrom(this.#s), SESSION_COLUMNS, query, conditions, parameters, 'sessions.');
-    const result = await this.#query<SessionRow>(list.sql, list.parameters);
+    const result = await this.#query<SessionRow>(query.tenantId, list.sql, list.parameters);
     return pageOf(result.rows, list.limit, sessionOf);
   }
 
   async findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]> {
-    const result = await this.#query<SessionRow>(
-      `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)}
-       WHERE session_heads.status = ANY($1::text[]) ORDER BY sessions.position`,
+    const result = await this.#unscoped<SessionRow>(
+      `SELECT * FROM ${this.#s}.sessions_in_status($1::text[])`,
       [[...statuses]],
     );
     return result.rows.map(sessionOf);
   }
 
-  async createApiKey(record: ApiKeyRecord): Promise<void> {
+  async createTenant(record: TenantRecord): Promise<void> {
     await this.#query(
-      `INSERT INTO ${this.#s}.api_keys (id, tenant_id, user_id, role, hash, name, created_at, expires_at, revoked_at)
-       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+      record.id,
+      `INSERT INTO ${this.#s}.tenants (id, name, created_at, limits) VALUES ($1, $2, $3, $4::jsonb)`,
+      [record.id, record.name, record.createdAt, record.limits === null ? null : toJsonb(record.limits)],
+    ).catch((error) => {
+      throw isBerthError(error, 'conflict')
+        ? conflict(`a tenant named ${JSON.stringify(record.name)} already exists`)
+        : error;
+    });
+  }
+
+  async getTenant(id: string): Promise<TenantRecord | undefined> {
+    const result = await this.#query<TenantRow>(id, `SELECT * FROM ${this.#s}.tenants WHERE id = $1`, [id]);
+    const row = result.rows[0];
+    return row === undefined ? undefined : tenantOf(row);
+  }
+
+  async listTenants(): Promise<TenantRecord[]> {
+    const result = await this.#unscoped<TenantRow>(`SELECT * FROM ${this.#s}.list_tenants()`, []);
+    return result.rows.map(tenantOf);
+  }
+
+  async createUser(record: UserRecord): Promise<void> {
+    await this.#query(
+      record.tenantId,
+      `INSERT INTO ${this.#s}.users (id, tenant_id, name, role, created_at) VALUES ($1, $2, $3, $4, $5)`,
+      [record.id, record.tenantId, record.name, record.role, record.createdAt],
+    ).catch((error) => {
+      throw isBerthError(error, 'conflict')
+        ? conflict(`a user named ${JSON.stringify(record.name)} already exists`)
+        : error;
+    });
+  }
+
+  async getUser(tenantId: string, id: string): Promise<UserRecord | undefined> {
+    const result = await this.#query<UserRow>(
+      tenantId,
+      `SELECT * FROM ${this.#s}.users WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : userOf(row);
+  }
+
+  async listUsers(tenantId: string): Promise<UserRecord[]> {
+    const result = await this.#query<UserRow>(
+      tenantId,
+      `SELECT * FROM ${this.#s}.users WHERE tenant_id = $1 ORDER BY created_at, id`,
+      [tenantId],
+    );
+    return result.rows.map(userOf);
+  }
+
+  async createApiKey(record: NewApiKey): Promise<void> {
+    await this.#query(
+      record.tenantId,
+      `INSERT INTO ${this.#s}.api_keys (id, tenant_id, user_id, hash, name, created_at, expires_at, revoked_at)
+       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
       [
         record.id,
         record.tenantId,
         record.userId,
-        record.role,
         record.hash,
         record.name,
         record.createdAt,
@@ -686,17 +838,44 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined> {
-    const result = await this.#query<ApiKeyRow>(`SELECT * FROM ${this.#s}.api_keys WHERE hash = $1`, [hash]);
+    const result = await this.#unscoped<ApiKeyRow>(`SELECT * FROM ${this.#s}.find_api_key($1)`, [hash]);
     const row = result.rows[0];
     return row === undefined ? undefined : apiKeyOf(row);
   }
 
-  async countApiKeys(): Promise<number> {
-    const result = await this.#query<{ count: number }>(
-      `SELECT count(*)::int AS count FROM ${this.#s}.api_keys`,
-      [],
+  async listApiKeys(tenantId: string, userId?: string): Promise<ApiKeyRecord[]> {
+    const result = await this.#query<ApiKeyRow>(
+      tenantId,
+      `SELECT ${API_KEY_COLUMNS} FROM ${apiKeysFrom(this.#s)}
+       WHERE api_keys.tenant_id = $1 AND ($2::text IS NULL OR api_keys.user_id = $2::text)
+       ORDER BY api_keys.created_at DESC, api_keys.id DESC`,
+      [tenantId, userId ?? null],
     );
-    return result.rows[0]?.count ?? 0;
+    return result.rows.map(apiKeyOf);
+  }
+
+  async getApiKey(tenantId: string, id: string): Promise<ApiKeyRecord | undefined> {
+    const result = await this.#query<ApiKeyRow>(
+      tenantId,
+      `SELECT ${API_KEY_COLUMNS} FROM ${apiKeysFrom(this.#s)} WHERE api_keys.id = $1 AND api_keys.tenant_id = $2`,
+      [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : apiKeyOf(row);
+  }
+
+  async revokeApiKey(tenantId: string, id: string, at: string): Promise<ApiKeyRecord | undefined> {
+    await this.#query(
+      tenantId,
+      `UPDATE ${this.#s}.api_keys SET revoked_at = coalesce(revoked_at, $1) WHERE id = $2 AND tenant_id = $3`,
+      [at, id, tenantId],
+    );
+    return this.getApiKey(tenantId, id);
+  }
+
+  async countApiKeys(): Promise<number> {
+    const result = await this.#unscoped<{ count: string }>(`SELECT ${this.#s}.count_api_keys() AS count`, []);
+    return Number(result.rows[0]?.count ?? 0);
   }
 
   async #insertRow(
@@ -752,7 +931,17 @@ class PostgresResourceStore implements ResourceStore {
     );
   }
 
-  async #query<Row extends pg.QueryResultRow>(
+  /** One statement in a transaction scoped to the tenant. */
+  #query<Row extends pg.QueryResultRow>(
+    tenantId: string,
+    sql: string,
+    parameters: unknown[],
+  ): Promise<pg.QueryResult<Row>> {
+    return inTenant(this.#pool, tenantId, (client) => client.query<Row>(sql, parameters));
+  }
+
+  /** A call of one of the schema's narrow cross-tenant functions (no tenant is set). */
+  async #unscoped<Row extends pg.QueryResultRow>(
     sql: string,
     parameters: unknown[],
   ): Promise<pg.QueryResult<Row>> {

@@ -117,7 +117,117 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
     DROP COLUMN last_seq,
     DROP COLUMN writer_token;
   `,
+  // 3: principals (tenants, users; a key's role is its user's), the tenant on every row that
+  // lacked it, and row-level security as the second wall under the application's checks.
+  (s) => `
+  CREATE TABLE ${s}.tenants (
+    id text PRIMARY KEY,
+    name text NOT NULL UNIQUE,
+    created_at text NOT NULL,
+    limits jsonb
+  );
+  CREATE TABLE ${s}.users (
+    id text PRIMARY KEY,
+    tenant_id text NOT NULL REFERENCES ${s}.tenants (id),
+    name text NOT NULL,
+    role text NOT NULL,
+    created_at text NOT NULL,
+    UNIQUE (tenant_id, name)
+  );
+  INSERT INTO ${s}.tenants (id, name, created_at)
+    SELECT tenant_id, CASE tenant_id WHEN 'tnt_default' THEN 'default' ELSE tenant_id END, min(created_at)
+    FROM ${s}.api_keys GROUP BY tenant_id;
+  INSERT INTO ${s}.users (id, tenant_id, name, role, created_at)
+    SELECT user_id, min(tenant_id), CASE user_id WHEN 'user_admin' THEN 'admin' ELSE user_id END, min(role), min(created_at)
+    FROM ${s}.api_keys GROUP BY user_id;
+  ALTER TABLE ${s}.api_keys DROP COLUMN role;
+  CREATE INDEX api_keys_by_tenant ON ${s}.api_keys (tenant_id, user_id);
+
+  ALTER TABLE ${s}.session_heads ADD COLUMN tenant_id text;
+  UPDATE ${s}.session_heads h SET tenant_id = x.tenant_id FROM ${s}.sessions x WHERE x.id = h.session_id;
+  ALTER TABLE ${s}.session_heads ALTER COLUMN tenant_id SET NOT NULL;
+  ALTER TABLE ${s}.events ADD COLUMN tenant_id text;
+  UPDATE ${s}.events e SET tenant_id = x.tenant_id FROM ${s}.sessions x WHERE x.id = e.session_id;
+  ALTER TABLE ${s}.events ALTER COLUMN tenant_id SET NOT NULL;
+  ALTER TABLE ${s}.idempotency_keys ADD COLUMN tenant_id text;
+  UPDATE ${s}.idempotency_keys k SET tenant_id = x.tenant_id FROM ${s}.sessions x WHERE x.id = k.session_id;
+  ALTER TABLE ${s}.idempotency_keys ALTER COLUMN tenant_id SET NOT NULL;
+
+  ${TENANT_TABLES.map(
+    ([table, column]) => `
+  ALTER TABLE ${s}.${table} ENABLE ROW LEVEL SECURITY;
+  ALTER TABLE ${s}.${table} FORCE ROW LEVEL SECURITY;
+  CREATE POLICY tenant_isolation ON ${s}.${table}
+    USING (${column} = current_setting('berth.tenant_id', true))
+    WITH CHECK (${column} = current_setting('berth.tenant_id', true));
+  CREATE POLICY owner_maintenance ON ${s}.${table} TO CURRENT_USER USING (true) WITH CHECK (true);`,
+  ).join('\n')}
+
+  -- The only cross-tenant reads, each narrow, owned by the tables' owner and run with its
+  -- rights: authenticating a key (the tenant is not known yet), counting keys (first start),
+  -- finding sessions to resume after a crash, and listing tenants for operators.
+  CREATE FUNCTION ${s}.find_api_key(key_hash text)
+    RETURNS TABLE (id text, tenant_id text, user_id text, role text, hash text, name text,
+                   created_at text, expires_at text, revoked_at text)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+      SELECT k.id, k.tenant_id, k.user_id, u.role, k.hash, k.name, k.created_at, k.expires_at, k.revoked_at
+      FROM ${s}.api_keys k JOIN ${s}.users u ON u.id = k.user_id WHERE k.hash = key_hash
+    $f$;
+  CREATE FUNCTION ${s}.count_api_keys() RETURNS bigint
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+      SELECT count(*) FROM ${s}.api_keys
+    $f$;
+  CREATE FUNCTION ${s}.sessions_in_status(wanted text[])
+    RETURNS TABLE ("position" bigint, id text, tenant_id text, owner_id text, created_at text,
+                   updated_at text, archived_at text, body jsonb, agent_id text, agent_version integer,
+                   environment_id text, status text, stop_reason jsonb, last_seq bigint)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+      SELECT x.position, x.id, x.tenant_id, x.owner_id, x.created_at, h.updated_at, x.archived_at, x.body,
+             x.agent_id, x.agent_version, x.environment_id, h.status, h.stop_reason, h.last_seq
+      FROM ${s}.sessions x JOIN ${s}.session_heads h ON h.session_id = x.id
+      WHERE h.status = ANY (wanted) ORDER BY x.position
+    $f$;
+  CREATE FUNCTION ${s}.list_tenants()
+    RETURNS TABLE (id text, name text, created_at text, limits jsonb)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+      SELECT t.id, t.name, t.created_at, t.limits FROM ${s}.tenants t ORDER BY t.created_at, t.id
+    $f$;
+  REVOKE ALL ON FUNCTION ${s}.find_api_key(text), ${s}.count_api_keys(),
+    ${s}.sessions_in_status(text[]), ${s}.list_tenants() FROM PUBLIC;
+  `,
 ];
+
+/**
+ * Every table that holds tenant data, with the column naming its tenant. Each gets row-level
+ * security with FORCE (so the owner is bound too) and a policy comparing that column with the
+ * transaction's `berth.tenant_id` setting.
+ */
+export const TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
+  ['tenants', 'id'],
+  ['users', 'tenant_id'],
+  ['api_keys', 'tenant_id'],
+  ['agents', 'tenant_id'],
+  ['agent_versions', 'tenant_id'],
+  ['environments', 'tenant_id'],
+  ['sessions', 'tenant_id'],
+  ['session_heads', 'tenant_id'],
+  ['events', 'tenant_id'],
+  ['idempotency_keys', 'tenant_id'],
+];
+
+/**
+ * Lets the application role use the tables (never own them): data rights on every table but
+ * the migration ledger, the identity sequences, and the narrow cross-tenant functions.
+ * Idempotent; runs on every open so a new app role is granted without a migration.
+ */
+async function grantToAppRole(client: pg.PoolClient, s: string, appRole: string): Promise<void> {
+  const role = client.escapeIdentifier(appRole);
+  await client.query(`GRANT USAGE ON SCHEMA ${s} TO ${role}`);
+  await client.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA ${s} TO ${role}`);
+  await client.query(`REVOKE ALL ON ${s}.schema_version FROM ${role}`);
+  await client.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA ${s} TO ${role}`);
+  await client.query(`GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ${s} TO ${role}`);
+}
 
 /** Quotes a schema name after checking it is a plain identifier. */
 export function quoteSchemaName(schema: string): string {
@@ -133,7 +243,7 @@ export function quoteSchemaName(schema: string): string {
  * Creates the schema if needed and applies pending migrations in one transaction, under an
  * advisory lock so nodes starting together migrate once.
  */
-export async function migratePostgres(pool: pg.Pool, schema: string): Promise<void> {
+export async function migratePostgres(pool: pg.Pool, schema: string, appRole?: string): Promise<void> {
   const s = quoteSchemaName(schema);
   const client = await pool.connect();
   try {
@@ -154,6 +264,7 @@ export async function migratePostgres(pool: pg.Pool, schema: string): Promise<vo
       await client.query(POSTGRES_MIGRATIONS[version - 1]!(s));
       await client.query(`INSERT INTO ${s}.schema_version (version) VALUES ($1)`, [version]);
     }
+    if (appRole !== undefined) await grantToAppRole(client, s, appRole);
     await client.query('COMMIT');
   } catch (error) {
     await client.query('ROLLBACK').catch(() => {});

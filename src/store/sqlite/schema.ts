@@ -115,6 +115,34 @@ export const SQLITE_MIGRATIONS: readonly string[] = [
   ALTER TABLE sessions DROP COLUMN last_seq;
   ALTER TABLE sessions DROP COLUMN writer_token;
   `,
+  // 3: principals (tenants, users; a key's role is its user's) and the tenant on the head row,
+  // so every event-store call checks the tenant it was given against the session's own.
+  `
+  CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created_at TEXT NOT NULL,
+    limits TEXT
+  ) WITHOUT ROWID;
+  CREATE TABLE users (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants (id),
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    UNIQUE (tenant_id, name)
+  ) WITHOUT ROWID;
+  INSERT INTO tenants (id, name, created_at)
+    SELECT tenant_id, CASE tenant_id WHEN 'tnt_default' THEN 'default' ELSE tenant_id END, min(created_at)
+    FROM api_keys GROUP BY tenant_id;
+  INSERT INTO users (id, tenant_id, name, role, created_at)
+    SELECT user_id, tenant_id, CASE user_id WHEN 'user_admin' THEN 'admin' ELSE user_id END, role, min(created_at)
+    FROM api_keys GROUP BY user_id;
+  ALTER TABLE api_keys DROP COLUMN role;
+  CREATE INDEX api_keys_by_tenant ON api_keys (tenant_id, user_id);
+  ALTER TABLE session_heads ADD COLUMN tenant_id TEXT NOT NULL DEFAULT '';
+  UPDATE session_heads SET tenant_id = (SELECT tenant_id FROM sessions WHERE sessions.id = session_heads.session_id);
+  `,
 ];
 
 /** Brings the database up to the newest migration, each in its own write transaction. */

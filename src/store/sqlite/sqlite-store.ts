@@ -21,13 +21,16 @@ import type {
   NewEvent,
   ReadQuery,
   SessionEvent,
+  SessionKey,
   SessionStatus,
   StoredEvent,
   WriterToken,
 } from '../event-store.js';
+import { sessionKeyString } from '../event-store.js';
 import type {
   ApiKeyRecord,
   ListQuery,
+  NewApiKey,
   Page,
   ResourceKind,
   ResourceRecord,
@@ -35,6 +38,8 @@ import type {
   SessionListQuery,
   SessionRecord,
   Store,
+  TenantRecord,
+  UserRecord,
 } from '../resource-store.js';
 import { migrateSqlite } from './schema.js';
 
@@ -70,6 +75,10 @@ export async function openSqliteStore(options: SqliteStoreOptions): Promise<Stor
 
 class SqliteStore implements Store {
   readonly kind = 'sqlite' as const;
+  readonly rowLevelSecurity = {
+    enforced: false,
+    reason: 'SQLite has no row-level security; tenants are kept apart by the application checks alone',
+  };
   readonly events: SqliteEventStore;
   readonly resources: SqliteResourceStore;
   readonly #database: Database.Database;
@@ -103,7 +112,7 @@ class StatementCache {
 }
 
 interface PendingAppend {
-  sessionId: string;
+  session: SessionKey;
   events: SessionEvent[];
   options: AppendOptions | undefined;
   resolve: (result: AppendResult) => void;
@@ -133,6 +142,12 @@ function storeUnavailable(error: unknown): BerthError {
     cause: error,
   });
 }
+
+/**
+ * The session's id when it belongs to the tenant, else NULL: every event read filters on it,
+ * so a key naming the wrong tenant reads nothing. Takes (session id, tenant id).
+ */
+const OWN_SESSION = '(SELECT session_id FROM session_heads WHERE session_id = ? AND tenant_id = ?)';
 
 /** The statements of the append path, prepared once. */
 interface AppendStatements {
@@ -176,7 +191,9 @@ class SqliteEventStore implements EventStore {
       savepoint: prepare('SAVEPOINT append'),
       release: prepare('RELEASE append'),
       rollbackToSavepoint: prepare('ROLLBACK TO append'),
-      usedKey: prepare('SELECT first_seq, count FROM idempotency_keys WHERE session_id = ? AND key = ?'),
+      usedKey: prepare(
+        `SELECT first_seq, count FROM idempotency_keys WHERE session_id = ${OWN_SESSION} AND key = ?`,
+      ),
       eventsInRange: prepare(
         'SELECT session_id, seq, body FROM events WHERE session_id = ? AND seq >= ? AND seq < ? ORDER BY seq',
       ),
@@ -184,15 +201,17 @@ class SqliteEventStore implements EventStore {
       // session is missing or the token is stale, and nothing was written.
       advanceHead: prepare(
         `UPDATE session_heads SET last_seq = last_seq + ?
-         WHERE session_id = ? AND writer_token = coalesce(?, writer_token) RETURNING last_seq`,
+         WHERE session_id = ? AND tenant_id = ? AND writer_token = coalesce(?, writer_token)
+         RETURNING last_seq`,
       ),
       advanceHeadWithStatus: prepare(
         `UPDATE session_heads SET last_seq = last_seq + ?, status = ?, updated_at = ?,
            stop_reason = CASE WHEN ? THEN stop_reason ELSE ? END
-         WHERE session_id = ? AND writer_token = coalesce(?, writer_token) RETURNING last_seq`,
+         WHERE session_id = ? AND tenant_id = ? AND writer_token = coalesce(?, writer_token)
+         RETURNING last_seq`,
       ),
-      headToken: prepare('SELECT writer_token FROM session_heads WHERE session_id = ?'),
-      headSeq: prepare('SELECT last_seq FROM session_heads WHERE session_id = ?'),
+      headToken: prepare('SELECT writer_token FROM session_heads WHERE session_id = ? AND tenant_id = ?'),
+      headSeq: prepare('SELECT last_seq FROM session_heads WHERE session_id = ? AND tenant_id = ?'),
       insertEvent: prepare(
         'INSERT INTO events (session_id, seq, id, type, processed_at, body) VALUES (?, ?, ?, ?, ?, ?)',
       ),
@@ -202,13 +221,13 @@ class SqliteEventStore implements EventStore {
     };
   }
 
-  append(sessionId: string, events: readonly NewEvent[], options?: AppendOptions): Promise<AppendResult> {
+  append(session: SessionKey, events: readonly NewEvent[], options?: AppendOptions): Promise<AppendResult> {
     return new Promise<AppendResult>((resolve, reject) => {
       if (this.#closed) throw new BerthError('store_unavailable', 'the store is closed');
-      checkWriterSession(sessionId, options);
+      checkWriterSession(session.id, options);
       // processed_at is filled in at commit time, by the batch.
       const prepared = prepareEvents(events, '');
-      this.#queue.push({ sessionId, events: prepared, options, resolve, reject });
+      this.#queue.push({ session, events: prepared, options, resolve, reject });
       if (!this.#flushScheduled) {
         this.#flushScheduled = true;
         setImmediate(() => this.#flush());
@@ -216,25 +235,27 @@ class SqliteEventStore implements EventStore {
     });
   }
 
-  async findByIdempotencyKey(sessionId: string, key: string): Promise<StoredEvent[] | undefined> {
-    return this.#eventsOfKey(sessionId, key);
+  async findByIdempotencyKey(session: SessionKey, key: string): Promise<StoredEvent[] | undefined> {
+    return this.#eventsOfKey(session, key);
   }
 
   /** The events first stored under an idempotency key (synchronous, usable inside a batch). */
-  #eventsOfKey(sessionId: string, key: string): StoredEvent[] | undefined {
-    const used = this.#append.usedKey.get(sessionId, key) as { first_seq: number; count: number } | undefined;
+  #eventsOfKey(session: SessionKey, key: string): StoredEvent[] | undefined {
+    const used = this.#append.usedKey.get(session.id, session.tenantId, key) as
+      | { first_seq: number; count: number }
+      | undefined;
     if (used === undefined) return undefined;
     const rows = this.#append.eventsInRange.all(
-      sessionId,
+      session.id,
       used.first_seq,
       used.first_seq + used.count,
     ) as EventRow[];
     return rows.map(storedEventOf);
   }
 
-  async read(sessionId: string, query: ReadQuery = {}): Promise<StoredEvent[]> {
-    const conditions = ['session_id = ?'];
-    const parameters: unknown[] = [sessionId];
+  async read(session: SessionKey, query: ReadQuery = {}): Promise<StoredEvent[]> {
+    const conditions = [`session_id = ${OWN_SESSION}`];
+    const parameters: unknown[] = [session.id, session.tenantId];
     if (query.afterSeq !== undefined) {
       conditions.push('seq > ?');
       parameters.push(query.afterSeq);
@@ -253,33 +274,32 @@ class SqliteEventStore implements EventStore {
     return (this.#statements.get(sql).all(...parameters) as EventRow[]).map(storedEventOf);
   }
 
-  async getEvent(sessionId: string, eventId: string): Promise<StoredEvent | undefined> {
+  async getEvent(session: SessionKey, eventId: string): Promise<StoredEvent | undefined> {
     const row = this.#statements
-      .get('SELECT session_id, seq, body FROM events WHERE id = ? AND session_id = ?')
-      .get(eventId, sessionId) as EventRow | undefined;
+      .get(`SELECT session_id, seq, body FROM events WHERE id = ? AND session_id = ${OWN_SESSION}`)
+      .get(eventId, session.id, session.tenantId) as EventRow | undefined;
     return row === undefined ? undefined : storedEventOf(row);
   }
 
-  async headSeq(sessionId: string): Promise<number> {
-    const row = this.#statements
-      .get('SELECT last_seq FROM session_heads WHERE session_id = ?')
-      .get(sessionId) as { last_seq: number } | undefined;
-    if (row === undefined) throw notFound('session', sessionId);
+  async headSeq(session: SessionKey): Promise<number> {
+    const row = this.#append.headSeq.get(session.id, session.tenantId) as { last_seq: number } | undefined;
+    if (row === undefined) throw notFound('session', session.id);
     return row.last_seq;
   }
 
-  subscribe(sessionId: string, listener: EventListener): () => void {
-    return this.#subscribers.add(sessionId, listener);
+  subscribe(session: SessionKey, listener: EventListener): () => void {
+    return this.#subscribers.add(sessionKeyString(session), listener);
   }
 
-  async acquireWriter(sessionId: string): Promise<WriterToken> {
+  async acquireWriter(session: SessionKey): Promise<WriterToken> {
     const row = this.#statements
       .get(
-        'UPDATE session_heads SET writer_token = writer_token + 1 WHERE session_id = ? RETURNING writer_token',
+        `UPDATE session_heads SET writer_token = writer_token + 1 WHERE session_id = ? AND tenant_id = ?
+         RETURNING writer_token`,
       )
-      .get(sessionId) as { writer_token: number } | undefined;
-    if (row === undefined) throw notFound('session', sessionId);
-    return { sessionId, token: row.writer_token };
+      .get(session.id, session.tenantId) as { writer_token: number } | undefined;
+    if (row === undefined) throw notFound('session', session.id);
+    return { sessionId: session.id, token: row.writer_token };
   }
 
   /** Commits what is queued, then stops accepting appends. Called by `Store.close`. */
@@ -328,7 +348,7 @@ class SqliteEventStore implements EventStore {
     }
     for (const pending of batch) {
       if (pending.result !== undefined && !pending.result.duplicate) {
-        this.#subscribers.deliver(pending.sessionId, pending.result.events);
+        this.#subscribers.deliver(sessionKeyString(pending.session), pending.result.events);
       }
     }
     for (const pending of batch) {
@@ -368,20 +388,21 @@ class SqliteEventStore implements EventStore {
     processedAt: string,
     progress: { wrote: boolean } = { wrote: false },
   ): AppendResult {
-    const { sessionId, options, events } = pending;
+    const { session, options, events } = pending;
+    const sessionId = session.id;
     const statements = this.#append;
     const token = options?.writer?.token ?? null;
     const key = options?.idempotencyKey;
     if (key !== undefined) {
       // The writer is checked before the key, as an append without a key would be.
-      this.#checkHead(sessionId, token);
-      const repeated = this.#eventsOfKey(sessionId, key);
+      this.#checkHead(session, token);
+      const repeated = this.#eventsOfKey(session, key);
       if (repeated) return { events: repeated, duplicate: true };
     }
     if (options?.expectedHeadSeq !== undefined) {
       // The batch runs in one transaction on this thread: nothing can append in between.
-      this.#checkHead(sessionId, token);
-      const current = statements.headSeq.get(sessionId) as { last_seq: number };
+      this.#checkHead(session, token);
+      const current = statements.headSeq.get(sessionId, session.tenantId) as { last_seq: number };
       if (current.last_seq !== options.expectedHeadSeq) {
         throw headMoved(sessionId, options.expectedHeadSeq, current.last_seq);
       }
@@ -389,7 +410,7 @@ class SqliteEventStore implements EventStore {
     const change = statusChangeOf(events);
     const head = (
       change === undefined
-        ? statements.advanceHead.get(events.length, sessionId, token)
+        ? statements.advanceHead.get(events.length, sessionId, session.tenantId, token)
         : statements.advanceHeadWithStatus.get(
             events.length,
             change.status,
@@ -397,11 +418,12 @@ class SqliteEventStore implements EventStore {
             change.stopReason === undefined ? 1 : 0,
             change.stopReason == null ? null : JSON.stringify(change.stopReason),
             sessionId,
+            session.tenantId,
             token,
           )
     ) as { last_seq: number } | undefined;
     if (head === undefined) {
-      this.#checkHead(sessionId, token);
+      this.#checkHead(session, token);
       throw new Error(`session ${sessionId} head did not advance`);
     }
     progress.wrote = true;
@@ -422,11 +444,13 @@ class SqliteEventStore implements EventStore {
   }
 
   /** Throws not_found for a missing session, stale_writer when `token` is not the newest. */
-  #checkHead(sessionId: string, token: number | null): void {
-    const head = this.#append.headToken.get(sessionId) as { writer_token: number } | undefined;
-    if (head === undefined) throw notFound('session', sessionId);
+  #checkHead(session: SessionKey, token: number | null): void {
+    const head = this.#append.headToken.get(session.id, session.tenantId) as
+      | { writer_token: number }
+      | undefined;
+    if (head === undefined) throw notFound('session', session.id);
     if (token !== null && token !== head.writer_token) {
-      throw staleWriter(sessionId, token, head.writer_token);
+      throw staleWriter(session.id, token, head.writer_token);
     }
   }
 }
@@ -450,6 +474,39 @@ interface SessionRow extends RecordRow {
   stop_reason: string | null;
   last_seq: number;
 }
+
+interface TenantRow {
+  id: string;
+  name: string;
+  created_at: string;
+  limits: string | null;
+}
+
+interface UserRow {
+  id: string;
+  tenant_id: string;
+  name: string;
+  role: 'admin' | 'member';
+  created_at: string;
+}
+
+function tenantOf(row: TenantRow): TenantRecord {
+  return {
+    id: row.id,
+    name: row.name,
+    createdAt: row.created_at,
+    limits: row.limits === null ? null : (JSON.parse(row.limits) as TenantRecord['limits']),
+  };
+}
+
+function userOf(row: UserRow): UserRecord {
+  return { id: row.id, tenantId: row.tenant_id, name: row.name, role: row.role, createdAt: row.created_at };
+}
+
+/** A key is read with its user's role. */
+const API_KEYS_FROM = 'api_keys JOIN users ON users.id = api_keys.user_id';
+const API_KEY_COLUMNS = `api_keys.id, api_keys.tenant_id, api_keys.user_id, users.role, api_keys.hash,
+  api_keys.name, api_keys.created_at, api_keys.expires_at, api_keys.revoked_at`;
 
 interface ApiKeyRow {
   id: string;
@@ -668,11 +725,12 @@ class SqliteResourceStore implements ResourceStore {
         });
         this.#statements
           .get(
-            `INSERT INTO session_heads (session_id, status, stop_reason, last_seq, writer_token, updated_at)
-             VALUES (?, ?, ?, ?, 0, ?)`,
+            `INSERT INTO session_heads (session_id, tenant_id, status, stop_reason, last_seq, writer_token, updated_at)
+             VALUES (?, ?, ?, ?, ?, 0, ?)`,
           )
           .run(
             record.id,
+            record.tenantId,
             record.status,
             record.stopReason === null ? null : JSON.stringify(record.stopReason),
             record.lastSeq,
@@ -686,13 +744,6 @@ class SqliteResourceStore implements ResourceStore {
     const row = this.#statements
       .get(`SELECT ${SESSION_COLUMNS} FROM ${SESSIONS_FROM} WHERE sessions.id = ? AND sessions.tenant_id = ?`)
       .get(id, tenantId) as SessionRow | undefined;
-    return row === undefined ? undefined : sessionOf(row);
-  }
-
-  async getSessionUnscoped(id: string): Promise<SessionRecord | undefined> {
-    const row = this.#statements
-      .get(`SELECT ${SESSION_COLUMNS} FROM ${SESSIONS_FROM} WHERE sessions.id = ?`)
-      .get(id) as SessionRow | undefined;
     return row === undefined ? undefined : sessionOf(row);
   }
 
@@ -729,18 +780,72 @@ class SqliteResourceStore implements ResourceStore {
     return rows.map(sessionOf);
   }
 
-  async createApiKey(record: ApiKeyRecord): Promise<void> {
+  async createTenant(record: TenantRecord): Promise<void> {
+    try {
+      this.#statements
+        .get('INSERT INTO tenants (id, name, created_at, limits) VALUES (?, ?, ?, ?)')
+        .run(
+          record.id,
+          record.name,
+          record.createdAt,
+          record.limits === null ? null : JSON.stringify(record.limits),
+        );
+    } catch (error) {
+      if (isUniqueViolation(error))
+        throw conflict(`a tenant named ${JSON.stringify(record.name)} already exists`);
+      throw error;
+    }
+  }
+
+  async getTenant(id: string): Promise<TenantRecord | undefined> {
+    const row = this.#statements.get('SELECT * FROM tenants WHERE id = ?').get(id) as TenantRow | undefined;
+    return row === undefined ? undefined : tenantOf(row);
+  }
+
+  async listTenants(): Promise<TenantRecord[]> {
+    return (this.#statements.get('SELECT * FROM tenants ORDER BY created_at, id').all() as TenantRow[]).map(
+      tenantOf,
+    );
+  }
+
+  async createUser(record: UserRecord): Promise<void> {
+    try {
+      this.#statements
+        .get('INSERT INTO users (id, tenant_id, name, role, created_at) VALUES (?, ?, ?, ?, ?)')
+        .run(record.id, record.tenantId, record.name, record.role, record.createdAt);
+    } catch (error) {
+      if (isUniqueViolation(error))
+        throw conflict(`a user named ${JSON.stringify(record.name)} already exists`);
+      throw error;
+    }
+  }
+
+  async getUser(tenantId: string, id: string): Promise<UserRecord | undefined> {
+    const row = this.#statements
+      .get('SELECT * FROM users WHERE id = ? AND tenant_id = ?')
+      .get(id, tenantId) as UserRow | undefined;
+    return row === undefined ? undefined : userOf(row);
+  }
+
+  async listUsers(tenantId: string): Promise<UserRecord[]> {
+    return (
+      this.#statements
+        .get('SELECT * FROM users WHERE tenant_id = ? ORDER BY created_at, id')
+        .all(tenantId) as UserRow[]
+    ).map(userOf);
+  }
+
+  async createApiKey(record: NewApiKey): Promise<void> {
     try {
       this.#statements
         .get(
-          `INSERT INTO api_keys (id, tenant_id, user_id, role, hash, name, created_at, expires_at, revoked_at)
-           VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+          `INSERT INTO api_keys (id, tenant_id, user_id, hash, name, created_at, expires_at, revoked_at)
+           VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
         )
         .run(
           record.id,
           record.tenantId,
           record.userId,
-          record.role,
           record.hash,
           record.name,
           record.createdAt,
@@ -754,10 +859,34 @@ class SqliteResourceStore implements ResourceStore {
   }
 
   async findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined> {
-    const row = this.#statements.get('SELECT * FROM api_keys WHERE hash = ?').get(hash) as
-      | ApiKeyRow
-      | undefined;
+    const row = this.#statements
+      .get(`SELECT ${API_KEY_COLUMNS} FROM ${API_KEYS_FROM} WHERE api_keys.hash = ?`)
+      .get(hash) as ApiKeyRow | undefined;
     return row === undefined ? undefined : apiKeyOf(row);
+  }
+
+  async listApiKeys(tenantId: string, userId?: string): Promise<ApiKeyRecord[]> {
+    const rows = this.#statements
+      .get(
+        `SELECT ${API_KEY_COLUMNS} FROM ${API_KEYS_FROM} WHERE api_keys.tenant_id = ?
+         AND (? IS NULL OR api_keys.user_id = ?) ORDER BY api_keys.created_at DESC, api_keys.id DESC`,
+      )
+      .all(tenantId, userId ?? null, userId ?? null) as ApiKeyRow[];
+    return rows.map(apiKeyOf);
+  }
+
+  async getApiKey(tenantId: string, id: string): Promise<ApiKeyRecord | undefined> {
+    const row = this.#statements
+      .get(`SELECT ${API_KEY_COLUMNS} FROM ${API_KEYS_FROM} WHERE api_keys.id = ? AND api_keys.tenant_id = ?`)
+      .get(id, tenantId) as ApiKeyRow | undefined;
+    return row === undefined ? undefined : apiKeyOf(row);
+  }
+
+  async revokeApiKey(tenantId: string, id: string, at: string): Promise<ApiKeyRecord | undefined> {
+    this.#statements
+      .get('UPDATE api_keys SET revoked_at = coalesce(revoked_at, ?) WHERE id = ? AND tenant_id = ?')
+      .run(at, id, tenantId);
+    return this.getApiKey(tenantId, id);
   }
 
   async countApiKeys(): Promise<number> {
