@@ -26,6 +26,8 @@ export interface RunningBerth {
   sandboxes: SandboxManager;
   /** Path of the admin key file when this start created it. */
   adminKeyFile: string | undefined;
+  /** Every API route (method and path pattern), for tests that must cover each one. */
+  routes: readonly { method: string; path: string }[];
   close(): Promise<void>;
 }
 
@@ -134,6 +136,14 @@ export async function startBerth(
     supervisor,
     sandboxes,
     adminKeyFile,
+    // Middleware registrations show up as method ALL; only handlers are routes.
+    routes: [
+      ...new Map(
+        app.routes
+          .filter((route) => route.method !== 'ALL')
+          .map((route) => [`${route.method} ${route.path}`, { method: route.method, path: route.path }]),
+      ).values(),
+    ],
     close() {
       closing ??= (async () => {
         await new Promise<void>((resolve) => {
