@@ -1,0 +1,117 @@
+import { execFile } from 'node:child_process';
+import { join, resolve } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+
+const root = resolve(import.meta.dirname, '..');
+
+/** Runs `node bin/berth.js <args>` without blocking the event loop (the test server lives here). */
+function berthCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((done) => {
+    execFile(
+      process.execPath,
+      [join(root, 'bin/berth.js'), ...args],
+      { cwd: root, env: { ...process.env, BERTH_URL: '', BERTH_API_KEY: '', BERTH_DATABASE_URL: '' } },
+      (error, stdout, stderr) => {
+        done({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
+      },
+    );
+  });
+}
+
+let berth: TestBerth;
+
+beforeAll(async () => {
+  berth = await startTestBerth();
+});
+
+afterAll(async () => {
+  await berth?.dispose();
+});
+
+/** Operators create tenants on the server's store; tenant admins manage users and keys over the API. */
+describe('berth tenants, users and keys', () => {
+  it('creates a tenant whose admin key works at once and sees nothing of other tenants', async () => {
+    const created = await berthCli([
+      'tenants',
+      'create',
+      'acme',
+      '--live-sessions',
+      '5',
+      '--data-dir',
+      berth.dataDir,
+    ]);
+    expect(created.code, created.stderr).toBe(0);
+    const key = created.stdout.trim();
+    expect(key).toMatch(/^berth_sk_/);
+    expect(created.stderr).toMatch(/Created tenant acme \(tnt_\w+\)/);
+
+    const me = await fetch(`${berth.url}/v1/me`, { headers: { 'x-api-key': key } });
+    expect(me.status).toBe(200);
+    expect(await me.json()).toMatchObject({ tenant: { name: 'acme' }, role: 'admin' });
+    await berth.client.beta.agents.create({ name: 'default-tenant-agent', model: 'scripted/echo' });
+    const agents = await fetch(`${berth.url}/v1/agents`, { headers: { 'x-api-key': key } });
+    expect(((await agents.json()) as { data: unknown[] }).data).toEqual([]);
+
+    const again = await berthCli(['tenants', 'create', 'acme', '--data-dir', berth.dataDir]);
+    expect(again.code).not.toBe(0);
+    expect(again.stderr).toMatch(/already exists/);
+    const badName = await berthCli(['tenants', 'create', 'Not A Name', '--data-dir', berth.dataDir]);
+    expect(badName.code).not.toBe(0);
+    expect(badName.stderr).toMatch(/tenant name/);
+
+    const listed = await berthCli(['tenants', 'list', '--json', '--data-dir', berth.dataDir]);
+    const tenants = JSON.parse(listed.stdout) as { name: string; limits: unknown }[];
+    expect(tenants.map((tenant) => tenant.name)).toEqual(['default', 'acme']);
+    expect(tenants[1]!.limits).toEqual({ liveSessions: 5 });
+  });
+
+  it('lets an admin create a member with a key, list keys, and revoke one so it stops working', async () => {
+    const options = ['--url', berth.url, '--api-key', berth.apiKey];
+    const user = await berthCli(['users', 'create', 'carol', ...options]);
+    expect(user.code, user.stderr).toBe(0);
+    const carolKey = user.stdout.trim();
+    expect(carolKey).toMatch(/^berth_sk_/);
+    expect(user.stderr).toMatch(/Created member carol/);
+    const me = (await (await fetch(`${berth.url}/v1/me`, { headers: { 'x-api-key': carolKey } })).json()) as {
+      user: { id: string; name: string };
+      role: string;
+    };
+    expect(me).toMatchObject({ user: { name: 'carol' }, role: 'member' });
+
+    const usersList = await berthCli(['users', 'list', ...options]);
+    expect(usersList.stdout).toMatch(/member\s+carol/);
+
+    const second = await berthCli([
+      'keys',
+      'create',
+      '--user',
+      me.user.id,
+      '--name',
+      'ci',
+      '--json',
+      ...options,
+    ]);
+    const secondKey = JSON.parse(second.stdout) as { id: string; key: string; name: string };
+    expect(secondKey.name).toBe('ci');
+    const keys = JSON.parse(
+      (await berthCli(['keys', 'list', '--user', me.user.id, '--json', ...options])).stdout,
+    ) as {
+      id: string;
+      key?: string;
+    }[];
+    expect(keys).toHaveLength(2);
+    // Listing never shows a key again.
+    expect(keys.every((key) => key.key === undefined)).toBe(true);
+
+    const revoked = await berthCli(['keys', 'revoke', secondKey.id, ...options]);
+    expect(revoked.code, revoked.stderr).toBe(0);
+    expect((await fetch(`${berth.url}/v1/me`, { headers: { 'x-api-key': secondKey.key } })).status).toBe(401);
+    expect((await fetch(`${berth.url}/v1/me`, { headers: { 'x-api-key': carolKey } })).status).toBe(200);
+
+    // A member cannot create users.
+    const denied = await berthCli(['users', 'create', 'mallory', '--url', berth.url, '--api-key', carolKey]);
+    expect(denied.code).not.toBe(0);
+    expect(denied.stderr).toMatch(/admins/);
+  });
+});
