@@ -97,6 +97,8 @@ export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]
       BERTH_DATABASE_MIGRATION_URL: options.database?.migrationUrl,
       BERTH_USER_EVENTS_PER_MINUTE: '0',
       BERTH_TENANT_EVENTS_PER_MINUTE: '0',
+      BERTH_USER_SESSIONS_PER_MINUTE: '0',
+      BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
     },
   });
   const real = createModelRegistry({ environment: config.modelEnvironment });
