@@ -403,6 +403,10 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect(seqsOf(await store.events.read(sessionId, { beforeSeq: 3 }))).toEqual([1, 2]);
         expect(seqsOf(await store.events.read(sessionId, { afterSeq: 1, beforeSeq: 5 }))).toEqual([2, 3, 4]);
         expect(seqsOf(await store.events.read(sessionId, { limit: 2 }))).toEqual([1, 2]);
+        // "Everything after" is how the harness reads a tail.
+        expect(
+          seqsOf(await store.events.read(sessionId, { afterSeq: 3, limit: Number.MAX_SAFE_INTEGER })),
+        ).toEqual([4, 5]);
         expect(seqsOf(await store.events.read(sessionId, { order: 'desc', limit: 2 }))).toEqual([5, 4]);
         expect(seqsOf(await store.events.read(sessionId, { order: 'desc', beforeSeq: 4 }))).toEqual([
           3, 2, 1,

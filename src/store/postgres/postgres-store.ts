@@ -194,6 +194,23 @@ async function inTenant<T>(
 }
 
 /**
+ * A call of one of the schema's functions as its own autocommitted statement (one round trip):
+ * the hot-path functions set the tenant themselves inside that transaction; the few
+ * cross-tenant ones (SECURITY DEFINER) need none.
+ */
+async function callFunction<Row extends pg.QueryResultRow>(
+  pool: pg.Pool,
+  sql: string,
+  parameters: unknown[],
+): Promise<pg.QueryResult<Row>> {
+  try {
+    return await pool.query<Row>(sql, parameters);
+  } catch (error) {
+    throw mapError(error);
+  }
+}
+
+/**
  * JSON text for a jsonb column. PostgreSQL text cannot hold NUL, so a NUL inside a string
  * (a tool's binary output, say) becomes U+FFFD instead of failing the whole append.
  */
@@ -253,27 +270,19 @@ class PostgresEventStore implements EventStore {
   }
 
   async read(session: SessionKey, query: ReadQuery = {}): Promise<StoredEvent[]> {
-    const conditions = ['session_id = $1', 'tenant_id = $2'];
-    const parameters: unknown[] = [session.id, session.tenantId];
-    if (query.afterSeq !== undefined) {
-      parameters.push(query.afterSeq);
-      conditions.push(`seq > $${parameters.length}`);
-    }
-    if (query.beforeSeq !== undefined) {
-      parameters.push(query.beforeSeq);
-      conditions.push(`seq < $${parameters.length}`);
-    }
-    if (query.types !== undefined) {
-      parameters.push([...query.types]);
-      conditions.push(`type = ANY($${parameters.length}::text[])`);
-    }
-    parameters.push(checkLimit(query.limit ?? DEFAULT_READ_LIMIT));
-    const order = query.order === 'desc' ? 'DESC' : 'ASC';
-    const result = await this.#query<EventRow>(
-      session.tenantId,
-      `SELECT session_id, seq, body FROM ${this.#s}.events WHERE ${conditions.join(' AND ')}
-       ORDER BY seq ${order} LIMIT $${parameters.length}`,
-      parameters,
+    // One round trip: the function sets the tenant inside the statement's own transaction.
+    const result = await callFunction<EventRow>(
+      this.#pool,
+      `SELECT * FROM ${this.#s}.read_events($1, $2, $3, $4, $5::text[], $6, $7)`,
+      [
+        session.tenantId,
+        session.id,
+        query.afterSeq ?? null,
+        query.beforeSeq ?? null,
+        query.types === undefined ? null : [...query.types],
+        checkLimit(query.limit ?? DEFAULT_READ_LIMIT),
+        query.order === 'desc',
+      ],
     );
     return result.rows.map(storedEventOf);
   }
@@ -344,29 +353,13 @@ class PostgresEventStore implements EventStore {
     const change = statusChangeOf(events);
     let base: number | undefined;
     try {
-      const result = await this.#query<{ base: string }>(
-        tenantId,
-        `WITH head AS (
-           UPDATE ${s}.session_heads SET last_seq = last_seq + $3,
-             status = coalesce($8::text, status),
-             updated_at = CASE WHEN $8::text IS NULL THEN updated_at ELSE $9 END,
-             stop_reason = CASE WHEN $10::boolean THEN stop_reason ELSE $11::jsonb END
-           WHERE session_id = $1 AND tenant_id = $13
-             AND ($2::bigint IS NULL OR writer_token = $2::bigint)
-             AND ($12::bigint IS NULL OR last_seq = $12::bigint)
-             AND ($7::text IS NULL OR NOT EXISTS (
-               SELECT 1 FROM ${s}.idempotency_keys k WHERE k.session_id = $1 AND k.key = $7::text))
-           RETURNING last_seq - $3 AS base
-         ), inserted AS (
-           INSERT INTO ${s}.events (session_id, tenant_id, seq, id, type, processed_at, body)
-           SELECT $1, $13, head.base + t.ordinal, t.id, t.type, $9, t.body::jsonb
-           FROM head, unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS t (id, type, body, ordinal)
-         ), keyed AS (
-           INSERT INTO ${s}.idempotency_keys (session_id, tenant_id, key, first_seq, count)
-           SELECT $1, $13, $7::text, head.base + 1, $3 FROM head WHERE $7::text IS NOT NULL
-         )
-         SELECT base FROM head`,
+      // One round trip: the function sets the tenant, then reserves the seqs under the head
+      // row's lock and inserts the events and the key (see migration 4).
+      const result = await callFunction<{ base: string | null }>(
+        this.#pool,
+        `SELECT ${s}.append_events($1, $2, $3, $4, $5::text[], $6::text[], $7::text[], $8, $9, $10, $11, $12::jsonb, $13) AS base`,
         [
+          tenantId,
           sessionId,
           writerToken,
           events.length,
@@ -379,10 +372,10 @@ class PostgresEventStore implements EventStore {
           change?.stopReason === undefined,
           change?.stopReason == null ? null : toJsonb(change.stopReason),
           options?.expectedHeadSeq ?? null,
-          tenantId,
         ],
       );
-      if (result.rows[0] !== undefined) base = Number(result.rows[0].base);
+      const returned = result.rows[0]?.base;
+      if (returned !== undefined && returned !== null) base = Number(returned);
     } catch (error) {
       const violation = ((BerthError.isInstance(error) ? error.cause : error) ?? {}) as {
         code?: unknown;
@@ -727,10 +720,10 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
-    const result = await this.#query<SessionRow>(
-      tenantId,
-      `SELECT ${SESSION_COLUMNS} FROM ${sessionsFrom(this.#s)} WHERE sessions.id = $1 AND sessions.tenant_id = $2`,
-      [id, tenantId],
+    const result = await callFunction<SessionRow>(
+      this.#pool,
+      `SELECT * FROM ${this.#s}.get_session($1, $2)`,
+      [tenantId, id],
     );
     const row = result.rows[0];
     return row === undefined ? undefined : sessionOf(row);
@@ -758,7 +751,8 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]> {
-    const result = await this.#unscoped<SessionRow>(
+    const result = await callFunction<SessionRow>(
+      this.#pool,
       `SELECT * FROM ${this.#s}.sessions_in_status($1::text[])`,
       [[...statuses]],
     );
@@ -784,7 +778,7 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async listTenants(): Promise<TenantRecord[]> {
-    const result = await this.#unscoped<TenantRow>(`SELECT * FROM ${this.#s}.list_tenants()`, []);
+    const result = await callFunction<TenantRow>(this.#pool, `SELECT * FROM ${this.#s}.list_tenants()`, []);
     return result.rows.map(tenantOf);
   }
 
@@ -838,7 +832,9 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async findApiKeyByHash(hash: string): Promise<ApiKeyRecord | undefined> {
-    const result = await this.#unscoped<ApiKeyRow>(`SELECT * FROM ${this.#s}.find_api_key($1)`, [hash]);
+    const result = await callFunction<ApiKeyRow>(this.#pool, `SELECT * FROM ${this.#s}.find_api_key($1)`, [
+      hash,
+    ]);
     const row = result.rows[0];
     return row === undefined ? undefined : apiKeyOf(row);
   }
@@ -874,7 +870,11 @@ class PostgresResourceStore implements ResourceStore {
   }
 
   async countApiKeys(): Promise<number> {
-    const result = await this.#unscoped<{ count: string }>(`SELECT ${this.#s}.count_api_keys() AS count`, []);
+    const result = await callFunction<{ count: string }>(
+      this.#pool,
+      `SELECT ${this.#s}.count_api_keys() AS count`,
+      [],
+    );
     return Number(result.rows[0]?.count ?? 0);
   }
 
@@ -938,18 +938,6 @@ class PostgresResourceStore implements ResourceStore {
     parameters: unknown[],
   ): Promise<pg.QueryResult<Row>> {
     return inTenant(this.#pool, tenantId, (client) => client.query<Row>(sql, parameters));
-  }
-
-  /** A call of one of the schema's narrow cross-tenant functions (no tenant is set). */
-  async #unscoped<Row extends pg.QueryResultRow>(
-    sql: string,
-    parameters: unknown[],
-  ): Promise<pg.QueryResult<Row>> {
-    try {
-      return await this.#pool.query<Row>(sql, parameters);
-    } catch (error) {
-      throw mapError(error);
-    }
   }
 }
 

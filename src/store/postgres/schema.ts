@@ -195,6 +195,81 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   REVOKE ALL ON FUNCTION ${s}.find_api_key(text), ${s}.count_api_keys(),
     ${s}.sessions_in_status(text[]), ${s}.list_tenants() FROM PUBLIC;
   `,
+  // 4: the hot paths in one round trip. Each function sets the transaction's tenant and then
+  // runs its statement, so a call is one autocommitted transaction with the tenant set inside
+  // it (no BEGIN / COMMIT round trips). SECURITY INVOKER: row-level security applies as usual.
+  (s) => `
+  CREATE FUNCTION ${s}.append_events(
+      p_tenant text, p_session text, p_writer bigint, p_count integer, p_ids text[], p_types text[],
+      p_bodies text[], p_key text, p_status text, p_processed_at text, p_keep_stop_reason boolean,
+      p_stop_reason jsonb, p_expected_head bigint)
+    RETURNS bigint LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $f$
+    DECLARE
+      v_base bigint;
+    BEGIN
+      PERFORM set_config('berth.tenant_id', p_tenant, true);
+      WITH head AS (
+        UPDATE ${s}.session_heads SET last_seq = last_seq + p_count,
+          status = coalesce(p_status, status),
+          updated_at = CASE WHEN p_status IS NULL THEN updated_at ELSE p_processed_at END,
+          stop_reason = CASE WHEN p_keep_stop_reason THEN stop_reason ELSE p_stop_reason END
+        WHERE session_id = p_session AND tenant_id = p_tenant
+          AND (p_writer IS NULL OR writer_token = p_writer)
+          AND (p_expected_head IS NULL OR last_seq = p_expected_head)
+          AND (p_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM ${s}.idempotency_keys k WHERE k.session_id = p_session AND k.key = p_key))
+        RETURNING last_seq - p_count AS base
+      ), inserted AS (
+        INSERT INTO ${s}.events (session_id, tenant_id, seq, id, type, processed_at, body)
+        SELECT p_session, p_tenant, head.base + t.ordinal, t.id, t.type, p_processed_at, t.body::jsonb
+        FROM head, unnest(p_ids, p_types, p_bodies) WITH ORDINALITY AS t (id, type, body, ordinal)
+      ), keyed AS (
+        INSERT INTO ${s}.idempotency_keys (session_id, tenant_id, key, first_seq, count)
+        SELECT p_session, p_tenant, p_key, head.base + 1, p_count FROM head WHERE p_key IS NOT NULL
+      )
+      SELECT base INTO v_base FROM head;
+      RETURN v_base;
+    END
+    $f$;
+
+  CREATE FUNCTION ${s}.read_events(
+      p_tenant text, p_session text, p_after bigint, p_before bigint, p_types text[], p_limit bigint,
+      p_descending boolean)
+    RETURNS TABLE (session_id text, seq bigint, body jsonb)
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $f$
+    BEGIN
+      PERFORM set_config('berth.tenant_id', p_tenant, true);
+      IF p_descending THEN
+        RETURN QUERY SELECT e.session_id, e.seq, e.body FROM ${s}.events e
+          WHERE e.session_id = p_session AND e.tenant_id = p_tenant
+            AND (p_after IS NULL OR e.seq > p_after) AND (p_before IS NULL OR e.seq < p_before)
+            AND (p_types IS NULL OR e.type = ANY (p_types))
+          ORDER BY e.seq DESC LIMIT p_limit;
+      ELSE
+        RETURN QUERY SELECT e.session_id, e.seq, e.body FROM ${s}.events e
+          WHERE e.session_id = p_session AND e.tenant_id = p_tenant
+            AND (p_after IS NULL OR e.seq > p_after) AND (p_before IS NULL OR e.seq < p_before)
+            AND (p_types IS NULL OR e.type = ANY (p_types))
+          ORDER BY e.seq ASC LIMIT p_limit;
+      END IF;
+    END
+    $f$;
+
+  CREATE FUNCTION ${s}.get_session(p_tenant text, p_id text)
+    RETURNS TABLE ("position" bigint, id text, tenant_id text, owner_id text, created_at text,
+                   updated_at text, archived_at text, body jsonb, agent_id text, agent_version integer,
+                   environment_id text, status text, stop_reason jsonb, last_seq bigint)
+    LANGUAGE plpgsql SECURITY INVOKER SET search_path = pg_catalog, pg_temp AS $f$
+    BEGIN
+      PERFORM set_config('berth.tenant_id', p_tenant, true);
+      RETURN QUERY SELECT x.position, x.id, x.tenant_id, x.owner_id, x.created_at, h.updated_at,
+          x.archived_at, x.body, x.agent_id, x.agent_version, x.environment_id, h.status,
+          h.stop_reason, h.last_seq
+        FROM ${s}.sessions x JOIN ${s}.session_heads h ON h.session_id = x.id
+        WHERE x.id = p_id AND x.tenant_id = p_tenant;
+    END
+    $f$;
+  `,
 ];
 
 /**
