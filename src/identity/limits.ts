@@ -119,6 +119,7 @@ export class Limits {
       { key: `${kind}:${subject.tenantId}/${subject.userId}`, capacity: userCapacity, level: 'user' },
     ].filter((level) => level.capacity > 0);
     // Check every level first, then take from all: a refused request costs nothing.
+    if (this.#buckets.size > 50_000) this.#prune(now);
     const buckets = levels.map((level) => {
       let bucket = this.#buckets.get(level.key);
       if (!bucket) {
@@ -134,6 +135,14 @@ export class Limits {
       if (wait > 0) throw this.#limited(`${what} of the ${level}`, capacity, wait);
     }
     for (const { bucket } of buckets) bucket.tokens -= count;
+  }
+
+  /** Drops buckets that have refilled completely: they hold nothing a new bucket would not. */
+  #prune(now: number): void {
+    for (const [key, bucket] of this.#buckets) {
+      bucket.refill(now, bucket.capacity);
+      if (bucket.tokens >= bucket.capacity) this.#buckets.delete(key);
+    }
   }
 
   async #settings(tenantId: string, level: 'tenant' | 'user'): Promise<LimitSettings> {
