@@ -93,19 +93,25 @@ export async function openPostgresStore(options: PostgresStoreOptions): Promise<
     } else {
       await migratePostgres(pool, schema);
     }
-    const owned = await pool.query<{ owner: string }>(
-      `SELECT pg_catalog.pg_get_userbyid(relowner) AS owner FROM pg_catalog.pg_class
-       WHERE oid = to_regclass($1)`,
+    // Owning the tables, or being a member of the owner role (which can SET ROLE to it and is
+    // covered by the owner's own policy), makes row-level security no wall.
+    const owned = await pool.query<{ owner: string; member: boolean }>(
+      `SELECT pg_catalog.pg_get_userbyid(relowner) AS owner,
+              pg_catalog.pg_has_role(current_user, relowner, 'MEMBER') AS member
+       FROM pg_catalog.pg_class WHERE oid = to_regclass($1)`,
       [`${quoted}.events`],
     );
     rowLevelSecurity = app.superuser
       ? { enforced: false, reason: `role ${app.name} is a superuser, which bypasses row-level security` }
       : app.bypass
         ? { enforced: false, reason: `role ${app.name} has BYPASSRLS` }
-        : owned.rows[0]?.owner === app.name
+        : owned.rows[0]?.member
           ? {
               enforced: false,
-              reason: `role ${app.name} owns the tables; give migrations their own role (migration URL)`,
+              reason:
+                owned.rows[0].owner === app.name
+                  ? `role ${app.name} owns the tables; give migrations their own role (migration URL)`
+                  : `role ${app.name} is a member of ${owned.rows[0].owner}, which owns the tables`,
             }
           : { enforced: true };
   } catch (error) {
