@@ -57,9 +57,15 @@ describe('key revocation and expiry', () => {
 
   /** A member of the admin's tenant and a key for them, made through the identity API. */
   async function newMember(adminKey: string, name: string, keyOptions: Record<string, unknown> = {}) {
-    const user = await json<{ id: string }>(await request(adminKey, 'POST', '/v1/users', { name, role: 'member' }));
+    const user = await json<{ id: string }>(
+      await request(adminKey, 'POST', '/v1/users', { name, role: 'member' }),
+    );
     const key = await json<IssuedKey>(
-      await request(adminKey, 'POST', '/v1/api_keys', { name: `${name} key`, user_id: user.id, ...keyOptions }),
+      await request(adminKey, 'POST', '/v1/api_keys', {
+        name: `${name} key`,
+        user_id: user.id,
+        ...keyOptions,
+      }),
     );
     return { userId: user.id, ...key };
   }
@@ -153,7 +159,9 @@ describe('key revocation and expiry', () => {
         const prefix = Object.keys(byPrefix).find((candidate) => route.path.startsWith(candidate));
         const path = prefix ? route.path.replace(':id', byPrefix[prefix]!) : route.path;
         const response = await request(key, route.method, path, route.method === 'GET' ? undefined : {});
-        const body = (await response.json().catch(() => undefined)) as { error?: { type?: string } } | undefined;
+        const body = (await response.json().catch(() => undefined)) as
+          | { error?: { type?: string } }
+          | undefined;
         if (response.status !== 401 || body?.error?.type !== 'authentication_error')
           open.push(`${route.method} ${path} -> ${response.status}`);
       }),
@@ -184,9 +192,9 @@ describe('key revocation and expiry', () => {
     expect(endedAt, 'the stream stayed open after revocation').toBeDefined();
     console.log(`stream closed ${endedAt! - revokedAt} ms after the revoke request was sent`);
 
-    expect(await routesStillOpenTo(member.key, { sessionId, userId: member.userId, keyId: member.id })).toEqual(
-      [],
-    );
+    expect(
+      await routesStillOpenTo(member.key, { sessionId, userId: member.userId, keyId: member.id }),
+    ).toEqual([]);
     // Nothing the revoked key tried was written; the admin still sees the session as it was.
     const events = await json<{ data: { type: string }[] }>(
       await request(berth.apiKey, 'GET', `/v1/sessions/${sessionId}/events?limit=1000`),
@@ -210,9 +218,9 @@ describe('key revocation and expiry', () => {
     expect(endedAt!).toBeGreaterThanOrEqual(expiresAt - 50);
     expect(endedAt! - expiresAt).toBeLessThan(1_000);
 
-    expect(await routesStillOpenTo(member.key, { sessionId, userId: member.userId, keyId: member.id })).toEqual(
-      [],
-    );
+    expect(
+      await routesStillOpenTo(member.key, { sessionId, userId: member.userId, keyId: member.id }),
+    ).toEqual([]);
   });
 
   it("lets a member revoke their own key and answers 404 for another user's key", async () => {
@@ -258,7 +266,15 @@ describe('key revocation and expiry', () => {
     const sessionId = await newSession(member.key);
     const stream = await openLiveStream(member.key, sessionId, 'before the cli');
 
-    const result = await berthCli(['keys', 'revoke', member.id, '--url', berth.url, '--api-key', berth.apiKey]);
+    const result = await berthCli([
+      'keys',
+      'revoke',
+      member.id,
+      '--url',
+      berth.url,
+      '--api-key',
+      berth.apiKey,
+    ]);
     expect(result.code, result.stderr).toBe(0);
     expect(result.stderr).toContain(`Revoked ${member.id}`);
     const endedAt = await stream.endedWithin(1_000);

@@ -184,13 +184,22 @@ export function eventRoutes(dependencies: ApiDependencies) {
     if (session.status === 'terminated') throw invalidRequest(`session ${session.id} is terminated`);
     if (session.archivedAt) throw invalidRequest(`session ${session.id} is archived`);
     await checkAgainstLog(session, events);
-    await limits.chargeEvents(principal, events.length);
+    // Interrupts are never limited: a client must always be able to stop a turn.
+    const charged = events.filter((event) => event.type !== 'user.interrupt').length;
+    const refund = charged > 0 ? await limits.chargeEvents(principal, charged) : () => undefined;
     // Anything but an interrupt may start a turn: a session that is not live yet must fit
     // under its owner's live-session limits.
     const startsTurn = events.some((event) => event.type !== 'user.interrupt') && !supervisor.isLive(session);
-    const admitted = startsTurn
-      ? await limits.admitLiveSession({ tenantId: session.tenantId, userId: session.ownerId })
-      : undefined;
+    let admitted: (() => void) | undefined;
+    try {
+      admitted = startsTurn
+        ? await limits.admitLiveSession({ tenantId: session.tenantId, userId: session.ownerId })
+        : undefined;
+    } catch (error) {
+      // Refused: the request costs none of the events allowance.
+      refund();
+      throw error;
+    }
     try {
       const result = await store.events.append(session, events as NewEvent[], { idempotencyKey });
       if (!result.duplicate) {

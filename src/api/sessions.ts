@@ -103,9 +103,16 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     // Limits are charged after validation and before the first write: a refused request
     // (429) leaves nothing behind.
     const initialEvents = input.initial_events ?? [];
-    await limits.chargeSessionCreate(principal);
-    if (initialEvents.length > 0) await limits.chargeEvents(principal, initialEvents.length);
-    const admitted = initialEvents.length > 0 ? await limits.admitLiveSession(principal) : undefined;
+    const refunds: Array<() => void> = [];
+    let admitted: (() => void) | undefined;
+    try {
+      refunds.push(await limits.chargeSessionCreate(principal));
+      if (initialEvents.length > 0) refunds.push(await limits.chargeEvents(principal, initialEvents.length));
+      admitted = initialEvents.length > 0 ? await limits.admitLiveSession(principal) : undefined;
+    } catch (error) {
+      for (const refund of refunds) refund();
+      throw error;
+    }
 
     const now = nowIso();
     const id = newId('sesn');

@@ -1,3 +1,4 @@
+import { setMaxListeners } from 'node:events';
 import { isBerthError } from '../errors.js';
 import type { Harness } from '../harness/harness.js';
 import { type SessionKey, type StoredEvent, sessionKeyString } from '../store/event-store.js';
@@ -43,6 +44,9 @@ export class Supervisor {
     this.#harness = options.harness;
     this.#store = options.store;
     this.#logger = options.logger;
+    // Every live wake listens on this one signal (and removes its listener when it ends), so
+    // more than 10 live sessions is normal, not a leak: no MaxListenersExceededWarning.
+    setMaxListeners(0, this.#shutdown.signal);
   }
 
   /**

@@ -42,6 +42,11 @@ export class Authenticator {
   readonly #known = new Map<string, { record: ApiKeyRecord; readAt: number }>();
   /** What to end when a key is revoked: open streams, by key id. */
   readonly #holders = new Map<string, Set<() => void>>();
+  /**
+   * Keys revoked through this process, so a stream whose request was authenticated just before
+   * the revocation, but registers after it, still ends.
+   */
+  readonly #revokedIds = new Set<string>();
 
   constructor(resources: ResourceStore) {
     this.#resources = resources;
@@ -80,6 +85,10 @@ export class Authenticator {
    * is revoked through this process or when it expires. Returns the function that unties it.
    */
   hold(principal: Principal, end: () => void): () => void {
+    if (this.#revokedIds.has(principal.keyId)) {
+      queueMicrotask(end);
+      return () => undefined;
+    }
     let holders = this.#holders.get(principal.keyId);
     if (!holders) {
       holders = new Set();
@@ -108,6 +117,8 @@ export class Authenticator {
   /** A key was revoked: forget it and end everything held under it. */
   revoked(record: ApiKeyRecord): void {
     this.#known.delete(record.hash);
+    if (this.#revokedIds.size >= 10_000) this.#revokedIds.clear();
+    this.#revokedIds.add(record.id);
     this.#end(record.id);
   }
 

@@ -62,14 +62,17 @@ export class Limits {
     this.#liveSessions = options.liveSessions;
   }
 
-  /** Charges one session creation; throws `rate_limited` when over a limit. */
-  async chargeSessionCreate(subject: LimitSubject): Promise<void> {
-    await this.#charge(subject, 'sessionsPerMinute', 1, 'sessions created per minute');
+  /**
+   * Charges one session creation; throws `rate_limited` when over a limit. Returns the refund
+   * to call when a later limit refuses the same request.
+   */
+  async chargeSessionCreate(subject: LimitSubject): Promise<() => void> {
+    return this.#charge(subject, 'sessionsPerMinute', 1, 'sessions created per minute');
   }
 
-  /** Charges `count` client events; throws `rate_limited` when over a limit. */
-  async chargeEvents(subject: LimitSubject, count: number): Promise<void> {
-    await this.#charge(subject, 'eventsPerMinute', count, 'events per minute');
+  /** Charges `count` client events like {@link chargeSessionCreate}, returning the refund. */
+  async chargeEvents(subject: LimitSubject, count: number): Promise<() => void> {
+    return this.#charge(subject, 'eventsPerMinute', count, 'events per minute');
   }
 
   /**
@@ -110,7 +113,7 @@ export class Limits {
     kind: 'sessionsPerMinute' | 'eventsPerMinute',
     count: number,
     what: string,
-  ) {
+  ): Promise<() => void> {
     const now = Date.now();
     const tenantCapacity = (await this.#settings(subject.tenantId, 'tenant'))[kind];
     const userCapacity = (await this.#settings(subject.tenantId, 'user'))[kind];
@@ -135,6 +138,12 @@ export class Limits {
       if (wait > 0) throw this.#limited(`${what} of the ${level}`, capacity, wait);
     }
     for (const { bucket } of buckets) bucket.tokens -= count;
+    let refunded = false;
+    return () => {
+      if (refunded) return;
+      refunded = true;
+      for (const { bucket, capacity } of buckets) bucket.tokens = Math.min(capacity, bucket.tokens + count);
+    };
   }
 
   /** Drops buckets that have refilled completely: they hold nothing a new bucket would not. */
