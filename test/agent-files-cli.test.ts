@@ -1,28 +1,14 @@
-import { execFile } from 'node:child_process';
 import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { applyAgent } from '../src/cli/apply-agent.js';
 import { loadAgentFolder } from '../src/config/agent-files.js';
+import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 
 const root = resolve(import.meta.dirname, '..');
 const examples = join(root, 'examples');
-
-/** Runs `node bin/berth.js <args>` without blocking the event loop (the test server lives here). */
-function berthCli(args: string[], cwd = root): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((done) => {
-    execFile(
-      process.execPath,
-      [join(root, 'bin/berth.js'), ...args],
-      { cwd, env: { ...process.env, BERTH_URL: '', BERTH_API_KEY: '' } },
-      (error, stdout, stderr) => {
-        done({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-      },
-    );
-  });
-}
 
 async function load(dir: string) {
   const result = await loadAgentFolder(dir);

@@ -1,23 +1,9 @@
-import { execFile } from 'node:child_process';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 
-const root = resolve(import.meta.dirname, '..');
-
-/** Runs `node bin/berth.js <args>` without blocking the event loop (the test server lives here). */
-function berthCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((done) => {
-    execFile(
-      process.execPath,
-      [join(root, 'bin/berth.js'), ...args],
-      { cwd: root, env: { ...process.env, BERTH_URL: '', BERTH_API_KEY: '', BERTH_DATABASE_URL: '' } },
-      (error, stdout, stderr) => {
-        done({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-      },
-    );
-  });
-}
+const _root = resolve(import.meta.dirname, '..');
 
 let berth: TestBerth;
 

@@ -1,10 +1,10 @@
-import { execFile } from 'node:child_process';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTenantWithAdmin } from '../src/identity/api-keys.js';
+import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 
-const root = resolve(import.meta.dirname, '..');
+const _root = resolve(import.meta.dirname, '..');
 
 /** A key made through the API: its id and the secret (shown once). */
 interface IssuedKey {
@@ -20,20 +20,6 @@ interface OpenStream {
   /** Resolves with the time the server ended the stream, or undefined if it did not within the timeout. */
   endedWithin(timeoutMs: number): Promise<number | undefined>;
   cancel(): Promise<void>;
-}
-
-/** Runs `node bin/berth.js <args>` without blocking the event loop (the test server lives here). */
-function berthCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((done) => {
-    execFile(
-      process.execPath,
-      [join(root, 'bin/berth.js'), ...args],
-      { cwd: root, env: { ...process.env, BERTH_URL: '', BERTH_API_KEY: '', BERTH_DATABASE_URL: '' } },
-      (error, stdout, stderr) => {
-        done({ code: error ? ((error as { code?: number }).code ?? 1) : 0, stdout, stderr });
-      },
-    );
-  });
 }
 
 /** Revoked and expired keys stop working at once on every path, open streams included. */

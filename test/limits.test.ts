@@ -2,18 +2,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTenantWithAdmin } from '../src/identity/api-keys.js';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import type { TenantLimits } from '../src/store/resource-store.js';
-import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { keepAliveClient } from './support/http-client.js';
-
-/** Every limit set to 0 (unlimited); each suite sets only the limits it is about. */
-const unlimited = {
-  BERTH_TENANT_LIVE_SESSIONS: '0',
-  BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
-  BERTH_TENANT_EVENTS_PER_MINUTE: '0',
-  BERTH_USER_LIVE_SESSIONS: '0',
-  BERTH_USER_SESSIONS_PER_MINUTE: '0',
-  BERTH_USER_EVENTS_PER_MINUTE: '0',
-};
 
 /** `scripted/slow` keeps a turn in flight (a model call that waits 30 s unless interrupted). */
 const models = createModelRegistry({
@@ -29,7 +19,7 @@ function limitedBerth(environment: Record<string, string>) {
   let tenants = 0;
 
   beforeAll(async () => {
-    berth = await startTestBerth({ environment: { ...unlimited, ...environment }, models });
+    berth = await startTestBerth({ environment: { ...UNLIMITED_LIMITS, ...environment }, models });
   });
   afterAll(async () => berth?.dispose());
 

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createTenantWithAdmin } from '../src/identity/api-keys.js';
-import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { type HttpAnswer, type KeepAliveClient, keepAliveClient } from './support/http-client.js';
 import { createTestDatabase } from './support/postgres-database.js';
 
@@ -129,14 +129,7 @@ describe('tenant isolation under concurrent load (PostgreSQL)', () => {
     berth = await startTestBerth({
       database: await createTestDatabase(inject('postgresUrl')),
       // No limit may refuse any of the load.
-      environment: {
-        BERTH_TENANT_LIVE_SESSIONS: '0',
-        BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
-        BERTH_TENANT_EVENTS_PER_MINUTE: '0',
-        BERTH_USER_LIVE_SESSIONS: '0',
-        BERTH_USER_SESSIONS_PER_MINUTE: '0',
-        BERTH_USER_EVENTS_PER_MINUTE: '0',
-      },
+      environment: UNLIMITED_LIMITS,
     });
     // The app role is bound by row-level security, and requests share the store's pool.
     expect(berth.store.kind).toBe('postgres');

@@ -26,6 +26,16 @@ const quietLogger: Logger = {
   error: (message, fields) => console.error(message, fields),
 };
 
+/** Every limit set to 0 (unlimited), for tests that set only the limits they are about. */
+export const UNLIMITED_LIMITS: Readonly<Record<string, string>> = {
+  BERTH_TENANT_LIVE_SESSIONS: '0',
+  BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
+  BERTH_TENANT_EVENTS_PER_MINUTE: '0',
+  BERTH_USER_LIVE_SESSIONS: '0',
+  BERTH_USER_SESSIONS_PER_MINUTE: '0',
+  BERTH_USER_EVENTS_PER_MINUTE: '0',
+};
+
 /** Starts Berth on SQLite in a temp data directory (or the given store / environment). */
 export async function startTestBerth(
   options: {
