@@ -11,6 +11,16 @@ import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
 import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
 import { Limits } from './identity/limits.js';
+import {
+  createTelemetry,
+  currentTraceHeaders,
+  type Telemetry,
+  tracedDriver,
+  tracedEventStore,
+  tracedHarness,
+  tracedModels,
+  tracedToolbox,
+} from './telemetry/tracing.js';
 import type { ModelRegistry } from './models/model-registry.js';
 import { createModelRegistry } from './models/provider-registry.js';
 import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
@@ -26,6 +36,8 @@ export interface RunningBerth {
   sandboxes: SandboxManager;
   /** Path of the admin key file when this start created it. */
   adminKeyFile: string | undefined;
+  /** Tracing (a no-op when no OTLP endpoint is configured). */
+  telemetry: Telemetry;
   /** Every API route (method and path pattern), for tests that must cover each one. */
   routes: readonly { method: string; path: string }[];
   close(): Promise<void>;
@@ -82,18 +94,44 @@ export async function startBerth(
     }
   }
 
+  // Tracing wraps the ports (models, toolboxes, drivers, event store, harness) when it is on;
+  // when off, nothing is wrapped.
+  const telemetry = createTelemetry(config.telemetry);
+  const tracer = telemetry.tracer;
   const models = options.models ?? createModelRegistry({ environment: config.modelEnvironment });
   const deltas = new DeltaBus();
-  const sandboxes = new SandboxManager({ drivers, store, dataDir: config.dataDir });
-  const toolboxes = new Toolboxes({ sandboxes, projectRoot: resolve(import.meta.dirname, '..') });
-  const harness = createHarness({
+  const sandboxes = new SandboxManager({
+    drivers: telemetry.enabled
+      ? new Map([...drivers].map(([name, driver]) => [name, tracedDriver(driver, tracer)]))
+      : drivers,
     store,
-    models,
+    dataDir: config.dataDir,
+  });
+  const toolboxes = new Toolboxes({
+    sandboxes,
+    projectRoot: resolve(import.meta.dirname, '..'),
+    traceHeaders: telemetry.enabled ? currentTraceHeaders : undefined,
+  });
+  const harnessStore: Store = telemetry.enabled
+    ? {
+        kind: store.kind,
+        rowLevelSecurity: store.rowLevelSecurity,
+        resources: store.resources,
+        events: tracedEventStore(store.events, tracer, config.telemetry.slowAppendMs),
+        close: () => store.close(),
+      }
+    : store;
+  const untracedHarness = createHarness({
+    store: harnessStore,
+    models: telemetry.enabled ? tracedModels(models, tracer) : models,
     deltas,
-    toolboxFor: (session) => toolboxes.for(session),
+    toolboxFor: telemetry.enabled
+      ? (session) => tracedToolbox(toolboxes.for(session), tracer, session)
+      : (session) => toolboxes.for(session),
     maxModelRetries: config.maxModelRetries,
     retryBaseDelayMs: config.retryBaseDelayMs,
   });
+  const harness = telemetry.enabled ? tracedHarness(untracedHarness, tracer) : untracedHarness;
   const supervisor = new Supervisor({ harness, store, logger });
   const limits = new Limits({
     defaults: config.limits,
@@ -136,6 +174,7 @@ export async function startBerth(
     supervisor,
     sandboxes,
     adminKeyFile,
+    telemetry,
     // Middleware registrations show up as method ALL; only handlers are routes.
     routes: [
       ...new Map(
@@ -154,6 +193,7 @@ export async function startBerth(
         await supervisor.shutdown();
         await toolboxes.releaseAll();
         await sandboxes.releaseAll();
+        await telemetry.shutdown().catch(() => undefined);
         await store.close();
       })();
       return closing;

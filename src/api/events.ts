@@ -3,6 +3,7 @@ import { type SSEStreamingApi, streamSSE } from 'hono/streaming';
 import { invalidRequest } from '../errors.js';
 import type { DeltaEvent } from '../harness/delta-bus.js';
 import { pendingClientActions } from '../harness/turn-state.js';
+import { extractTraceContext } from '../telemetry/tracing.js';
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
 import {
@@ -204,7 +205,11 @@ export function eventRoutes(dependencies: ApiDependencies) {
       const result = await store.events.append(session, events as NewEvent[], { idempotencyKey });
       if (!result.duplicate) {
         // An interrupt needs nothing special here: the running wake sees it in the log.
-        supervisor.notify(session, { session, events: result.events });
+        supervisor.notify(
+          session,
+          { session, events: result.events },
+          { trace: extractTraceContext((name) => context.req.header(name)) },
+        );
       }
       return context.json({ data: result.events.map((stored) => stored.event) });
     } finally {

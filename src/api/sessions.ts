@@ -1,6 +1,7 @@
 import { Hono } from 'hono';
 import { conflict, invalidRequest, notFound } from '../errors.js';
 import { sessionOwnerFilter } from '../identity/access.js';
+import { extractTraceContext } from '../telemetry/tracing.js';
 import { newId } from '../ids.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
@@ -149,7 +150,11 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       await resources.createSession(record);
       if (initialEvents.length > 0) {
         const appended = await store.events.append(record, initialEvents);
-        supervisor.notify(record, { session: record, events: appended.events });
+        supervisor.notify(
+          record,
+          { session: record, events: appended.events },
+          { trace: extractTraceContext((name) => context.req.header(name)) },
+        );
       }
     } finally {
       admitted?.();

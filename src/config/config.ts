@@ -20,6 +20,10 @@ export interface BerthConfig {
       };
   /** Default limits per tenant and per user (tenants may override theirs). */
   limits: LimitsConfig;
+  /** OpenTelemetry export, from the standard `OTEL_*` variables. */
+  telemetry: TelemetryConfig;
+  /** Serve Prometheus metrics at `/metrics` (`BERTH_METRICS=off` turns it off). */
+  metrics: boolean;
   /** Provider settings (API keys, base URLs) handed to the model registry. */
   modelEnvironment: Readonly<Record<string, string | undefined>>;
   /** Sandbox driver names in order of preference; the first available is the default. */
@@ -44,6 +48,52 @@ export interface LimitSettings {
 export interface LimitsConfig {
   tenant: LimitSettings;
   user: LimitSettings;
+}
+
+/** Where traces go; no endpoint means tracing is off (and costs nothing). */
+export interface TelemetryConfig {
+  /** OTLP/HTTP traces URL (`…/v1/traces`), or undefined when tracing is off. */
+  tracesEndpoint: string | undefined;
+  headers: Record<string, string>;
+  serviceName: string;
+  /** Batch export delay in ms (`OTEL_BSP_SCHEDULE_DELAY`, default 5000). */
+  exportDelayMs: number;
+  /** Appends slower than this become `store.append` spans (`BERTH_TRACE_SLOW_APPEND_MS`, default 100). */
+  slowAppendMs: number;
+}
+
+/**
+ * The standard OpenTelemetry variables Berth honours: `OTEL_SDK_DISABLED`,
+ * `OTEL_TRACES_EXPORTER` (`otlp` or `none`), `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
+ * `OTEL_EXPORTER_OTLP_ENDPOINT` (+ `/v1/traces`), `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`
+ * (`k=v,k2=v2`), `OTEL_SERVICE_NAME`, `OTEL_BSP_SCHEDULE_DELAY`.
+ */
+function telemetryConfig(environment: Readonly<Record<string, string | undefined>>): TelemetryConfig {
+  const disabled =
+    environment.OTEL_SDK_DISABLED === 'true' || (environment.OTEL_TRACES_EXPORTER ?? 'otlp').split(',').includes('none');
+  const base = environment.OTEL_EXPORTER_OTLP_ENDPOINT;
+  const endpoint =
+    environment.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ||
+    (base ? `${base.replace(/\/+$/, '')}/v1/traces` : undefined);
+  if (endpoint !== undefined && !/^https?:\/\//.test(endpoint)) {
+    throw invalidRequest(`the OTLP traces endpoint must be an http(s) URL, got "${endpoint}"`);
+  }
+  const headers: Record<string, string> = {};
+  for (const pair of (environment.OTEL_EXPORTER_OTLP_TRACES_HEADERS ?? environment.OTEL_EXPORTER_OTLP_HEADERS ?? '')
+    .split(',')
+    .filter((entry) => entry.includes('='))) {
+    const index = pair.indexOf('=');
+    headers[decodeURIComponent(pair.slice(0, index).trim())] = decodeURIComponent(pair.slice(index + 1).trim());
+  }
+  const delay = Number(environment.OTEL_BSP_SCHEDULE_DELAY ?? 5000);
+  const slow = Number(environment.BERTH_TRACE_SLOW_APPEND_MS ?? 100);
+  return {
+    tracesEndpoint: disabled ? undefined : endpoint,
+    headers,
+    serviceName: environment.OTEL_SERVICE_NAME || 'berth',
+    exportDelayMs: Number.isFinite(delay) && delay >= 0 ? delay : 5000,
+    slowAppendMs: Number.isFinite(slow) && slow >= 0 ? slow : 100,
+  };
 }
 
 /** Raw inputs: CLI flags (already parsed) and the process environment. */
@@ -104,6 +154,8 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
       .map((name) => name.trim())
       .filter(Boolean),
     maxBodyBytes: number('BERTH_MAX_BODY_BYTES', 1024 * 1024),
+    telemetry: telemetryConfig(environment),
+    metrics: environment.BERTH_METRICS !== 'off',
     limits: {
       tenant: {
         liveSessions: number('BERTH_TENANT_LIVE_SESSIONS', 200),

@@ -1,4 +1,5 @@
 import { setMaxListeners } from 'node:events';
+import type { Context } from '@opentelemetry/api';
 import { isBerthError } from '../errors.js';
 import type { Harness } from '../harness/harness.js';
 import { type SessionKey, type StoredEvent, sessionKeyString } from '../store/event-store.js';
@@ -18,6 +19,8 @@ export interface SessionOwnerKey extends SessionKey {
 
 interface Actor {
   session: SessionOwnerKey;
+  /** Trace context of the newest request that asked for a wake (W3C), if any. */
+  trace?: Context;
   /** The wake in progress. */
   running: Promise<void>;
   /** Another wake was asked for while this one ran: run again when it ends. */
@@ -56,15 +59,17 @@ export class Supervisor {
   notify(
     session: SessionOwnerKey,
     committed?: { session: SessionRecord; events: readonly StoredEvent[] },
+    options: { trace?: Context } = {},
   ): void {
     if (this.#shutdown.signal.aborted) return;
     if (committed) this.#harness.observe(committed.session, committed.events);
     const actor = this.#actors.get(sessionKeyString(session));
     if (actor) {
       actor.again = true;
+      actor.trace = options.trace ?? actor.trace;
       return;
     }
-    this.#start(session, 0);
+    this.#start(session, 0, options.trace);
   }
 
   /** Sessions with a wake in flight on this node: the tenant's, or one user's in it. */
@@ -108,9 +113,9 @@ export class Supervisor {
     await Promise.all([...this.#actors.values()].map((actor) => actor.running.catch(() => undefined)));
   }
 
-  #start(session: SessionOwnerKey, failures: number): void {
+  #start(session: SessionOwnerKey, failures: number, trace?: Context): void {
     const owner = { tenantId: session.tenantId, id: session.id, ownerId: session.ownerId };
-    const actor: Actor = { session: owner, running: Promise.resolve(), again: false, failures };
+    const actor: Actor = { session: owner, trace, running: Promise.resolve(), again: false, failures };
     this.#actors.set(sessionKeyString(owner), actor);
     this.#count(owner, 1);
     actor.running = this.#run(actor);
@@ -131,7 +136,9 @@ export class Supervisor {
     try {
       do {
         actor.again = false;
-        await this.#harness.wake(session, { shutdown: this.#shutdown.signal });
+        const trace = actor.trace;
+        actor.trace = undefined;
+        await this.#harness.wake(session, { shutdown: this.#shutdown.signal, trace });
       } while (actor.again && !this.#shutdown.signal.aborted);
     } catch (error) {
       if (isBerthError(error, 'stale_writer')) {

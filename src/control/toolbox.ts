@@ -107,11 +107,19 @@ export class Toolboxes {
   readonly #sandboxes: SandboxManager;
   readonly #projectRoot: string;
   readonly #mcpTimeoutMs: number | undefined;
+  readonly #traceHeaders: (() => Record<string, string>) | undefined;
 
-  constructor(options: { sandboxes: SandboxManager; projectRoot: string; mcpTimeoutMs?: number }) {
+  constructor(options: {
+    sandboxes: SandboxManager;
+    projectRoot: string;
+    mcpTimeoutMs?: number;
+    /** The current trace context as W3C headers, passed on to MCP servers (tracing on). */
+    traceHeaders?: () => Record<string, string>;
+  }) {
     this.#sandboxes = options.sandboxes;
     this.#projectRoot = options.projectRoot;
     this.#mcpTimeoutMs = options.mcpTimeoutMs;
+    this.#traceHeaders = options.traceHeaders;
   }
 
   /** The session's toolbox (made once per session and process). */
@@ -142,6 +150,7 @@ export class Toolboxes {
         : createMcpSession({
             servers,
             requestTimeoutMs: this.#mcpTimeoutMs,
+            traceHeaders: this.#traceHeaders,
             spawnInSandbox: async (argv, env) => {
               const handle = await access.get();
               const driver = driverOf();

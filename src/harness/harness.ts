@@ -3,6 +3,7 @@ import type {
   LanguageModelV3StreamPart,
   LanguageModelV3Usage,
 } from '@ai-sdk/provider';
+import type { Context } from '@opentelemetry/api';
 import { BerthError, isBerthError } from '../errors.js';
 import { newId } from '../ids.js';
 import type { ModelRegistry } from '../models/model-registry.js';
@@ -43,7 +44,7 @@ export interface ToolOutcome {
 export interface SessionToolbox {
   /** The tools on offer (MCP tool lists are fetched once per session, on first call). */
   listTools(): Promise<readonly HarnessTool[]>;
-  execute(name: string, input: unknown, options: { signal: AbortSignal }): Promise<ToolOutcome>;
+  execute(name: string, input: unknown, options: { signal: AbortSignal; toolUseId?: string }): Promise<ToolOutcome>;
   /** MCP servers whose tools are missing, and why (reported once per session as `session.error`). */
   failures?(): { serverName: string; message: string }[];
 }
@@ -55,6 +56,8 @@ export interface WakeControl {
    * in the log (the next wake, here or elsewhere, finishes it).
    */
   shutdown: AbortSignal;
+  /** Trace context of the request that asked for this wake (W3C `traceparent`), if any. */
+  trace?: Context;
 }
 
 export interface HarnessDependencies {
@@ -336,7 +339,7 @@ export function createHarness(dependencies: HarnessDependencies) {
       const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
       if (!tool) return { content: `Unknown tool "${name}".`, isError: true };
       if (!startedHere && !tool.readOnly) return { content: RESTART_NOTICE, isError: true };
-      return await toolbox.execute(name, toolUse.event.input, { signal });
+      return await toolbox.execute(name, toolUse.event.input, { signal, toolUseId: toolUse.event.id });
     } catch (error) {
       // A sandbox that died is a tool error, never a dead session.
       const message = error instanceof Error ? error.message : String(error);

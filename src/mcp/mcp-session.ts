@@ -46,6 +46,11 @@ export interface McpSessionOptions {
   spawnInSandbox: (argv: readonly string[], env?: Record<string, string>) => Promise<SandboxProcess>;
   /** Deadline for connecting to a server, for listing its tools and for each tool call (default 60 s). */
   requestTimeoutMs?: number;
+  /**
+   * The caller's trace context as W3C headers (`traceparent`, `tracestate`), read per request:
+   * sent as HTTP headers to remote servers and in every tool call's `_meta`.
+   */
+  traceHeaders?: () => Record<string, string>;
 }
 
 /** The MCP servers of one session; see the file comment. */
@@ -161,6 +166,15 @@ function renderResult(result: Record<string, unknown>): string {
   return text;
 }
 
+/** A fetch that adds the current trace headers to each request to a remote MCP server. */
+function tracingFetch(traceHeaders: () => Record<string, string>): typeof fetch {
+  return (input, init) => {
+    const headers = new Headers(init?.headers);
+    for (const [name, value] of Object.entries(traceHeaders())) headers.set(name, value);
+    return fetch(input, { ...init, headers });
+  };
+}
+
 /** Creates the MCP clients of one session; nothing connects until `listTools` or `callTool`. */
 export function createMcpSession(options: McpSessionOptions): McpSession {
   const timeoutMs = options.requestTimeoutMs ?? DEFAULT_MCP_REQUEST_TIMEOUT_MS;
@@ -197,7 +211,10 @@ export function createMcpSession(options: McpSessionOptions): McpSession {
     const { spec } = state;
     const transport =
       spec.type === 'url'
-        ? new StreamableHTTPClientTransport(new URL(spec.url), { requestInit: { headers: spec.headers } })
+        ? new StreamableHTTPClientTransport(new URL(spec.url), {
+            requestInit: { headers: spec.headers },
+            fetch: options.traceHeaders ? tracingFetch(options.traceHeaders) : undefined,
+          })
         : new SandboxStdioTransport({
             startProcess: () => options.spawnInSandbox([spec.command, ...(spec.args ?? [])], spec.env),
           });
@@ -316,7 +333,11 @@ export function createMcpSession(options: McpSessionOptions): McpSession {
         connection = await within(connect(state), timeoutMs, signal);
         const result = await within(
           connection.client.callTool(
-            { name: toolName, arguments: (input ?? {}) as Record<string, unknown> },
+            {
+              name: toolName,
+              arguments: (input ?? {}) as Record<string, unknown>,
+              ...(options.traceHeaders ? { _meta: options.traceHeaders() } : {}),
+            },
             undefined,
             { signal, timeout: timeoutMs },
           ),

@@ -13,9 +13,11 @@ export async function sendAndWaitIdle(
   client: Anthropic,
   sessionId: string,
   events: ClientEvents,
+  /** Request options for the send (extra headers such as `traceparent`). */
+  sendOptions?: { headers?: Record<string, string> },
 ): Promise<StreamEvent[]> {
   const stream = await client.beta.sessions.events.stream(sessionId);
-  await client.beta.sessions.events.send(sessionId, { events });
+  await client.beta.sessions.events.send(sessionId, { events }, sendOptions);
   const seen: StreamEvent[] = [];
   for await (const event of stream) {
     seen.push(event as unknown as StreamEvent);

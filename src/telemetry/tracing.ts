@@ -1,0 +1,336 @@
+import type { LanguageModelV3, LanguageModelV3StreamPart } from '@ai-sdk/provider';
+import {
+  type Attributes,
+  type Context,
+  context,
+  propagation,
+  ROOT_CONTEXT,
+  type Span,
+  SpanKind,
+  SpanStatusCode,
+  type Tracer,
+  trace,
+} from '@opentelemetry/api';
+import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-hooks';
+import { W3CTraceContextPropagator } from '@opentelemetry/core';
+import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http';
+import { resourceFromAttributes } from '@opentelemetry/resources';
+import { BasicTracerProvider, BatchSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import type { TelemetryConfig } from '../config/config.js';
+import type { Harness, SessionToolbox, WakeControl } from '../harness/harness.js';
+import type { ModelRegistry } from '../models/model-registry.js';
+import type { SandboxDriver } from '../sandbox/driver.js';
+import type { EventStore } from '../store/event-store.js';
+import type { SessionRecord } from '../store/resource-store.js';
+
+/**
+ * Tracing, as interceptors around the ports (model registry, toolbox, sandbox driver, event
+ * store, harness), never calls sprinkled through the loop. Off (no OTLP endpoint configured)
+ * means a no-op tracer and no wrappers at all: it costs nothing. Span names and attributes
+ * follow the OpenTelemetry GenAI semantic conventions (`invoke_agent`, `chat`, `execute_tool`).
+ * Attributes carry ids, names, sizes and token counts, never message text, tool input or output,
+ * nor any credential.
+ */
+export interface Telemetry {
+  readonly enabled: boolean;
+  readonly tracer: Tracer;
+  /** Exports what is buffered (tests; shutdown). */
+  forceFlush(): Promise<void>;
+  shutdown(): Promise<void>;
+}
+
+const propagator = new W3CTraceContextPropagator();
+let contextManagerInstalled = false;
+
+/** Starts tracing when an OTLP endpoint is configured; otherwise returns the no-op telemetry. */
+export function createTelemetry(config: TelemetryConfig): Telemetry {
+  if (!config.tracesEndpoint) {
+    return {
+      enabled: false,
+      tracer: trace.getTracer('berth'),
+      forceFlush: async () => undefined,
+      shutdown: async () => undefined,
+    };
+  }
+  if (!contextManagerInstalled) {
+    // Parent spans follow async work (a tool span inside its turn span) through AsyncLocalStorage.
+    context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
+    propagation.setGlobalPropagator(propagator);
+    contextManagerInstalled = true;
+  }
+  const provider = new BasicTracerProvider({
+    resource: resourceFromAttributes({ 'service.name': config.serviceName }),
+    spanProcessors: [
+      new BatchSpanProcessor(new OTLPTraceExporter({ url: config.tracesEndpoint, headers: config.headers }), {
+        scheduledDelayMillis: config.exportDelayMs,
+      }),
+    ],
+  });
+  return {
+    enabled: true,
+    tracer: provider.getTracer('berth'),
+    forceFlush: () => provider.forceFlush(),
+    shutdown: () => provider.shutdown(),
+  };
+}
+
+/** The W3C trace context (`traceparent`, `tracestate`) a client sent, if any. */
+export function extractTraceContext(headers: (name: string) => string | undefined): Context | undefined {
+  if (!headers('traceparent')) return undefined;
+  const extracted = propagator.extract(
+    ROOT_CONTEXT,
+    { traceparent: headers('traceparent'), tracestate: headers('tracestate') },
+    {
+      get: (carrier, key) => (carrier as Record<string, string | undefined>)[key],
+      keys: (carrier) => Object.keys(carrier),
+    },
+  );
+  return trace.getSpanContext(extracted) ? extracted : undefined;
+}
+
+/** The current trace context as W3C headers, for calls that leave Berth (MCP servers). */
+export function currentTraceHeaders(): Record<string, string> {
+  const headers: Record<string, string> = {};
+  propagator.inject(context.active(), headers, {
+    set: (carrier, key, value) => {
+      (carrier as Record<string, string>)[key] = value;
+    },
+  });
+  return headers;
+}
+
+/** Runs `work` in a span that ends with it, recording a thrown error. */
+async function inSpan<T>(
+  tracer: Tracer,
+  name: string,
+  options: { kind?: SpanKind; attributes?: Attributes; parent?: Context },
+  work: (span: Span) => Promise<T>,
+): Promise<T> {
+  const parent = options.parent ?? context.active();
+  const span = tracer.startSpan(
+    name,
+    { kind: options.kind ?? SpanKind.INTERNAL, attributes: options.attributes },
+    parent,
+  );
+  try {
+    return await context.with(trace.setSpan(parent, span), () => work(span));
+  } catch (error) {
+    span.recordException(error as Error);
+    span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+    throw error;
+  } finally {
+    span.end();
+  }
+}
+
+/** Each wake is a turn span (`invoke_agent`), under the client's trace context when it sent one. */
+export function tracedHarness(harness: Harness, tracer: Tracer): Harness {
+  return {
+    ...harness,
+    wake: (session: Parameters<Harness['wake']>[0], control: WakeControl) =>
+      inSpan(
+        tracer,
+        'invoke_agent',
+        {
+          parent: control.trace,
+          attributes: {
+            'gen_ai.operation.name': 'invoke_agent',
+            'gen_ai.conversation.id': session.id,
+            'berth.session.id': session.id,
+            'berth.tenant.id': session.tenantId,
+          },
+        },
+        () => harness.wake(session, control),
+      ),
+  };
+}
+
+/** Model calls as `chat <model>` client spans with GenAI request, usage and finish attributes. */
+export function tracedModels(models: ModelRegistry, tracer: Tracer): ModelRegistry {
+  return {
+    resolve(modelId) {
+      const model = models.resolve(modelId);
+      const traced: LanguageModelV3 = {
+        ...model,
+        specificationVersion: model.specificationVersion,
+        provider: model.provider,
+        modelId: model.modelId,
+        supportedUrls: model.supportedUrls,
+        doGenerate: (options) => model.doGenerate(options),
+        async doStream(options) {
+          const span = tracer.startSpan(
+            `chat ${modelId}`,
+            {
+              kind: SpanKind.CLIENT,
+              attributes: {
+                'gen_ai.operation.name': 'chat',
+                'gen_ai.provider.name': modelId.split('/')[0] ?? model.provider,
+                'gen_ai.request.model': modelId,
+                ...(options.maxOutputTokens === undefined
+                  ? {}
+                  : { 'gen_ai.request.max_tokens': options.maxOutputTokens }),
+              },
+            },
+            context.active(),
+          );
+          let result: Awaited<ReturnType<LanguageModelV3['doStream']>>;
+          try {
+            result = await model.doStream(options);
+          } catch (error) {
+            span.recordException(error as Error);
+            span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
+            span.end();
+            throw error;
+          }
+          let ended = false;
+          const end = (error?: unknown) => {
+            if (ended) return;
+            ended = true;
+            if (error !== undefined) span.setStatus({ code: SpanStatusCode.ERROR, message: String(error) });
+            span.end();
+          };
+          const observe = (part: LanguageModelV3StreamPart) => {
+            if (part.type === 'response-metadata' && part.modelId) {
+              span.setAttribute('gen_ai.response.model', part.modelId);
+            }
+            if (part.type === 'finish') {
+              span.setAttributes({
+                'gen_ai.response.finish_reasons': [part.finishReason.unified],
+                'gen_ai.usage.input_tokens': part.usage.inputTokens.total ?? 0,
+                'gen_ai.usage.output_tokens': part.usage.outputTokens.total ?? 0,
+              });
+            }
+            if (part.type === 'error') end(part.error);
+          };
+          // A plain pull-through stream, so an interrupt (the consumer cancelling) ends the span too.
+          const reader = result.stream.getReader();
+          const stream = new ReadableStream<LanguageModelV3StreamPart>({
+            async pull(controller) {
+              try {
+                const { done, value } = await reader.read();
+                if (done) {
+                  end();
+                  controller.close();
+                  return;
+                }
+                observe(value);
+                controller.enqueue(value);
+              } catch (error) {
+                end(error);
+                controller.error(error);
+              }
+            },
+            cancel(reason) {
+              end(reason ?? 'cancelled');
+              return reader.cancel(reason);
+            },
+          });
+          return { ...result, stream };
+        },
+      };
+      return traced;
+    },
+  };
+}
+
+/** Tool calls as `execute_tool <name>` spans. */
+export function tracedToolbox(
+  toolbox: SessionToolbox,
+  tracer: Tracer,
+  session: SessionRecord,
+): SessionToolbox {
+  return {
+    ...toolbox,
+    listTools: () => toolbox.listTools(),
+    failures: toolbox.failures ? () => toolbox.failures!() : undefined,
+    async execute(name, input, options) {
+      const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
+      return inSpan(
+        tracer,
+        `execute_tool ${name}`,
+        {
+          attributes: {
+            'gen_ai.operation.name': 'execute_tool',
+            'gen_ai.tool.name': name,
+            'gen_ai.tool.type': tool?.kind === 'custom' ? 'extension' : 'function',
+            ...(options.toolUseId ? { 'gen_ai.tool.call.id': options.toolUseId } : {}),
+            ...(tool?.mcp ? { 'berth.mcp.server': tool.mcp.serverName } : {}),
+            'berth.session.id': session.id,
+          },
+        },
+        async (span) => {
+          const outcome = await toolbox.execute(name, input, options);
+          if (outcome.isError)
+            span.setStatus({ code: SpanStatusCode.ERROR, message: 'the tool reported an error' });
+          span.setAttribute('berth.tool.output_bytes', Buffer.byteLength(outcome.content));
+          return outcome;
+        },
+      );
+    },
+  };
+}
+
+/** Sandbox provisioning and every exec as spans (driver name, exit code, duration). */
+export function tracedDriver(driver: SandboxDriver, tracer: Tracer): SandboxDriver {
+  const provision: SandboxDriver['provision'] = (spec) =>
+    inSpan(
+      tracer,
+      'sandbox.provision',
+      { attributes: { 'berth.sandbox.driver': driver.name, 'berth.session.id': spec.sessionId } },
+      () => driver.provision(spec),
+    );
+  const exec: SandboxDriver['exec'] = (handle, argv, options) =>
+    inSpan(
+      tracer,
+      'sandbox.exec',
+      { attributes: { 'berth.sandbox.driver': driver.name, 'process.executable.name': argv[0] ?? '' } },
+      async (span) => {
+        const result = await driver.exec(handle, argv, options);
+        span.setAttribute('process.exit.code', result.exitCode ?? -1);
+        return result;
+      },
+    );
+  return new Proxy(driver, {
+    get(target, property) {
+      if (property === 'provision') return provision;
+      if (property === 'exec') return exec;
+      const value = Reflect.get(target, property, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+}
+
+/** Appends slower than `thresholdMs` as `store.append` spans (fast ones cost nothing). */
+export function tracedEventStore(events: EventStore, tracer: Tracer, thresholdMs: number): EventStore {
+  const append: EventStore['append'] = async (session, batch, options) => {
+    const started = Date.now();
+    const parent = context.active();
+    try {
+      return await events.append(session, batch, options);
+    } finally {
+      const elapsed = Date.now() - started;
+      if (elapsed >= thresholdMs) {
+        const span = tracer.startSpan(
+          'store.append',
+          {
+            startTime: started,
+            attributes: {
+              'berth.session.id': session.id,
+              'berth.events': batch.length,
+              'berth.duration_ms': elapsed,
+            },
+          },
+          parent,
+        );
+        span.end(started + elapsed);
+      }
+    }
+  };
+  return new Proxy(events, {
+    get(target, property) {
+      if (property === 'append') return append;
+      const value = Reflect.get(target, property, target);
+      return typeof value === 'function' ? value.bind(target) : value;
+    },
+  });
+}
