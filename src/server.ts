@@ -11,6 +11,13 @@ import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
 import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
 import { Limits } from './identity/limits.js';
+import type { ModelRegistry } from './models/model-registry.js';
+import { createModelRegistry } from './models/provider-registry.js';
+import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
+import type { SandboxDriver } from './sandbox/driver.js';
+import { openStore } from './store/open-store.js';
+import type { SessionRecord, Store } from './store/resource-store.js';
+import { Metrics } from './telemetry/metrics.js';
 import {
   createTelemetry,
   currentTraceHeaders,
@@ -21,12 +28,6 @@ import {
   tracedModels,
   tracedToolbox,
 } from './telemetry/tracing.js';
-import type { ModelRegistry } from './models/model-registry.js';
-import { createModelRegistry } from './models/provider-registry.js';
-import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
-import type { SandboxDriver } from './sandbox/driver.js';
-import { openStore } from './store/open-store.js';
-import type { Store } from './store/resource-store.js';
 
 /** A running Berth: its URL, its parts (for tests and the CLI), and a clean stop. */
 export interface RunningBerth {
@@ -66,10 +67,10 @@ export async function startBerth(
 ): Promise<RunningBerth> {
   const logger = options.logger ?? jsonLogger;
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
-  const store = await openStore(config.store);
-  if (!store.rowLevelSecurity.enforced && store.kind === 'postgres') {
+  const rawStore = await openStore(config.store);
+  if (!rawStore.rowLevelSecurity.enforced && rawStore.kind === 'postgres') {
     logger.warn('PostgreSQL row-level security is not a second wall for this connection', {
-      reason: store.rowLevelSecurity.reason,
+      reason: rawStore.rowLevelSecurity.reason,
     });
   }
 
@@ -98,12 +99,38 @@ export async function startBerth(
   // when off, nothing is wrapped.
   const telemetry = createTelemetry(config.telemetry);
   const tracer = telemetry.tracer;
+  // Metrics read sandbox counts from the manager, made just below.
+  let sandboxes: SandboxManager | undefined;
+  const metrics = config.metrics
+    ? new Metrics({
+        sessionsByStatus: () => rawStore.resources.countSessionsByStatus(),
+        sandboxesByDriver: () => sandboxes?.countByDriver() ?? {},
+      })
+    : undefined;
+  // Every layer sees the same instrumented store: appends are counted (and traced when slow).
+  let events = rawStore.events;
+  if (telemetry.enabled) events = tracedEventStore(events, tracer, config.telemetry.slowAppendMs);
+  if (metrics) events = metrics.eventStore(events);
+  const store: Store =
+    events === rawStore.events
+      ? rawStore
+      : {
+          kind: rawStore.kind,
+          rowLevelSecurity: rawStore.rowLevelSecurity,
+          resources: rawStore.resources,
+          events,
+          close: () => rawStore.close(),
+        };
+  const instrumentDriver = (driver: SandboxDriver) => {
+    let instrumented = driver;
+    if (telemetry.enabled) instrumented = tracedDriver(instrumented, tracer);
+    if (metrics) instrumented = metrics.driver(instrumented);
+    return instrumented;
+  };
   const models = options.models ?? createModelRegistry({ environment: config.modelEnvironment });
   const deltas = new DeltaBus();
-  const sandboxes = new SandboxManager({
-    drivers: telemetry.enabled
-      ? new Map([...drivers].map(([name, driver]) => [name, tracedDriver(driver, tracer)]))
-      : drivers,
+  sandboxes = new SandboxManager({
+    drivers: new Map([...drivers].map(([name, driver]) => [name, instrumentDriver(driver)])),
     store,
     dataDir: config.dataDir,
   });
@@ -112,26 +139,22 @@ export async function startBerth(
     projectRoot: resolve(import.meta.dirname, '..'),
     traceHeaders: telemetry.enabled ? currentTraceHeaders : undefined,
   });
-  const harnessStore: Store = telemetry.enabled
-    ? {
-        kind: store.kind,
-        rowLevelSecurity: store.rowLevelSecurity,
-        resources: store.resources,
-        events: tracedEventStore(store.events, tracer, config.telemetry.slowAppendMs),
-        close: () => store.close(),
-      }
-    : store;
-  const untracedHarness = createHarness({
-    store: harnessStore,
+  const toolboxFor = (session: SessionRecord) => {
+    let toolbox = toolboxes.for(session);
+    if (telemetry.enabled) toolbox = tracedToolbox(toolbox, tracer, session);
+    if (metrics) toolbox = metrics.toolbox(toolbox);
+    return toolbox;
+  };
+  let harness = createHarness({
+    store,
     models: telemetry.enabled ? tracedModels(models, tracer) : models,
     deltas,
-    toolboxFor: telemetry.enabled
-      ? (session) => tracedToolbox(toolboxes.for(session), tracer, session)
-      : (session) => toolboxes.for(session),
+    toolboxFor,
     maxModelRetries: config.maxModelRetries,
     retryBaseDelayMs: config.retryBaseDelayMs,
   });
-  const harness = telemetry.enabled ? tracedHarness(untracedHarness, tracer) : untracedHarness;
+  if (telemetry.enabled) harness = tracedHarness(harness, tracer);
+  if (metrics) harness = metrics.harness(harness);
   const supervisor = new Supervisor({ harness, store, logger });
   const limits = new Limits({
     defaults: config.limits,
@@ -155,6 +178,7 @@ export async function startBerth(
     sandboxDrivers: [...drivers.keys()],
     unavailableDrivers,
     maxBodyBytes: config.maxBodyBytes,
+    metrics,
   });
   const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
   await new Promise<void>((resolve, reject) => {

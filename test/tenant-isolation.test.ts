@@ -129,6 +129,11 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       controller.abort();
       return { status: response.status, contentType, body: undefined } satisfies Answer;
     }
+    if (contentType.startsWith('text/plain')) {
+      // Prometheus metrics: aggregates only; scanned as text for ids like any body.
+      const text = await response.text();
+      return { status: response.status, contentType, body: { text } as JsonObject };
+    }
     return { status: response.status, contentType, body: (await response.json()) as JsonObject };
   };
 
@@ -152,6 +157,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
 
   const routeRules: Record<string, RouteRule> = {
     'GET /health': { type: 'caller' },
+    'GET /metrics': { type: 'caller' },
     'GET /v1/me': { type: 'caller' },
 
     'GET /v1/users': { type: 'listing', lists: 'user', adminOnly: true },
@@ -627,7 +633,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
           }
         }
         for (const body of bodies.length > 0 ? bodies : [undefined]) {
-          const answer = await request(path === '/health' ? undefined : caller.key, method, path, body);
+          const answer = await request(
+            path === '/health' || path === '/metrics' ? undefined : caller.key,
+            method,
+            path,
+            body,
+          );
           if (
             (rule.type === 'create' || rule.type === 'listing') &&
             rule.adminOnly &&

@@ -33,6 +33,15 @@ export function createApp(dependencies: ApiDependencies) {
   );
 
   app.get('/health', (context) => context.json({ status: 'ok' }));
+  // Aggregates only (no ids, no tenant names): served without a key, like /health, for
+  // Prometheus on the operator's network. BERTH_METRICS=off removes it.
+  const { metrics } = dependencies;
+  if (metrics) {
+    app.get('/metrics', async (context) => {
+      const { body, contentType } = await metrics.render();
+      return context.body(body, 200, { 'content-type': contentType });
+    });
+  }
 
   app.use(
     '/v1/*',

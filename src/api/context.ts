@@ -7,6 +7,7 @@ import type { Authenticator, Principal } from '../identity/api-keys.js';
 import type { Limits } from '../identity/limits.js';
 import type { SessionKey } from '../store/event-store.js';
 import type { ResourceRecord, ResourceStore, SessionRecord, Store } from '../store/resource-store.js';
+import type { Metrics } from '../telemetry/metrics.js';
 import { describeZodError } from './errors.js';
 
 /** What the routes need; built once by `createApp`. */
@@ -26,6 +27,8 @@ export interface ApiDependencies {
   unavailableDrivers?: Readonly<Record<string, string>>;
   /** Largest accepted request body in bytes (default 1 MiB). */
   maxBodyBytes?: number;
+  /** Prometheus metrics served at `/metrics` (absent when turned off). */
+  metrics?: Metrics;
   /** Interval of SSE keep-alive pings (default 15 s). */
   streamPingMs?: number;
 }

@@ -3,9 +3,9 @@ import { type SSEStreamingApi, streamSSE } from 'hono/streaming';
 import { invalidRequest } from '../errors.js';
 import type { DeltaEvent } from '../harness/delta-bus.js';
 import { pendingClientActions } from '../harness/turn-state.js';
-import { extractTraceContext } from '../telemetry/tracing.js';
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
+import { extractTraceContext } from '../telemetry/tracing.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,

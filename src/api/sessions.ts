@@ -1,10 +1,10 @@
 import { Hono } from 'hono';
 import { conflict, invalidRequest, notFound } from '../errors.js';
 import { sessionOwnerFilter } from '../identity/access.js';
-import { extractTraceContext } from '../telemetry/tracing.js';
 import { newId } from '../ids.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
+import { extractTraceContext } from '../telemetry/tracing.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,

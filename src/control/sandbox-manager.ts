@@ -107,6 +107,13 @@ export class SandboxManager {
     await rm(join(this.#dataDir, 'sessions', session.id), { recursive: true, force: true });
   }
 
+  /** Live sandboxes per driver name. */
+  countByDriver(): Record<string, number> {
+    const counts: Record<string, number> = {};
+    for (const entry of this.#entries.values()) counts[entry.driver.name] = (counts[entry.driver.name] ?? 0) + 1;
+    return counts;
+  }
+
   /** Number of live sandboxes. */
   get size(): number {
     return this.#entries.size;

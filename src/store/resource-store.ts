@@ -144,6 +144,8 @@ export interface ResourceStore {
    * SECURITY DEFINER function, see `postgres/schema.ts`).
    */
   findSessionsByStatus(statuses: readonly SessionStatus[]): Promise<SessionRecord[]>;
+  /** How many sessions are in each status, across tenants (aggregate counts for metrics). */
+  countSessionsByStatus(): Promise<Partial<Record<SessionStatus, number>>>;
 
   /** Inserts a tenant; `conflict` when its id or name is taken. */
   createTenant(record: TenantRecord): Promise<void>;

@@ -765,6 +765,15 @@ class PostgresResourceStore implements ResourceStore {
     return result.rows.map(sessionOf);
   }
 
+  async countSessionsByStatus(): Promise<Partial<Record<SessionStatus, number>>> {
+    const result = await callFunction<{ status: SessionStatus; count: string }>(
+      this.#pool,
+      `SELECT * FROM ${this.#s}.session_status_counts()`,
+      [],
+    );
+    return Object.fromEntries(result.rows.map((row) => [row.status, Number(row.count)]));
+  }
+
   async createTenant(record: TenantRecord): Promise<void> {
     await this.#query(
       record.id,

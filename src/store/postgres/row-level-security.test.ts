@@ -657,14 +657,15 @@ describe('PostgreSQL row-level security', () => {
       expect(JSON.stringify(result.rows)).not.toContain('hello');
     });
 
-    it('the cross-tenant functions run as their owner with a fixed search path, and only granted roles may call them', async () => {
+    it('the cross-tenant functions (counts and lookups only) run as their owner with a fixed search path, and only granted roles may call them', async () => {
       const signatures = [
         `${s}.find_api_key(text)`,
         `${s}.count_api_keys()`,
         `${s}.sessions_in_status(text[])`,
         `${s}.list_tenants()`,
+        `${s}.session_status_counts()`,
       ];
-      // These four are the only functions that run with the owner's rights.
+      // These five are the only functions that run with the owner's rights.
       const definers = await app.query<{ name: string }>(
         `SELECT p.proname AS name FROM pg_catalog.pg_proc p
          JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
@@ -675,6 +676,7 @@ describe('PostgreSQL row-level security', () => {
         'count_api_keys',
         'find_api_key',
         'list_tenants',
+        'session_status_counts',
         'sessions_in_status',
       ]);
       const stranger = `berth_rls_stranger_${randomBytes(6).toString('hex')}`;

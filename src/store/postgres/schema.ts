@@ -270,6 +270,15 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
     END
     $f$;
   `,
+  // 5: aggregate session counts for /metrics: a cross-tenant read of counts only.
+  (s) => `
+  CREATE FUNCTION ${s}.session_status_counts()
+    RETURNS TABLE (status text, count bigint)
+    LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
+      SELECT h.status, count(*) FROM ${s}.session_heads h GROUP BY h.status
+    $f$;
+  REVOKE ALL ON FUNCTION ${s}.session_status_counts() FROM PUBLIC;
+  `,
 ];
 
 /**

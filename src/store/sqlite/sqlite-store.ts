@@ -780,6 +780,13 @@ class SqliteResourceStore implements ResourceStore {
     return rows.map(sessionOf);
   }
 
+  async countSessionsByStatus(): Promise<Partial<Record<SessionStatus, number>>> {
+    const rows = this.#statements
+      .get('SELECT status, count(*) AS count FROM session_heads GROUP BY status')
+      .all() as { status: SessionStatus; count: number }[];
+    return Object.fromEntries(rows.map((row) => [row.status, row.count]));
+  }
+
   async createTenant(record: TenantRecord): Promise<void> {
     try {
       this.#statements

@@ -1,0 +1,172 @@
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Harness, SessionToolbox } from '../harness/harness.js';
+import type { SandboxDriver } from '../sandbox/driver.js';
+import type { EventStore, SessionStatus } from '../store/event-store.js';
+
+/** What the `/metrics` gauges read when scraped. */
+export interface MetricsSources {
+  /** Sessions per status, across tenants (aggregate counts only). */
+  sessionsByStatus(): Promise<Partial<Record<SessionStatus, number>>>;
+  /** Live sandboxes per driver on this node. */
+  sandboxesByDriver(): Record<string, number>;
+}
+
+const STATUSES: readonly SessionStatus[] = ['idle', 'running', 'rescheduling', 'terminated'];
+
+/**
+ * Prometheus metrics for one Berth process, served at `/metrics`: counters and histograms fed
+ * by interceptors around the ports (like tracing, never calls inside the loop), gauges read
+ * from the store and the sandbox manager at scrape time. Aggregates only: no tenant, session
+ * or user ids in any label.
+ */
+export class Metrics {
+  readonly registry = new Registry();
+  readonly #turnSeconds: Histogram<'outcome'>;
+  readonly #toolSeconds: Histogram<'kind' | 'outcome'>;
+  readonly #coldStarts: Counter<'driver'>;
+  readonly #coldStartSeconds: Histogram<'driver'>;
+  readonly #appendedEvents: Counter;
+  readonly #appends: Counter;
+
+  constructor(sources: MetricsSources) {
+    const registry = this.registry;
+    this.#turnSeconds = new Histogram({
+      name: 'berth_turn_duration_seconds',
+      help: 'Duration of harness wakes (a turn, or the part of one a process ran).',
+      labelNames: ['outcome'],
+      buckets: [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300],
+      registers: [registry],
+    });
+    this.#toolSeconds = new Histogram({
+      name: 'berth_tool_duration_seconds',
+      help: 'Duration of tool calls by kind (builtin runs in the sandbox, mcp on an MCP server).',
+      labelNames: ['kind', 'outcome'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60],
+      registers: [registry],
+    });
+    this.#coldStarts = new Counter({
+      name: 'berth_sandbox_cold_starts_total',
+      help: 'Sandboxes provisioned (cold starts), by driver.',
+      labelNames: ['driver'],
+      registers: [registry],
+    });
+    this.#coldStartSeconds = new Histogram({
+      name: 'berth_sandbox_cold_start_seconds',
+      help: 'Time to provision a sandbox, by driver.',
+      labelNames: ['driver'],
+      buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30],
+      registers: [registry],
+    });
+    this.#appends = new Counter({
+      name: 'berth_appends_total',
+      help: 'Committed appends to session logs (rate() of it is appends per second).',
+      registers: [registry],
+    });
+    this.#appendedEvents = new Counter({
+      name: 'berth_events_appended_total',
+      help: 'Events committed to session logs.',
+      registers: [registry],
+    });
+    new Gauge({
+      name: 'berth_sessions',
+      help: 'Sessions by status, across all tenants.',
+      labelNames: ['status'],
+      registers: [registry],
+      async collect() {
+        const counts = await sources.sessionsByStatus();
+        for (const status of STATUSES) this.set({ status }, counts[status] ?? 0);
+      },
+    });
+    new Gauge({
+      name: 'berth_live_sandboxes',
+      help: 'Live sandboxes on this node, by driver.',
+      labelNames: ['driver'],
+      registers: [registry],
+      collect() {
+        this.reset();
+        for (const [driver, count] of Object.entries(sources.sandboxesByDriver()))
+          this.set({ driver }, count);
+      },
+    });
+  }
+
+  /** The text exposition format and its content type. */
+  async render(): Promise<{ body: string; contentType: string }> {
+    return { body: await this.registry.metrics(), contentType: this.registry.contentType };
+  }
+
+  /** Times every wake. */
+  harness(harness: Harness): Harness {
+    return {
+      ...harness,
+      wake: async (session, control) => {
+        const end = this.#turnSeconds.startTimer();
+        try {
+          await harness.wake(session, control);
+          end({ outcome: 'ok' });
+        } catch (error) {
+          end({ outcome: 'error' });
+          throw error;
+        }
+      },
+    };
+  }
+
+  /** Times every tool call. */
+  toolbox(toolbox: SessionToolbox): SessionToolbox {
+    return {
+      ...toolbox,
+      listTools: () => toolbox.listTools(),
+      failures: toolbox.failures ? () => toolbox.failures!() : undefined,
+      execute: async (name, input, options) => {
+        const kind = (await toolbox.listTools()).find((tool) => tool.name === name)?.kind ?? 'unknown';
+        const end = this.#toolSeconds.startTimer({ kind });
+        try {
+          const outcome = await toolbox.execute(name, input, options);
+          end({ outcome: outcome.isError ? 'error' : 'ok' });
+          return outcome;
+        } catch (error) {
+          end({ outcome: 'error' });
+          throw error;
+        }
+      },
+    };
+  }
+
+  /** Counts and times sandbox cold starts. */
+  driver(driver: SandboxDriver): SandboxDriver {
+    const provision: SandboxDriver['provision'] = async (spec) => {
+      const end = this.#coldStartSeconds.startTimer({ driver: driver.name });
+      const handle = await driver.provision(spec);
+      end();
+      this.#coldStarts.inc({ driver: driver.name });
+      return handle;
+    };
+    return new Proxy(driver, {
+      get(target, property) {
+        if (property === 'provision') return provision;
+        const value = Reflect.get(target, property, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+  }
+
+  /** Counts committed appends and their events. */
+  eventStore(events: EventStore): EventStore {
+    const append: EventStore['append'] = async (session, batch, options) => {
+      const result = await events.append(session, batch, options);
+      if (!result.duplicate) {
+        this.#appends.inc();
+        this.#appendedEvents.inc(result.events.length);
+      }
+      return result;
+    };
+    return new Proxy(events, {
+      get(target, property) {
+        if (property === 'append') return append;
+        const value = Reflect.get(target, property, target);
+        return typeof value === 'function' ? value.bind(target) : value;
+      },
+    });
+  }
+}
