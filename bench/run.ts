@@ -14,6 +14,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { openStore } from '../src/store/open-store.js';
+import { startOtlpReceiver } from '../test/support/otlp-receiver.js';
 import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/support/postgres-database.js';
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
@@ -34,6 +35,7 @@ const { values: flags } = parseArgs({
     turns: { type: 'string', default: '300' },
     'skip-appends': { type: 'boolean', default: false },
     'skip-turns': { type: 'boolean', default: false },
+    'skip-tracing': { type: 'boolean', default: false },
   },
 });
 const stores = flags.store === undefined ? ['sqlite', 'postgres'] : [flags.store];
@@ -102,6 +104,70 @@ function turnTable(runs: readonly TurnRun[]): string {
 interface Results {
   appends: Map<string, AppendRun[]>;
   turns: Map<string, TurnRun[]>;
+  /** POST → doStream p50 per mode, tracing off and exporting (median of alternating rounds). */
+  tracing?: { mode: string; offP50: number; onP50: number }[];
+}
+
+const TARGET_TRACING_OVERHEAD = 0.05;
+
+/**
+ * Turn overhead with tracing exporting (OTLP/HTTP to an in-process receiver, 50 ms batches)
+ * against tracing off, SQLite, alternating rounds so host drift hits both alike.
+ */
+async function benchTracing(results: Results): Promise<void> {
+  const rounds = 3;
+  log(
+    `\n### Tracing overhead: SQLite POST → doStream, off vs exporting (${rounds} alternating rounds of ${turns} turns)\n`,
+  );
+  const receiver = await startOtlpReceiver();
+  const byMode = new Map<string, { off: number[]; on: number[] }>();
+  try {
+    for (let round = 0; round < rounds; round++) {
+      for (const tracing of [false, true]) {
+        const runs = await runTurnBench({
+          database: undefined,
+          turns,
+          warmup: 20,
+          environment: tracing
+            ? { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY: '50' }
+            : {},
+        });
+        for (const run of runs) {
+          const entry = byMode.get(run.mode) ?? { off: [], on: [] };
+          (tracing ? entry.on : entry.off).push(run.toModel.p50);
+          byMode.set(run.mode, entry);
+        }
+        process.stderr.write(
+          `  tracing ${tracing ? 'on ' : 'off'} round ${round + 1}: ${runs.map((run) => `${run.mode} ${ms(run.toModel.p50)} ms`).join(', ')}\n`,
+        );
+      }
+    }
+  } finally {
+    await receiver.close();
+  }
+  const median = (values: number[]) =>
+    [...values].sort((left, right) => left - right)[Math.floor(values.length / 2)]!;
+  results.tracing = [...byMode].map(([mode, { off, on }]) => ({
+    mode,
+    offP50: median(off),
+    onP50: median(on),
+  }));
+  log(
+    table(
+      ['mode', 'off p50 ms (rounds)', 'exporting p50 ms (rounds)', 'added'],
+      results.tracing.map(({ mode, offP50, onP50 }) => {
+        const entry = byMode.get(mode)!;
+        return [
+          mode,
+          `${ms(offP50)} (${entry.off.map(ms).join(', ')})`,
+          `${ms(onP50)} (${entry.on.map(ms).join(', ')})`,
+          `${(((onP50 - offP50) / offP50) * 100).toFixed(1)}%`,
+        ];
+      }),
+      'lrrr',
+    ),
+  );
+  log(`\n${receiver.spans.length} spans received by the OTLP receiver.`);
 }
 
 async function benchSqlite(results: Results): Promise<void> {
@@ -186,6 +252,15 @@ function targetTable(results: Results): string {
       ]);
     }
   }
+  for (const { mode, offP50, onP50 } of results.tracing ?? []) {
+    const added = (onP50 - offP50) / offP50;
+    rows.push([
+      `Tracing exporting: added POST → doStream p50 (${mode})`,
+      `≤ ${TARGET_TRACING_OVERHEAD * 100}%`,
+      `${(added * 100).toFixed(1)}%`,
+      added <= TARGET_TRACING_OVERHEAD ? 'met' : 'MISSED',
+    ]);
+  }
   return table(['target', 'wanted', 'measured', ''], rows, 'lrrl');
 }
 
@@ -196,6 +271,8 @@ async function main(): Promise<void> {
   const results: Results = { appends: new Map(), turns: new Map() };
   const started = performance.now();
   if (stores.includes('sqlite')) await benchSqlite(results);
+  if (stores.includes('sqlite') && !flags['skip-turns'] && !flags['skip-tracing'])
+    await benchTracing(results);
   if (stores.includes('postgres')) {
     const postgres = await startPostgres();
     await ensureTestRoles(postgres.url);

@@ -51,6 +51,8 @@ export interface TurnBenchOptions {
   database: TestDatabaseUrls | undefined;
   turns: number;
   warmup: number;
+  /** Extra environment for Berth's configuration (e.g. OTEL_* to turn tracing on). */
+  environment?: Record<string, string>;
 }
 
 const quietLogger: Logger = {
@@ -99,6 +101,7 @@ export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]
       BERTH_TENANT_EVENTS_PER_MINUTE: '0',
       BERTH_USER_SESSIONS_PER_MINUTE: '0',
       BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
+      ...options.environment,
     },
   });
   const real = createModelRegistry({ environment: config.modelEnvironment });
