@@ -14,12 +14,12 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { openStore } from '../src/store/open-store.js';
-import { startOtlpReceiver } from '../test/support/otlp-receiver.js';
 import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/support/postgres-database.js';
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
 import { describeMachine, formatMachine } from './machine.js';
 import { count, ms, table } from './stats.js';
+import { runTracingOverheadBench } from './tracing-overhead.js';
 import { runTurnBench, type TurnRun } from './turn-overhead.js';
 
 const TARGET_APPENDS_PER_SECOND = 20_000;
@@ -110,64 +110,24 @@ interface Results {
 
 const TARGET_TRACING_OVERHEAD = 0.05;
 
-/**
- * Turn overhead with tracing exporting (OTLP/HTTP to an in-process receiver, 50 ms batches)
- * against tracing off, SQLite, alternating rounds so host drift hits both alike.
- */
+/** Turn overhead with tracing exporting vs off, in two server processes (bench/tracing-overhead.ts). */
 async function benchTracing(results: Results): Promise<void> {
-  const rounds = 3;
   log(
-    `\n### Tracing overhead: SQLite POST → doStream, off vs exporting (${rounds} alternating rounds of ${turns} turns)\n`,
+    `\n### Tracing overhead: whole first turn (message sent → idle on the stream), two server processes, ${turns} paired turns\n`,
   );
-  const receiver = await startOtlpReceiver();
-  const byMode = new Map<string, { off: number[]; on: number[] }>();
-  try {
-    for (let round = 0; round < rounds; round++) {
-      for (const tracing of [false, true]) {
-        const runs = await runTurnBench({
-          database: undefined,
-          turns,
-          warmup: 20,
-          environment: tracing
-            ? { OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint, OTEL_BSP_SCHEDULE_DELAY: '50' }
-            : {},
-        });
-        for (const run of runs) {
-          const entry = byMode.get(run.mode) ?? { off: [], on: [] };
-          (tracing ? entry.on : entry.off).push(run.toModel.p50);
-          byMode.set(run.mode, entry);
-        }
-        process.stderr.write(
-          `  tracing ${tracing ? 'on ' : 'off'} round ${round + 1}: ${runs.map((run) => `${run.mode} ${ms(run.toModel.p50)} ms`).join(', ')}\n`,
-        );
-      }
-    }
-  } finally {
-    await receiver.close();
-  }
-  const median = (values: number[]) =>
-    [...values].sort((left, right) => left - right)[Math.floor(values.length / 2)]!;
-  results.tracing = [...byMode].map(([mode, { off, on }]) => ({
-    mode,
-    offP50: median(off),
-    onP50: median(on),
-  }));
+  const { off, on } = await runTracingOverheadBench({ turns, warmup: 20 });
+  results.tracing = [{ mode: 'whole turn, client-timed', offP50: off.p50, onP50: on.p50 }];
   log(
     table(
-      ['mode', 'off p50 ms (rounds)', 'exporting p50 ms (rounds)', 'added'],
-      results.tracing.map(({ mode, offP50, onP50 }) => {
-        const entry = byMode.get(mode)!;
-        return [
-          mode,
-          `${ms(offP50)} (${entry.off.map(ms).join(', ')})`,
-          `${ms(onP50)} (${entry.on.map(ms).join(', ')})`,
-          `${(((onP50 - offP50) / offP50) * 100).toFixed(1)}%`,
-        ];
-      }),
+      ['tracing', 'p50 ms', 'p99 ms', 'mean ms'],
+      [
+        ['off', ms(off.p50), ms(off.p99), ms(off.mean)],
+        ['exporting (OTLP/HTTP, 50 ms batches)', ms(on.p50), ms(on.p99), ms(on.mean)],
+        ['added', `${(((on.p50 - off.p50) / off.p50) * 100).toFixed(1)}%`, '', ''],
+      ],
       'lrrr',
     ),
   );
-  log(`\n${receiver.spans.length} spans received by the OTLP receiver.`);
 }
 
 async function benchSqlite(results: Results): Promise<void> {
@@ -255,7 +215,7 @@ function targetTable(results: Results): string {
   for (const { mode, offP50, onP50 } of results.tracing ?? []) {
     const added = (onP50 - offP50) / offP50;
     rows.push([
-      `Tracing exporting: added POST → doStream p50 (${mode})`,
+      `Tracing exporting: added p50, ${mode}`,
       `≤ ${TARGET_TRACING_OVERHEAD * 100}%`,
       `${(added * 100).toFixed(1)}%`,
       added <= TARGET_TRACING_OVERHEAD ? 'met' : 'MISSED',

@@ -27,6 +27,8 @@ interface TurnTimes {
   spanStart: number;
   /** The model's doStream was called. */
   doStream: number;
+  /** The session went idle again (the whole turn). */
+  idle: number;
 }
 
 export interface TurnRun {
@@ -91,6 +93,48 @@ class TimedModel implements LanguageModelV3 {
  * `doStream` being called; each turn waits for the session to go idle before the next.
  */
 export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]> {
+  const rig = await startTurnRig(options);
+  try {
+    const { turn, newSession } = rig;
+    // A conversation: every turn in one session, so the log the harness reads grows.
+    const conversation = await newSession();
+    const conversationTimes: TurnTimes[] = [];
+    for (let index = 0; index < options.warmup + options.turns; index++) {
+      const times = await turn(conversation, index);
+      if (index >= options.warmup) conversationTimes.push(times);
+    }
+    const oneSession = summarizeTurns('one session', conversationTimes);
+    oneSession.toModelFirst100 = summarize(conversationTimes.slice(0, 100).map((time) => time.doStream));
+    oneSession.toModelLast100 = summarize(conversationTimes.slice(-100).map((time) => time.doStream));
+
+    // A first turn in a new session each time: runtime overhead without history to read.
+    const freshTimes: TurnTimes[] = [];
+    for (let index = 0; index < options.warmup + options.turns; index++) {
+      const sessionId = await newSession();
+      const times = await turn(sessionId, index);
+      if (index >= options.warmup) freshTimes.push(times);
+    }
+    const freshSessions = summarizeTurns('new session per turn', freshTimes);
+    return [oneSession, freshSessions];
+  } finally {
+    await rig.close();
+  }
+}
+
+function summarizeTurns(mode: string, times: TurnTimes[]): TurnRun {
+  return {
+    mode,
+    turns: times.length,
+    toModel: summarize(times.map((time) => time.doStream)),
+    post: summarize(times.map((time) => time.postDone)),
+    toUserMessage: summarize(times.map((time) => time.userMessage)),
+    toRunning: summarize(times.map((time) => time.running)),
+    toSpanStart: summarize(times.map((time) => time.spanStart)),
+  };
+}
+
+/** One in-process Berth with a timed scripted model, and what a benchmark needs to drive it. */
+async function startTurnRig(options: TurnBenchOptions) {
   const dataDir = await mkdtemp(join(tmpdir(), 'berth-bench-'));
   const config = loadConfig({
     flags: { port: 0, dataDir, database: options.database?.url },
@@ -149,7 +193,10 @@ export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]
           const now = performance.now();
           for (const { event } of events) {
             seen[event.type] ??= now;
-            if (event.type === 'session.status_idle') idle();
+            if (event.type === 'session.status_idle') {
+              seen.idleAt = now;
+              idle();
+            }
           }
         },
       );
@@ -175,42 +222,21 @@ export async function runTurnBench(options: TurnBenchOptions): Promise<TurnRun[]
         running: at('session.status_running'),
         spanStart: at('span.model_request_start'),
         doStream: model.streamCalledAt - started,
+        idle: (seen.idleAt ?? Number.NaN) - started,
       };
     };
 
-    const summarizeTurns = (mode: string, times: TurnTimes[]): TurnRun => ({
-      mode,
-      turns: times.length,
-      toModel: summarize(times.map((time) => time.doStream)),
-      post: summarize(times.map((time) => time.postDone)),
-      toUserMessage: summarize(times.map((time) => time.userMessage)),
-      toRunning: summarize(times.map((time) => time.running)),
-      toSpanStart: summarize(times.map((time) => time.spanStart)),
-    });
-
-    // A conversation: every turn in one session, so the log the harness reads grows.
-    const conversation = await newSession();
-    const conversationTimes: TurnTimes[] = [];
-    for (let index = 0; index < options.warmup + options.turns; index++) {
-      const times = await turn(conversation, index);
-      if (index >= options.warmup) conversationTimes.push(times);
-    }
-    const oneSession = summarizeTurns('one session', conversationTimes);
-    oneSession.toModelFirst100 = summarize(conversationTimes.slice(0, 100).map((time) => time.doStream));
-    oneSession.toModelLast100 = summarize(conversationTimes.slice(-100).map((time) => time.doStream));
-
-    // A first turn in a new session each time: runtime overhead without history to read.
-    const freshTimes: TurnTimes[] = [];
-    for (let index = 0; index < options.warmup + options.turns; index++) {
-      const sessionId = await newSession();
-      const times = await turn(sessionId, index);
-      if (index >= options.warmup) freshTimes.push(times);
-    }
-    const freshSessions = summarizeTurns('new session per turn', freshTimes);
-
-    return [oneSession, freshSessions];
-  } finally {
+    return {
+      turn,
+      newSession,
+      close: async () => {
+        await berth.close();
+        await rm(dataDir, { recursive: true, force: true });
+      },
+    };
+  } catch (error) {
     await berth.close();
     await rm(dataDir, { recursive: true, force: true });
+    throw error;
   }
 }

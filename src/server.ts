@@ -11,6 +11,7 @@ import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
 import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
 import { Limits } from './identity/limits.js';
+import { loadPriceBook } from './metering/price-books.js';
 import type { ModelRegistry } from './models/model-registry.js';
 import { createModelRegistry } from './models/provider-registry.js';
 import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
@@ -20,7 +21,6 @@ import type { SessionRecord, Store } from './store/resource-store.js';
 import { Metrics } from './telemetry/metrics.js';
 import {
   createTelemetry,
-  currentTraceHeaders,
   type Telemetry,
   tracedDriver,
   tracedEventStore,
@@ -109,7 +109,8 @@ export async function startBerth(
     : undefined;
   // Every layer sees the same instrumented store: appends are counted (and traced when slow).
   let events = rawStore.events;
-  if (telemetry.enabled) events = tracedEventStore(events, tracer, config.telemetry.slowAppendMs);
+  if (telemetry.enabled)
+    events = tracedEventStore(events, tracer, telemetry.contexts, config.telemetry.slowAppendMs);
   if (metrics) events = metrics.eventStore(events);
   const store: Store =
     events === rawStore.events
@@ -123,7 +124,7 @@ export async function startBerth(
         };
   const instrumentDriver = (driver: SandboxDriver) => {
     let instrumented = driver;
-    if (telemetry.enabled) instrumented = tracedDriver(instrumented, tracer);
+    if (telemetry.enabled) instrumented = tracedDriver(instrumented, tracer, telemetry.contexts);
     if (metrics) instrumented = metrics.driver(instrumented);
     return instrumented;
   };
@@ -137,23 +138,25 @@ export async function startBerth(
   const toolboxes = new Toolboxes({
     sandboxes,
     projectRoot: resolve(import.meta.dirname, '..'),
-    traceHeaders: telemetry.enabled ? currentTraceHeaders : undefined,
+    traceHeaders: telemetry.enabled ? (session) => telemetry.contexts.headersOf(session) : undefined,
   });
   const toolboxFor = (session: SessionRecord) => {
     let toolbox = toolboxes.for(session);
-    if (telemetry.enabled) toolbox = tracedToolbox(toolbox, tracer, session);
+    if (telemetry.enabled) toolbox = tracedToolbox(toolbox, tracer, telemetry.contexts, session);
     if (metrics) toolbox = metrics.toolbox(toolbox);
     return toolbox;
   };
+  const budgetBook = loadPriceBook(config.budgetPriceBook);
   let harness = createHarness({
     store,
-    models: telemetry.enabled ? tracedModels(models, tracer) : models,
+    metering: { book: budgetBook, measureSandbox: (session) => sandboxes.measure(session) },
+    models: telemetry.enabled ? tracedModels(models, tracer, telemetry.contexts) : models,
     deltas,
     toolboxFor,
     maxModelRetries: config.maxModelRetries,
     retryBaseDelayMs: config.retryBaseDelayMs,
   });
-  if (telemetry.enabled) harness = tracedHarness(harness, tracer);
+  if (telemetry.enabled) harness = tracedHarness(harness, tracer, telemetry.contexts);
   if (metrics) harness = metrics.harness(harness);
   const supervisor = new Supervisor({ harness, store, logger });
   const limits = new Limits({
@@ -179,6 +182,7 @@ export async function startBerth(
     unavailableDrivers,
     maxBodyBytes: config.maxBodyBytes,
     metrics,
+    budgetBook,
   });
   const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
   await new Promise<void>((resolve, reject) => {

@@ -244,6 +244,7 @@ describe('harness turn behaviour', () => {
     expect(log.map((stored) => stored.event.type)).toEqual([
       'user.message',
       'user.interrupt',
+      'session.usage',
       'session.status_idle',
     ]);
   });

@@ -69,6 +69,8 @@ describe('official Anthropic SDK against Berth', () => {
       'span.model_request_start',
       'agent.message',
       'span.model_request_end',
+      // Every idle carries a usage snapshot (the official `session.usage` event).
+      'session.usage',
       'session.status_idle',
     ]);
     const toolUse = streamed.find((event) => event.type === 'agent.tool_use')!;

@@ -158,6 +158,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
   const routeRules: Record<string, RouteRule> = {
     'GET /health': { type: 'caller' },
     'GET /metrics': { type: 'caller' },
+    // Checked like a listing of sessions below (its rows by session are the caller's sessions).
+    'GET /v1/usage': { type: 'caller' },
     'GET /v1/me': { type: 'caller' },
 
     'GET /v1/users': { type: 'listing', lists: 'user', adminOnly: true },
@@ -577,6 +579,18 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
               );
             }
           }
+        }
+      }
+    }
+    // The usage report, grouped by session, covers exactly the sessions the caller may see.
+    for (const caller of parties) {
+      const answer = await request(caller.key, 'GET', '/v1/usage?by=session');
+      const reported = new Set(((answer.body?.rows ?? []) as JsonObject[]).map((row) => row.group));
+      for (const session of resources.filter((resource) => resource.kind === 'session')) {
+        if (reported.has(session.id) !== canSee(caller, session)) {
+          problems.push(
+            `${describeCase(caller, 'GET', '/v1/usage?by=session')} ${reported.has(session.id) ? 'reports' : 'omits'} ${session.label}`,
+          );
         }
       }
     }

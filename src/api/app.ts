@@ -9,6 +9,7 @@ import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
 import { identityRoutes } from './identity.js';
 import { sessionRoutes } from './sessions.js';
+import { usageRoutes } from './usage.js';
 
 /** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
 function presentedKey(headers: { header(name: string): string | undefined }): string | undefined {
@@ -88,6 +89,7 @@ export function createApp(dependencies: ApiDependencies) {
   app.use('/v1/sessions/:id/*', withSession);
 
   app.route('/v1', identityRoutes(dependencies));
+  app.route('/v1/usage', usageRoutes(dependencies));
   app.route('/v1/agents', agentRoutes(dependencies));
   app.route('/v1/environments', environmentRoutes(dependencies));
   app.route('/v1/sessions', eventRoutes(dependencies));

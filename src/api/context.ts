@@ -5,6 +5,7 @@ import { invalidRequest } from '../errors.js';
 import type { DeltaBus } from '../harness/delta-bus.js';
 import type { Authenticator, Principal } from '../identity/api-keys.js';
 import type { Limits } from '../identity/limits.js';
+import type { PriceBook } from '../metering/price-books.js';
 import type { SessionKey } from '../store/event-store.js';
 import type { ResourceRecord, ResourceStore, SessionRecord, Store } from '../store/resource-store.js';
 import type { Metrics } from '../telemetry/metrics.js';
@@ -27,6 +28,8 @@ export interface ApiDependencies {
   unavailableDrivers?: Readonly<Record<string, string>>;
   /** Largest accepted request body in bytes (default 1 MiB). */
   maxBodyBytes?: number;
+  /** The price book session budgets and list costs use. */
+  budgetBook: PriceBook;
   /** Prometheus metrics served at `/metrics` (absent when turned off). */
   metrics?: Metrics;
   /** Interval of SSE keep-alive pings (default 15 s). */

@@ -2,6 +2,8 @@ import { Hono } from 'hono';
 import { conflict, invalidRequest, notFound } from '../errors.js';
 import { sessionOwnerFilter } from '../identity/access.js';
 import { newId } from '../ids.js';
+import { costOf, type PriceBook } from '../metering/price-books.js';
+import { emptyUsage } from '../metering/usage.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 import { extractTraceContext } from '../telemetry/tracing.js';
@@ -21,6 +23,7 @@ import {
 import { sessionCreate, sessionUpdate } from './schemas.js';
 
 const usageEventTypes = [
+  'session.usage',
   'span.model_request_end',
   'session.status_running',
   'session.status_idle',
@@ -45,8 +48,11 @@ export async function presentSession(store: Store, session: SessionRecord) {
   };
   let activeMilliseconds = 0;
   let runningSince: number | undefined;
+  let snapshot: { usage: { list_cost?: unknown }; berth?: unknown } | undefined;
   for (const { event } of events) {
-    if (event.type === 'span.model_request_end') {
+    if (event.type === 'session.usage') {
+      snapshot = event as unknown as typeof snapshot;
+    } else if (event.type === 'span.model_request_end') {
       const modelUsage = event.model_usage as Record<string, number> | undefined;
       usage.input_tokens += modelUsage?.input_tokens ?? 0;
       usage.output_tokens += modelUsage?.output_tokens ?? 0;
@@ -72,6 +78,8 @@ export async function presentSession(store: Store, session: SessionRecord) {
       cache_read_input_tokens: usage.cache_read_input_tokens,
       cache_creation: { ephemeral_5m_input_tokens: usage.cache_creation_input_tokens },
       active_seconds: activeSeconds,
+      // As of the newest `session.usage` snapshot (taken at every idle).
+      ...(snapshot ? { list_cost: snapshot.usage.list_cost, berth: snapshot.berth } : {}),
     },
     stats: {
       active_seconds: activeSeconds,
@@ -80,6 +88,24 @@ export async function presentSession(store: Store, session: SessionRecord) {
     updated_at: session.updatedAt,
     archived_at: session.archivedAt,
   };
+}
+
+/**
+ * A budget needs a list price for the session's model (the official API's
+ * `model_not_budgetable`): a model the price book cannot price could spend without limit.
+ */
+function checkBudgetable(agent: Record<string, unknown>, book: PriceBook): void {
+  const model = agent.model as string | { id?: string } | undefined;
+  const modelId = (typeof model === 'string' ? model : model?.id) ?? 'unknown';
+  const probe = {
+    ...emptyUsage(),
+    tokens: { [modelId]: { input: 1, output: 1, cacheRead: 0, cacheWrite: 0 } },
+  };
+  if (costOf(probe, book).unpricedModels.length > 0) {
+    throw invalidRequest(
+      `model_not_budgetable: the price book "${book.id}" has no list price for ${modelId}, so a budget cannot be enforced; remove the budget or use a priced model`,
+    );
+  }
 }
 
 const statuses = new Set<SessionStatus>(['idle', 'running', 'rescheduling', 'terminated']);
@@ -98,6 +124,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const agent = await resources.getAgentVersion(principal.tenantId, agentId, version);
     if (!agent) throw notFound('agent', version ? `${agentId} version ${version}` : agentId);
     if (agent.archivedAt) throw invalidRequest(`agent ${agentId} is archived`);
+    if (input.budget) checkBudgetable(agent.body, dependencies.budgetBook);
     const environment = await resources.get('environment', principal.tenantId, input.environment_id);
     if (!environment) throw notFound('environment', input.environment_id);
     if (environment.archivedAt) throw invalidRequest(`environment ${input.environment_id} is archived`);
@@ -198,6 +225,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const now = nowIso();
     const body = { ...session.body };
     if (input.title !== undefined) body.title = input.title;
+    if (input.budget) checkBudgetable(session.body.agent as Record<string, unknown>, dependencies.budgetBook);
     if (input.budget !== undefined) body.budget = input.budget;
     if (input.metadata !== undefined) {
       body.metadata = mergeMetadata(body.metadata as Record<string, string>, input.metadata);
@@ -205,6 +233,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     session.body = body;
     session.updatedAt = now;
     await resources.update('session', session);
+    supervisor.sessionChanged(session);
     return context.json(await presentSession(store, session));
   });
 

@@ -9,6 +9,19 @@ import { agentFileName, loadAgentFolder, type Problem } from '../config/agent-fi
 import { loadConfig } from '../config/config.js';
 import { isBerthError } from '../errors.js';
 import { createTenantWithAdmin } from '../identity/api-keys.js';
+import { collectUsage } from '../metering/collect.js';
+import { isPresetPriceBookId, loadPriceBook, presetPriceBookIds } from '../metering/price-books.js';
+import {
+  buildUsageReport,
+  formatUsageCsv,
+  formatUsageTable,
+  type UsageGroupKey,
+  type UsageReport,
+  type UsageReportJson,
+  type UsageReportRowJson,
+  usageReportToJson,
+} from '../metering/report.js';
+import type { UsageRecord } from '../metering/usage.js';
 import { type RunningBerth, startBerth } from '../server.js';
 import { openStore } from '../store/open-store.js';
 import type { Store, TenantLimits } from '../store/resource-store.js';
@@ -378,6 +391,126 @@ clientCommand(
     console.error(`Revoked ${key.id} at ${key.revoked_at}.`);
   });
 });
+
+program
+  .command('usage')
+  .description(
+    "measured usage and what it would cost under one or more price books, side by side (your sessions over the API; with --store, every tenant from the server's store)",
+  )
+  .addOption(
+    new Option('--by <key>', 'group rows by')
+      .choices(['tenant', 'agent', 'session', 'day'])
+      .default('session'),
+  )
+  .option('--since <date>', 'only sessions created on or after this day (YYYY-MM-DD)')
+  .option(
+    '--price-book <books>',
+    `comma-separated price books: presets (${presetPriceBookIds.join(', ')}) or, with --store, YAML files`,
+    'anthropic',
+  )
+  .option('--csv', 'print CSV')
+  .option('--json', 'print JSON')
+  .option('--store', "read the server's store directly (operators: all tenants; custom price book files)")
+  .option('--database <url>', 'with --store: postgres:// URL (default: SQLite in the data directory)')
+  .addOption(urlOption('Berth server URL', process.env.BERTH_URL ?? 'http://127.0.0.1:8080'))
+  .addOption(apiKeyOption())
+  .addOption(dataDirOption())
+  .action(
+    async (
+      options: ClientOptions &
+        StoreOptions & {
+          by: UsageGroupKey;
+          since?: string;
+          priceBook: string;
+          csv?: boolean;
+          json?: boolean;
+          store?: boolean;
+        },
+    ) => {
+      if (options.since !== undefined && !/^\d{4}-\d{2}-\d{2}$/.test(options.since)) {
+        throw new UsageError('--since must be a day, YYYY-MM-DD');
+      }
+      const books = options.priceBook
+        .split(',')
+        .map((book) => book.trim())
+        .filter(Boolean);
+      const output = (report: UsageReport) =>
+        options.csv
+          ? process.stdout.write(formatUsageCsv(report))
+          : options.json
+            ? print(usageReportToJson(report))
+            : console.log(formatUsageTable(report));
+      if (options.store) {
+        await withStore(options, async (store) => {
+          const records: UsageRecord[] = [];
+          for (const tenant of await store.resources.listTenants()) {
+            records.push(
+              ...(await collectUsage(store, {
+                tenantId: tenant.id,
+                since: options.since ? new Date(`${options.since}T00:00:00Z`) : undefined,
+              })),
+            );
+          }
+          output(
+            buildUsageReport(records, { by: options.by, books: books.map((book) => loadPriceBook(book)) }),
+          );
+        });
+        return;
+      }
+      for (const book of books) {
+        if (!isPresetPriceBookId(book))
+          throw new UsageError(`over the API only presets are priced; use --store for ${book}`);
+      }
+      await withClient(options, async (client) => {
+        const query = {
+          by: options.by,
+          price_book: books.join(','),
+          ...(options.since ? { since: options.since } : {}),
+        };
+        if (options.csv) {
+          const response = await client.get('/v1/usage', { query: { ...query, format: 'csv' } }).asResponse();
+          process.stdout.write(await response.text());
+          return;
+        }
+        const json = await client.get<UsageReportJson>('/v1/usage', { query });
+        if (options.json) return print(json);
+        console.log(formatUsageJsonTable(json));
+      });
+    },
+  );
+
+/** A terminal table of a report the API returned (same columns as the local one). */
+function formatUsageJsonTable(report: UsageReportJson): string {
+  const header = [
+    'group',
+    'sessions',
+    'active h',
+    'idle h',
+    'cpu s',
+    'GB·s',
+    'events',
+    ...report.books.map((book) => `${book.id} $`),
+  ];
+  const line = (row: UsageReportRowJson) => [
+    row.group,
+    String(row.sessions),
+    (row.usage.active_seconds / 3600).toFixed(3),
+    (row.usage.idle_seconds / 3600).toFixed(3),
+    row.usage.sandbox_cpu_seconds.toFixed(1),
+    row.usage.sandbox_memory_gb_seconds.toFixed(1),
+    String(row.usage.events),
+    ...report.books.map((book) => (row.costs[book.id]?.total ?? 0).toFixed(4)),
+  ];
+  const rows = [header, ...report.rows.map(line), line({ ...report.total, group: 'total' })];
+  const widths = header.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
+  return rows
+    .map((row) =>
+      row
+        .map((cell, column) => (column === 0 ? cell.padEnd(widths[column]!) : cell.padStart(widths[column]!)))
+        .join('  '),
+    )
+    .join('\n');
+}
 
 interface StoreOptions {
   dataDir: string;

@@ -24,6 +24,11 @@ export interface BerthConfig {
   telemetry: TelemetryConfig;
   /** Serve Prometheus metrics at `/metrics` (`BERTH_METRICS=off` turns it off). */
   metrics: boolean;
+  /**
+   * The price book that session list costs and budgets use: a preset id or a YAML file
+   * (`BERTH_BUDGET_PRICE_BOOK`, default `anthropic`).
+   */
+  budgetPriceBook: string;
   /** Provider settings (API keys, base URLs) handed to the model registry. */
   modelEnvironment: Readonly<Record<string, string | undefined>>;
   /** Sandbox driver names in order of preference; the first available is the default. */
@@ -156,6 +161,7 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
     maxBodyBytes: number('BERTH_MAX_BODY_BYTES', 1024 * 1024),
     telemetry: telemetryConfig(environment),
     metrics: environment.BERTH_METRICS !== 'off',
+    budgetPriceBook: environment.BERTH_BUDGET_PRICE_BOOK || 'anthropic',
     limits: {
       tenant: {
         liveSessions: number('BERTH_TENANT_LIVE_SESSIONS', 200),

@@ -72,6 +72,11 @@ export class Supervisor {
     this.#start(session, 0, options.trace);
   }
 
+  /** The session's record changed (budget, title, metadata): later wakes use the new one. */
+  sessionChanged(session: SessionRecord): void {
+    this.#harness.observe(session, []);
+  }
+
   /** Sessions with a wake in flight on this node: the tenant's, or one user's in it. */
   liveCount(tenantId: string, userId?: string): number {
     return this.#liveCounts.get(userId === undefined ? tenantId : `${tenantId}/${userId}`) ?? 0;

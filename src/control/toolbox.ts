@@ -107,14 +107,14 @@ export class Toolboxes {
   readonly #sandboxes: SandboxManager;
   readonly #projectRoot: string;
   readonly #mcpTimeoutMs: number | undefined;
-  readonly #traceHeaders: (() => Record<string, string>) | undefined;
+  readonly #traceHeaders: ((session: SessionKey) => Record<string, string>) | undefined;
 
   constructor(options: {
     sandboxes: SandboxManager;
     projectRoot: string;
     mcpTimeoutMs?: number;
-    /** The current trace context as W3C headers, passed on to MCP servers (tracing on). */
-    traceHeaders?: () => Record<string, string>;
+    /** A session's current trace context as W3C headers, passed on to MCP servers (tracing on). */
+    traceHeaders?: (session: SessionKey) => Record<string, string>;
   }) {
     this.#sandboxes = options.sandboxes;
     this.#projectRoot = options.projectRoot;
@@ -150,7 +150,7 @@ export class Toolboxes {
         : createMcpSession({
             servers,
             requestTimeoutMs: this.#mcpTimeoutMs,
-            traceHeaders: this.#traceHeaders,
+            traceHeaders: this.#traceHeaders ? () => this.#traceHeaders!(session) : undefined,
             spawnInSandbox: async (argv, env) => {
               const handle = await access.get();
               const driver = driverOf();

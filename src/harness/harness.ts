@@ -6,6 +6,15 @@ import type {
 import type { Context } from '@opentelemetry/api';
 import { BerthError, isBerthError } from '../errors.js';
 import { newId } from '../ids.js';
+import { costOf, type PriceBook } from '../metering/price-books.js';
+import {
+  budgetOf,
+  modelOfSession,
+  type SandboxUsageDelta,
+  usageEvent,
+  usageFromLog,
+} from '../metering/session-usage.js';
+import { emptyUsage } from '../metering/usage.js';
 import type { ModelRegistry } from '../models/model-registry.js';
 import {
   type NewEvent,
@@ -44,7 +53,11 @@ export interface ToolOutcome {
 export interface SessionToolbox {
   /** The tools on offer (MCP tool lists are fetched once per session, on first call). */
   listTools(): Promise<readonly HarnessTool[]>;
-  execute(name: string, input: unknown, options: { signal: AbortSignal; toolUseId?: string }): Promise<ToolOutcome>;
+  execute(
+    name: string,
+    input: unknown,
+    options: { signal: AbortSignal; toolUseId?: string },
+  ): Promise<ToolOutcome>;
   /** MCP servers whose tools are missing, and why (reported once per session as `session.error`). */
   failures?(): { serverName: string; message: string }[];
 }
@@ -68,6 +81,16 @@ export interface HarnessDependencies {
   toolboxFor(session: SessionRecord): SessionToolbox;
   /** Failed model calls in a row before the turn ends with `retries_exhausted` (default 3). */
   maxModelRetries?: number;
+  /**
+   * Usage metering: a `session.usage` snapshot goes with every idle, priced under `book` (the
+   * list cost budgets compare with), and a session with a budget stops with `budget_reached`
+   * before a model call that would exceed it.
+   */
+  metering?: {
+    book: PriceBook;
+    /** Sandbox work measured since the last snapshot; `commit` once the snapshot is stored. */
+    measureSandbox(session: SessionKey): Promise<SandboxUsageDelta & { commit(): void }>;
+  };
   /** Sessions whose logs stay cached between wakes (default 256). */
   logCacheSessions?: number;
   /** Backoff before retry n is `retryBaseDelayMs * 2^(n-1)` (default 500). */
@@ -91,7 +114,7 @@ const RESTART_NOTICE =
  * can finish a turn another one started.
  */
 export function createHarness(dependencies: HarnessDependencies) {
-  const { store, models, deltas } = dependencies;
+  const { store, models, deltas, metering } = dependencies;
   const maxRetries = dependencies.maxModelRetries ?? 3;
   const retryBaseDelayMs = dependencies.retryBaseDelayMs ?? 500;
 
@@ -135,12 +158,14 @@ export function createHarness(dependencies: HarnessDependencies) {
    */
   function observe(session: SessionRecord, committed: readonly StoredEvent[]): void {
     const key = sessionKeyString(session);
-    const entry = cache.get(key) ?? { session, log: [] };
+    // The API's record is fresh: it replaces the cached one (a budget or title may have changed;
+    // the pinned agent never does).
+    const entry = { session, log: cache.get(key)?.log ?? [] };
     const lastSeq = entry.log.length > 0 ? entry.log[entry.log.length - 1]!.seq : 0;
     if (committed.length > 0 && committed[0]!.seq === lastSeq + 1) {
       remember(entry.session, entry.log.concat(committed));
-    } else if (!cache.has(key)) {
-      remember(session, []);
+    } else {
+      remember(session, entry.log);
     }
   }
   function remember(session: SessionRecord, log: StoredEvent[]): void {
@@ -203,12 +228,45 @@ export function createHarness(dependencies: HarnessDependencies) {
     // Ending a turn is conditional on the log not having grown since the decision: input that
     // arrived meanwhile (a message, a tool result) is never left behind an idle.
     const appendIfUnchanged = async (events: NewEvent[], log: readonly StoredEvent[]) => {
+      // Every idle carries a usage snapshot, committed with it.
+      const idleAt = events.findIndex((event) => event.type === 'session.status_idle');
+      const measured = idleAt >= 0 && metering ? await metering.measureSandbox(session) : undefined;
+      let batch = events;
+      if (measured && metering) {
+        const usage = usageFromLog(session, log, Date.now(), measured);
+        usage.events += events.length + 1;
+        const snapshot = usageEvent(session, usage, costOf(usage, metering.book), metering.book);
+        batch = [...events.slice(0, idleAt), snapshot, ...events.slice(idleAt)];
+      }
       try {
-        return await append(events, headOf(log));
+        const appended = await append(batch, headOf(log));
+        measured?.commit();
+        return appended;
       } catch (error) {
         if (isBerthError(error, 'head_moved')) return [];
         throw error;
       }
+    };
+    /** True when the next model call would take the session past its budget (see `metering`). */
+    const overBudget = (log: readonly StoredEvent[]): boolean => {
+      const max = budgetOf(session);
+      if (max === undefined || !metering) return false;
+      const usage = usageFromLog(session, log, Date.now());
+      const spent = costOf(usage, metering.book);
+      // A model without a list price cannot be measured against a budget.
+      if (spent.unpricedModels.length > 0) return true;
+      // The next prompt holds at least the last one's input: that much is certain to be spent.
+      const lastEnd = log.findLast((stored) => stored.event.type === 'span.model_request_end');
+      const lastInput =
+        (lastEnd?.event.model_usage as { input_tokens?: number } | undefined)?.input_tokens ?? 0;
+      const floor = costOf(
+        {
+          ...emptyUsage(),
+          tokens: { [modelOfSession(session)]: { input: lastInput, output: 0, cacheRead: 0, cacheWrite: 0 } },
+        },
+        metering.book,
+      ).total;
+      return spent.total + floor >= max;
     };
     const agent = session.body.agent as PinnedAgent;
     const toolbox = dependencies.toolboxFor(session);
@@ -241,6 +299,10 @@ export function createHarness(dependencies: HarnessDependencies) {
             { sessionId, seq: headOf(log) + 1, event: { ...running, id: '', processed_at: '' } },
           ]);
           if (then.kind === 'call_model') {
+            if (overBudget(log)) {
+              appended = await appendIfUnchanged([running, idleEvent({ type: 'budget_reached' })], log);
+              break;
+            }
             // The usual case: one commit for the status and the model request start.
             appended = await model(log, [running]);
             break;
@@ -312,6 +374,10 @@ export function createHarness(dependencies: HarnessDependencies) {
             );
             break;
           }
+          if (overBudget(log)) {
+            appended = await appendIfUnchanged([idleEvent({ type: 'budget_reached' })], log);
+            break;
+          }
           if (next.failures > 0) await sleep(retryBaseDelayMs * 2 ** (next.failures - 1), stepSignal(log));
           appended = await model(log);
           break;
@@ -369,7 +435,7 @@ export function createHarness(dependencies: HarnessDependencies) {
     let start: StoredEvent[] = [];
     const messageId = newId('sevt');
     try {
-      const model = models.resolve(agent.model.id);
+      const model = models.resolve(agent.model.id, { session });
       // Built-in tools always go along; many custom or MCP tools are narrowed by tool search.
       const available = await toolbox.listTools();
       const builtin = available.filter((tool) => tool.kind === 'builtin');

@@ -1,4 +1,5 @@
 import type { LanguageModelV3 } from '@ai-sdk/provider';
+import type { SessionKey } from '../store/event-store.js';
 
 /**
  * The model port is the Vercel AI SDK's `LanguageModelV3` spec, so any AI SDK provider plugs
@@ -8,6 +9,10 @@ import type { LanguageModelV3 } from '@ai-sdk/provider';
 export type LanguageModel = LanguageModelV3;
 
 export interface ModelRegistry {
-  /** Returns the model for an id, or throws an `invalid_request` BerthError naming the problem. */
-  resolve(modelId: string): LanguageModel;
+  /**
+   * Returns the model for an id, or throws an `invalid_request` BerthError naming the problem.
+   * `context.session` says which session the model is for (interceptors such as tracing use it;
+   * registries may ignore it).
+   */
+  resolve(modelId: string, context?: { session: SessionKey }): LanguageModel;
 }

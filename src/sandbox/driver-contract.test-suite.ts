@@ -344,5 +344,22 @@ export function describeSandboxDriverContract(name: string, options: SandboxDriv
       const failure = await driver.exec(handle, ['true']).catch((error: unknown) => error);
       expect(isBerthError(failure, 'sandbox_failed')).toBe(true);
     });
+
+    it('counts the CPU time and memory commands use, or says it cannot meter', async (context) => {
+      const handle = await provision(context);
+      if (!driver.stats) return context.skip('driver has no stats capability');
+      const before = await driver.stats(handle).catch((error: unknown) => error);
+      if (isBerthError(before, 'sandbox_unavailable')) {
+        // A driver that cannot meter must not claim enforced limits either.
+        expect(handle.enforcedLimits).toBeUndefined();
+        return context.skip(`stats unavailable: ${before.message}`);
+      }
+      await driver.exec(handle, ['timeout', '0.5', 'sh', '-c', 'while :; do :; done']);
+      const after = await driver.stats(handle);
+      expect(after.cpuSeconds - (before as { cpuSeconds: number }).cpuSeconds).toBeGreaterThan(0.2);
+      expect(after.memoryBytes).toBeGreaterThan(0);
+      if (after.memoryPeakBytes !== null)
+        expect(after.memoryPeakBytes).toBeGreaterThanOrEqual(after.memoryBytes);
+    });
   });
 }

@@ -7,13 +7,40 @@
  */
 import type { Readable, Writable } from 'node:stream';
 
-/** Resource limits; drivers enforce what they can and report the rest in `capabilities`. */
+/**
+ * Resource limits; an absent field takes its `DEFAULT_SANDBOX_LIMITS` value. A driver enforces
+ * what it can, says which on the handle (`enforcedLimits`), and refuses a spec whose explicit
+ * limits it cannot enforce.
+ */
 export interface SandboxLimits {
   /** CPU cores (fractional allowed). */
   cpu?: number;
   memoryMb?: number;
+  /** Processes and threads alive at once (a fork bomb stops here). */
   pids?: number;
   diskMb?: number;
+}
+
+/**
+ * Limits for an environment that sets none: one core, 1 GiB and 512 processes are enough for
+ * builds, test runs and a language server, and small enough that a runaway agent cannot starve
+ * a 2-vCPU node running several sandboxes.
+ */
+export const DEFAULT_SANDBOX_LIMITS = { cpu: 1, memoryMb: 1024, pids: 512 } as const;
+
+/** The CPU, memory and process limits a sandbox actually runs under. */
+export interface EnforcedLimits {
+  cpu: number;
+  memoryMb: number;
+  pids: number;
+}
+
+/** What a sandbox has used since it was provisioned (everything it ran, counted by the kernel). */
+export interface SandboxStats {
+  cpuSeconds: number;
+  memoryBytes: number;
+  /** Highest memory use so far, or null when the host does not track it. */
+  memoryPeakBytes: number | null;
 }
 
 export interface SandboxSpec {
@@ -43,6 +70,8 @@ export interface SandboxHandle {
   readonly driver: string;
   /** The working directory as commands inside see it. */
   readonly workdirInside: string;
+  /** The limits the kernel enforces on this sandbox; absent when none are (never a claim it cannot keep). */
+  readonly enforcedLimits?: EnforcedLimits;
 }
 
 export interface ExecOptions {
@@ -96,8 +125,11 @@ export interface SandboxProcess {
   readonly exited: Promise<SandboxProcessExit>;
 }
 
-/** Whether this host can run the driver, and if not, what to do about it. */
-export type DriverAvailability = { ok: true } | { ok: false; reason: string };
+/**
+ * Whether this host can run the driver, and if not, what to do about it. `warnings` name what
+ * works only in part (e.g. resource limits not enforced), for the server to log.
+ */
+export type DriverAvailability = { ok: true; warnings?: readonly string[] } | { ok: false; reason: string };
 
 export interface SandboxDriver {
   readonly name: string;
@@ -116,6 +148,11 @@ export interface SandboxDriver {
   readFile(handle: SandboxHandle, path: string, maxBytes?: number): Promise<Uint8Array>;
   /** Writes a file inside the sandbox, creating parent directories. */
   writeFile(handle: SandboxHandle, path: string, data: string | Uint8Array): Promise<void>;
+  /**
+   * What the sandbox has used so far (for metering). Drivers that cannot measure a sandbox throw
+   * a `sandbox_unavailable` BerthError.
+   */
+  stats?(handle: SandboxHandle): Promise<SandboxStats>;
   /** Kills everything in the sandbox and releases its resources; the workdir stays. */
   destroy(handle: SandboxHandle): Promise<void>;
   /**

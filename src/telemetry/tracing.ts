@@ -2,8 +2,6 @@ import type { LanguageModelV3, LanguageModelV3StreamPart } from '@ai-sdk/provide
 import {
   type Attributes,
   type Context,
-  context,
-  propagation,
   ROOT_CONTEXT,
   type Span,
   SpanKind,
@@ -11,7 +9,6 @@ import {
   type Tracer,
   trace,
 } from '@opentelemetry/api';
-import { AsyncLocalStorageContextManager } from '@opentelemetry/context-async-hooks';
 import { W3CTraceContextPropagator } from '@opentelemetry/core';
 import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http';
 import { resourceFromAttributes } from '@opentelemetry/resources';
@@ -20,7 +17,7 @@ import type { TelemetryConfig } from '../config/config.js';
 import type { Harness, SessionToolbox, WakeControl } from '../harness/harness.js';
 import type { ModelRegistry } from '../models/model-registry.js';
 import type { SandboxDriver } from '../sandbox/driver.js';
-import type { EventStore } from '../store/event-store.js';
+import { type EventStore, type SessionKey, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
 
 /**
@@ -30,33 +27,83 @@ import type { SessionRecord } from '../store/resource-store.js';
  * follow the OpenTelemetry GenAI semantic conventions (`invoke_agent`, `chat`, `execute_tool`).
  * Attributes carry ids, names, sizes and token counts, never message text, tool input or output,
  * nor any credential.
+ *
+ * Parents are passed explicitly, not through a global AsyncLocalStorage context manager (on
+ * Node 20 that slows every promise in the process): the turn span of each session, and the
+ * tool span running in it, are kept in `contexts` keyed by tenant and session.
  */
 export interface Telemetry {
   readonly enabled: boolean;
   readonly tracer: Tracer;
+  readonly contexts: TraceContexts;
   /** Exports what is buffered (tests; shutdown). */
   forceFlush(): Promise<void>;
   shutdown(): Promise<void>;
 }
 
 const propagator = new W3CTraceContextPropagator();
-let contextManagerInstalled = false;
+
+/** The span each session's work is under right now: its running tool's, else its turn's. */
+export class TraceContexts {
+  readonly #turns = new Map<string, Context>();
+  readonly #tools = new Map<string, Context>();
+  /** Sandbox sessions by id (the driver port knows only the id) to their tenant-scoped key. */
+  readonly #sandboxSessions = new Map<string, string>();
+
+  /** The parent for new spans of a session. */
+  parentOf(session: SessionKey): Context {
+    const key = sessionKeyString(session);
+    return this.#tools.get(key) ?? this.#turns.get(key) ?? ROOT_CONTEXT;
+  }
+
+  /** The parent for spans of a sandbox, by the session id its spec named. */
+  parentOfSandbox(sessionId: string): Context {
+    const key = this.#sandboxSessions.get(sessionId);
+    return (key && (this.#tools.get(key) ?? this.#turns.get(key))) || ROOT_CONTEXT;
+  }
+
+  /** Runs `work` with `context` as the session's turn (or, with `tool`, its tool) context. */
+  async within<T>(
+    session: SessionKey,
+    kind: 'turn' | 'tool',
+    context: Context,
+    work: () => Promise<T>,
+  ): Promise<T> {
+    const key = sessionKeyString(session);
+    const map = kind === 'turn' ? this.#turns : this.#tools;
+    map.set(key, context);
+    this.#sandboxSessions.set(session.id, key);
+    try {
+      return await work();
+    } finally {
+      map.delete(key);
+      if (!this.#turns.has(key) && !this.#tools.has(key)) this.#sandboxSessions.delete(session.id);
+    }
+  }
+
+  /** The session's current trace context as W3C headers, for calls that leave Berth (MCP). */
+  headersOf(session: SessionKey): Record<string, string> {
+    const headers: Record<string, string> = {};
+    propagator.inject(this.parentOf(session), headers, {
+      set: (carrier, key, value) => {
+        (carrier as Record<string, string>)[key] = value;
+      },
+    });
+    return headers;
+  }
+}
 
 /** Starts tracing when an OTLP endpoint is configured; otherwise returns the no-op telemetry. */
 export function createTelemetry(config: TelemetryConfig): Telemetry {
+  const contexts = new TraceContexts();
   if (!config.tracesEndpoint) {
     return {
       enabled: false,
       tracer: trace.getTracer('berth'),
+      contexts,
       forceFlush: async () => undefined,
       shutdown: async () => undefined,
     };
-  }
-  if (!contextManagerInstalled) {
-    // Parent spans follow async work (a tool span inside its turn span) through AsyncLocalStorage.
-    context.setGlobalContextManager(new AsyncLocalStorageContextManager().enable());
-    propagation.setGlobalPropagator(propagator);
-    contextManagerInstalled = true;
   }
   const provider = new BasicTracerProvider({
     resource: resourceFromAttributes({ 'service.name': config.serviceName }),
@@ -69,6 +116,7 @@ export function createTelemetry(config: TelemetryConfig): Telemetry {
   return {
     enabled: true,
     tracer: provider.getTracer('berth'),
+    contexts,
     forceFlush: () => provider.forceFlush(),
     shutdown: () => provider.shutdown(),
   };
@@ -88,32 +136,20 @@ export function extractTraceContext(headers: (name: string) => string | undefine
   return trace.getSpanContext(extracted) ? extracted : undefined;
 }
 
-/** The current trace context as W3C headers, for calls that leave Berth (MCP servers). */
-export function currentTraceHeaders(): Record<string, string> {
-  const headers: Record<string, string> = {};
-  propagator.inject(context.active(), headers, {
-    set: (carrier, key, value) => {
-      (carrier as Record<string, string>)[key] = value;
-    },
-  });
-  return headers;
-}
-
-/** Runs `work` in a span that ends with it, recording a thrown error. */
+/** Runs `work` in a span under `parent` that ends with it, recording a thrown error. */
 async function inSpan<T>(
   tracer: Tracer,
   name: string,
-  options: { kind?: SpanKind; attributes?: Attributes; parent?: Context },
-  work: (span: Span) => Promise<T>,
+  options: { kind?: SpanKind; attributes?: Attributes; parent: Context },
+  work: (span: Span, context: Context) => Promise<T>,
 ): Promise<T> {
-  const parent = options.parent ?? context.active();
   const span = tracer.startSpan(
     name,
     { kind: options.kind ?? SpanKind.INTERNAL, attributes: options.attributes },
-    parent,
+    options.parent,
   );
   try {
-    return await context.with(trace.setSpan(parent, span), () => work(span));
+    return await work(span, trace.setSpan(options.parent, span));
   } catch (error) {
     span.recordException(error as Error);
     span.setStatus({ code: SpanStatusCode.ERROR, message: (error as Error).message });
@@ -124,7 +160,7 @@ async function inSpan<T>(
 }
 
 /** Each wake is a turn span (`invoke_agent`), under the client's trace context when it sent one. */
-export function tracedHarness(harness: Harness, tracer: Tracer): Harness {
+export function tracedHarness(harness: Harness, tracer: Tracer, contexts: TraceContexts): Harness {
   return {
     ...harness,
     wake: (session: Parameters<Harness['wake']>[0], control: WakeControl) =>
@@ -132,7 +168,7 @@ export function tracedHarness(harness: Harness, tracer: Tracer): Harness {
         tracer,
         'invoke_agent',
         {
-          parent: control.trace,
+          parent: control.trace ?? ROOT_CONTEXT,
           attributes: {
             'gen_ai.operation.name': 'invoke_agent',
             'gen_ai.conversation.id': session.id,
@@ -140,16 +176,17 @@ export function tracedHarness(harness: Harness, tracer: Tracer): Harness {
             'berth.tenant.id': session.tenantId,
           },
         },
-        () => harness.wake(session, control),
+        (_span, turn) => contexts.within(session, 'turn', turn, () => harness.wake(session, control)),
       ),
   };
 }
 
 /** Model calls as `chat <model>` client spans with GenAI request, usage and finish attributes. */
-export function tracedModels(models: ModelRegistry, tracer: Tracer): ModelRegistry {
+export function tracedModels(models: ModelRegistry, tracer: Tracer, contexts: TraceContexts): ModelRegistry {
   return {
-    resolve(modelId) {
-      const model = models.resolve(modelId);
+    resolve(modelId, resolveContext) {
+      const model = models.resolve(modelId, resolveContext);
+      const parent = resolveContext ? contexts.parentOf(resolveContext.session) : ROOT_CONTEXT;
       const traced: LanguageModelV3 = {
         ...model,
         specificationVersion: model.specificationVersion,
@@ -171,7 +208,7 @@ export function tracedModels(models: ModelRegistry, tracer: Tracer): ModelRegist
                   : { 'gen_ai.request.max_tokens': options.maxOutputTokens }),
               },
             },
-            context.active(),
+            parent,
           );
           let result: Awaited<ReturnType<LanguageModelV3['doStream']>>;
           try {
@@ -237,6 +274,7 @@ export function tracedModels(models: ModelRegistry, tracer: Tracer): ModelRegist
 export function tracedToolbox(
   toolbox: SessionToolbox,
   tracer: Tracer,
+  contexts: TraceContexts,
   session: SessionRecord,
 ): SessionToolbox {
   return {
@@ -249,6 +287,7 @@ export function tracedToolbox(
         tracer,
         `execute_tool ${name}`,
         {
+          parent: contexts.parentOf(session),
           attributes: {
             'gen_ai.operation.name': 'execute_tool',
             'gen_ai.tool.name': name,
@@ -258,8 +297,10 @@ export function tracedToolbox(
             'berth.session.id': session.id,
           },
         },
-        async (span) => {
-          const outcome = await toolbox.execute(name, input, options);
+        async (span, tool) => {
+          const outcome = await contexts.within(session, 'tool', tool, () =>
+            toolbox.execute(name, input, options),
+          );
           if (outcome.isError)
             span.setStatus({ code: SpanStatusCode.ERROR, message: 'the tool reported an error' });
           span.setAttribute('berth.tool.output_bytes', Buffer.byteLength(outcome.content));
@@ -271,19 +312,30 @@ export function tracedToolbox(
 }
 
 /** Sandbox provisioning and every exec as spans (driver name, exit code, duration). */
-export function tracedDriver(driver: SandboxDriver, tracer: Tracer): SandboxDriver {
+export function tracedDriver(driver: SandboxDriver, tracer: Tracer, contexts: TraceContexts): SandboxDriver {
+  const sessionOfHandle = new WeakMap<object, string>();
   const provision: SandboxDriver['provision'] = (spec) =>
     inSpan(
       tracer,
       'sandbox.provision',
-      { attributes: { 'berth.sandbox.driver': driver.name, 'berth.session.id': spec.sessionId } },
-      () => driver.provision(spec),
+      {
+        parent: contexts.parentOfSandbox(spec.sessionId),
+        attributes: { 'berth.sandbox.driver': driver.name, 'berth.session.id': spec.sessionId },
+      },
+      async () => {
+        const handle = await driver.provision(spec);
+        sessionOfHandle.set(handle, spec.sessionId);
+        return handle;
+      },
     );
   const exec: SandboxDriver['exec'] = (handle, argv, options) =>
     inSpan(
       tracer,
       'sandbox.exec',
-      { attributes: { 'berth.sandbox.driver': driver.name, 'process.executable.name': argv[0] ?? '' } },
+      {
+        parent: contexts.parentOfSandbox(sessionOfHandle.get(handle) ?? ''),
+        attributes: { 'berth.sandbox.driver': driver.name, 'process.executable.name': argv[0] ?? '' },
+      },
       async (span) => {
         const result = await driver.exec(handle, argv, options);
         span.setAttribute('process.exit.code', result.exitCode ?? -1);
@@ -301,10 +353,15 @@ export function tracedDriver(driver: SandboxDriver, tracer: Tracer): SandboxDriv
 }
 
 /** Appends slower than `thresholdMs` as `store.append` spans (fast ones cost nothing). */
-export function tracedEventStore(events: EventStore, tracer: Tracer, thresholdMs: number): EventStore {
+export function tracedEventStore(
+  events: EventStore,
+  tracer: Tracer,
+  contexts: TraceContexts,
+  thresholdMs: number,
+): EventStore {
   const append: EventStore['append'] = async (session, batch, options) => {
     const started = Date.now();
-    const parent = context.active();
+    const parent = contexts.parentOf(session);
     try {
       return await events.append(session, batch, options);
     } finally {

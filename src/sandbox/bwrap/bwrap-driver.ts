@@ -8,6 +8,13 @@
  * When Berth does not run as root, nsenter cannot join the sandbox (bwrap nests a second user
  * namespace that an unprivileged nsenter cannot see past), so each command gets its own bwrap
  * over the same workdir (≈5-10 ms; /tmp and background processes do not outlive a command).
+ *
+ * Resource limits: as root, each sandbox gets its own cgroup (v1 or v2, see `cgroups.ts`) with a
+ * CPU quota, a memory ceiling without swap and a process cap; the init and every command join it
+ * before they run anything. Without root or usable cgroups, sandboxes still run but nothing is
+ * limited: `checkAvailability` warns, handles carry no `enforcedLimits`, `stats` throws
+ * `sandbox_unavailable`, and a spec that asks for limits explicitly is refused rather than run
+ * unlimited.
  */
 import type { ChildProcess } from 'node:child_process';
 import { spawn } from 'node:child_process';
@@ -26,16 +33,19 @@ import {
 import { delimiter, dirname, join, posix, resolve } from 'node:path';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
-import type {
-  DriverAvailability,
-  ExecOptions,
-  ExecResult,
-  SandboxDriver,
-  SandboxHandle,
-  SandboxProcess,
-  SandboxProcessExit,
-  SandboxSpawnOptions,
-  SandboxSpec,
+import {
+  DEFAULT_SANDBOX_LIMITS,
+  type DriverAvailability,
+  type EnforcedLimits,
+  type ExecOptions,
+  type ExecResult,
+  type SandboxDriver,
+  type SandboxHandle,
+  type SandboxProcess,
+  type SandboxProcessExit,
+  type SandboxSpawnOptions,
+  type SandboxSpec,
+  type SandboxStats,
 } from '../driver.js';
 import {
   DEFAULT_MAX_OUTPUT_BYTES,
@@ -44,6 +54,15 @@ import {
   type RunProcessResult,
   runProcess,
 } from '../exec-process.js';
+import {
+  CGROUP_JOIN_FAILURE,
+  type CgroupDetection,
+  type CgroupTree,
+  detectHostCgroupLayout,
+  joinCgroupCommand,
+  openCgroupTree,
+  type SandboxCgroup,
+} from './cgroups.js';
 
 /** Where the session's workdir appears inside every bwrap sandbox. */
 export const BWRAP_WORKDIR_INSIDE = '/workspace';
@@ -73,6 +92,11 @@ export interface BwrapDriverOptions {
   tmpfsMb?: number;
   /** Force a lifecycle (default: `persistent` as root, else `per-exec`). */
   mode?: BwrapMode;
+  /**
+   * Where the cgroup hierarchies are (default: detected from /proc/self/mounts); a
+   * `{ ok: false, reason }` runs without resource limits, as on a host without usable cgroups.
+   */
+  cgroups?: CgroupDetection;
 }
 
 /**
@@ -90,8 +114,13 @@ export interface BwrapDriver extends SandboxDriver {
   destroyAll(): Promise<void>;
   /** Host pid of a persistent sandbox's namespace init, for tests and diagnostics. */
   initPid(handle: SandboxHandle): number | undefined;
+  /** Always present; throws `sandbox_unavailable` when this host enforces no limits. */
+  stats(handle: SandboxHandle): Promise<SandboxStats>;
   reapOrphans(): Promise<number>;
 }
+
+/** Whether sandboxes get cgroups on this host, and if not, why. */
+type ResourceControl = { ok: true; tree: CgroupTree } | { ok: false; reason: string };
 
 interface LiveSandbox {
   handle: SandboxHandle;
@@ -104,6 +133,8 @@ interface LiveSandbox {
   stopped: boolean;
   /** Commands and spawned processes running right now (host processes), killed by destroy. */
   running: Set<ChildProcess>;
+  /** The sandbox's cgroup, when this host enforces limits. */
+  cgroup?: SandboxCgroup;
 }
 
 /** Finds an executable on the server's PATH. */
@@ -188,6 +219,32 @@ function validateReadOnlyMounts(spec: SandboxSpec, runningAsRoot: boolean): void
   }
 }
 
+/** The limits a spec asks for with defaults filled in; `explicit` when it named any itself. */
+function resolveLimits(spec: SandboxSpec): { limits: EnforcedLimits; explicit: boolean } {
+  const requested = { cpu: spec.limits?.cpu, memoryMb: spec.limits?.memoryMb, pids: spec.limits?.pids };
+  for (const [name, value] of Object.entries(requested)) {
+    if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
+      throw new BerthError(
+        'invalid_request',
+        `sandbox limit ${name} must be a positive number, got ${value}`,
+      );
+    }
+  }
+  return {
+    limits: {
+      cpu: requested.cpu ?? DEFAULT_SANDBOX_LIMITS.cpu,
+      memoryMb: requested.memoryMb ?? DEFAULT_SANDBOX_LIMITS.memoryMb,
+      pids: requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids,
+    },
+    explicit: Object.values(requested).some((value) => value !== undefined),
+  };
+}
+
+/** The same limits in the units cgroups take. */
+function cgroupLimits(limits: EnforcedLimits) {
+  return { cpuCores: limits.cpu, memoryBytes: limits.memoryMb * 1024 * 1024, pids: limits.pids };
+}
+
 /** Rejects argv that `env -i ... argv` or the kernel would misread. */
 function validateArgv(argv: readonly string[]): void {
   if (argv.length === 0 || argv[0] === '') throw new BerthError('invalid_request', 'argv must not be empty');
@@ -242,6 +299,35 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   let bwrapPath = options.bwrapPath;
   let nsenterPath = options.nsenterPath;
   let unsharePath: string | undefined;
+  let resourceControl: Promise<ResourceControl> | undefined;
+
+  /** Finds out once whether sandboxes can get cgroups here (needs root and usable hierarchies). */
+  const detectResourceControl = (): Promise<ResourceControl> => {
+    resourceControl ??= (async (): Promise<ResourceControl> => {
+      if (!runningAsRoot) {
+        return {
+          ok: false,
+          reason: 'Berth is not running as root, and only root can give sandboxes cgroups',
+        };
+      }
+      const detection = options.cgroups ?? detectHostCgroupLayout();
+      if (!detection.ok) return detection;
+      const tree = openCgroupTree(detection.layout);
+      try {
+        // A throwaway group proves the parent can be made and every limit written.
+        const probe = tree.create(newId('sbx'), cgroupLimits(DEFAULT_SANDBOX_LIMITS));
+        await probe.remove();
+      } catch (error) {
+        return { ok: false, reason: error instanceof Error ? error.message : String(error) };
+      }
+      return { ok: true, tree };
+    })();
+    return resourceControl;
+  };
+
+  /** `[command, args]` changed to join the sandbox's cgroup before running, when it has one. */
+  const inCgroup = (live: LiveSandbox, [command, args]: [string, string[]]): [string, string[]] =>
+    live.cgroup ? joinCgroupCommand(live.cgroup, command, args) : [command, args];
 
   const requireBinaries = (): { bwrap: string; nsenter: string | undefined } => {
     bwrapPath ??= findExecutable('bwrap');
@@ -392,17 +478,20 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     {
       // bwrap writes the info fd before it has built the mounts; the init prints a line once
       // it runs, so no command can enter a half-built sandbox.
-      const [command, args] = launch(live.spec, bwrap, [
-        ...bwrapArguments(live.spec),
-        '--info-fd',
-        String(FD.info),
-        'sh',
-        '-c',
-        // The lifeline: the sandbox lives exactly as long as its stdin pipe, whose write end
-        // only this process holds. If Berth dies at any moment, even before bwrap has armed
-        // --die-with-parent, the pipe closes, `cat` exits and the kernel ends the sandbox.
-        'echo ready && exec cat >/dev/null',
-      ]);
+      const [command, args] = inCgroup(
+        live,
+        launch(live.spec, bwrap, [
+          ...bwrapArguments(live.spec),
+          '--info-fd',
+          String(FD.info),
+          'sh',
+          '-c',
+          // The lifeline: the sandbox lives exactly as long as its stdin pipe, whose write end
+          // only this process holds. If Berth dies at any moment, even before bwrap has armed
+          // --die-with-parent, the pipe closes, `cat` exits and the kernel ends the sandbox.
+          'echo ready && exec cat >/dev/null',
+        ]),
+      );
       child = spawn(command, args, {
         env: { PATH: '/usr/bin:/bin' },
         stdio: ['pipe', 'pipe', 'pipe', ...EXTRA_STDIO],
@@ -525,8 +614,10 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       killTree: (child: ChildProcess) => killProcessTree(child.pid ?? -1),
     };
     try {
+      let result: RunProcessResult;
       if (mode === 'persistent') {
-        return await runProcess(binaries.nsenter!, nsenterArguments(live, cwd, env, argv), {
+        const [command, args] = inCgroup(live, [binaries.nsenter!, nsenterArguments(live, cwd, env, argv)]);
+        result = await runProcess(command, args, {
           ...common,
           spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
           onSpawn: (child) => {
@@ -534,26 +625,38 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
             live.running.add(child);
           },
         });
+      } else {
+        const setenv = Object.entries(env).flatMap(([name, value]) => ['--setenv', name, value]);
+        const [command, args] = inCgroup(
+          live,
+          launch(live.spec, binaries.bwrap, [
+            ...bwrapArguments(live.spec),
+            ...setenv,
+            '--chdir',
+            cwd,
+            '--',
+            ...argv,
+          ]),
+        );
+        result = await runProcess(command, args, {
+          ...common,
+          spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
+          extraStdio: ['ignore', 'pipe', 'pipe', 'pipe'],
+          onSpawn: (child) => {
+            tracked = child;
+            live.running.add(child);
+            feedData(child);
+          },
+        });
       }
-      const setenv = Object.entries(env).flatMap(([name, value]) => ['--setenv', name, value]);
-      const [command, args] = launch(live.spec, binaries.bwrap, [
-        ...bwrapArguments(live.spec),
-        ...setenv,
-        '--chdir',
-        cwd,
-        '--',
-        ...argv,
-      ]);
-      return await runProcess(command, args, {
-        ...common,
-        spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
-        extraStdio: ['ignore', 'pipe', 'pipe', 'pipe'],
-        onSpawn: (child) => {
-          tracked = child;
-          live.running.add(child);
-          feedData(child);
-        },
-      });
+      if (live.cgroup && result.exitCode === 125 && result.stderr.includes(CGROUP_JOIN_FAILURE)) {
+        // The command never ran: it could not be put under the sandbox's limits.
+        throw new BerthError('sandbox_failed', `sandbox ${handle.id} has lost its cgroup`, {
+          retryable: true,
+          details: { stderr: result.stderr.toString('utf8').trim() },
+        });
+      }
+      return result;
     } catch (error) {
       if (error instanceof BerthError) throw error;
       throw new BerthError('sandbox_failed', `could not run a command in sandbox ${handle.id}`, {
@@ -594,7 +697,13 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       killProcessTree(live.bwrap.pid);
     }
     for (const child of live.running) killProcessTree(child.pid ?? -1);
-    await live.exited;
+    try {
+      // The cgroup holds everything the sandbox ran, including what left its process tree.
+      await live.cgroup?.kill();
+    } finally {
+      await live.exited;
+    }
+    await live.cgroup?.remove();
   };
 
   return {
@@ -632,6 +741,15 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
             reason: `bwrap cannot create namespaces here (${probe.stderr.trim()}); user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces)`,
           };
         }
+        const control = await detectResourceControl();
+        if (!control.ok) {
+          return {
+            ok: true,
+            warnings: [
+              `sandbox resource limits (cpu, memory, pids) are not enforced: ${control.reason}; environments that set limits will be refused`,
+            ],
+          };
+        }
         return { ok: true };
       } catch (error) {
         return { ok: false, reason: error instanceof Error ? error.message : String(error) };
@@ -642,22 +760,30 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       const binaries = requireBinaries();
       validateEnvironment(spec.env);
       validateReadOnlyMounts(spec, runningAsRoot);
+      const { limits, explicit } = resolveLimits(spec);
+      const control = await detectResourceControl();
+      if (!control.ok && explicit) {
+        throw new BerthError(
+          'sandbox_unavailable',
+          `this host cannot enforce the environment's cpu, memory or pids limits (${control.reason}); remove the limits or run Berth as root on a host with cgroups`,
+        );
+      }
       prepareWorkdir(spec);
       const handle: SandboxHandle = {
         id: newId('sbx'),
         sessionId: spec.sessionId,
         driver: 'bwrap',
         workdirInside: BWRAP_WORKDIR_INSIDE,
+        ...(control.ok ? { enforcedLimits: limits } : {}),
       };
       const live: LiveSandbox = { handle, spec, stopped: false, running: new Set() };
       sandboxes.set(handle.id, live);
-      if (mode === 'persistent') {
-        try {
-          await startPersistent(live, binaries.bwrap);
-        } catch (error) {
-          await destroyLive(live);
-          throw error;
-        }
+      try {
+        if (control.ok) live.cgroup = control.tree.create(handle.id, cgroupLimits(limits));
+        if (mode === 'persistent') await startPersistent(live, binaries.bwrap);
+      } catch (error) {
+        await destroyLive(live);
+        throw error;
       }
       return handle;
     },
@@ -689,7 +815,8 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       const cwd = insidePath(spawnOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
       const env = commandEnvironment(live.spec, spawnOptions.env);
       // Its own process group, so kill() reaches nsenter's forked child and what it started.
-      const child = spawn(binaries.nsenter!, nsenterArguments(live, cwd, env, argv), {
+      const [command, args] = inCgroup(live, [binaries.nsenter!, nsenterArguments(live, cwd, env, argv)]);
+      const child = spawn(command, args, {
         env: { PATH: '/usr/bin:/bin' },
         stdio: ['pipe', 'pipe', 'pipe'],
         detached: true,
@@ -745,10 +872,37 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       if (live) await destroyLive(live);
     },
 
+    async stats(handle) {
+      const live = lookup(handle);
+      if (!live.cgroup) {
+        const control = await detectResourceControl();
+        throw new BerthError(
+          'sandbox_unavailable',
+          `sandbox ${handle.id} is not metered: ${control.ok ? 'it has no cgroup' : control.reason}`,
+        );
+      }
+      try {
+        return live.cgroup.stats();
+      } catch (error) {
+        throw new BerthError('sandbox_failed', `cannot read the usage of sandbox ${handle.id}`, {
+          retryable: true,
+          cause: error,
+        });
+      }
+    },
+
     async reapOrphans() {
       let reaped = 0;
+      const alreadyKilled = new Set<number>();
+      const control = await detectResourceControl();
+      if (control.ok) {
+        // Groups of dead servers: their processes (if any survived) die with them.
+        const leftovers = await control.tree.reapLeftovers();
+        reaped += leftovers.groups.length;
+        for (const pid of leftovers.killedPids) alreadyKilled.add(pid);
+      }
       for (const entry of readdirSync('/proc')) {
-        if (!/^\d+$/.test(entry)) continue;
+        if (!/^\d+$/.test(entry) || alreadyKilled.has(Number(entry))) continue;
         try {
           const status = readFileSync(`/proc/${entry}/status`, 'utf8');
           // Only sandboxes whose parent is gone: a live server's sandboxes have a live parent.
