@@ -86,6 +86,8 @@ export async function startBerth(
     const availability = await driver.checkAvailability();
     if (availability.ok) {
       drivers.set(name, driver);
+      for (const warning of availability.warnings ?? [])
+        logger.warn('sandbox driver', { driver: name, warning });
       const reaped = (await driver.reapOrphans?.()) ?? 0;
       if (reaped > 0)
         logger.warn('killed sandboxes left behind by a dead process', { driver: name, count: reaped });

@@ -75,7 +75,8 @@ export interface TelemetryConfig {
  */
 function telemetryConfig(environment: Readonly<Record<string, string | undefined>>): TelemetryConfig {
   const disabled =
-    environment.OTEL_SDK_DISABLED === 'true' || (environment.OTEL_TRACES_EXPORTER ?? 'otlp').split(',').includes('none');
+    environment.OTEL_SDK_DISABLED === 'true' ||
+    (environment.OTEL_TRACES_EXPORTER ?? 'otlp').split(',').includes('none');
   const base = environment.OTEL_EXPORTER_OTLP_ENDPOINT;
   const endpoint =
     environment.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ||
@@ -84,11 +85,17 @@ function telemetryConfig(environment: Readonly<Record<string, string | undefined
     throw invalidRequest(`the OTLP traces endpoint must be an http(s) URL, got "${endpoint}"`);
   }
   const headers: Record<string, string> = {};
-  for (const pair of (environment.OTEL_EXPORTER_OTLP_TRACES_HEADERS ?? environment.OTEL_EXPORTER_OTLP_HEADERS ?? '')
+  for (const pair of (
+    environment.OTEL_EXPORTER_OTLP_TRACES_HEADERS ??
+    environment.OTEL_EXPORTER_OTLP_HEADERS ??
+    ''
+  )
     .split(',')
     .filter((entry) => entry.includes('='))) {
     const index = pair.indexOf('=');
-    headers[decodeURIComponent(pair.slice(0, index).trim())] = decodeURIComponent(pair.slice(index + 1).trim());
+    headers[decodeURIComponent(pair.slice(0, index).trim())] = decodeURIComponent(
+      pair.slice(index + 1).trim(),
+    );
   }
   const delay = Number(environment.OTEL_BSP_SCHEDULE_DELAY ?? 5000);
   const slow = Number(environment.BERTH_TRACE_SLOW_APPEND_MS ?? 100);

@@ -771,7 +771,11 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         );
         expect(await store.resources.findSessionsByStatus([])).toEqual([]);
         // Metrics count across tenants too.
-        expect(await store.resources.countSessionsByStatus()).toEqual({ running: 2, rescheduling: 1, idle: 1 });
+        expect(await store.resources.countSessionsByStatus()).toEqual({
+          running: 2,
+          rescheduling: 1,
+          idle: 1,
+        });
       });
 
       it("stores tenants, users and keys; a key is found by hash with its user's role", async () => {

@@ -448,7 +448,8 @@ function openV1Tree(layout: Extract<CgroupLayout, { version: 1 }>, parentName: s
       },
       kill,
       async remove() {
-        if (directories.some((directory) => existsSync(directory))) await removeDirectories(directories, kill);
+        if (directories.some((directory) => existsSync(directory)))
+          await removeDirectories(directories, kill);
       },
     };
   };
