@@ -21,18 +21,18 @@ interface OtlpValue {
   arrayValue?: { values?: OtlpValue[] };
 }
 
-function valueOf(value: OtlpValue | undefined): unknown {
+function otlpValueOf(value: OtlpValue | undefined): unknown {
   if (value === undefined) return undefined;
   if (value.stringValue !== undefined) return value.stringValue;
   if (value.intValue !== undefined) return Number(value.intValue);
   if (value.doubleValue !== undefined) return value.doubleValue;
   if (value.boolValue !== undefined) return value.boolValue;
-  if (value.arrayValue !== undefined) return (value.arrayValue.values ?? []).map(valueOf);
+  if (value.arrayValue !== undefined) return (value.arrayValue.values ?? []).map(otlpValueOf);
   return undefined;
 }
 
 function attributesOf(list: { key: string; value: OtlpValue }[] | undefined): Record<string, unknown> {
-  return Object.fromEntries((list ?? []).map((attribute) => [attribute.key, valueOf(attribute.value)]));
+  return Object.fromEntries((list ?? []).map((attribute) => [attribute.key, otlpValueOf(attribute.value)]));
 }
 
 /**
