@@ -185,6 +185,7 @@ export async function startBerth(
     maxBodyBytes: config.maxBodyBytes,
     metrics,
     budgetBook,
+    sandboxes,
   });
   const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
   await new Promise<void>((resolve, reject) => {

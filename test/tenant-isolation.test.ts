@@ -129,7 +129,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       controller.abort();
       return { status: response.status, contentType, body: undefined } satisfies Answer;
     }
-    if (contentType.startsWith('text/plain')) {
+    if (contentType.startsWith('text/plain') || contentType.startsWith('application/octet-stream')) {
       // Prometheus metrics: aggregates only; scanned as text for ids like any body.
       const text = await response.text();
       return { status: response.status, contentType, body: { text } as JsonObject };
@@ -148,7 +148,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
 
   const worldOf = (tenantId: string) => worlds.find((world) => world.tenantId === tenantId)!;
   const partyOf = (userId: string) => parties.find((party) => party.userId === userId)!;
-  const fill = (path: string, id: string) => path.replace(':id', encodeURIComponent(id));
+  const fill = (path: string, id: string) =>
+    path.replace(':id', encodeURIComponent(id)).replace('*', 'matrix.txt');
 
   /** The one visibility rule the API promises: own tenant, and (for members) own or tenant-wide. */
   const canSee = (caller: Party, resource: Resource) =>
@@ -234,6 +235,11 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'GET /v1/sessions/:id/events': { type: 'by-id' },
     'POST /v1/sessions/:id/events': { type: 'by-id', body: () => ({ events: [userMessage] }) },
     'GET /v1/sessions/:id/events/stream': { type: 'by-id' },
+    'GET /v1/sessions/:id/files': { type: 'by-id' },
+    // Runs before the GET below on each session, so the file is there to read.
+    'PUT /v1/sessions/:id/files/*': { type: 'by-id', body: () => 'matrix file' },
+    'GET /v1/sessions/:id/files/*': { type: 'by-id' },
+    'DELETE /v1/sessions/:id/files/*': { type: 'by-id' },
   };
 
   const ruleOf = (method: string, path: string) => routeRules[`${method} ${path}`];

@@ -7,6 +7,7 @@ import type { ApiDependencies, ApiEnvironment } from './context.js';
 import { environmentRoutes } from './environments.js';
 import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
+import { fileRoutes } from './files.js';
 import { identityRoutes } from './identity.js';
 import { sessionRoutes } from './sessions.js';
 import { usageRoutes } from './usage.js';
@@ -93,6 +94,7 @@ export function createApp(dependencies: ApiDependencies) {
   app.route('/v1/agents', agentRoutes(dependencies));
   app.route('/v1/environments', environmentRoutes(dependencies));
   app.route('/v1/sessions', eventRoutes(dependencies));
+  app.route('/v1/sessions', fileRoutes(dependencies));
   app.route('/v1/sessions', sessionRoutes(dependencies));
   return app;
 }

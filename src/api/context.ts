@@ -1,5 +1,6 @@
 import type { Context } from 'hono';
 import { z } from 'zod';
+import type { SandboxManager } from '../control/sandbox-manager.js';
 import type { Supervisor } from '../control/supervisor.js';
 import { invalidRequest } from '../errors.js';
 import type { DeltaBus } from '../harness/delta-bus.js';
@@ -28,6 +29,8 @@ export interface ApiDependencies {
   unavailableDrivers?: Readonly<Record<string, string>>;
   /** Largest accepted request body in bytes (default 1 MiB). */
   maxBodyBytes?: number;
+  /** The sessions' sandboxes (the files API works in them). */
+  sandboxes: SandboxManager;
   /** The price book session budgets and list costs use. */
   budgetBook: PriceBook;
   /** Prometheus metrics served at `/metrics` (absent when turned off). */
