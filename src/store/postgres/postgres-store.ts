@@ -216,6 +216,16 @@ async function callFunction<Row extends pg.QueryResultRow>(
   }
 }
 
+/** One statement in its own transaction scoped to the tenant. */
+function queryInTenant<Row extends pg.QueryResultRow>(
+  pool: pg.Pool,
+  tenantId: string,
+  sql: string,
+  parameters: unknown[],
+): Promise<pg.QueryResult<Row>> {
+  return inTenant(pool, tenantId, (client) => client.query<Row>(sql, parameters));
+}
+
 /**
  * JSON text for a jsonb column. PostgreSQL text cannot hold NUL, so a NUL inside a string
  * (a tool's binary output, say) becomes U+FFFD instead of failing the whole append.
@@ -435,13 +445,8 @@ class PostgresEventStore implements EventStore {
     return run;
   }
 
-  /** One statement in a transaction scoped to the tenant. */
-  #query<Row extends pg.QueryResultRow>(
-    tenantId: string,
-    sql: string,
-    parameters: unknown[],
-  ): Promise<pg.QueryResult<Row>> {
-    return inTenant(this.#pool, tenantId, (client) => client.query<Row>(sql, parameters));
+  #query<Row extends pg.QueryResultRow>(tenantId: string, sql: string, parameters: unknown[]) {
+    return queryInTenant<Row>(this.#pool, tenantId, sql, parameters);
   }
 }
 
@@ -946,13 +951,8 @@ class PostgresResourceStore implements ResourceStore {
     );
   }
 
-  /** One statement in a transaction scoped to the tenant. */
-  #query<Row extends pg.QueryResultRow>(
-    tenantId: string,
-    sql: string,
-    parameters: unknown[],
-  ): Promise<pg.QueryResult<Row>> {
-    return inTenant(this.#pool, tenantId, (client) => client.query<Row>(sql, parameters));
+  #query<Row extends pg.QueryResultRow>(tenantId: string, sql: string, parameters: unknown[]) {
+    return queryInTenant<Row>(this.#pool, tenantId, sql, parameters);
   }
 }
 
