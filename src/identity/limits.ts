@@ -103,11 +103,6 @@ export class Limits {
     };
   }
 
-  /** Forgets a tenant's cached overrides (after they change). */
-  forgetTenant(tenantId: string): void {
-    this.#tenantLimits.delete(tenantId);
-  }
-
   async #charge(
     subject: LimitSubject,
     kind: 'sessionsPerMinute' | 'eventsPerMinute',

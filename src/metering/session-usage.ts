@@ -1,6 +1,6 @@
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
-import { type CostBreakdown, costOf, type PriceBook } from './price-books.js';
+import type { CostBreakdown, PriceBook } from './price-books.js';
 import { emptyUsage, type UsageTotals } from './usage.js';
 
 /** Sandbox work measured since the last snapshot (from the sandbox's cgroup). */
@@ -88,7 +88,7 @@ export interface SessionUsageBerth {
 }
 
 /** USD as the API's monetary amount: minor units (cents) as an integer string. */
-export function monetaryAmount(usd: number): { amount: string; currency: 'USD' } {
+function monetaryAmount(usd: number): { amount: string; currency: 'USD' } {
   return { amount: String(Math.round(usd * 100)), currency: 'USD' };
 }
 
@@ -150,11 +150,6 @@ export function usageEvent(
     budget: (session.body.budget as unknown) ?? null,
     berth,
   };
-}
-
-/** The list cost of usage under a book, the measure budgets compare with. */
-export function listCost(usage: UsageTotals, book: PriceBook): CostBreakdown {
-  return costOf(usage, book);
 }
 
 function round(value: number): number {
