@@ -123,6 +123,8 @@ describe('OpenTelemetry traces', () => {
       { headers: { traceparent: `00-${clientTraceId}-${clientSpanId}-01` } },
     );
     expect(seen[seen.length - 1]!.stop_reason).toEqual({ type: 'end_turn' });
+    // The turn span ends when the wake returns, just after the idle event the client saw.
+    await berth.supervisor.settled(berth.keyOf(session.id));
     await berth.telemetry.forceFlush();
 
     const spans = receiver.spans.filter((span) => span.traceId === clientTraceId);
@@ -211,6 +213,7 @@ describe('OpenTelemetry traces', () => {
       ]);
     await say('one');
     await say('two');
+    await berth.supervisor.settled(berth.keyOf(session.id));
     await berth.telemetry.forceFlush();
     const turns = receiver.spans.filter(
       (span) => span.name === 'invoke_agent' && span.attributes['gen_ai.conversation.id'] === session.id,
