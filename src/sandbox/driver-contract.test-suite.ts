@@ -345,6 +345,58 @@ export function describeSandboxDriverContract(name: string, options: SandboxDriv
       expect(isBerthError(failure, 'sandbox_failed')).toBe(true);
     });
 
+    it('suspends to a directory and resumes in a new sandbox with the same files', async (context) => {
+      const handle = await provision(context);
+      await driver.exec(handle, [
+        'sh',
+        '-c',
+        'mkdir -p src/deep && echo kept > src/deep/note.txt && printf "#!/bin/sh\\necho ran\\n" > run.sh && chmod 755 run.sh && ln -s src/deep/note.txt link',
+      ]);
+      await driver.writeFile(handle, 'data.bin', new Uint8Array([0, 255, 1]));
+      const saved = newWorkdir();
+      const suspended = await driver.suspend(handle, saved);
+      expect(typeof suspended.memory).toBe('boolean');
+      // The old sandbox is gone.
+      const failure = await driver.exec(handle, ['true']).catch((error: unknown) => error);
+      expect(isBerthError(failure, 'sandbox_failed')).toBe(true);
+
+      const resumed = await driver.provision({
+        sessionId: 'sesn_contract',
+        workdir: join(newWorkdir(), 'resumed'),
+        restoreFrom: saved,
+      });
+      handles.push(resumed);
+      const view = await driver.exec(resumed, ['sh', '-c', 'cat src/deep/note.txt; ./run.sh; cat link']);
+      expect(view).toMatchObject({ stdout: 'kept\nran\nkept\n', exitCode: 0 });
+      expect(Buffer.from(await driver.readFile(resumed, 'data.bin'))).toEqual(Buffer.from([0, 255, 1]));
+      // Still the sandbox user's files: it can change them.
+      expect(
+        (await driver.exec(resumed, ['sh', '-c', 'echo more >> src/deep/note.txt && echo ok'])).stdout,
+      ).toBe('ok\n');
+    });
+
+    it('resumes processes and memory when the driver keeps them', async (context) => {
+      const handle = await provision(context);
+      await driver.exec(handle, ['sh', '-c', 'echo in-memory > /tmp/state.txt']);
+      const counter = `sleep 1003.${process.pid}${Date.now() % 1000}`;
+      await driver.exec(handle, ['sh', '-c', `${counter} >/dev/null 2>&1 &`]);
+      const saved = newWorkdir();
+      const suspended = await driver.suspend(handle, saved);
+      if (!suspended.memory) return context.skip(`${driver.name} keeps files only across suspend`);
+      const resumed = await driver.provision({
+        sessionId: 'sesn_contract',
+        workdir: join(newWorkdir(), 'resumed'),
+        restoreFrom: saved,
+      });
+      handles.push(resumed);
+      const view = await driver.exec(resumed, [
+        'sh',
+        '-c',
+        `cat /tmp/state.txt; ps -eo args | grep -c "^${counter}"`,
+      ]);
+      expect(view.stdout).toBe('in-memory\n1\n');
+    });
+
     it('counts the CPU time and memory commands use, or says it cannot meter', async (context) => {
       const handle = await provision(context);
       if (!driver.stats) return context.skip('driver has no stats capability');

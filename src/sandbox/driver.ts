@@ -56,6 +56,18 @@ export interface SandboxSpec {
    * `/proc`, `/dev`, `/tmp`, `/workspace`.
    */
   readOnlyMounts?: readonly ReadOnlyMount[];
+  /**
+   * A directory that `suspend` of an earlier sandbox of this session wrote: the new sandbox
+   * resumes from it (the working directory's files, and memory for drivers that keep it). The
+   * driver may move what is in it; the caller deletes the directory after provisioning.
+   */
+  restoreFrom?: string;
+}
+
+/** What `suspend` kept of a sandbox. */
+export interface SuspendResult {
+  /** True when processes and memory were saved too (resume continues them), not only files. */
+  memory: boolean;
 }
 
 /** A host path bound read-only into the sandbox. */
@@ -155,6 +167,14 @@ export interface SandboxDriver {
   stats?(handle: SandboxHandle): Promise<SandboxStats>;
   /** Kills everything in the sandbox and releases its resources; the workdir stays. */
   destroy(handle: SandboxHandle): Promise<void>;
+  /**
+   * Stops the sandbox and writes into `directory` (an empty host directory) everything a later
+   * `provision({ ...spec, restoreFrom: directory })` needs to resume it: the working directory's
+   * files always, and processes and memory for drivers that can (`SuspendResult.memory`).
+   * Afterwards the sandbox is gone as after `destroy`, and so is its working directory on the
+   * host (its files are in `directory` now).
+   */
+  suspend(handle: SandboxHandle, directory: string): Promise<SuspendResult>;
   /**
    * Kills sandboxes of this driver that a dead Berth process left on the host (called at
    * start-up, before sessions resume). Returns how many it found.

@@ -54,6 +54,7 @@ import {
   type RunProcessResult,
   runProcess,
 } from '../exec-process.js';
+import { moveTree, restoreWorkspace, SUSPENDED_WORKSPACE } from '../workspace-move.js';
 import {
   CGROUP_JOIN_FAILURE,
   type CgroupDetection,
@@ -768,6 +769,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
           `this host cannot enforce the environment's cpu, memory or pids limits (${control.reason}); remove the limits or run Berth as root on a host with cgroups`,
         );
       }
+      if (spec.restoreFrom) await restoreWorkspace(spec.restoreFrom, spec.workdir);
       prepareWorkdir(spec);
       const handle: SandboxHandle = {
         id: newId('sbx'),
@@ -870,6 +872,14 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     async destroy(handle) {
       const live = sandboxes.get(handle.id);
       if (live) await destroyLive(live);
+    },
+
+    async suspend(handle, directory) {
+      // Only files survive: bwrap keeps no process or memory state across a stop.
+      const live = lookup(handle);
+      await destroyLive(live);
+      await moveTree(live.spec.workdir, join(directory, SUSPENDED_WORKSPACE));
+      return { memory: false };
     },
 
     async stats(handle) {
