@@ -1,9 +1,10 @@
 import { mkdir } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
-import { resolve } from 'node:path';
+import { join, resolve } from 'node:path';
 import { serve } from '@hono/node-server';
 import { createApp } from './api/app.js';
 import type { BerthConfig } from './config/config.js';
+import { LifetimeReaper } from './control/lifecycle.js';
 import { SandboxManager } from './control/sandbox-manager.js';
 import { type Logger, Supervisor } from './control/supervisor.js';
 import { Toolboxes } from './control/toolbox.js';
@@ -16,6 +17,8 @@ import type { ModelRegistry } from './models/model-registry.js';
 import { createModelRegistry } from './models/provider-registry.js';
 import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
 import type { SandboxDriver } from './sandbox/driver.js';
+import { LocalSnapshotStore } from './snapshots/local-snapshot-store.js';
+import type { NewEvent, SessionKey } from './store/event-store.js';
 import { openStore } from './store/open-store.js';
 import type { SessionRecord, Store } from './store/resource-store.js';
 import { Metrics } from './telemetry/metrics.js';
@@ -132,10 +135,15 @@ export async function startBerth(
   };
   const models = options.models ?? createModelRegistry({ environment: config.modelEnvironment });
   const deltas = new DeltaBus();
+  const snapshots = new LocalSnapshotStore(join(config.dataDir, 'snapshots'));
+  const leftovers = await snapshots.removeLeftovers();
+  if (leftovers > 0)
+    logger.warn('removed unfinished sandbox snapshots left by a dead process', { count: leftovers });
   sandboxes = new SandboxManager({
     drivers: new Map([...drivers].map(([name, driver]) => [name, instrumentDriver(driver)])),
     store,
     dataDir: config.dataDir,
+    snapshots,
   });
   const toolboxes = new Toolboxes({
     sandboxes,
@@ -161,6 +169,40 @@ export async function startBerth(
   if (telemetry.enabled) harness = tracedHarness(harness, tracer, telemetry.contexts);
   if (metrics) harness = metrics.harness(harness);
   const supervisor = new Supervisor({ harness, store, logger });
+  // Sandbox stops and resumes are facts of the session: they go in its log.
+  const logSandboxEvent = async (session: SessionKey, event: NewEvent) => {
+    await store.events.append(session, [event]).catch((error: unknown) =>
+      logger.warn('could not log a sandbox event', {
+        session: session.id,
+        type: event.type,
+        error: error instanceof Error ? error.message : String(error),
+      }),
+    );
+  };
+  sandboxes.setHooks({
+    active: (session) => supervisor.isLive(session),
+    beforeStop: (session) => toolboxes.release(session),
+    stopped: (session, { reason, memory, durationMs }) =>
+      logSandboxEvent(session, {
+        type: 'berth.sandbox_stopped',
+        reason,
+        memory,
+        duration_ms: Math.round(durationMs),
+      }),
+    resumed: (session, { memory, durationMs }) =>
+      logSandboxEvent(session, {
+        type: 'berth.sandbox_resumed',
+        memory,
+        duration_ms: Math.round(durationMs),
+      }),
+  });
+  const lifetimes = new LifetimeReaper({
+    store,
+    supervisor,
+    sandboxes,
+    logger,
+    releaseTools: (session) => toolboxes.release(session),
+  });
   const limits = new Limits({
     defaults: config.limits,
     resources: store.resources,
@@ -186,6 +228,7 @@ export async function startBerth(
     metrics,
     budgetBook,
     sandboxes,
+    minLifecycleSeconds: config.minLifecycleSeconds,
   });
   const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
   await new Promise<void>((resolve, reject) => {
@@ -196,6 +239,7 @@ export async function startBerth(
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
   await supervisor.recover();
+  lifetimes.start();
   logger.info('berth is listening', { url, store: config.store.kind, drivers: [...drivers.keys()] });
 
   let closing: Promise<void> | undefined;
@@ -221,9 +265,11 @@ export async function startBerth(
           // Open SSE streams would keep close() waiting forever.
           (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
         });
+        lifetimes.stop();
         await supervisor.shutdown();
         await toolboxes.releaseAll();
-        await sandboxes.releaseAll();
+        // Stopped with snapshots: the next process resumes each sandbox where it was.
+        await sandboxes.stopAll();
         await telemetry.shutdown().catch(() => undefined);
         await store.close();
       })();

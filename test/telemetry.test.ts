@@ -200,6 +200,50 @@ describe('OpenTelemetry traces', () => {
     expect(exported).not.toContain('launch code');
   });
 
+  it('traces a sandbox stopped on request and resumed by the next tool call', async () => {
+    const agent = await berth.client.beta.agents.create({
+      name: 'stop-resume',
+      model: 'scripted/bash-once',
+      tools: [{ type: 'agent_toolset_20260401' }],
+    });
+    const environment = await berth.client.beta.environments.create({ name: 'stop-resume' });
+    const session = await berth.client.beta.sessions.create({
+      agent: agent.id,
+      environment_id: environment.id,
+    });
+    const say = (text: string) =>
+      sendAndWaitIdle(berth.client, session.id, [
+        { type: 'user.message', content: [{ type: 'text', text }] },
+      ]);
+    await say('echo one > one.txt');
+    const stopped = await fetch(`${berth.url}/v1/sessions/${session.id}/stop`, {
+      method: 'POST',
+      headers: { 'x-api-key': berth.apiKey },
+    });
+    expect(stopped.status).toBe(200);
+    await say('cat one.txt');
+    await berth.supervisor.settled(berth.keyOf(session.id));
+    await berth.telemetry.forceFlush();
+    const ofSession = receiver.spans.filter((span) => span.attributes['berth.session.id'] === session.id);
+    const stop = ofSession.filter((span) => span.name === 'sandbox.stop');
+    const resume = ofSession.filter((span) => span.name === 'sandbox.resume');
+    expect(stop).toHaveLength(1);
+    expect(stop[0]!.attributes).toMatchObject({
+      'berth.sandbox.driver': 'bwrap',
+      'berth.sandbox.memory_kept': false,
+    });
+    expect(resume).toHaveLength(1);
+    // The resume happened for the second turn's tool call: it hangs in that turn's trace.
+    const turnTraces = new Set(
+      receiver.spans
+        .filter(
+          (span) => span.name === 'invoke_agent' && span.attributes['gen_ai.conversation.id'] === session.id,
+        )
+        .map((span) => span.traceId),
+    );
+    expect(turnTraces.has(resume[0]!.traceId)).toBe(true);
+  });
+
   it('starts a new trace per turn when the client sends no trace context', async () => {
     const agent = await berth.client.beta.agents.create({ name: 'plain', model: 'scripted/echo' });
     const environment = await berth.client.beta.environments.create({ name: 'plain' });

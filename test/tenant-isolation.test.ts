@@ -240,6 +240,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'PUT /v1/sessions/:id/files/*': { type: 'by-id', body: () => 'matrix file' },
     'GET /v1/sessions/:id/files/*': { type: 'by-id' },
     'DELETE /v1/sessions/:id/files/*': { type: 'by-id' },
+    'GET /v1/sessions/:id/sandbox': { type: 'by-id' },
+    'POST /v1/sessions/:id/stop': { type: 'by-id' },
   };
 
   const ruleOf = (method: string, path: string) => routeRules[`${method} ${path}`];

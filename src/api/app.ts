@@ -9,6 +9,7 @@ import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
 import { fileRoutes } from './files.js';
 import { identityRoutes } from './identity.js';
+import { sandboxRoutes } from './sandbox.js';
 import { sessionRoutes } from './sessions.js';
 import { usageRoutes } from './usage.js';
 
@@ -95,6 +96,7 @@ export function createApp(dependencies: ApiDependencies) {
   app.route('/v1/environments', environmentRoutes(dependencies));
   app.route('/v1/sessions', eventRoutes(dependencies));
   app.route('/v1/sessions', fileRoutes(dependencies));
+  app.route('/v1/sessions', sandboxRoutes(dependencies));
   app.route('/v1/sessions', sessionRoutes(dependencies));
   return app;
 }

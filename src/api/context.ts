@@ -35,6 +35,11 @@ export interface ApiDependencies {
   budgetBook: PriceBook;
   /** Prometheus metrics served at `/metrics` (absent when turned off). */
   metrics?: Metrics;
+  /**
+   * Lowest `idle_timeout_s` / `max_lifetime_s` an environment may set (default 60; lower only
+   * for tests and demos, `BERTH_MIN_LIFECYCLE_S`).
+   */
+  minLifecycleSeconds?: number;
   /** Interval of SSE keep-alive pings (default 15 s). */
   streamPingMs?: number;
 }

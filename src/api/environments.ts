@@ -1,4 +1,5 @@
 import { Hono } from 'hono';
+import { DEFAULT_IDLE_TIMEOUT_S, DEFAULT_MAX_LIFETIME_S } from '../control/sandbox-manager.js';
 import { conflict, invalidRequest, notFound } from '../errors.js';
 import { newId } from '../ids.js';
 import {
@@ -12,10 +13,6 @@ import {
   readBody,
 } from './context.js';
 import { type EnvironmentConfigParams, environmentCreate, environmentUpdate } from './schemas.js';
-
-/** Defaults of `config.berth` (DESIGN.md §6). */
-export const DEFAULT_IDLE_TIMEOUT_S = 900;
-export const DEFAULT_MAX_LIFETIME_S = 28_800;
 
 function normalizeConfig(config: EnvironmentConfigParams | null | undefined, dependencies: ApiDependencies) {
   if (config?.type === 'self_hosted') {
@@ -57,6 +54,13 @@ function normalizeConfig(config: EnvironmentConfigParams | null | undefined, dep
   }
   const idle = config?.berth?.lifecycle?.idle_timeout_s ?? DEFAULT_IDLE_TIMEOUT_S;
   const maxLifetime = config?.berth?.lifecycle?.max_lifetime_s ?? DEFAULT_MAX_LIFETIME_S;
+  const minimum = dependencies.minLifecycleSeconds ?? 60;
+  for (const [name, value] of [
+    ['idle_timeout_s', idle],
+    ['max_lifetime_s', maxLifetime],
+  ] as const) {
+    if (value < minimum) throw invalidRequest(`${name} must be at least ${minimum} seconds (got ${value})`);
+  }
   if (idle > maxLifetime) {
     throw invalidRequest(`idle_timeout_s (${idle}) must not exceed max_lifetime_s (${maxLifetime})`);
   }

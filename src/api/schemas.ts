@@ -217,8 +217,9 @@ const berthEnvironmentConfig = z
       .optional(),
     lifecycle: z
       .object({
-        idle_timeout_s: z.number().int().min(60).optional(),
-        max_lifetime_s: z.number().int().min(60).optional(),
+        // The lower bound (60 s unless BERTH_MIN_LIFECYCLE_S says less) is checked with the config.
+        idle_timeout_s: z.number().int().positive().optional(),
+        max_lifetime_s: z.number().int().positive().optional(),
       })
       .strict()
       .optional(),

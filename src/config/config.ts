@@ -38,6 +38,11 @@ export interface BerthConfig {
   /** Failed model calls in a row before a turn ends with retries_exhausted. */
   maxModelRetries: number;
   retryBaseDelayMs: number;
+  /**
+   * Lowest idle timeout and max lifetime (seconds) an environment may set; 60 by default
+   * (`BERTH_MIN_LIFECYCLE_S`, lower only for tests and demos).
+   */
+  minLifecycleSeconds: number;
 }
 
 /** One level's limits; 0 means unlimited. */
@@ -183,5 +188,6 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
     },
     maxModelRetries: number('BERTH_MAX_MODEL_RETRIES', 3),
     retryBaseDelayMs: number('BERTH_RETRY_BASE_DELAY_MS', 500),
+    minLifecycleSeconds: number('BERTH_MIN_LIFECYCLE_S', 60),
   };
 }

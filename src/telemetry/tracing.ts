@@ -317,7 +317,8 @@ export function tracedDriver(driver: SandboxDriver, tracer: Tracer, contexts: Tr
   const provision: SandboxDriver['provision'] = (spec) =>
     inSpan(
       tracer,
-      'sandbox.provision',
+      // Resuming a stopped sandbox from its snapshot is a provision too, traced by its own name.
+      spec.restoreFrom ? 'sandbox.resume' : 'sandbox.provision',
       {
         parent: contexts.parentOfSandbox(spec.sessionId),
         attributes: { 'berth.sandbox.driver': driver.name, 'berth.session.id': spec.sessionId },
@@ -342,10 +343,25 @@ export function tracedDriver(driver: SandboxDriver, tracer: Tracer, contexts: Tr
         return result;
       },
     );
+  const suspend: SandboxDriver['suspend'] = (handle, directory) =>
+    inSpan(
+      tracer,
+      'sandbox.stop',
+      {
+        parent: contexts.parentOfSandbox(sessionOfHandle.get(handle) ?? ''),
+        attributes: { 'berth.sandbox.driver': driver.name, 'berth.session.id': handle.sessionId },
+      },
+      async (span) => {
+        const result = await driver.suspend(handle, directory);
+        span.setAttribute('berth.sandbox.memory_kept', result.memory);
+        return result;
+      },
+    );
   return new Proxy(driver, {
     get(target, property) {
       if (property === 'provision') return provision;
       if (property === 'exec') return exec;
+      if (property === 'suspend') return suspend;
       const value = Reflect.get(target, property, target);
       return typeof value === 'function' ? value.bind(target) : value;
     },
