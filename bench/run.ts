@@ -6,7 +6,8 @@
  *
  * Flags: --store sqlite|postgres (default both), --seconds <per append configuration>,
  * --concurrency <comma-separated sessions, e.g. 16,64,256>, --no-batch, --turns <measured turns>,
- * --skip-appends, --skip-turns.
+ * --skip-appends, --skip-turns, --skip-tracing; --skip-sandboxes, --only-sandboxes (the sandbox driver
+ * table of bench/sandbox-drivers.ts alone).
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -18,6 +19,13 @@ import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/suppo
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
 import { describeMachine, formatMachine } from './machine.js';
+import {
+  DEFAULT_SANDBOX_BENCH_OPTIONS,
+  formatSandboxResults,
+  runSandboxBench,
+  type SandboxBenchResults,
+  sandboxTargetRows,
+} from './sandbox-drivers.js';
 import { count, ms, table } from './stats.js';
 import { runTracingOverheadBench } from './tracing-overhead.js';
 import { runTurnBench, type TurnRun } from './turn-overhead.js';
@@ -36,9 +44,14 @@ const { values: flags } = parseArgs({
     'skip-appends': { type: 'boolean', default: false },
     'skip-turns': { type: 'boolean', default: false },
     'skip-tracing': { type: 'boolean', default: false },
+    'skip-sandboxes': { type: 'boolean', default: false },
+    'only-sandboxes': { type: 'boolean', default: false },
   },
 });
-const stores = flags.store === undefined ? ['sqlite', 'postgres'] : [flags.store];
+const onlySandboxes = flags['only-sandboxes'];
+if (onlySandboxes && flags['skip-sandboxes'])
+  throw new Error('--only-sandboxes and --skip-sandboxes conflict');
+const stores = onlySandboxes ? [] : flags.store === undefined ? ['sqlite', 'postgres'] : [flags.store];
 for (const store of stores) {
   if (store !== 'sqlite' && store !== 'postgres') throw new Error(`--store must be sqlite or postgres`);
 }
@@ -106,6 +119,7 @@ interface Results {
   turns: Map<string, TurnRun[]>;
   /** POST → doStream p50 per mode, tracing off and exporting (median of alternating rounds). */
   tracing?: { mode: string; offP50: number; onP50: number }[];
+  sandboxes?: SandboxBenchResults;
 }
 
 const TARGET_TRACING_OVERHEAD = 0.05;
@@ -182,6 +196,13 @@ async function benchPostgres(results: Results, postgres: TestPostgres): Promise<
   }
 }
 
+/** Every sandbox driver on this host side by side, and the peer (bench/sandbox-drivers.ts). */
+async function benchSandboxes(results: Results): Promise<void> {
+  log('\n### Sandboxes: drivers side by side, and the peer\n');
+  results.sandboxes = await runSandboxBench(DEFAULT_SANDBOX_BENCH_OPTIONS);
+  log(formatSandboxResults(results.sandboxes, DEFAULT_SANDBOX_BENCH_OPTIONS));
+}
+
 function targetTable(results: Results): string {
   const rows: string[][] = [];
   const sqliteAppends = results.appends.get('SQLite');
@@ -221,6 +242,7 @@ function targetTable(results: Results): string {
       added <= TARGET_TRACING_OVERHEAD ? 'met' : 'MISSED',
     ]);
   }
+  if (results.sandboxes) rows.push(...sandboxTargetRows(results.sandboxes));
   return table(['target', 'wanted', 'measured', ''], rows, 'lrrl');
 }
 
@@ -242,6 +264,7 @@ async function main(): Promise<void> {
       await postgres.stop();
     }
   }
+  if (!flags['skip-sandboxes']) await benchSandboxes(results);
   log('\n### Targets\n');
   log(targetTable(results));
   log(`\n(bench took ${((performance.now() - started) / 1000).toFixed(0)} s)`);
