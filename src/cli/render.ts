@@ -73,7 +73,9 @@ export function renderEvent(event: EventLike): string | undefined {
       return dim(`  ● idle (${reason})`);
     }
     case 'session.status_terminated':
-      return dim(event.reason === 'max_lifetime' ? '  ● terminated (max lifetime reached)' : '  ● terminated');
+      return dim(
+        event.reason === 'max_lifetime' ? '  ● terminated (max lifetime reached)' : '  ● terminated',
+      );
     case 'berth.sandbox_stopped':
       return dim(`  ● sandbox stopped (${String(event.reason)}); the next tool call resumes it`);
     case 'berth.sandbox_resumed':

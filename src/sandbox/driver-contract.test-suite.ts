@@ -79,12 +79,19 @@ export function describeSandboxDriverContract(name: string, options: SandboxDriv
       readOnlyMounts?: ReadOnlyMount[],
     ) => {
       if (unavailableReason !== undefined) context.skip(`driver unavailable: ${unavailableReason}`);
-      const handle = await driver.provision({
-        sessionId: 'sesn_contract',
-        workdir: newWorkdir(),
-        env,
-        readOnlyMounts,
-      });
+      const handle = await driver
+        .provision({
+          sessionId: 'sesn_contract',
+          workdir: newWorkdir(),
+          env,
+          readOnlyMounts,
+        })
+        .catch((error: unknown) => {
+          // A driver without the read-only mount capability refuses such a spec with a typed error.
+          if (readOnlyMounts?.length && isBerthError(error, 'sandbox_unavailable'))
+            return context.skip(`read-only mounts unavailable: ${error.message}`);
+          throw error;
+        });
       handles.push(handle);
       return handle;
     };

@@ -18,21 +18,26 @@ export interface SandboxLimits {
   memoryMb?: number;
   /** Processes and threads alive at once (a fork bomb stops here). */
   pids?: number;
+  /** Space for the working directory's files (MiB); writes past it fail with ENOSPC. */
   diskMb?: number;
 }
 
 /**
  * Limits for an environment that sets none: one core, 1 GiB and 512 processes are enough for
  * builds, test runs and a language server, and small enough that a runaway agent cannot starve
- * a 2-vCPU node running several sandboxes.
+ * a 2-vCPU node running several sandboxes. 10 GiB of disk holds a large repository with its
+ * dependencies and build output; it is a ceiling, not a reservation (drivers allocate what is
+ * written), and stops one runaway `dd` from filling the host disk the server's data lives on.
  */
-export const DEFAULT_SANDBOX_LIMITS = { cpu: 1, memoryMb: 1024, pids: 512 } as const;
+export const DEFAULT_SANDBOX_LIMITS = { cpu: 1, memoryMb: 1024, pids: 512, diskMb: 10240 } as const;
 
-/** The CPU, memory and process limits a sandbox actually runs under. */
+/** The limits a sandbox actually runs under. */
 export interface EnforcedLimits {
   cpu: number;
   memoryMb: number;
   pids: number;
+  /** Present only when the working directory's size is enforced. */
+  diskMb?: number;
 }
 
 /** What a sandbox has used since it was provisioned (everything it ran, counted by the kernel). */

@@ -1,0 +1,533 @@
+/*
+ * berth-agent: the guest side of Berth's microvm driver. It runs as PID 1 inside the VM (the
+ * initramfs /init script sets up mounts and modules, then execs it) and serves one host
+ * connection over a virtio-serial port. Over it the host starts commands (argv, env, cwd), feeds
+ * their stdin, reads their stdout and stderr, kills them, and learns how they ended.
+ *
+ * Why C and not a busybox shell loop: one process must multiplex many commands' pipes, cap
+ * output while still draining it, kill whole process trees (cgroup.kill), and reap every orphan
+ * as PID 1. A shell cannot do that correctly. Built with `gcc -static -Os` (no libc needed in
+ * the guest).
+ *
+ * Wire format, both directions: a 9-byte header (u8 type, u32 id, u32 payload length, all
+ * little-endian) and the payload. `id` names a command chosen by the host; 0 is the agent itself.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <ftw.h>
+#include <grp.h>
+#include <linux/fs.h>
+#include <linux/random.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/signalfd.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <dirent.h>
+
+/* Host to guest. */
+enum { MSG_INIT = 1, MSG_START = 2, MSG_STDIN = 3, MSG_STDIN_EOF = 4, MSG_KILL = 5 };
+/* Guest to host. */
+enum { MSG_READY = 10, MSG_STDOUT = 11, MSG_STDERR = 12, MSG_EXIT = 13, MSG_ERROR = 14 };
+
+#define SANDBOX_UID 1000
+#define MAX_PROCESSES 256
+#define MAX_FRAME (16 * 1024 * 1024)
+/* After a command's direct child exits, how long its pipes may stay open (a background `sleep &`
+ * holds them forever). Same as the host-side drivers. */
+#define DRAIN_GRACE_MS 100
+#define CGROUP_ROOT "/sys/fs/cgroup/sandbox"
+#define PORT_NAME "berth.agent"
+
+struct process {
+  int used;
+  uint32_t id;
+  pid_t pid;
+  int stdin_fd, stdout_fd, stderr_fd;
+  /* Bytes the host sent for stdin that the command has not read yet. */
+  char *pending;
+  size_t pending_length, pending_offset;
+  int stdin_eof;
+  /* Output cap per stream (0: none), bytes forwarded so far, and whether any were dropped. */
+  uint64_t cap, stdout_sent, stderr_sent;
+  int truncated;
+  int exited, status;
+  long long exited_at_ms;
+  char cgroup[96];
+};
+
+static struct process processes[MAX_PROCESSES];
+static int port_fd = -1;
+static int port_connected = 1;
+/* When the host last hung up; the port is read again after SIGIO or a 1 s re-check. */
+static long long hangup_at_ms;
+static unsigned long command_counter;
+extern char **environ;
+
+static long long now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Writes all of buffer to a blocking fd. The host always reads, so this cannot deadlock. */
+static void write_all(int fd, const void *buffer, size_t length) {
+  const char *cursor = buffer;
+  while (length > 0) {
+    ssize_t written = write(fd, cursor, length);
+    if (written < 0) {
+      if (errno == EINTR || errno == EAGAIN) {
+        struct pollfd wait_for = {fd, POLLOUT, 0};
+        poll(&wait_for, 1, 100);
+        continue;
+      }
+      return; /* Host gone; the next connection starts afresh. */
+    }
+    cursor += written;
+    length -= (size_t)written;
+  }
+}
+
+static void send_frame(uint8_t type, uint32_t id, const void *payload, uint32_t length) {
+  char header[9];
+  header[0] = (char)type;
+  memcpy(header + 1, &id, 4);
+  memcpy(header + 5, &length, 4);
+  write_all(port_fd, header, sizeof header);
+  if (length > 0) write_all(port_fd, payload, length);
+}
+
+static void send_text(uint8_t type, uint32_t id, const char *text) {
+  send_frame(type, id, text, (uint32_t)strlen(text));
+}
+
+static int write_file(const char *path, const char *text) {
+  int fd = open(path, O_WRONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  ssize_t written = write(fd, text, strlen(text));
+  close(fd);
+  return written < 0 ? -1 : 0;
+}
+
+static int set_nonblocking(int fd) {
+  return fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+}
+
+/* Finds the virtio-serial port the host named PORT_NAME and opens it. */
+static int open_port(void) {
+  for (int attempt = 0; attempt < 500; attempt++) {
+    DIR *directory = opendir("/sys/class/virtio-ports");
+    struct dirent *entry;
+    while (directory && (entry = readdir(directory)) != NULL) {
+      if (entry->d_name[0] == '.') continue;
+      char path[300], name[64] = {0};
+      snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", entry->d_name);
+      int fd = open(path, O_RDONLY | O_CLOEXEC);
+      if (fd < 0) continue;
+      ssize_t length = read(fd, name, sizeof name - 1);
+      close(fd);
+      if (length > 0 && strncmp(name, PORT_NAME, strlen(PORT_NAME)) == 0) {
+        snprintf(path, sizeof path, "/dev/%s", entry->d_name);
+        closedir(directory);
+        return open(path, O_RDWR | O_CLOEXEC);
+      }
+    }
+    if (directory) closedir(directory);
+    usleep(10000);
+  }
+  return -1;
+}
+
+static struct process *find_process(uint32_t id) {
+  for (int index = 0; index < MAX_PROCESSES; index++)
+    if (processes[index].used && processes[index].id == id) return &processes[index];
+  return NULL;
+}
+
+static void close_fd(int *fd) {
+  if (*fd >= 0) close(*fd);
+  *fd = -1;
+}
+
+/* Kills everything a command started, even processes that left its session (setsid). */
+static void kill_process(struct process *process) {
+  if (process->cgroup[0]) {
+    char path[128];
+    snprintf(path, sizeof path, "%s/cgroup.kill", process->cgroup);
+    write_file(path, "1");
+  }
+  if (!process->exited) kill(-process->pid, SIGKILL), kill(process->pid, SIGKILL);
+  process->pending_length = process->pending_offset = 0;
+  close_fd(&process->stdin_fd);
+}
+
+/* Cgroups of finished commands that still held background processes when they ended. */
+static char *stale_cgroups[1024];
+static int stale_cgroup_count;
+
+static void remove_stale_cgroups(void) {
+  int kept = 0;
+  for (int index = 0; index < stale_cgroup_count; index++) {
+    if (rmdir(stale_cgroups[index]) == 0 || errno == ENOENT) free(stale_cgroups[index]);
+    else stale_cgroups[kept++] = stale_cgroups[index];
+  }
+  stale_cgroup_count = kept;
+}
+
+static void finish_process(struct process *process) {
+  close_fd(&process->stdin_fd);
+  close_fd(&process->stdout_fd);
+  close_fd(&process->stderr_fd);
+  char payload[9];
+  int32_t exit_code = WIFEXITED(process->status) ? WEXITSTATUS(process->status) : -1;
+  int32_t signal_number = WIFSIGNALED(process->status) ? WTERMSIG(process->status) : 0;
+  memcpy(payload, &exit_code, 4);
+  memcpy(payload + 4, &signal_number, 4);
+  payload[8] = (char)process->truncated;
+  send_frame(MSG_EXIT, process->id, payload, sizeof payload);
+  if (process->cgroup[0] && rmdir(process->cgroup) != 0 && stale_cgroup_count < 1024)
+    stale_cgroups[stale_cgroup_count++] = strdup(process->cgroup);
+  free(process->pending);
+  memset(process, 0, sizeof *process);
+}
+
+/* Reads a little-endian u32 from the payload, advancing the cursor; -1 when it runs out. */
+static int take_u32(const char **cursor, const char *end, uint32_t *value) {
+  if (end - *cursor < 4) return -1;
+  memcpy(value, *cursor, 4);
+  *cursor += 4;
+  return 0;
+}
+
+/* START payload: u32 cap, u32 argc, u32 envc, then NUL-terminated cwd, argv..., env... */
+static void start_process(uint32_t id, const char *payload, uint32_t length) {
+  const char *cursor = payload, *end = payload + length;
+  uint32_t cap, argc, envc;
+  if (take_u32(&cursor, end, &cap) || take_u32(&cursor, end, &argc) || take_u32(&cursor, end, &envc) ||
+      argc == 0 || argc > 65536 || envc > 65536 || find_process(id)) {
+    send_text(MSG_ERROR, id, "malformed or duplicate start request");
+    return;
+  }
+  char **strings = calloc(argc + envc + 3, sizeof(char *));
+  for (uint32_t index = 0; index < 1 + argc + envc; index++) {
+    const char *terminator = memchr(cursor, '\0', (size_t)(end - cursor));
+    if (!terminator) {
+      free(strings);
+      send_text(MSG_ERROR, id, "malformed start request");
+      return;
+    }
+    strings[index] = (char *)cursor;
+    cursor = terminator + 1;
+  }
+  const char *cwd = strings[0];
+  char **argv = strings + 1;
+  /* argv is NULL-terminated by moving env one slot on. */
+  char **env = strings + 1 + argc + 1;
+  memmove(env, strings + 1 + argc, envc * sizeof(char *));
+  argv[argc] = NULL;
+  env[envc] = NULL;
+
+  struct process *process = NULL;
+  for (int index = 0; index < MAX_PROCESSES && !process; index++)
+    if (!processes[index].used) process = &processes[index];
+  int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
+  if (!process || pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) {
+    for (int index = 0; index < 2; index++) close_fd(&in[index]), close_fd(&out[index]), close_fd(&err[index]);
+    free(strings);
+    send_text(MSG_ERROR, id, process ? "cannot create pipes" : "too many commands running");
+    return;
+  }
+  memset(process, 0, sizeof *process);
+  process->used = 1;
+  process->id = id;
+  process->cap = cap;
+  snprintf(process->cgroup, sizeof process->cgroup, "%s/command-%lu", CGROUP_ROOT, ++command_counter);
+  if (mkdir(process->cgroup, 0755) != 0) process->cgroup[0] = '\0';
+
+  pid_t pid = fork();
+  if (pid == 0) {
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);
+    if (process->cgroup[0]) {
+      char path[128];
+      snprintf(path, sizeof path, "%s/cgroup.procs", process->cgroup);
+      /* Joining fails when the sandbox's pids limit is reached: then do not run at all. */
+      if (write_file(path, "0") != 0) {
+        dprintf(err[1], "berth: cannot start the command: %s\n", strerror(errno));
+        _exit(126);
+      }
+    }
+    setsid();
+    dup2(in[0], 0);
+    dup2(out[1], 1);
+    dup2(err[1], 2);
+    if (setgroups(0, NULL) || setgid(SANDBOX_UID) || setuid(SANDBOX_UID)) _exit(126);
+    if (chdir(cwd) != 0) {
+      dprintf(2, "berth: cannot change directory to %s: %s\n", cwd, strerror(errno));
+      _exit(1);
+    }
+    /* execvp searches the PATH of the current environment, so the command's own PATH applies. */
+    environ = env;
+    execvp(argv[0], argv);
+    dprintf(2, "%s: %s\n", argv[0], strerror(errno));
+    _exit(errno == ENOENT ? 127 : 126);
+  }
+  close(in[0]);
+  close(out[1]);
+  close(err[1]);
+  free(strings);
+  process->stdin_fd = in[1];
+  process->stdout_fd = out[0];
+  process->stderr_fd = err[0];
+  set_nonblocking(in[1]);
+  set_nonblocking(out[0]);
+  set_nonblocking(err[0]);
+  if (pid < 0) {
+    process->exited = 1;
+    process->status = 127 << 8;
+    process->exited_at_ms = now_ms();
+    return;
+  }
+  process->pid = pid;
+}
+
+/* Writes as much queued stdin as the pipe takes; closes it once the host said EOF. */
+static void flush_stdin(struct process *process) {
+  while (process->stdin_fd >= 0 && process->pending_offset < process->pending_length) {
+    ssize_t written = write(process->stdin_fd, process->pending + process->pending_offset,
+                            process->pending_length - process->pending_offset);
+    if (written < 0) {
+      if (errno == EAGAIN) return;
+      /* EPIPE: the command stopped reading; drop the rest. */
+      process->pending_offset = process->pending_length;
+      close_fd(&process->stdin_fd);
+      break;
+    }
+    process->pending_offset += (size_t)written;
+  }
+  if (process->pending_offset == process->pending_length) {
+    process->pending_offset = process->pending_length = 0;
+    if (process->stdin_eof) close_fd(&process->stdin_fd);
+  }
+}
+
+/* Forwards what a command wrote, keeping at most `cap` bytes per stream and draining the rest. */
+static void forward_output(struct process *process, int *fd, uint8_t type, uint64_t *sent) {
+  char buffer[65536];
+  for (int round = 0; round < 16; round++) {
+    ssize_t length = read(*fd, buffer, sizeof buffer);
+    if (length < 0 && errno == EAGAIN) return;
+    if (length <= 0) {
+      close_fd(fd);
+      return;
+    }
+    uint64_t keep = (uint64_t)length;
+    if (process->cap > 0) {
+      uint64_t room = process->cap > *sent ? process->cap - *sent : 0;
+      if (keep > room) keep = room, process->truncated = 1;
+    }
+    if (keep > 0) send_frame(type, process->id, buffer, (uint32_t)keep);
+    *sent += keep;
+  }
+}
+
+static int workspace_mounted;
+
+static int chown_entry(const char *path, const struct stat *stats, int flag, struct FTW *walk) {
+  (void)stats, (void)flag, (void)walk;
+  lchown(path, SANDBOX_UID, SANDBOX_UID);
+  return 0;
+}
+
+/*
+ * INIT payload: u64 wall-clock ms, u32 pids limit, u32 flags (1: mount the workspace disk,
+ * 2: give its files to the sandbox user), 32 random bytes. Sent on every new connection: a VM
+ * restored from a shared template snapshot must not keep the template's clock or entropy.
+ */
+static void handle_init(const char *payload, uint32_t length) {
+  if (length < 48) {
+    send_text(MSG_ERROR, 0, "malformed init request");
+    return;
+  }
+  uint64_t wall_ms;
+  uint32_t pids, flags;
+  memcpy(&wall_ms, payload, 8);
+  memcpy(&pids, payload + 8, 4);
+  memcpy(&flags, payload + 12, 4);
+  struct timeval wall = {(time_t)(wall_ms / 1000), (suseconds_t)(wall_ms % 1000) * 1000};
+  settimeofday(&wall, NULL);
+  int random_fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+  if (random_fd >= 0) {
+    struct {
+      int entropy_count, buf_size;
+      unsigned char buf[32];
+    } entropy = {256, 32, {0}};
+    memcpy(entropy.buf, payload + 16, 32);
+    ioctl(random_fd, RNDADDENTROPY, &entropy);
+    close(random_fd);
+  }
+  if (pids > 0) {
+    char text[32];
+    snprintf(text, sizeof text, "%u", pids);
+    write_file(CGROUP_ROOT "/pids.max", text);
+  }
+  if ((flags & 1) && !workspace_mounted) {
+    /* The template VM probed this disk before its snapshot; drop what it cached of that image. */
+    int disk = open("/dev/vda", O_RDONLY | O_CLOEXEC);
+    if (disk >= 0) ioctl(disk, BLKFLSBUF, 0), close(disk);
+    /* noinit_itable: the image is a fresh sparse file, its inode tables already read as zeros. */
+    if (mount("/dev/vda", "/workspace", "ext4", MS_NOSUID | MS_NODEV, "noinit_itable") != 0) {
+      char message[160];
+      snprintf(message, sizeof message, "cannot mount the workspace disk: %s", strerror(errno));
+      send_text(MSG_ERROR, 0, message);
+      return;
+    }
+    workspace_mounted = 1;
+    if (flags & 2) nftw("/workspace", chown_entry, 16, FTW_PHYS | FTW_MOUNT);
+  }
+  send_text(MSG_READY, 0, "ready");
+}
+
+static void handle_frame(uint8_t type, uint32_t id, const char *payload, uint32_t length) {
+  struct process *process = find_process(id);
+  switch (type) {
+  case MSG_INIT:
+    handle_init(payload, length);
+    break;
+  case MSG_START:
+    start_process(id, payload, length);
+    break;
+  case MSG_STDIN:
+    if (!process || process->stdin_fd < 0 || length == 0) break;
+    process->pending = realloc(process->pending, process->pending_length + length);
+    memcpy(process->pending + process->pending_length, payload, length);
+    process->pending_length += length;
+    flush_stdin(process);
+    break;
+  case MSG_STDIN_EOF:
+    if (!process) break;
+    process->stdin_eof = 1;
+    flush_stdin(process);
+    break;
+  case MSG_KILL:
+    if (process) kill_process(process);
+    break;
+  }
+}
+
+static void reap_children(void) {
+  int status;
+  pid_t pid;
+  /* As PID 1 we also reap orphans (background processes whose parent exited). */
+  while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+    for (int index = 0; index < MAX_PROCESSES; index++) {
+      struct process *process = &processes[index];
+      if (process->used && !process->exited && process->pid == pid) {
+        process->exited = 1;
+        process->status = status;
+        process->exited_at_ms = now_ms();
+      }
+    }
+  }
+  remove_stale_cgroups();
+}
+
+int main(void) {
+  sigset_t handled;
+  sigemptyset(&handled);
+  sigaddset(&handled, SIGCHLD);
+  sigaddset(&handled, SIGIO);
+  sigprocmask(SIG_BLOCK, &handled, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  int signal_fd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
+
+  port_fd = open_port();
+  if (port_fd < 0) {
+    fprintf(stderr, "berth-agent: no virtio-serial port named " PORT_NAME "\n");
+    return 1;
+  }
+  /* The port raises SIGIO when the host connects or disconnects (e.g. after a restore). */
+  fcntl(port_fd, F_SETOWN, getpid());
+  fcntl(port_fd, F_SETFL, fcntl(port_fd, F_GETFL) | O_ASYNC);
+
+  char *input = malloc(MAX_FRAME + 9);
+  size_t input_length = 0;
+
+  for (;;) {
+    struct pollfd fds[2 + 3 * MAX_PROCESSES];
+    struct process *owners[2 + 3 * MAX_PROCESSES];
+    if (!port_connected && now_ms() - hangup_at_ms >= 1000) port_connected = 1;
+    int count = 0, timeout = port_connected ? -1 : 1000;
+    fds[count] = (struct pollfd){signal_fd, POLLIN, 0}, owners[count++] = NULL;
+    if (port_connected) fds[count] = (struct pollfd){port_fd, POLLIN, 0}, owners[count++] = NULL;
+    long long now = now_ms();
+    for (int index = 0; index < MAX_PROCESSES; index++) {
+      struct process *process = &processes[index];
+      if (!process->used) continue;
+      if (process->exited) {
+        long long left = process->exited_at_ms + DRAIN_GRACE_MS - now;
+        if ((process->stdout_fd < 0 && process->stderr_fd < 0) || left <= 0) {
+          finish_process(process);
+          continue;
+        }
+        if (timeout < 0 || left < timeout) timeout = (int)left;
+      }
+      if (process->stdout_fd >= 0) fds[count] = (struct pollfd){process->stdout_fd, POLLIN, 0}, owners[count++] = process;
+      if (process->stderr_fd >= 0) fds[count] = (struct pollfd){process->stderr_fd, POLLIN, 0}, owners[count++] = process;
+      if (process->stdin_fd >= 0 && process->pending_length > 0)
+        fds[count] = (struct pollfd){process->stdin_fd, POLLOUT, 0}, owners[count++] = process;
+    }
+    if (poll(fds, (nfds_t)count, timeout) < 0 && errno != EINTR) continue;
+
+    for (int index = 0; index < count; index++) {
+      if (!fds[index].revents) continue;
+      struct process *process = owners[index];
+      int fd = fds[index].fd;
+      if (fd == signal_fd) {
+        struct signalfd_siginfo info;
+        while (read(signal_fd, &info, sizeof info) > 0)
+          if (info.ssi_signo == SIGIO) port_connected = 1;
+        reap_children();
+      } else if (!process) {
+        ssize_t length = read(port_fd, input + input_length, MAX_FRAME + 9 - input_length);
+        if (length <= 0) {
+          /* The host hung up; wait for SIGIO (or the 1 s re-check) before reading again. */
+          if (length == 0 || errno != EINTR) port_connected = 0, input_length = 0, hangup_at_ms = now_ms();
+          continue;
+        }
+        input_length += (size_t)length;
+        size_t offset = 0;
+        while (input_length - offset >= 9) {
+          uint32_t id, payload_length;
+          memcpy(&id, input + offset + 1, 4);
+          memcpy(&payload_length, input + offset + 5, 4);
+          if (payload_length > MAX_FRAME) {
+            input_length = offset = 0; /* Corrupt stream: drop it. */
+            break;
+          }
+          if (input_length - offset < 9 + payload_length) break;
+          handle_frame((uint8_t)input[offset], id, input + offset + 9, payload_length);
+          offset += 9 + payload_length;
+        }
+        memmove(input, input + offset, input_length - offset);
+        input_length -= offset;
+      } else if (process->used) {
+        if (fd == process->stdout_fd) forward_output(process, &process->stdout_fd, MSG_STDOUT, &process->stdout_sent);
+        else if (fd == process->stderr_fd) forward_output(process, &process->stderr_fd, MSG_STDERR, &process->stderr_sent);
+        else if (fd == process->stdin_fd) flush_stdin(process);
+      }
+    }
+  }
+}
