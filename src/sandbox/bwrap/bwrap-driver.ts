@@ -2,11 +2,15 @@
  * The bubblewrap driver: one long-lived bwrap per session (user, pid, mount, net, ipc, uts and
  * cgroup namespaces; uid 1000 inside; read-only /usr; loopback-only network; private /tmp) whose
  * init is `cat` reading a lifeline pipe that only Berth holds (so the sandbox dies with Berth, even
- * when Berth is killed before bwrap arms --die-with-parent). Commands enter it with `nsenter` (≈2 ms) and drop to uid 1000 with
- * no-new-privs. Killing the namespace's init kills everything in it, so destroy leaves nothing.
+ * when Berth is killed before bwrap arms --die-with-parent). Commands enter it with the exec
+ * helper (`native/berth-exec.c`, ≈2 ms): it joins the sandbox's cgroup, enters its namespaces,
+ * drops to uid 1000 without capabilities and with no-new-privs, and loads the seccomp filter
+ * (`../seccomp.ts`) that bwrap put on the init, which setns does not pass on. Killing the
+ * namespace's init kills everything in it, so destroy leaves nothing.
  *
- * When Berth does not run as root, nsenter cannot join the sandbox (bwrap nests a second user
- * namespace that an unprivileged nsenter cannot see past), so each command gets its own bwrap
+ * When Berth does not run as root, nothing can join the sandbox (bwrap nests a second user
+ * namespace that an unprivileged process cannot see past), and when the exec helper is not
+ * built nothing could join it under the seccomp filter: then each command gets its own bwrap
  * over the same workdir (≈5-10 ms; /tmp and background processes do not outlive a command).
  *
  * Resource limits: as root, each sandbox gets its own cgroup (v1 or v2, see `cgroups.ts`) with a
@@ -15,14 +19,15 @@
  * limited: `checkAvailability` warns, handles carry no `enforcedLimits`, `stats` throws
  * `sandbox_unavailable`, and a spec that asks for limits explicitly is refused rather than run
  * unlimited.
+ *
+ * Disk: as root, the workdir is a loop-mounted ext4 image of `diskMb` while the sandbox lives
+ * (see `workspace-disk.ts`); /tmp and the home directory are tmpfs of `tmpfsMb`.
  */
 import type { ChildProcess } from 'node:child_process';
 import { spawn } from 'node:child_process';
 import {
-  accessSync,
   chmodSync,
-  constants,
-  lchownSync,
+  existsSync,
   lstatSync,
   mkdirSync,
   readdirSync,
@@ -30,7 +35,7 @@ import {
   readlinkSync,
   statSync,
 } from 'node:fs';
-import { delimiter, dirname, join, posix, resolve } from 'node:path';
+import { dirname, join, posix, resolve } from 'node:path';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
 import {
@@ -48,12 +53,20 @@ import {
   type SandboxStats,
 } from '../driver.js';
 import {
+  chownTree,
+  findExecutable,
+  pathInside,
+  validateArgv,
+  validateEnvironment,
+} from '../driver-support.js';
+import {
   DEFAULT_MAX_OUTPUT_BYTES,
   DEFAULT_TIMEOUT_MS,
   killProcessTree,
   type RunProcessResult,
   runProcess,
 } from '../exec-process.js';
+import { buildSeccompFilter, hostSeccompArchitecture } from '../seccomp.js';
 import { moveTree, restoreWorkspace, SUSPENDED_WORKSPACE } from '../workspace-move.js';
 import {
   CGROUP_JOIN_FAILURE,
@@ -64,9 +77,13 @@ import {
   openCgroupTree,
   type SandboxCgroup,
 } from './cgroups.js';
+import { openWorkspaceDisks, type WorkspaceDisk, type WorkspaceDisks } from './workspace-disk.js';
 
 /** Where the session's workdir appears inside every bwrap sandbox. */
 export const BWRAP_WORKDIR_INSIDE = '/workspace';
+
+/** A path inside this driver's sandboxes (relative ones from the working directory). */
+const inside = (path: string) => pathInside(BWRAP_WORKDIR_INSIDE, path);
 /** The uid and gid commands run as inside the sandbox. */
 export const SANDBOX_UID = 1000;
 const SANDBOX_HOME = '/home/sandbox';
@@ -80,8 +97,18 @@ const FILE_OPERATION_TIMEOUT_MS = 30_000;
 export interface BwrapDriverOptions {
   /** Path to bwrap (default: looked up on PATH). */
   bwrapPath?: string;
-  /** Path to nsenter (default: looked up on PATH). */
-  nsenterPath?: string;
+  /**
+   * Path to the exec helper (`native/berth-exec.c`, built by `native/build.sh`; default
+   * `/usr/local/lib/berth/berth-exec`). Persistent mode needs it: it enters the sandbox and
+   * puts every command under the seccomp filter. Without it the driver runs one bwrap per
+   * command and says so in `checkAvailability`.
+   */
+  execHelperPath?: string;
+  /**
+   * Where workspace disk images live (default `/var/lib/berth/disks`): a disk filesystem with
+   * sparse files, as root. See `workspace-disk.ts`.
+   */
+  diskImageDirectory?: string;
   /**
    * Host uid/gid the sandbox's processes run as when Berth runs as root (default 1000), so a
    * process that escaped the namespaces would still be an unprivileged host user. The workdir
@@ -89,7 +116,10 @@ export interface BwrapDriverOptions {
    */
   hostUid?: number;
   hostGid?: number;
-  /** Size of the private /tmp and home tmpfs mounts when the spec has no `diskMb` (default 256). */
+  /**
+   * Size of the private /tmp and home tmpfs mounts (default 256). Their pages count against
+   * the sandbox's memory limit too.
+   */
   tmpfsMb?: number;
   /** Force a lifecycle (default: `persistent` as root, else `per-exec`). */
   mode?: BwrapMode;
@@ -101,7 +131,7 @@ export interface BwrapDriverOptions {
 }
 
 /**
- * `persistent`: one bwrap per sandbox, commands enter it with nsenter (needs root).
+ * `persistent`: one bwrap per sandbox, commands enter it with the exec helper (needs root).
  * `per-exec`: one bwrap per command over the same workdir (works unprivileged).
  */
 export type BwrapMode = 'persistent' | 'per-exec';
@@ -122,6 +152,13 @@ export interface BwrapDriver extends SandboxDriver {
 
 /** Whether sandboxes get cgroups on this host, and if not, why. */
 type ResourceControl = { ok: true; tree: CgroupTree } | { ok: false; reason: string };
+/** Whether workspaces get a size limit on this host, and if not, why. */
+type DiskControl = { ok: true; disks: WorkspaceDisks } | { ok: false; reason: string };
+
+/** Where `native/build.sh` installs the exec helper (under /usr, so every sandbox sees it). */
+export const DEFAULT_EXEC_HELPER_PATH = '/usr/local/lib/berth/berth-exec';
+const DEFAULT_DISK_IMAGE_DIRECTORY = '/var/lib/berth/disks';
+const BUILD_HELPER_HINT = 'build it with `sh src/sandbox/bwrap/native/build.sh` (needs gcc and libc6-dev)';
 
 interface LiveSandbox {
   handle: SandboxHandle;
@@ -136,21 +173,8 @@ interface LiveSandbox {
   running: Set<ChildProcess>;
   /** The sandbox's cgroup, when this host enforces limits. */
   cgroup?: SandboxCgroup;
-}
-
-/** Finds an executable on the server's PATH. */
-function findExecutable(name: string): string | undefined {
-  for (const directory of (process.env.PATH ?? '/usr/bin:/bin').split(delimiter)) {
-    if (!directory) continue;
-    const candidate = join(directory, name);
-    try {
-      accessSync(candidate, constants.X_OK);
-      return candidate;
-    } catch {
-      // Keep looking.
-    }
-  }
-  return undefined;
+  /** The image mounted over the workdir, when this host enforces the disk limit. */
+  disk?: WorkspaceDisk;
 }
 
 /** `--symlink` or `--ro-bind` arguments for the top-level /bin, /lib... of this host. */
@@ -168,22 +192,6 @@ function rootDirectoryArguments(): string[] {
     else if (stats.isDirectory()) result.push('--ro-bind', hostPath, hostPath);
   }
   return result;
-}
-
-/** Chowns a fresh workdir (and what is already in it) to the sandbox's host user. */
-function chownTree(path: string, uid: number, gid: number): void {
-  const stats = lstatSync(path);
-  if (stats.uid !== uid || stats.gid !== gid) lchownSync(path, uid, gid);
-  if (!stats.isDirectory()) return;
-  for (const entry of readdirSync(path)) chownTree(join(path, entry), uid, gid);
-}
-
-function validateEnvironment(env: Readonly<Record<string, string>> | undefined): void {
-  for (const [name, value] of Object.entries(env ?? {})) {
-    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name) || value.includes('\0')) {
-      throw new BerthError('invalid_request', `invalid environment variable name or value: ${name}`);
-    }
-  }
 }
 
 /** Inside paths a read-only mount may not cover or sit under (the sandbox's own mounts). */
@@ -220,9 +228,21 @@ function validateReadOnlyMounts(spec: SandboxSpec, runningAsRoot: boolean): void
   }
 }
 
-/** The limits a spec asks for with defaults filled in; `explicit` when it named any itself. */
-function resolveLimits(spec: SandboxSpec): { limits: EnforcedLimits; explicit: boolean } {
-  const requested = { cpu: spec.limits?.cpu, memoryMb: spec.limits?.memoryMb, pids: spec.limits?.pids };
+/**
+ * The limits a spec asks for with defaults filled in; `explicit` when it named any of cpu,
+ * memory or pids itself, `explicitDisk` for diskMb.
+ */
+function resolveLimits(spec: SandboxSpec): {
+  limits: Required<EnforcedLimits>;
+  explicit: boolean;
+  explicitDisk: boolean;
+} {
+  const requested = {
+    cpu: spec.limits?.cpu,
+    memoryMb: spec.limits?.memoryMb,
+    pids: spec.limits?.pids,
+    diskMb: spec.limits?.diskMb,
+  };
   for (const [name, value] of Object.entries(requested)) {
     if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
       throw new BerthError(
@@ -236,8 +256,10 @@ function resolveLimits(spec: SandboxSpec): { limits: EnforcedLimits; explicit: b
       cpu: requested.cpu ?? DEFAULT_SANDBOX_LIMITS.cpu,
       memoryMb: requested.memoryMb ?? DEFAULT_SANDBOX_LIMITS.memoryMb,
       pids: requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids,
+      diskMb: Math.round(requested.diskMb ?? DEFAULT_SANDBOX_LIMITS.diskMb),
     },
-    explicit: Object.values(requested).some((value) => value !== undefined),
+    explicit: [requested.cpu, requested.memoryMb, requested.pids].some((value) => value !== undefined),
+    explicitDisk: requested.diskMb !== undefined,
   };
 }
 
@@ -246,30 +268,14 @@ function cgroupLimits(limits: EnforcedLimits) {
   return { cpuCores: limits.cpu, memoryBytes: limits.memoryMb * 1024 * 1024, pids: limits.pids };
 }
 
-/** Rejects argv that `env -i ... argv` or the kernel would misread. */
-function validateArgv(argv: readonly string[]): void {
-  if (argv.length === 0 || argv[0] === '') throw new BerthError('invalid_request', 'argv must not be empty');
-  if (argv.some((argument) => argument.includes('\0'))) {
-    throw new BerthError('invalid_request', 'argv must not contain NUL bytes');
-  }
-  // `env -i NAME=VALUE... argv` would take such an argv[0] for one more assignment.
-  if (argv[0]!.includes('=')) throw new BerthError('invalid_request', 'argv[0] must not contain "="');
-}
-
-/** Resolves a path inside the sandbox: relative paths start at the working directory. */
-function insidePath(path: string): string {
-  if (path.length === 0 || path.includes('\0')) throw new BerthError('invalid_request', 'invalid path');
-  return posix.resolve(BWRAP_WORKDIR_INSIDE, path);
-}
-
 const ETC_PASSWD = `root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:${SANDBOX_UID}:${SANDBOX_UID}:sandbox:${SANDBOX_HOME}:/bin/bash\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n`;
 const ETC_GROUP = `root:x:0:\nsandbox:x:${SANDBOX_UID}:\nnogroup:x:65534:\n`;
 const ETC_HOSTS = '127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n';
 
 /** Fixed fd numbers the bwrap command line refers to (see `feedData`). */
-const FD = { info: 3, passwd: 4, group: 5, hosts: 6 } as const;
-/** Extra stdio for fds 3..6: the info fd and the three generated /etc files. */
-const EXTRA_STDIO: Array<'pipe'> = ['pipe', 'pipe', 'pipe', 'pipe'];
+const FD = { info: 3, passwd: 4, group: 5, hosts: 6, seccomp: 7 } as const;
+/** Extra stdio for fds 3..7: the info fd, the three generated /etc files and the seccomp filter. */
+const EXTRA_STDIO: Array<'pipe'> = ['pipe', 'pipe', 'pipe', 'pipe', 'pipe'];
 
 /**
  * As root, bwrap runs as the unprivileged host user, which usually cannot reach the workdir
@@ -293,14 +299,38 @@ const ORPHAN_MARKER = 'BERTH_SESSION_ID';
 /** Creates the bubblewrap driver. Call `checkAvailability()` before provisioning. */
 export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver {
   const runningAsRoot = process.getuid?.() === 0;
-  const mode: BwrapMode = options.mode ?? (runningAsRoot ? 'persistent' : 'per-exec');
+  const execHelperPath = options.execHelperPath ?? DEFAULT_EXEC_HELPER_PATH;
+  const execHelperBuilt = existsSync(execHelperPath);
+  // Without the helper, commands could only enter a live sandbox without the seccomp filter:
+  // one bwrap per command (which applies it) is slower but just as tight.
+  const mode: BwrapMode = options.mode ?? (runningAsRoot && execHelperBuilt ? 'persistent' : 'per-exec');
   const hostUid = options.hostUid ?? 1000;
   const hostGid = options.hostGid ?? 1000;
   const sandboxes = new Map<string, LiveSandbox>();
+  const seccompArchitecture = hostSeccompArchitecture();
+  const seccompFilter = seccompArchitecture ? buildSeccompFilter(seccompArchitecture) : undefined;
+  const seccompHex = seccompFilter?.toString('hex');
   let bwrapPath = options.bwrapPath;
-  let nsenterPath = options.nsenterPath;
   let unsharePath: string | undefined;
   let resourceControl: Promise<ResourceControl> | undefined;
+  let diskControl: Promise<DiskControl> | undefined;
+
+  /** Finds out once whether workspaces can get a size limit here (root, loop devices, mkfs). */
+  const detectDiskControl = (): Promise<DiskControl> => {
+    diskControl ??= (async (): Promise<DiskControl> => {
+      if (!runningAsRoot)
+        return { ok: false, reason: 'Berth is not running as root, and only root can mount images' };
+      const disks = openWorkspaceDisks({
+        directory: options.diskImageDirectory ?? DEFAULT_DISK_IMAGE_DIRECTORY,
+        uid: hostUid,
+        gid: hostGid,
+        helperPath: execHelperPath,
+      });
+      const detected = await disks.detect();
+      return detected.ok ? { ok: true, disks } : detected;
+    })();
+    return diskControl;
+  };
 
   /** Finds out once whether sandboxes can get cgroups here (needs root and usable hierarchies). */
   const detectResourceControl = (): Promise<ResourceControl> => {
@@ -330,9 +360,8 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   const inCgroup = (live: LiveSandbox, [command, args]: [string, string[]]): [string, string[]] =>
     live.cgroup ? joinCgroupCommand(live.cgroup, command, args) : [command, args];
 
-  const requireBinaries = (): { bwrap: string; nsenter: string | undefined } => {
+  const requireBinaries = (): { bwrap: string } => {
     bwrapPath ??= findExecutable('bwrap');
-    nsenterPath ??= findExecutable('nsenter');
     unsharePath ??= findExecutable('unshare');
     if (!bwrapPath) {
       throw new BerthError(
@@ -340,18 +369,33 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         'bubblewrap (bwrap) is not installed; install it with `apt-get install bubblewrap`',
       );
     }
-    if ((mode === 'persistent' && !nsenterPath) || (runningAsRoot && !unsharePath)) {
+    if (runningAsRoot && !unsharePath) {
       throw new BerthError(
         'sandbox_unavailable',
-        'nsenter/unshare are not installed; install them with `apt-get install util-linux`',
+        'unshare is not installed; install it with `apt-get install util-linux`',
       );
     }
-    return { bwrap: bwrapPath, nsenter: nsenterPath };
+    if (mode === 'persistent' && !execHelperBuilt) {
+      throw new BerthError(
+        'sandbox_unavailable',
+        `the bwrap exec helper is not built (${execHelperPath}); ${BUILD_HELPER_HINT}`,
+      );
+    }
+    if (!seccompFilter) {
+      throw new BerthError(
+        'sandbox_unavailable',
+        `the sandbox seccomp filter knows no syscall numbers for ${process.arch} (only x64 and arm64)`,
+      );
+    }
+    return { bwrap: bwrapPath };
   };
 
   const bwrapArguments = (spec: SandboxSpec): string[] => {
-    const tmpfsBytes = String((spec.limits?.diskMb ?? options.tmpfsMb ?? 256) * 1024 * 1024);
+    const tmpfsBytes = String((options.tmpfsMb ?? 256) * 1024 * 1024);
     return [
+      // The filter (see seccomp.ts) for the init, or for the command in per-exec mode.
+      '--seccomp',
+      String(FD.seccomp),
       '--unshare-all',
       '--unshare-user',
       '--disable-userns',
@@ -438,6 +482,12 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     write(FD.passwd, ETC_PASSWD);
     write(FD.group, ETC_GROUP);
     write(FD.hosts, ETC_HOSTS);
+    const seccomp = (child.stdio as unknown[])[FD.seccomp] as
+      | (NodeJS.WritableStream & NodeJS.EventEmitter)
+      | null
+      | undefined;
+    seccomp?.on('error', () => {});
+    seccomp?.end(seccompFilter!);
   };
 
   /** The command and arguments that start bwrap with `bwrapArgs` for this sandbox. */
@@ -447,8 +497,10 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       unsharePath!,
       [
         '--mount',
+        // Slave, not private: when the host unmounts another session's workspace image, the
+        // copy this namespace took at creation goes too, so the image's loop device is freed.
         '--propagation',
-        'private',
+        'slave',
         '--',
         'sh',
         '-c',
@@ -566,33 +618,37 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   };
 
   /**
-   * nsenter arguments that run argv in a persistent sandbox. nsenter runs as host root, so it
-   * gets a fixed minimal environment; the command's environment is set by `env -i` inside, after
-   * uid 1000 and no-new-privs are in place (a caller-chosen LD_PRELOAD must never reach a
-   * host-root process).
+   * The exec helper's command line that runs argv in a persistent sandbox (see
+   * native/berth-exec.c): it joins the cgroup, enters the namespaces, becomes uid 1000 with
+   * no-new-privs and the seccomp filter, and execs argv with exactly `env`. The helper itself
+   * runs as host root with a fixed minimal environment (a caller-chosen LD_PRELOAD must never
+   * reach a host-root process; the static helper ignores it anyway).
    */
-  const nsenterArguments = (
+  const helperCommand = (
     live: LiveSandbox,
     cwd: string,
     env: Readonly<Record<string, string>>,
     argv: readonly string[],
-  ): string[] => [
-    '-t',
-    String(live.initPid),
-    '--all',
-    `--wdns=${cwd}`,
-    '-S',
-    String(SANDBOX_UID),
-    '-G',
-    String(SANDBOX_UID),
-    '/usr/bin/setpriv',
-    '--no-new-privs',
-    '--',
-    '/usr/bin/env',
-    '-i',
-    ...Object.entries(env).map(([name, value]) => `${name}=${value}`),
-    ...argv,
-  ];
+  ): [string, string[]] => {
+    const cgroupFiles = live.cgroup?.processFiles ?? [];
+    const assignments = Object.entries(env).map(([name, value]) => `${name}=${value}`);
+    return [
+      execHelperPath,
+      [
+        String(live.initPid),
+        String(SANDBOX_UID),
+        String(SANDBOX_UID),
+        cwd,
+        seccompHex!,
+        String(cgroupFiles.length),
+        ...cgroupFiles,
+        String(assignments.length),
+        ...assignments,
+        '--',
+        ...argv,
+      ],
+    ];
+  };
 
   /** Runs argv inside the sandbox; the shared core of exec, readFile and writeFile. */
   const run = async (
@@ -604,7 +660,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     validateEnvironment(execOptions.env);
     const live = lookup(handle);
     const binaries = requireBinaries();
-    const cwd = insidePath(execOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
+    const cwd = inside(execOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
     const env = commandEnvironment(live.spec, execOptions.env);
     let tracked: ChildProcess | undefined;
     const common = {
@@ -617,7 +673,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     try {
       let result: RunProcessResult;
       if (mode === 'persistent') {
-        const [command, args] = inCgroup(live, [binaries.nsenter!, nsenterArguments(live, cwd, env, argv)]);
+        const [command, args] = helperCommand(live, cwd, env, argv);
         result = await runProcess(command, args, {
           ...common,
           spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
@@ -642,7 +698,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         result = await runProcess(command, args, {
           ...common,
           spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
-          extraStdio: ['ignore', 'pipe', 'pipe', 'pipe'],
+          extraStdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe'],
           onSpawn: (child) => {
             tracked = child;
             live.running.add(child);
@@ -704,7 +760,12 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     } finally {
       await live.exited;
     }
-    await live.cgroup?.remove();
+    try {
+      await live.cgroup?.remove();
+    } finally {
+      // Nothing runs in the sandbox any more: its files can go back to the plain workdir.
+      await live.disk?.detach();
+    }
   };
 
   return {
@@ -742,16 +803,25 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
             reason: `bwrap cannot create namespaces here (${probe.stderr.trim()}); user namespaces may be disabled (sysctl kernel.unprivileged_userns_clone / user.max_user_namespaces)`,
           };
         }
+        const warnings: string[] = [];
+        if (runningAsRoot && !execHelperBuilt) {
+          warnings.push(
+            `the bwrap exec helper is not built (${execHelperPath}), so every command starts its own bwrap (slower, no background processes or spawn); ${BUILD_HELPER_HINT}`,
+          );
+        }
         const control = await detectResourceControl();
         if (!control.ok) {
-          return {
-            ok: true,
-            warnings: [
-              `sandbox resource limits (cpu, memory, pids) are not enforced: ${control.reason}; environments that set limits will be refused`,
-            ],
-          };
+          warnings.push(
+            `sandbox resource limits (cpu, memory, pids) are not enforced: ${control.reason}; environments that set limits will be refused`,
+          );
         }
-        return { ok: true };
+        const disk = await detectDiskControl();
+        if (!disk.ok) {
+          warnings.push(
+            `sandbox disk limits are not enforced: ${disk.reason}; environments that set disk_mb will be refused`,
+          );
+        }
+        return warnings.length > 0 ? { ok: true, warnings } : { ok: true };
       } catch (error) {
         return { ok: false, reason: error instanceof Error ? error.message : String(error) };
       }
@@ -761,27 +831,35 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       const binaries = requireBinaries();
       validateEnvironment(spec.env);
       validateReadOnlyMounts(spec, runningAsRoot);
-      const { limits, explicit } = resolveLimits(spec);
-      const control = await detectResourceControl();
+      const { limits, explicit, explicitDisk } = resolveLimits(spec);
+      const [control, disk] = await Promise.all([detectResourceControl(), detectDiskControl()]);
       if (!control.ok && explicit) {
         throw new BerthError(
           'sandbox_unavailable',
           `this host cannot enforce the environment's cpu, memory or pids limits (${control.reason}); remove the limits or run Berth as root on a host with cgroups`,
         );
       }
+      if (!disk.ok && explicitDisk) {
+        throw new BerthError(
+          'sandbox_unavailable',
+          `this host cannot enforce the environment's disk limit (${disk.reason}); remove disk_mb or run Berth as root on a host with loop devices`,
+        );
+      }
       if (spec.restoreFrom) await restoreWorkspace(spec.restoreFrom, spec.workdir);
       prepareWorkdir(spec);
+      const { diskMb, ...processLimits } = limits;
       const handle: SandboxHandle = {
         id: newId('sbx'),
         sessionId: spec.sessionId,
         driver: 'bwrap',
         workdirInside: BWRAP_WORKDIR_INSIDE,
-        ...(control.ok ? { enforcedLimits: limits } : {}),
+        ...(control.ok ? { enforcedLimits: disk.ok ? limits : processLimits } : {}),
       };
       const live: LiveSandbox = { handle, spec, stopped: false, running: new Set() };
       sandboxes.set(handle.id, live);
       try {
         if (control.ok) live.cgroup = control.tree.create(handle.id, cgroupLimits(limits));
+        if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
         if (mode === 'persistent') await startPersistent(live, binaries.bwrap);
       } catch (error) {
         await destroyLive(live);
@@ -813,11 +891,11 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       validateArgv(argv);
       validateEnvironment(spawnOptions.env);
       const live = lookup(handle);
-      const binaries = requireBinaries();
-      const cwd = insidePath(spawnOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
+      const cwd = inside(spawnOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
       const env = commandEnvironment(live.spec, spawnOptions.env);
-      // Its own process group, so kill() reaches nsenter's forked child and what it started.
-      const [command, args] = inCgroup(live, [binaries.nsenter!, nsenterArguments(live, cwd, env, argv)]);
+      requireBinaries();
+      // Its own process group, so kill() reaches the helper's forked child and what it started.
+      const [command, args] = helperCommand(live, cwd, env, argv);
       const child = spawn(command, args, {
         env: { PATH: '/usr/bin:/bin' },
         stdio: ['pipe', 'pipe', 'pipe'],
@@ -844,7 +922,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     },
 
     async readFile(handle, path, maxBytes) {
-      const target = insidePath(path);
+      const target = inside(path);
       const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
       // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
       const result = await run(handle, ['head', '-c', String(limit + 1), '--', target], {
@@ -859,7 +937,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     },
 
     async writeFile(handle, path, data) {
-      const target = insidePath(path);
+      const target = inside(path);
       // Runs as uid 1000 inside the sandbox, so symlinks resolve in the sandbox's own tree.
       const result = await run(
         handle,
@@ -927,6 +1005,10 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
           // Exited while we looked, or not ours to read.
         }
       }
+      // Last: the dead servers' sandboxes are gone, so their workspace images can be copied
+      // back into the plain workdirs and unmounted.
+      const disk = await detectDiskControl();
+      if (disk.ok) reaped += await disk.disks.reapLeftovers();
       return reaped;
     },
 

@@ -106,8 +106,8 @@ describe.skipIf(!limitsLive)(`bwrap resource limits${skipNote}`, () => {
     const background = `sleep 1000.${process.pid}1`;
     await driver.exec(handle, ['sh', '-c', `${background} >/dev/null 2>&1 &`]);
     const spawned = driver.spawn(handle, ['sleep', `1000.${process.pid}2`]);
-    // The background sleep, the spawned sleep and the nsenter that waits for it (which only
-    // exists once the join wrapper has exec'd it).
+    // The background sleep, the spawned sleep and the exec helper that waits for it (its
+    // command line names the sleep too).
     await expect
       .poll(() => hostProcessesMatching(`1000.${process.pid}`).filter((pid) => !isJoinWrapper(pid)).length)
       .toBe(3);

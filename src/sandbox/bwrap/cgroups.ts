@@ -163,8 +163,11 @@ export function sandboxCgroupName(sandboxId: string): string {
   return `${sandboxId}.${ownerToken}`;
 }
 
-/** True when the group's owner (from its name) is still running; false for a dead owner. */
-function ownerIsAlive(groupName: string): boolean {
+/**
+ * True when the owner named in a group name (or any name built by `sandboxCgroupName`, such as
+ * a workspace disk image's) is still running; false for a dead owner.
+ */
+export function ownerIsAlive(groupName: string): boolean {
   const match = /\.(\d+)\.(\d+)$/.exec(groupName);
   if (!match) return true;
   return processStartTime(Number(match[1])) === match[2];

@@ -18,10 +18,10 @@
  */
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { accessSync, constants, existsSync, readdirSync, readFileSync } from 'node:fs';
+import { constants, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { access, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { release, tmpdir } from 'node:os';
-import { basename, delimiter, dirname, join, posix } from 'node:path';
+import { basename, dirname, join, posix } from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { BerthError } from '../../errors.js';
@@ -40,6 +40,7 @@ import {
   type SandboxSpec,
   type SandboxStats,
 } from '../driver.js';
+import { findExecutable, pathInside, validateArgv, validateEnvironment } from '../driver-support.js';
 import { DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TIMEOUT_MS } from '../exec-process.js';
 import { moveTree, restoreWorkspace, SUSPENDED_WORKSPACE } from '../workspace-move.js';
 import { AgentConnection, type AgentExit } from './agent-connection.js';
@@ -57,6 +58,9 @@ const run = promisify(execFile);
 
 /** Where the workspace appears inside every microvm sandbox. */
 export const MICROVM_WORKDIR_INSIDE = '/workspace';
+
+/** A path inside this driver's sandboxes (relative ones from the working directory). */
+const inside = (path: string) => pathInside(MICROVM_WORKDIR_INSIDE, path);
 /** The workspace disk image inside the session's host workdir. */
 export const WORKSPACE_DISK = 'workspace.ext4';
 /** In a suspend directory: the saved VM and the machine it needs. */
@@ -129,42 +133,6 @@ interface SavedMachine {
   pids: number;
 }
 
-function findExecutable(name: string): string | undefined {
-  const directories = [
-    ...(process.env.PATH ?? '').split(delimiter),
-    '/usr/sbin',
-    '/sbin',
-    '/usr/bin',
-    '/bin',
-  ];
-  for (const directory of directories) {
-    if (!directory) continue;
-    const candidate = join(directory, name);
-    try {
-      accessSync(candidate, constants.X_OK);
-      return candidate;
-    } catch {
-      // Keep looking.
-    }
-  }
-  return undefined;
-}
-
-function validateEnvironment(env: Readonly<Record<string, string>> | undefined): void {
-  for (const [name, value] of Object.entries(env ?? {})) {
-    if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(name) || value.includes('\0')) {
-      throw new BerthError('invalid_request', `invalid environment variable name or value: ${name}`);
-    }
-  }
-}
-
-function validateArgv(argv: readonly string[]): void {
-  if (argv.length === 0 || argv[0] === '') throw new BerthError('invalid_request', 'argv must not be empty');
-  if (argv.some((argument) => argument.includes('\0'))) {
-    throw new BerthError('invalid_request', 'argv must not contain NUL bytes');
-  }
-}
-
 /** Inside paths a read-only mount may not cover or sit under (the sandbox's own mounts). */
 const RESERVED_INSIDE_PATHS = ['/proc', '/dev', '/sys', '/tmp', MICROVM_WORKDIR_INSIDE, GUEST_HOME];
 
@@ -226,12 +194,6 @@ function resolveLimits(spec: SandboxSpec, defaultDiskMb: number): Required<Enfor
     pids: Math.floor(requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids),
     diskMb: Math.ceil(requested.diskMb ?? defaultDiskMb),
   };
-}
-
-/** Resolves a path inside the sandbox: relative paths start at the working directory. */
-function insidePath(path: string): string {
-  if (path.length === 0 || path.includes('\0')) throw new BerthError('invalid_request', 'invalid path');
-  return posix.resolve(MICROVM_WORKDIR_INSIDE, path);
 }
 
 /** Keeps the first `limit` bytes of a stream (the agent caps too; this is the host's guard). */
@@ -574,7 +536,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     validateArgv(argv);
     validateEnvironment(execOptions.env);
     const live = lookup(handle);
-    const cwd = insidePath(execOptions.cwd ?? MICROVM_WORKDIR_INSIDE);
+    const cwd = inside(execOptions.cwd ?? MICROVM_WORKDIR_INSIDE);
     const maxOutputBytes = execOptions.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
     const started = performance.now();
     if (execOptions.signal?.aborted) {
@@ -810,7 +772,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
       validateArgv(argv);
       validateEnvironment(spawnOptions.env);
       const live = lookup(handle);
-      const cwd = insidePath(spawnOptions.cwd ?? MICROVM_WORKDIR_INSIDE);
+      const cwd = inside(spawnOptions.cwd ?? MICROVM_WORKDIR_INSIDE);
       const stdout = new PassThrough();
       const stderr = new PassThrough();
       let finished = false;
@@ -853,7 +815,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     },
 
     async readFile(handle, path, maxBytes) {
-      const target = insidePath(path);
+      const target = inside(path);
       const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
       // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
       const result = await runCommand(handle, ['head', '-c', String(limit + 1), '--', target], {
@@ -868,7 +830,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     },
 
     async writeFile(handle, path, data) {
-      const target = insidePath(path);
+      const target = inside(path);
       // Runs as uid 1000 in the guest; symlinks resolve in the guest, which holds no host file.
       const result = await runCommand(
         handle,
