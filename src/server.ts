@@ -17,6 +17,7 @@ import type { ModelRegistry } from './models/model-registry.js';
 import { createModelRegistry } from './models/provider-registry.js';
 import { createBwrapDriver } from './sandbox/bwrap/bwrap-driver.js';
 import type { SandboxDriver } from './sandbox/driver.js';
+import { createGvisorDriver } from './sandbox/gvisor/gvisor-driver.js';
 import { createMicrovmDriver } from './sandbox/microvm/microvm-driver.js';
 import { LocalSnapshotStore } from './snapshots/local-snapshot-store.js';
 import type { NewEvent, SessionKey } from './store/event-store.js';
@@ -51,6 +52,7 @@ export interface RunningBerth {
 /** Known sandbox drivers by name. Later drivers (gvisor, microvm, isolate) register here. */
 const driverFactories: Record<string, () => SandboxDriver> = {
   bwrap: () => createBwrapDriver(),
+  gvisor: () => createGvisorDriver(),
   microvm: () => createMicrovmDriver(),
 };
 

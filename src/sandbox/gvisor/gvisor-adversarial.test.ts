@@ -1,0 +1,8 @@
+import { describeSandboxAdversarial } from '../adversarial.test-suite.js';
+import { createGvisorDriver, type GvisorDriver } from './gvisor-driver.js';
+
+describeSandboxAdversarial('gvisor', {
+  createDriver: () => createGvisorDriver(),
+  cleanup: (driver) => (driver as GvisorDriver).destroyAll(),
+  ownKernel: true,
+});
