@@ -254,3 +254,56 @@ describe('sandbox lifecycle across server restarts', () => {
     expect(berthCgroups([first.child.pid!, second.child.pid!, third.child.pid!])).toEqual([]);
   });
 });
+
+/** Concurrent first uses of a session share one sandbox (a race once made two over one workdir). */
+describe('sandbox provisioning under concurrent first use', () => {
+  let berth: TestBerth;
+  beforeAll(async () => {
+    berth = await startTestBerth({ environment: UNLIMITED_LIMITS });
+  });
+  afterAll(async () => berth?.dispose());
+
+  /** Mounts stacked on `path` in the host's mount table (each sandbox mounts one workspace disk). */
+  const mountsOn = (path: string) =>
+    readFileSync('/proc/self/mountinfo', 'utf8')
+      .split('\n')
+      .filter((line) => line.split(' ')[4] === path);
+
+  it('gives parallel first uses of a session one sandbox, with every file in it', async () => {
+    const agent = await berth.client.beta.agents.create({ name: 'parallel', model: 'scripted/echo' });
+    const environment = await berth.client.beta.environments.create({ name: 'parallel' });
+    const newSession = async () =>
+      (await berth.client.beta.sessions.create({ agent: agent.id, environment_id: environment.id })).id;
+
+    const uploaded = await newSession();
+    const uploads = await Promise.all(
+      Array.from({ length: 6 }, (_, index) =>
+        fetch(`${berth.url}/v1/sessions/${uploaded}/files/file-${index}.txt`, {
+          method: 'PUT',
+          headers: { 'x-api-key': berth.apiKey },
+          body: `content ${index}`,
+        }),
+      ),
+    );
+    expect(uploads.map((response) => response.status)).toEqual([200, 200, 200, 200, 200, 200]);
+    const listing = await fetch(`${berth.url}/v1/sessions/${uploaded}/files`, {
+      headers: { 'x-api-key': berth.apiKey },
+    });
+    const paths = ((await listing.json()) as { data: { path: string }[] }).data
+      .map((file) => file.path)
+      .sort();
+    expect(paths).toEqual(Array.from({ length: 6 }, (_, index) => `file-${index}.txt`));
+
+    // Two MCP stdio servers of one session ask for its sandbox in the same tick.
+    const racing = (await berth.store.resources.getSession('tnt_default', await newSession()))!;
+    const [first, second] = await Promise.all([
+      berth.sandboxes.access(racing).get(),
+      berth.sandboxes.access(racing).get(),
+    ]);
+    expect(second.id).toBe(first.id);
+    if (first.enforcedLimits?.diskMb !== undefined) {
+      expect(mountsOn(berth.sandboxes.workdirOf(racing.id))).toHaveLength(1);
+      expect(mountsOn(berth.sandboxes.workdirOf(uploaded))).toHaveLength(1);
+    }
+  });
+});

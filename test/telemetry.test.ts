@@ -125,7 +125,10 @@ describe('OpenTelemetry traces', () => {
     expect(seen[seen.length - 1]!.stop_reason).toEqual({ type: 'end_turn' });
     // The turn span ends when the wake returns, just after the idle event the client saw.
     await berth.supervisor.settled(berth.keyOf(session.id));
-    await berth.telemetry.forceFlush();
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      (all) => all.some((span) => span.traceId === clientTraceId && span.name === 'invoke_agent'),
+    );
 
     const spans = receiver.spans.filter((span) => span.traceId === clientTraceId);
     const byName = (name: string) => spans.filter((span) => span.name === name);

@@ -163,6 +163,40 @@ export class SandboxManager {
       if (!existing.stopping) return existing.handle;
       await existing.stopping.catch(() => undefined);
     }
+    // The entry is in the map before the first await: concurrent first uses (two MCP servers
+    // starting, parallel file uploads) share one sandbox instead of racing to make two.
+    const entry: Entry = {
+      session: { tenantId: session.tenantId, id: session.id },
+      driver: undefined as unknown as SandboxDriver,
+      handle: undefined as unknown as Promise<SandboxHandle>,
+      meter: { cpuSeconds: 0, memoryBytes: 0, sampledAt: undefined },
+      lifecycle: lifecycleOf(undefined),
+      expiresAt: Number.POSITIVE_INFINITY,
+      provisioned: false,
+      busy: 0,
+      lastUsedAt: Date.now(),
+    };
+    entry.handle = this.#prepare(entry, session, extra);
+    this.#entries.set(key, entry);
+    entry.handle.then(
+      () => {
+        entry.provisioned = true;
+        entry.lastUsedAt = Date.now();
+      },
+      () => {
+        if (this.#entries.get(key) === entry) this.#entries.delete(key);
+      },
+    );
+    this.#startTimers();
+    return entry.handle;
+  }
+
+  /** Reads the session's environment, picks its driver and provisions (or resumes) the sandbox. */
+  async #prepare(
+    entry: Entry,
+    session: SessionRecord,
+    extra?: Pick<SandboxSpec, 'readOnlyMounts'>,
+  ): Promise<SandboxHandle> {
     const environment = await this.#store.resources.get(
       'environment',
       session.tenantId,
@@ -180,20 +214,11 @@ export class SandboxManager {
         `sandbox driver "${driverName}" is not available on this host`,
       );
     }
-    const lifecycle = lifecycleOf(config);
-    const entry: Entry = {
-      session: { tenantId: session.tenantId, id: session.id },
-      driver,
-      handle: undefined as unknown as Promise<SandboxHandle>,
-      meter: { cpuSeconds: 0, memoryBytes: 0, sampledAt: undefined },
-      lifecycle,
-      expiresAt: Date.parse(session.createdAt) + lifecycle.maxLifetimeMs,
-      provisioned: false,
-      busy: 0,
-      lastUsedAt: Date.now(),
-    };
     entry.driver = this.#holding(entry, driver);
-    entry.handle = this.#provision(entry, driver, session, {
+    entry.lifecycle = lifecycleOf(config);
+    entry.expiresAt = Date.parse(session.createdAt) + entry.lifecycle.maxLifetimeMs;
+    this.#expiries.set(sessionKeyString(session), { session: entry.session, expiresAt: entry.expiresAt });
+    return this.#provision(entry, driver, session, {
       readOnlyMounts: extra?.readOnlyMounts,
       limits: {
         cpu: berth?.limits?.cpu,
@@ -202,19 +227,6 @@ export class SandboxManager {
         diskMb: berth?.limits?.disk_mb,
       },
     });
-    this.#entries.set(key, entry);
-    this.#expiries.set(key, { session: entry.session, expiresAt: entry.expiresAt });
-    entry.handle.then(
-      () => {
-        entry.provisioned = true;
-        entry.lastUsedAt = Date.now();
-      },
-      () => {
-        if (this.#entries.get(key) === entry) this.#entries.delete(key);
-      },
-    );
-    this.#startTimers();
-    return entry.handle;
   }
 
   /** Provisions a fresh sandbox, or resumes the session's stopped one from its snapshot. */
@@ -394,7 +406,7 @@ export class SandboxManager {
 
   /** Adds what the sandbox used since the previous sample to its session's pending work. */
   async #sample(entry: Entry): Promise<void> {
-    if (!entry.driver.stats) return;
+    if (!entry.provisioned || !entry.driver.stats) return;
     const handle = await entry.handle.catch(() => undefined);
     if (!handle) return;
     const stats = await entry.driver.stats(handle).catch(() => undefined);
@@ -466,8 +478,9 @@ export class SandboxManager {
   /** Live sandboxes per driver name. */
   countByDriver(): Record<string, number> {
     const counts: Record<string, number> = {};
-    for (const entry of this.#entries.values())
-      counts[entry.driver.name] = (counts[entry.driver.name] ?? 0) + 1;
+    for (const entry of this.#entries.values()) {
+      if (entry.provisioned) counts[entry.driver.name] = (counts[entry.driver.name] ?? 0) + 1;
+    }
     return counts;
   }
 

@@ -44,6 +44,15 @@ export async function startOtlpReceiver(): Promise<{
   endpoint: string;
   spans: ReceivedSpan[];
   rawBodies: string[];
+  /**
+   * Flushes with `flush` until `done(spans)` holds (or `timeoutMs` passes). An exporter that
+   * failed a request under load retries it later, after its flush has returned.
+   */
+  waitForSpans(
+    flush: () => Promise<void>,
+    done: (spans: readonly ReceivedSpan[]) => boolean,
+    timeoutMs?: number,
+  ): Promise<void>;
   close(): Promise<void>;
 }> {
   const spans: ReceivedSpan[] = [];
@@ -106,6 +115,14 @@ export async function startOtlpReceiver(): Promise<{
     endpoint: `http://127.0.0.1:${port}`,
     spans,
     rawBodies,
+    async waitForSpans(flush, done, timeoutMs = 10_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        await flush();
+        if (done(spans) || Date.now() > deadline) return;
+        await new Promise((resolve) => setTimeout(resolve, 50));
+      }
+    },
     close: () => new Promise((resolve) => server.close(() => resolve())),
   };
 }
