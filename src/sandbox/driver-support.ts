@@ -6,6 +6,7 @@
 import { accessSync, constants, lchownSync, lstatSync, readdirSync } from 'node:fs';
 import { delimiter, join, posix } from 'node:path';
 import { BerthError } from '../errors.js';
+import type { SandboxDriver, SandboxHandle } from './driver.js';
 
 /** The first executable called `name` on PATH or in the system binary directories. */
 export function findExecutable(name: string): string | undefined {
@@ -65,4 +66,72 @@ export function validateArgv(argv: readonly string[]): void {
 export function pathInside(workdirInside: string, path: string): string {
   if (path.length === 0 || path.includes('\0')) throw new BerthError('invalid_request', 'invalid path');
   return posix.resolve(workdirInside, path);
+}
+
+/** Largest file `readFile` returns without an explicit limit. */
+const DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024;
+const FILE_OPERATION_TIMEOUT_MS = 30_000;
+
+/** What the file operations need of a driver: run a command in the sandbox as its user. */
+export type SandboxCommandRunner = (
+  handle: SandboxHandle,
+  argv: readonly string[],
+  options: { stdin?: string | Uint8Array; timeoutMs: number; maxOutputBytes: number },
+) => Promise<{
+  stdout: Buffer;
+  stderr: Buffer;
+  exitCode: number | null;
+  timedOut: boolean;
+  truncated: boolean;
+}>;
+
+/** A failed file command as the error a caller can act on (missing, refused, or the sandbox's fault). */
+function fileError(
+  operation: string,
+  path: string,
+  result: { stderr: Buffer; timedOut: boolean },
+): BerthError {
+  const message = result.stderr.toString('utf8').trim();
+  if (result.timedOut)
+    return new BerthError('sandbox_failed', `${operation} ${path} timed out`, { retryable: true });
+  if (/No such file or directory/.test(message)) return new BerthError('not_found', `no such file: ${path}`);
+  if (/Is a directory|Not a directory|Permission denied|Read-only file system/.test(message)) {
+    return new BerthError('invalid_request', `cannot ${operation} ${path}: ${message}`);
+  }
+  return new BerthError('sandbox_failed', `cannot ${operation} ${path}: ${message || 'unknown error'}`);
+}
+
+/**
+ * `readFile` and `writeFile` done by commands inside the sandbox as its user (never on the host
+ * path), so a symlink the agent made resolves in the sandbox's own tree and cannot reach a host file.
+ */
+export function sandboxFiles(
+  run: SandboxCommandRunner,
+  workdirInside: string,
+): Pick<SandboxDriver, 'readFile' | 'writeFile'> {
+  return {
+    async readFile(handle, path, maxBytes) {
+      const target = pathInside(workdirInside, path);
+      const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
+      // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
+      const result = await run(handle, ['head', '-c', String(limit + 1), '--', target], {
+        maxOutputBytes: limit,
+        timeoutMs: FILE_OPERATION_TIMEOUT_MS,
+      });
+      if (result.exitCode !== 0) throw fileError('read', path, result);
+      if (result.truncated && maxBytes === undefined) {
+        throw new BerthError('payload_too_large', `${path} is larger than ${limit} bytes`);
+      }
+      return new Uint8Array(result.stdout.buffer, result.stdout.byteOffset, result.stdout.byteLength);
+    },
+    async writeFile(handle, path, data) {
+      const target = pathInside(workdirInside, path);
+      const result = await run(
+        handle,
+        ['sh', '-c', 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', 'sh', target],
+        { stdin: data, timeoutMs: FILE_OPERATION_TIMEOUT_MS, maxOutputBytes: 64 * 1024 },
+      );
+      if (result.exitCode !== 0) throw fileError('write', path, result);
+    },
+  };
 }

@@ -56,6 +56,7 @@ import {
   chownTree,
   findExecutable,
   pathInside,
+  sandboxFiles,
   validateArgv,
   validateEnvironment,
 } from '../driver-support.js';
@@ -89,9 +90,7 @@ export const SANDBOX_UID = 1000;
 const SANDBOX_HOME = '/home/sandbox';
 const SANDBOX_PATH = '/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin';
 /** readFile without maxBytes refuses files larger than this. */
-const DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024;
 const PROVISION_TIMEOUT_MS = 10_000;
-const FILE_OPERATION_TIMEOUT_MS = 30_000;
 
 /** Options for `createBwrapDriver`; every field has a working default. */
 export interface BwrapDriverOptions {
@@ -726,19 +725,6 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   };
 
   /** Turns a failed file command into a typed error. */
-  const fileError = (operation: string, path: string, result: RunProcessResult): BerthError => {
-    const message = result.stderr.toString('utf8').trim();
-    if (result.timedOut) {
-      return new BerthError('sandbox_failed', `${operation} ${path} timed out`, { retryable: true });
-    }
-    if (/No such file or directory/.test(message))
-      return new BerthError('not_found', `no such file: ${path}`);
-    if (/Is a directory|Not a directory|Permission denied|Read-only file system/.test(message)) {
-      return new BerthError('invalid_request', `cannot ${operation} ${path}: ${message}`);
-    }
-    return new BerthError('sandbox_failed', `cannot ${operation} ${path}: ${message || 'unknown error'}`);
-  };
-
   const destroyLive = async (live: LiveSandbox): Promise<void> => {
     sandboxes.delete(live.handle.id);
     live.stopped = true;
@@ -921,31 +907,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       };
     },
 
-    async readFile(handle, path, maxBytes) {
-      const target = inside(path);
-      const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
-      // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
-      const result = await run(handle, ['head', '-c', String(limit + 1), '--', target], {
-        maxOutputBytes: limit,
-        timeoutMs: FILE_OPERATION_TIMEOUT_MS,
-      });
-      if (result.exitCode !== 0) throw fileError('read', path, result);
-      if (result.truncated && maxBytes === undefined) {
-        throw new BerthError('payload_too_large', `${path} is larger than ${limit} bytes`);
-      }
-      return new Uint8Array(result.stdout.buffer, result.stdout.byteOffset, result.stdout.byteLength);
-    },
-
-    async writeFile(handle, path, data) {
-      const target = inside(path);
-      // Runs as uid 1000 inside the sandbox, so symlinks resolve in the sandbox's own tree.
-      const result = await run(
-        handle,
-        ['sh', '-c', 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', 'sh', target],
-        { stdin: data, timeoutMs: FILE_OPERATION_TIMEOUT_MS, maxOutputBytes: 64 * 1024 },
-      );
-      if (result.exitCode !== 0) throw fileError('write', path, result);
-    },
+    ...sandboxFiles(run, BWRAP_WORKDIR_INSIDE),
 
     async destroy(handle) {
       const live = sandboxes.get(handle.id);

@@ -68,6 +68,7 @@ import {
   chownTree,
   findExecutable,
   pathInside,
+  sandboxFiles,
   validateArgv,
   validateEnvironment,
 } from '../driver-support.js';
@@ -94,10 +95,8 @@ const COMMAND_MARKER = 'BERTH_COMMAND_ID';
 /** Inside a suspend directory: the checkpoint image `runsc checkpoint` wrote. */
 const SUSPENDED_MEMORY = 'gvisor-checkpoint';
 /** readFile without maxBytes refuses files larger than this. */
-const DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024;
 const PROVISION_TIMEOUT_MS = 30_000;
 const MANAGEMENT_TIMEOUT_MS = 30_000;
-const FILE_OPERATION_TIMEOUT_MS = 30_000;
 /** How many times the reaper sweeps: a process forked during one sweep dies in the next. */
 const REAPER_ROUNDS = 5;
 /**
@@ -635,19 +634,6 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
   };
 
   /** Turns a failed file command into a typed error. */
-  const fileError = (operation: string, path: string, result: RunProcessResult): BerthError => {
-    const message = result.stderr.toString('utf8').trim();
-    if (result.timedOut) {
-      return new BerthError('sandbox_failed', `${operation} ${path} timed out`, { retryable: true });
-    }
-    if (/No such file or directory/.test(message))
-      return new BerthError('not_found', `no such file: ${path}`);
-    if (/Is a directory|Not a directory|Permission denied|Read-only file system/.test(message)) {
-      return new BerthError('invalid_request', `cannot ${operation} ${path}: ${message}`);
-    }
-    return new BerthError('sandbox_failed', `cannot ${operation} ${path}: ${message || 'unknown error'}`);
-  };
-
   /** Kills the container (everything in it) and removes its state, bundle and cgroup. */
   const destroyLive = async (live: LiveSandbox): Promise<void> => {
     sandboxes.delete(live.handle.id);
@@ -867,31 +853,7 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       };
     },
 
-    async readFile(handle, path, maxBytes) {
-      const target = inside(path);
-      const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
-      // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
-      const result = await run(handle, ['head', '-c', String(limit + 1), '--', target], {
-        maxOutputBytes: limit,
-        timeoutMs: FILE_OPERATION_TIMEOUT_MS,
-      });
-      if (result.exitCode !== 0) throw fileError('read', path, result);
-      if (result.truncated && maxBytes === undefined) {
-        throw new BerthError('payload_too_large', `${path} is larger than ${limit} bytes`);
-      }
-      return new Uint8Array(result.stdout.buffer, result.stdout.byteOffset, result.stdout.byteLength);
-    },
-
-    async writeFile(handle, path, data) {
-      const target = inside(path);
-      // Runs as uid 1000 inside the sandbox, so symlinks resolve in the sandbox's own tree.
-      const result = await run(
-        handle,
-        ['sh', '-c', 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', 'sh', target],
-        { stdin: data, timeoutMs: FILE_OPERATION_TIMEOUT_MS, maxOutputBytes: 64 * 1024 },
-      );
-      if (result.exitCode !== 0) throw fileError('write', path, result);
-    },
+    ...sandboxFiles(run, GVISOR_WORKDIR_INSIDE),
 
     async destroy(handle) {
       const live = sandboxes.get(handle.id);

@@ -40,7 +40,13 @@ import {
   type SandboxSpec,
   type SandboxStats,
 } from '../driver.js';
-import { findExecutable, pathInside, validateArgv, validateEnvironment } from '../driver-support.js';
+import {
+  findExecutable,
+  pathInside,
+  sandboxFiles,
+  validateArgv,
+  validateEnvironment,
+} from '../driver-support.js';
 import { DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TIMEOUT_MS } from '../exec-process.js';
 import { moveTree, restoreWorkspace, SUSPENDED_WORKSPACE } from '../workspace-move.js';
 import { AgentConnection, type AgentExit } from './agent-connection.js';
@@ -67,8 +73,6 @@ export const WORKSPACE_DISK = 'workspace.ext4';
 const MEMORY_FILE = 'memory.state';
 const MACHINE_FILE = 'microvm.json';
 const MINIMUM_MEMORY_MB = 128;
-const DEFAULT_MAX_READ_BYTES = 64 * 1024 * 1024;
-const FILE_OPERATION_TIMEOUT_MS = 30_000;
 /** A KVM guest boots in about a second; one that has not answered by now never will. */
 const KVM_PROBE_TIMEOUT_MS = 15_000;
 const TCG_BOOT_TIMEOUT_MS = 120_000;
@@ -600,18 +604,6 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     });
   };
 
-  const fileError = (operation: string, path: string, result: CommandResult): BerthError => {
-    const message = result.stderr.toString('utf8').trim();
-    if (result.timedOut)
-      return new BerthError('sandbox_failed', `${operation} ${path} timed out`, { retryable: true });
-    if (/No such file or directory/.test(message))
-      return new BerthError('not_found', `no such file: ${path}`);
-    if (/Is a directory|Not a directory|Permission denied|Read-only file system/.test(message)) {
-      return new BerthError('invalid_request', `cannot ${operation} ${path}: ${message}`);
-    }
-    return new BerthError('sandbox_failed', `cannot ${operation} ${path}: ${message || 'unknown error'}`);
-  };
-
   /** Stops a sandbox's VM and removes its sockets; commands still running report a kill. */
   const stopLive = async (live: LiveSandbox): Promise<void> => {
     sandboxes.delete(live.handle.id);
@@ -814,31 +806,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
       };
     },
 
-    async readFile(handle, path, maxBytes) {
-      const target = inside(path);
-      const limit = maxBytes ?? DEFAULT_MAX_READ_BYTES;
-      // `head -c` stops reading at the limit; one extra byte tells us the file was larger.
-      const result = await runCommand(handle, ['head', '-c', String(limit + 1), '--', target], {
-        maxOutputBytes: limit,
-        timeoutMs: FILE_OPERATION_TIMEOUT_MS,
-      });
-      if (result.exitCode !== 0) throw fileError('read', path, result);
-      if (result.truncated && maxBytes === undefined) {
-        throw new BerthError('payload_too_large', `${path} is larger than ${limit} bytes`);
-      }
-      return new Uint8Array(result.stdout.buffer, result.stdout.byteOffset, result.stdout.byteLength);
-    },
-
-    async writeFile(handle, path, data) {
-      const target = inside(path);
-      // Runs as uid 1000 in the guest; symlinks resolve in the guest, which holds no host file.
-      const result = await runCommand(
-        handle,
-        ['sh', '-c', 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1"', 'sh', target],
-        { stdin: data, timeoutMs: FILE_OPERATION_TIMEOUT_MS, maxOutputBytes: 64 * 1024 },
-      );
-      if (result.exitCode !== 0) throw fileError('write', path, result);
-    },
+    ...sandboxFiles(runCommand, MICROVM_WORKDIR_INSIDE),
 
     async destroy(handle) {
       const live = sandboxes.get(handle.id);
