@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { hostProcessesMatching } from '../src/sandbox/driver-contract.test-suite.js';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { processesUsing, startBerthProcess } from './support/berth-process.js';
 import { type StreamEvent, sendAndWaitIdle } from './support/session-stream.js';
@@ -166,6 +167,29 @@ describe('sandbox lifecycle', () => {
     expect(
       await run(berth.client, session.id, 'cat src/main.c; cat /tmp/scratch 2>/dev/null || echo no-tmp'),
     ).toBe('int main;\nno-tmp\n');
+  });
+
+  it('replaces a sandbox that died on its own, keeping the files', async () => {
+    const session = await sessionIn({ idle_timeout_s: 600, max_lifetime_s: 3600 });
+    expect(await run(berth.client, session.id, 'echo survivor > kept.txt && echo ok')).toBe('ok\n');
+    // Something kills the sandbox from outside (the OOM killer, an operator). Only its bwrap
+    // processes carry the session id on their command line (`--setenv BERTH_SESSION_ID <id>`).
+    const sandboxProcesses = () =>
+      hostProcessesMatching(`BERTH_SESSION_ID ${session.id}`).filter((pid) => {
+        try {
+          return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]!.endsWith('bwrap');
+        } catch {
+          return false;
+        }
+      });
+    const victims = sandboxProcesses();
+    expect(victims.length).toBeGreaterThan(0);
+    for (const pid of victims) process.kill(pid, 'SIGKILL');
+    await expect.poll(sandboxProcesses, { timeout: 5000 }).toEqual([]);
+    // The next tool call may see the dead sandbox once; the one after runs in a new sandbox.
+    await run(berth.client, session.id, 'true');
+    expect(await run(berth.client, session.id, 'cat kept.txt')).toBe('survivor\n');
+    expect(await sandboxState(berth.url, berth.apiKey, session.id)).toBe('live');
   });
 
   it('terminates a session at its max lifetime, keeping its files downloadable', async () => {

@@ -159,9 +159,17 @@ export class SandboxManager {
   async #get(session: SessionRecord, extra?: Pick<SandboxSpec, 'readOnlyMounts'>): Promise<SandboxHandle> {
     const key = sessionKeyString(session);
     for (let existing = this.#entries.get(key); existing; existing = this.#entries.get(key)) {
-      // A sandbox being stopped is resumed once its snapshot is stored.
-      if (!existing.stopping) return existing.handle;
-      await existing.stopping.catch(() => undefined);
+      if (existing.stopping) {
+        // A sandbox being stopped is resumed once its snapshot is stored.
+        await existing.stopping.catch(() => undefined);
+        continue;
+      }
+      const handle = existing.provisioned ? await existing.handle : undefined;
+      if (handle && !existing.driver.isAlive(handle)) {
+        await this.#forgetDead(existing, existing.driver, handle);
+        continue;
+      }
+      return existing.handle;
     }
     // The entry is in the map before the first await: concurrent first uses (two MCP servers
     // starting, parallel file uploads) share one sandbox instead of racing to make two.
@@ -270,12 +278,20 @@ export class SandboxManager {
     return handle;
   }
 
-  /** `driver` with every command and file operation holding the sandbox's idle timer. */
+  /**
+   * `driver` with every command and file operation holding the sandbox's idle timer. A call that
+   * finds the sandbox dead (its init or kernel exited: an OOM of a whole gVisor sandbox, a killed
+   * init) fails, and the entry is dropped so the next use provisions a new sandbox over the same
+   * files instead of failing forever.
+   */
   #holding(entry: Entry, driver: SandboxDriver): SandboxDriver {
-    const hold = async <T>(work: () => Promise<T>): Promise<T> => {
+    const hold = async <T>(handle: SandboxHandle, work: () => Promise<T>): Promise<T> => {
       entry.busy++;
       try {
         return await work();
+      } catch (error) {
+        if (!entry.stopping && !driver.isAlive(handle)) await this.#forgetDead(entry, driver, handle);
+        throw error;
       } finally {
         entry.busy--;
         entry.lastUsedAt = Date.now();
@@ -283,10 +299,18 @@ export class SandboxManager {
     };
     return {
       ...driver,
-      exec: (handle, argv, options) => hold(() => driver.exec(handle, argv, options)),
-      readFile: (handle, path, maxBytes) => hold(() => driver.readFile(handle, path, maxBytes)),
-      writeFile: (handle, path, data) => hold(() => driver.writeFile(handle, path, data)),
+      exec: (handle, argv, options) => hold(handle, () => driver.exec(handle, argv, options)),
+      readFile: (handle, path, maxBytes) => hold(handle, () => driver.readFile(handle, path, maxBytes)),
+      writeFile: (handle, path, data) => hold(handle, () => driver.writeFile(handle, path, data)),
     };
+  }
+
+  /** Drops a sandbox that died on its own and releases what is left of it (mounts, cgroups). */
+  async #forgetDead(entry: Entry, driver: SandboxDriver, handle: SandboxHandle): Promise<void> {
+    const key = sessionKeyString(entry.session);
+    if (this.#entries.get(key) !== entry) return;
+    this.#entries.delete(key);
+    await driver.destroy(handle).catch(() => undefined);
   }
 
   /** The state of a session's sandbox on this node. */

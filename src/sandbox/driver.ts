@@ -170,6 +170,11 @@ export interface SandboxDriver {
    * a `sandbox_unavailable` BerthError.
    */
   stats?(handle: SandboxHandle): Promise<SandboxStats>;
+  /**
+   * False once the sandbox is gone: destroyed, or died on its own (its init, user-space kernel or
+   * VM exited). Callers then provision a new one over the same working directory.
+   */
+  isAlive(handle: SandboxHandle): boolean;
   /** Kills everything in the sandbox and releases its resources; the workdir stays. */
   destroy(handle: SandboxHandle): Promise<void>;
   /**

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { resolve } from 'node:path';
 
@@ -99,6 +99,7 @@ export async function startBerthProcess(options: {
  * after they were reparented, which a scan of the server's descendants cannot.
  */
 export function processesUsing(path: string): Array<{ pid: number; command: string }> {
+  const hostMountNamespace = readlinkSync('/proc/self/ns/mnt');
   const found: Array<{ pid: number; command: string }> = [];
   for (const entry of readdirSync('/proc')) {
     const pid = Number(entry);
@@ -107,7 +108,13 @@ export function processesUsing(path: string): Array<{ pid: number; command: stri
       const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
       if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
       const command = readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').trim();
-      if (command.includes(path) || readFileSync(`/proc/${pid}/mountinfo`, 'utf8').includes(path)) {
+      // Mounts count only in other mount namespaces (sandboxes): a workspace disk mounted on the
+      // host shows up in every host process's mount table.
+      const ownMounts = readlinkSync(`/proc/${pid}/ns/mnt`) === hostMountNamespace;
+      if (
+        command.includes(path) ||
+        (!ownMounts && readFileSync(`/proc/${pid}/mountinfo`, 'utf8').includes(path))
+      ) {
         found.push({ pid, command });
       }
     } catch {

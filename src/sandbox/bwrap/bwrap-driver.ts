@@ -909,6 +909,11 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
 
     ...sandboxFiles(run, BWRAP_WORKDIR_INSIDE),
 
+    isAlive(handle) {
+      const live = sandboxes.get(handle.id);
+      return live !== undefined && !live.stopped;
+    },
+
     async destroy(handle) {
       const live = sandboxes.get(handle.id);
       if (live) await destroyLive(live);

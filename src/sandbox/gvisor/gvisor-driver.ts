@@ -855,6 +855,11 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
 
     ...sandboxFiles(run, GVISOR_WORKDIR_INSIDE),
 
+    isAlive(handle) {
+      const live = sandboxes.get(handle.id);
+      return live !== undefined && !live.stopped;
+    },
+
     async destroy(handle) {
       const live = sandboxes.get(handle.id);
       if (live) await destroyLive(live);

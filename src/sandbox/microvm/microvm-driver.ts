@@ -808,6 +808,11 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
 
     ...sandboxFiles(runCommand, MICROVM_WORKDIR_INSIDE),
 
+    isAlive(handle) {
+      const live = sandboxes.get(handle.id);
+      return live !== undefined && !live.stopped;
+    },
+
     async destroy(handle) {
       const live = sandboxes.get(handle.id);
       if (live) await stopLive(live);
