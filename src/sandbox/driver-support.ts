@@ -6,7 +6,7 @@
 import { accessSync, constants, lchownSync, lstatSync, readdirSync } from 'node:fs';
 import { delimiter, join, posix } from 'node:path';
 import { BerthError } from '../errors.js';
-import type { SandboxDriver, SandboxHandle } from './driver.js';
+import type { ExecResult, SandboxDriver, SandboxHandle } from './driver.js';
 
 /** The first executable called `name` on PATH or in the system binary directories. */
 export function findExecutable(name: string): string | undefined {
@@ -133,5 +133,26 @@ export function sandboxFiles(
       );
       if (result.exitCode !== 0) throw fileError('write', path, result);
     },
+  };
+}
+
+/** A finished command's captured output as the port's `ExecResult` (text decoded as UTF-8). */
+export function execResultOf(result: {
+  stdout: Buffer;
+  stderr: Buffer;
+  exitCode: number | null;
+  signal: string | null;
+  timedOut: boolean;
+  truncated: boolean;
+  durationMs: number;
+}): ExecResult {
+  return {
+    stdout: result.stdout.toString('utf8'),
+    stderr: result.stderr.toString('utf8'),
+    exitCode: result.exitCode,
+    signal: result.signal,
+    timedOut: result.timedOut,
+    truncated: result.truncated,
+    durationMs: result.durationMs,
   };
 }

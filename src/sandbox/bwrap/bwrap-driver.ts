@@ -54,6 +54,7 @@ import {
 } from '../driver.js';
 import {
   chownTree,
+  execResultOf,
   findExecutable,
   pathInside,
   sandboxFiles,
@@ -89,7 +90,6 @@ const inside = (path: string) => pathInside(BWRAP_WORKDIR_INSIDE, path);
 export const SANDBOX_UID = 1000;
 const SANDBOX_HOME = '/home/sandbox';
 const SANDBOX_PATH = '/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin';
-/** readFile without maxBytes refuses files larger than this. */
 const PROVISION_TIMEOUT_MS = 10_000;
 
 /** Options for `createBwrapDriver`; every field has a working default. */
@@ -856,15 +856,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
 
     async exec(handle, argv, execOptions = {}): Promise<ExecResult> {
       const result = await run(handle, argv, execOptions);
-      return {
-        stdout: result.stdout.toString('utf8'),
-        stderr: result.stderr.toString('utf8'),
-        exitCode: result.exitCode,
-        signal: result.signal,
-        timedOut: result.timedOut,
-        truncated: result.truncated,
-        durationMs: result.durationMs,
-      };
+      return execResultOf(result);
     },
 
     spawn(handle, argv, spawnOptions = {}): SandboxProcess {

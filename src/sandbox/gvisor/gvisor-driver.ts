@@ -66,6 +66,7 @@ import {
 } from '../driver.js';
 import {
   chownTree,
+  execResultOf,
   findExecutable,
   pathInside,
   sandboxFiles,
@@ -94,7 +95,6 @@ const SANDBOX_PATH = '/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sb
 const COMMAND_MARKER = 'BERTH_COMMAND_ID';
 /** Inside a suspend directory: the checkpoint image `runsc checkpoint` wrote. */
 const SUSPENDED_MEMORY = 'gvisor-checkpoint';
-/** readFile without maxBytes refuses files larger than this. */
 const PROVISION_TIMEOUT_MS = 30_000;
 const MANAGEMENT_TIMEOUT_MS = 30_000;
 /** How many times the reaper sweeps: a process forked during one sweep dies in the next. */
@@ -807,15 +807,7 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
 
     async exec(handle, argv, execOptions = {}): Promise<ExecResult> {
       const result = await run(handle, argv, execOptions);
-      return {
-        stdout: result.stdout.toString('utf8'),
-        stderr: result.stderr.toString('utf8'),
-        exitCode: result.exitCode,
-        signal: result.signal,
-        timedOut: result.timedOut,
-        truncated: result.truncated,
-        durationMs: result.durationMs,
-      };
+      return execResultOf(result);
     },
 
     spawn(handle, argv, spawnOptions = {}): SandboxProcess {

@@ -41,6 +41,7 @@ import {
   type SandboxStats,
 } from '../driver.js';
 import {
+  execResultOf,
   findExecutable,
   pathInside,
   sandboxFiles,
@@ -749,15 +750,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
 
     async exec(handle, argv, execOptions = {}): Promise<ExecResult> {
       const result = await runCommand(handle, argv, execOptions);
-      return {
-        stdout: result.stdout.toString('utf8'),
-        stderr: result.stderr.toString('utf8'),
-        exitCode: result.exitCode,
-        signal: result.signal,
-        timedOut: result.timedOut,
-        truncated: result.truncated,
-        durationMs: result.durationMs,
-      };
+      return execResultOf(result);
     },
 
     spawn(handle, argv, spawnOptions = {}): SandboxProcess {
