@@ -78,6 +78,7 @@ import {
   joinCgroupCommand,
   openCgroupTree,
   type SandboxCgroup,
+  sandboxStats,
 } from './cgroups.js';
 import { openWorkspaceDisks, type WorkspaceDisk, type WorkspaceDisks } from './workspace-disk.js';
 
@@ -920,22 +921,10 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     },
 
     async stats(handle) {
-      const live = lookup(handle);
-      if (!live.cgroup) {
+      return sandboxStats(handle.id, lookup(handle).cgroup, async () => {
         const control = await detectResourceControl();
-        throw new BerthError(
-          'sandbox_unavailable',
-          `sandbox ${handle.id} is not metered: ${control.ok ? 'it has no cgroup' : control.reason}`,
-        );
-      }
-      try {
-        return live.cgroup.stats();
-      } catch (error) {
-        throw new BerthError('sandbox_failed', `cannot read the usage of sandbox ${handle.id}`, {
-          retryable: true,
-          cause: error,
-        });
-      }
+        return control.ok ? 'it has no cgroup' : control.reason;
+      });
     },
 
     async reapOrphans() {

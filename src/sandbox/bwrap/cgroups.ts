@@ -548,3 +548,25 @@ export function joinCgroupCommand(
     ['-c', script, 'sh', String(cgroup.processFiles.length), ...cgroup.processFiles, command, ...args],
   ];
 }
+
+/**
+ * What a sandbox used, read from its cgroup; a sandbox without one (no usable cgroups on this
+ * host) is `sandbox_unavailable` with `whyNot()` saying why, an unreadable group `sandbox_failed`.
+ */
+export async function sandboxStats(
+  sandboxId: string,
+  cgroup: SandboxCgroup | undefined,
+  whyNot: () => Promise<string>,
+): Promise<CgroupStats> {
+  if (!cgroup) {
+    throw new BerthError('sandbox_unavailable', `sandbox ${sandboxId} is not metered: ${await whyNot()}`);
+  }
+  try {
+    return cgroup.stats();
+  } catch (error) {
+    throw new BerthError('sandbox_failed', `cannot read the usage of sandbox ${sandboxId}`, {
+      retryable: true,
+      cause: error,
+    });
+  }
+}

@@ -49,6 +49,7 @@ import {
   openCgroupTree,
   type SandboxCgroup,
   sandboxCgroupName,
+  sandboxStats,
 } from '../bwrap/cgroups.js';
 import {
   DEFAULT_SANDBOX_LIMITS,
@@ -872,22 +873,10 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
     },
 
     async stats(handle) {
-      const live = lookup(handle);
-      if (!live.cgroup) {
+      return sandboxStats(handle.id, lookup(handle).cgroup, async () => {
         const control = await detectResourceControl();
-        throw new BerthError(
-          'sandbox_unavailable',
-          `sandbox ${handle.id} is not metered: ${control.ok ? 'it has no cgroup' : control.reason}`,
-        );
-      }
-      try {
-        return live.cgroup.stats();
-      } catch (error) {
-        throw new BerthError('sandbox_failed', `cannot read the usage of sandbox ${handle.id}`, {
-          retryable: true,
-          cause: error,
-        });
-      }
+        return control.ok ? 'it has no cgroup' : control.reason;
+      });
     },
 
     async reapOrphans() {
