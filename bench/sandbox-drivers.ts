@@ -71,6 +71,11 @@ export type DriverRun =
       detail: string;
       warnings: readonly string[];
       cold: Measured;
+      /**
+       * bwrap only: the cold start of a new session when a sandbox started ahead of need is
+       * ready (the server's default warm pool), measured with the pool refilled between runs.
+       */
+      coldWarmPool?: Measured;
       /** The two halves of a cold start. */
       coldProvision: Summary;
       coldFirstExec: Summary;
@@ -252,6 +257,40 @@ async function benchDriver(
       50,
     );
 
+    // 1b. bwrap: the same cold start when the warm pool (on by default in the server) has a
+    // sandbox ready. Each run waits for the pool to be refilled first: this is the steady state
+    // of sessions arriving slower than the pool refills (≈ one sandbox per cold start time).
+    let coldWarmPool: Measured | undefined;
+    if (name === 'bwrap' && (driver as { mode?: string }).mode === 'persistent') {
+      const pooled = createBwrapDriver({ warmPool: 2, poolDirectory: join(root, 'pool') });
+      pooled.warmUp();
+      const waitForPool = async () => {
+        const deadline = performance.now() + 10_000;
+        while (pooled.warmCount < 2 && performance.now() < deadline) await sleep(5);
+        if (pooled.warmCount === 0) throw new Error('bwrap warm pool: no sandbox became ready in 10 s');
+      };
+      try {
+        const warmOnce = async () => {
+          await waitForPool();
+          const sandboxSpec = await spec();
+          const started = performance.now();
+          const handle = await pooled.provision(sandboxSpec);
+          const result = await pooled.exec(handle, ['echo', 'hi']);
+          const done = performance.now();
+          expectHi(result.stdout, 'bwrap warm pool cold start');
+          await pooled.destroy(handle);
+          return done - started;
+        };
+        await warmOnce();
+        coldWarmPool = measured(
+          await repeat(options.coldRuns, options.phaseBudgetMs, 'bwrap cold start (warm pool)', warmOnce),
+        );
+      } finally {
+        await pooled.close();
+        await pooled.destroyAll();
+      }
+    }
+
     // 2. exec in one live sandbox.
     const handle = await provision(await spec());
     for (let index = 0; index < 10; index++) await echo(handle, 'exec warm-up');
@@ -328,6 +367,7 @@ async function benchDriver(
       detail: describeDriver(driver),
       warnings,
       cold: measured(cold),
+      ...(coldWarmPool ? { coldWarmPool } : {}),
       coldProvision: summarize(provisionTimes),
       coldFirstExec: summarize(firstExecTimes),
       exec: measured(exec),
@@ -597,7 +637,7 @@ export function formatSandboxResults(results: SandboxBenchResults, options: Sand
     }
     rows.push([
       run.detail ? `${run.name} (${run.detail})` : run.name,
-      pair(run.cold),
+      run.coldWarmPool ? `${pair(run.coldWarmPool)} pool; ${pair(run.cold)} none` : pair(run.cold),
       pair(run.exec),
       pair(run.suspend),
       pair(run.resume),
@@ -639,6 +679,13 @@ export function formatSandboxResults(results: SandboxBenchResults, options: Sand
   const detailRows: string[][] = [];
   for (const run of results.drivers) {
     if (!run.ok) continue;
+    if (run.coldWarmPool) {
+      detailRows.push([
+        run.name,
+        'cold start → echo hi from the warm pool (server default; pool refilled between runs)',
+        pair(run.coldWarmPool),
+      ]);
+    }
     detailRows.push([run.name, 'cold start: provision', pair(run.coldProvision)]);
     detailRows.push([run.name, 'cold start: first exec', pair(run.coldFirstExec)]);
     detailRows.push([
@@ -712,21 +759,25 @@ export function sandboxTargetRows(results: SandboxBenchResults): string[][] {
   const verdict = (ok: boolean) => (ok ? 'met' : 'MISSED');
   const bwrap = results.drivers.find((run) => run.name === 'bwrap');
   if (bwrap?.ok) {
-    const cold = bwrap.cold.summary.p50;
-    rows.push([
-      'bwrap cold start → echo hi p50',
-      `≤ ${TARGET_COLD_START_P50_MS} ms`,
-      `${ms(cold)} ms`,
-      verdict(cold <= TARGET_COLD_START_P50_MS),
-    ]);
-    if (results.peer?.ok) {
-      const ratio = cold / results.peer.cold.p50;
+    const variants: [string, number][] = [];
+    if (bwrap.coldWarmPool) variants.push(['warm pool (server default)', bwrap.coldWarmPool.summary.p50]);
+    variants.push(['no pool', bwrap.cold.summary.p50]);
+    for (const [label, cold] of variants) {
       rows.push([
-        'bwrap cold start p50 / peer (sandbox-runtime) p50',
-        `≤ ${TARGET_COLD_START_PEER_RATIO}×`,
-        `${ratio.toFixed(2)}×`,
-        verdict(ratio <= TARGET_COLD_START_PEER_RATIO),
+        `bwrap cold start → echo hi p50, ${label}`,
+        `≤ ${TARGET_COLD_START_P50_MS} ms`,
+        `${ms(cold)} ms`,
+        verdict(cold <= TARGET_COLD_START_P50_MS),
       ]);
+      if (results.peer?.ok) {
+        const ratio = cold / results.peer.cold.p50;
+        rows.push([
+          `bwrap cold start p50 / peer (sandbox-runtime) p50, ${label}`,
+          `≤ ${TARGET_COLD_START_PEER_RATIO}×`,
+          `${ratio.toFixed(2)}×`,
+          verdict(ratio <= TARGET_COLD_START_PEER_RATIO),
+        ]);
+      }
     }
   }
   for (const run of results.drivers) {

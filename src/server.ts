@@ -49,9 +49,13 @@ export interface RunningBerth {
   close(): Promise<void>;
 }
 
-/** Known sandbox drivers by name. Later drivers (gvisor, microvm, isolate) register here. */
-const driverFactories: Record<string, () => SandboxDriver> = {
-  bwrap: () => createBwrapDriver(),
+/** Known sandbox drivers by name. Later drivers (isolate) register here. */
+const driverFactories: Record<string, (config: BerthConfig) => SandboxDriver> = {
+  bwrap: (config) =>
+    createBwrapDriver({
+      warmPool: config.sandboxWarmPool,
+      poolDirectory: join(config.dataDir, 'sandbox-pool'),
+    }),
   gvisor: () => createGvisorDriver(),
   microvm: () => createMicrovmDriver(),
 };
@@ -89,7 +93,7 @@ export async function startBerth(
       unavailableDrivers[name] = `unknown driver; Berth knows ${Object.keys(driverFactories).join(', ')}`;
       continue;
     }
-    const driver = factory();
+    const driver = factory(config);
     const availability = await driver.checkAvailability();
     if (availability.ok) {
       drivers.set(name, driver);
@@ -98,6 +102,7 @@ export async function startBerth(
       const reaped = (await driver.reapOrphans?.()) ?? 0;
       if (reaped > 0)
         logger.warn('killed sandboxes left behind by a dead process', { driver: name, count: reaped });
+      driver.warmUp?.();
     } else {
       unavailableDrivers[name] = availability.reason;
       logger.warn('sandbox driver unavailable', { driver: name, reason: availability.reason });
@@ -274,6 +279,7 @@ export async function startBerth(
         await toolboxes.releaseAll();
         // Stopped with snapshots: the next process resumes each sandbox where it was.
         await sandboxes.stopAll();
+        await Promise.all([...drivers.values()].map((driver) => driver.close?.()));
         await telemetry.shutdown().catch(() => undefined);
         await store.close();
       })();

@@ -4,7 +4,6 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { hostProcessesMatching } from '../src/sandbox/driver-contract.test-suite.js';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { processesUsing, startBerthProcess } from './support/berth-process.js';
 import { type StreamEvent, sendAndWaitIdle } from './support/session-stream.js';
@@ -172,16 +171,13 @@ describe('sandbox lifecycle', () => {
   it('replaces a sandbox that died on its own, keeping the files', async () => {
     const session = await sessionIn({ idle_timeout_s: 600, max_lifetime_s: 3600 });
     expect(await run(berth.client, session.id, 'echo survivor > kept.txt && echo ok')).toBe('ok\n');
-    // Something kills the sandbox from outside (the OOM killer, an operator). Only its bwrap
-    // processes carry the session id on their command line (`--setenv BERTH_SESSION_ID <id>`).
+    // Something kills the sandbox from outside (the OOM killer, an operator): its bwrap
+    // processes, found by the workspace they mount (the sandbox may have come from the pool).
+    const workdir = join(berth.dataDir, 'sessions', session.id, 'workspace');
     const sandboxProcesses = () =>
-      hostProcessesMatching(`BERTH_SESSION_ID ${session.id}`).filter((pid) => {
-        try {
-          return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]!.endsWith('bwrap');
-        } catch {
-          return false;
-        }
-      });
+      processesUsing(workdir)
+        .filter(({ command }) => command.split(' ')[0]!.endsWith('bwrap'))
+        .map(({ pid }) => pid);
     const victims = sandboxProcesses();
     expect(victims.length).toBeGreaterThan(0);
     for (const pid of victims) process.kill(pid, 'SIGKILL');

@@ -33,6 +33,11 @@ export interface BerthConfig {
   modelEnvironment: Readonly<Record<string, string | undefined>>;
   /** Sandbox driver names in order of preference; the first available is the default. */
   sandboxDrivers: readonly string[];
+  /**
+   * Sandboxes kept started ahead of need, per driver that supports it (bwrap as root), so a new
+   * session's first command does not wait for one (`BERTH_SANDBOX_WARM_POOL`, default 2; 0: off).
+   */
+  sandboxWarmPool: number;
   /** Largest accepted request body, in bytes. */
   maxBodyBytes: number;
   /** Failed model calls in a row before a turn ends with retries_exhausted. */
@@ -170,6 +175,7 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
       .split(',')
       .map((name) => name.trim())
       .filter(Boolean),
+    sandboxWarmPool: Math.floor(number('BERTH_SANDBOX_WARM_POOL', 2)),
     maxBodyBytes: number('BERTH_MAX_BODY_BYTES', 1024 * 1024),
     telemetry: telemetryConfig(environment),
     metrics: environment.BERTH_METRICS !== 'off',

@@ -190,4 +190,11 @@ export interface SandboxDriver {
    * start-up, before sessions resume). Returns how many it found.
    */
   reapOrphans?(): Promise<number>;
+  /**
+   * Starts background work that makes later provisions faster, such as keeping sandboxes
+   * started ahead of need (called once the server has reaped orphans).
+   */
+  warmUp?(): void;
+  /** Ends that background work and releases what it holds (server shutdown). */
+  close?(): Promise<void>;
 }

@@ -44,7 +44,7 @@ export interface RunProcessResult {
 }
 
 /** Keeps the first `limit` bytes of a stream and counts (but drops) the rest. */
-class CappedBuffer {
+export class CappedBuffer {
   private readonly chunks: Buffer[] = [];
   private size = 0;
   truncated = false;

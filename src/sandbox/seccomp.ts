@@ -9,8 +9,8 @@
  * A process of any other ABI (i386 `int 0x80`, x32 on x86_64) is killed: syscall numbers mean
  * something else there, so the list above would not hold (the classic seccomp bypass).
  *
- * Drivers install the program with bwrap's `--seccomp FD` (raw bytes) or the exec helper
- * (`bwrap/native/berth-exec.c`, hex on its command line).
+ * The bwrap driver installs the program with bwrap's `--seccomp FD` (raw bytes) on the sandbox's
+ * agent; every command the agent forks inherits it.
  */
 
 /** Architectures the filter knows syscall numbers for. */

@@ -96,10 +96,19 @@ export async function startBerthProcess(options: {
 /**
  * Live (not zombie) processes that use `path`: in their command line or in a mount (a
  * sandbox binds its session's workspace). Finds sandboxes a killed server left behind even
- * after they were reparented, which a scan of the server's descendants cannot.
+ * after they were reparented, which a scan of the server's descendants cannot. When a
+ * filesystem of its own is mounted on `path` (a workspace disk), mounts of that filesystem count
+ * under any name: a sandbox started ahead of need saw the disk under the pool's path.
  */
 export function processesUsing(path: string): Array<{ pid: number; command: string }> {
   const hostMountNamespace = readlinkSync('/proc/self/ns/mnt');
+  // mountinfo fields: id, parent, major:minor, root, mount point, ...; loop devices are unique.
+  const device = readFileSync('/proc/self/mountinfo', 'utf8')
+    .split('\n')
+    .map((line) => line.split(' '))
+    .findLast((fields) => fields[4] === path && fields[2]?.startsWith('7:'))?.[2];
+  const usesDevice = (mountinfo: string) =>
+    device !== undefined && mountinfo.split('\n').some((line) => line.split(' ')[2] === device);
   const found: Array<{ pid: number; command: string }> = [];
   for (const entry of readdirSync('/proc')) {
     const pid = Number(entry);
@@ -111,10 +120,8 @@ export function processesUsing(path: string): Array<{ pid: number; command: stri
       // Mounts count only in other mount namespaces (sandboxes): a workspace disk mounted on the
       // host shows up in every host process's mount table.
       const ownMounts = readlinkSync(`/proc/${pid}/ns/mnt`) === hostMountNamespace;
-      if (
-        command.includes(path) ||
-        (!ownMounts && readFileSync(`/proc/${pid}/mountinfo`, 'utf8').includes(path))
-      ) {
+      const mountinfo = ownMounts ? '' : readFileSync(`/proc/${pid}/mountinfo`, 'utf8');
+      if (command.includes(path) || mountinfo.includes(path) || usesDevice(mountinfo)) {
         found.push({ pid, command });
       }
     } catch {

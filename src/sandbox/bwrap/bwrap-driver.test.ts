@@ -1,4 +1,13 @@
-import { chmodSync, mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import {
+  chmodSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  readFileSync,
+  rmSync,
+  symlinkSync,
+  writeFileSync,
+} from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -13,6 +22,22 @@ const runningAsRoot = process.getuid?.() === 0;
 describeSandboxDriverContract('bwrap', {
   createDriver: () => createBwrapDriver(),
   cleanup: (driver) => (driver as BwrapDriver).destroyAll(),
+});
+
+// The same contract through sandboxes taken from a warm pool (every provision over an empty
+// workdir with the default limits takes one; the others start cold).
+const poolRoot = mkdtempSync(join(tmpdir(), 'berth-pool-'));
+describeSandboxDriverContract('bwrap (warm pool)', {
+  createDriver: () => {
+    const driver = createBwrapDriver({ warmPool: 2, poolDirectory: poolRoot });
+    driver.warmUp();
+    return driver;
+  },
+  cleanup: async (driver) => {
+    await (driver as BwrapDriver).close();
+    await (driver as BwrapDriver).destroyAll();
+    rmSync(poolRoot, { recursive: true, force: true });
+  },
 });
 
 describeSandboxDriverContract('bwrap (one bwrap per command)', {
@@ -124,8 +149,10 @@ describe.skipIf(!availability.ok)(`bwrap sandbox isolation${unavailableNote}`, (
 
   it.skipIf(!runningAsRoot)('reports a sandbox whose init was killed as sandbox_failed', async () => {
     const victim = await driver.provision({ sessionId: 'sesn_victim', workdir: join(scratch, 'victim') });
-    // The agent can kill the init (same uid); the next command must fail cleanly, not hang.
-    await driver.exec(victim, ['sh', '-c', 'kill -9 2']);
+    // A command can kill the sandbox's agent (same uid); this command and the next must fail
+    // cleanly, not hang.
+    const killing = await driver.exec(victim, ['sh', '-c', 'kill -9 2']).catch((error: unknown) => error);
+    expect(isBerthError(killing, 'sandbox_failed')).toBe(true);
     await expect
       .poll(async () => {
         const failure = await driver.exec(victim, ['true']).catch((error: unknown) => error);
@@ -236,4 +263,97 @@ describe.skipIf(!availability.ok)('bwrap spawn and read-only mounts', () => {
       }
     },
   );
+});
+
+describe.skipIf(!availability.ok || !runningAsRoot)('bwrap warm pool', () => {
+  let root: string;
+  let poolDirectory: string;
+  let driver: BwrapDriver;
+
+  beforeAll(() => {
+    root = mkdtempSync(join(tmpdir(), 'berth-warm-'));
+    poolDirectory = join(root, 'pool');
+    driver = createBwrapDriver({ warmPool: 2, poolDirectory });
+    driver.warmUp();
+  });
+
+  afterAll(async () => {
+    await driver?.close();
+    await driver?.destroyAll();
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('gives a new session a started sandbox over its own workdir, and refills the pool', async () => {
+    await expect.poll(() => driver.warmCount, { timeout: 10_000 }).toBe(2);
+    const workdir = join(root, 'session-a');
+    const handle = await driver.provision({ sessionId: 'sesn_warm_a', workdir, env: { GREETING: 'hello' } });
+    expect(handle.sessionId).toBe('sesn_warm_a');
+    expect(driver.warmCount).toBe(1);
+    const result = await driver.exec(handle, ['sh', '-c', 'echo "$GREETING" > note.txt && pwd && id -u']);
+    expect(result.stdout).toBe('/workspace\n1000\n');
+    // The session's files are in its workdir on the host, not in the pool's directory...
+    expect(readFileSync(join(workdir, 'note.txt'), 'utf8')).toBe('hello\n');
+    await driver.destroy(handle);
+    // ...and stay there after destroy.
+    expect(readFileSync(join(workdir, 'note.txt'), 'utf8')).toBe('hello\n');
+    await expect.poll(() => driver.warmCount, { timeout: 10_000 }).toBe(2);
+  });
+
+  it('resumes a suspended sandbox into a pooled one, with its files', async () => {
+    await expect.poll(() => driver.warmCount, { timeout: 10_000 }).toBe(2);
+    const workdir = join(root, 'session-r');
+    const first = await driver.provision({ sessionId: 'sesn_warm_r', workdir });
+    await driver.exec(first, ['sh', '-c', 'mkdir -p src && echo kept > src/a.txt']);
+    const saved = mkdtempSync(join(root, 'saved-'));
+    await driver.suspend(first, saved);
+    await expect.poll(() => driver.warmCount, { timeout: 10_000 }).toBe(2);
+    const resumed = await driver.provision({ sessionId: 'sesn_warm_r', workdir, restoreFrom: saved });
+    expect(driver.warmCount).toBe(1);
+    expect((await driver.exec(resumed, ['cat', 'src/a.txt'])).stdout).toBe('kept\n');
+    expect(readFileSync(join(workdir, 'src', 'a.txt'), 'utf8')).toBe('kept\n');
+    await driver.destroy(resumed);
+    expect(readFileSync(join(workdir, 'src', 'a.txt'), 'utf8')).toBe('kept\n');
+  });
+
+  it('starts cold when the session needs something the pool does not have', async () => {
+    await expect.poll(() => driver.warmCount, { timeout: 10_000 }).toBe(2);
+    const resumed = join(root, 'session-b');
+    mkdirSync(resumed);
+    writeFileSync(join(resumed, 'kept.txt'), 'from before');
+    const withFiles = await driver.provision({ sessionId: 'sesn_warm_b', workdir: resumed });
+    const limited = await driver.provision({
+      sessionId: 'sesn_warm_c',
+      workdir: join(root, 'session-c'),
+      limits: { memoryMb: 256 },
+    });
+    expect(driver.warmCount).toBe(2);
+    expect((await driver.exec(withFiles, ['cat', 'kept.txt'])).stdout).toBe('from before');
+    expect(limited.enforcedLimits?.memoryMb).toBe(256);
+    await driver.destroy(withFiles);
+    await driver.destroy(limited);
+  });
+
+  it('close() ends the pooled sandboxes and removes their directories', async () => {
+    const other = createBwrapDriver({ warmPool: 1, poolDirectory: join(root, 'other-pool') });
+    other.warmUp();
+    await expect.poll(() => other.warmCount, { timeout: 10_000 }).toBe(1);
+    const marker = join(root, 'other-pool');
+    expect(hostProcessesMatching(marker).length).toBeGreaterThan(0);
+    await other.close();
+    expect(other.warmCount).toBe(0);
+    await expect.poll(() => hostProcessesMatching(marker), { timeout: 2000 }).toEqual([]);
+    expect(readdirSync(marker)).toEqual([]);
+  });
+
+  it("reapOrphans removes a dead server's pool directories and keeps live ones", async () => {
+    await expect.poll(() => driver.warmCount, { timeout: 10_000 }).toBe(2);
+    // A pid that cannot be alive with that start time: the name format of sandboxCgroupName.
+    const dead = join(poolDirectory, 'sbx_dead.999999.1');
+    mkdirSync(dead);
+    writeFileSync(join(dead, 'left.txt'), 'x');
+    await driver.reapOrphans();
+    expect(readdirSync(poolDirectory)).not.toContain('sbx_dead.999999.1');
+    expect(readdirSync(poolDirectory).length).toBe(2);
+    expect(driver.warmCount).toBe(2);
+  });
 });

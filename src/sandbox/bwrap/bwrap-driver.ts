@@ -1,21 +1,25 @@
 /**
  * The bubblewrap driver: one long-lived bwrap per session (user, pid, mount, net, ipc, uts and
  * cgroup namespaces; uid 1000 inside; read-only /usr; loopback-only network; private /tmp) whose
- * init is `cat` reading a lifeline pipe that only Berth holds (so the sandbox dies with Berth, even
- * when Berth is killed before bwrap arms --die-with-parent). Commands enter it with the exec
- * helper (`native/berth-exec.c`, ≈2 ms): it joins the sandbox's cgroup, enters its namespaces,
- * drops to uid 1000 without capabilities and with no-new-privs, and loads the seccomp filter
- * (`../seccomp.ts`) that bwrap put on the init, which setns does not pass on. Killing the
- * namespace's init kills everything in it, so destroy leaves nothing.
+ * command is the sandbox agent (`../agent/berth-agent.c`, `--stdio`). Berth talks to the agent
+ * over its stdin and stdout: running a command is a frame, and the agent forks it inside the
+ * sandbox, where it inherits the agent's user, namespaces, cgroup and seccomp filter
+ * (`../seccomp.ts`). No host process has to enter the sandbox, so an exec costs well under a
+ * millisecond of process work. The agent's stdin is also the lifeline: only Berth holds its write
+ * end, so the sandbox dies with Berth even when Berth is killed before bwrap arms
+ * --die-with-parent. Killing the pid namespace's init kills everything in it, so destroy leaves
+ * nothing.
  *
- * When Berth does not run as root, nothing can join the sandbox (bwrap nests a second user
- * namespace that an unprivileged process cannot see past), and when the exec helper is not
- * built nothing could join it under the seccomp filter: then each command gets its own bwrap
+ * The sandbox is launched by the static helper (`native/berth-exec.c --launch`): it joins the
+ * cgroup, makes the private mount namespace that exposes the workdir to bwrap, drops to the
+ * unprivileged host user and execs bwrap, in one process instead of a chain of shells.
+ *
+ * When Berth does not run as root, or the helpers are not built, each command gets its own bwrap
  * over the same workdir (≈5-10 ms; /tmp and background processes do not outlive a command).
  *
  * Resource limits: as root, each sandbox gets its own cgroup (v1 or v2, see `cgroups.ts`) with a
- * CPU quota, a memory ceiling without swap and a process cap; the init and every command join it
- * before they run anything. Without root or usable cgroups, sandboxes still run but nothing is
+ * CPU quota, a memory ceiling without swap and a process cap; the launcher joins it before bwrap
+ * runs, so the agent and every command are in it. Without root or usable cgroups, sandboxes still run but nothing is
  * limited: `checkAvailability` warns, handles carry no `enforcedLimits`, `stats` throws
  * `sandbox_unavailable`, and a spec that asks for limits explicitly is refused rather than run
  * unlimited.
@@ -24,7 +28,7 @@
  * (see `workspace-disk.ts`); /tmp and the home directory are tmpfs of `tmpfsMb`.
  */
 import type { ChildProcess } from 'node:child_process';
-import { spawn } from 'node:child_process';
+import { execFile, spawn } from 'node:child_process';
 import {
   chmodSync,
   existsSync,
@@ -33,11 +37,16 @@ import {
   readdirSync,
   readFileSync,
   readlinkSync,
+  renameSync,
+  rmdirSync,
+  rmSync,
   statSync,
 } from 'node:fs';
 import { dirname, join, posix, resolve } from 'node:path';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
+import { type AgentCommandResult, runOnAgent, spawnOnAgent } from '../agent/agent-commands.js';
+import { AgentConnection } from '../agent/agent-connection.js';
 import {
   DEFAULT_SANDBOX_LIMITS,
   type DriverAvailability,
@@ -47,7 +56,6 @@ import {
   type SandboxDriver,
   type SandboxHandle,
   type SandboxProcess,
-  type SandboxProcessExit,
   type SandboxSpawnOptions,
   type SandboxSpec,
   type SandboxStats,
@@ -77,7 +85,9 @@ import {
   detectHostCgroupLayout,
   joinCgroupCommand,
   openCgroupTree,
+  ownerIsAlive,
   type SandboxCgroup,
+  sandboxCgroupName,
   sandboxStats,
 } from './cgroups.js';
 import { openWorkspaceDisks, type WorkspaceDisk, type WorkspaceDisks } from './workspace-disk.js';
@@ -98,12 +108,17 @@ export interface BwrapDriverOptions {
   /** Path to bwrap (default: looked up on PATH). */
   bwrapPath?: string;
   /**
-   * Path to the exec helper (`native/berth-exec.c`, built by `native/build.sh`; default
-   * `/usr/local/lib/berth/berth-exec`). Persistent mode needs it: it enters the sandbox and
-   * puts every command under the seccomp filter. Without it the driver runs one bwrap per
-   * command and says so in `checkAvailability`.
+   * Path to the launch and mount helper (`native/berth-exec.c`, built by `native/build.sh`;
+   * default `/usr/local/lib/berth/berth-exec`). Persistent mode and workspace disks need it.
    */
   execHelperPath?: string;
+  /**
+   * Path to the sandbox agent (`../agent/berth-agent.c`, built by `native/build.sh`; default
+   * `/usr/local/lib/berth/berth-agent`), which must be under a directory the sandbox sees
+   * (`/usr`). Persistent mode needs it. Without the helpers the driver runs one bwrap per
+   * command and says so in `checkAvailability`.
+   */
+  agentPath?: string;
   /**
    * Where workspace disk images live (default `/var/lib/berth/disks`): a disk filesystem with
    * sparse files, as root. See `workspace-disk.ts`.
@@ -124,6 +139,19 @@ export interface BwrapDriverOptions {
   /** Force a lifecycle (default: `persistent` as root, else `per-exec`). */
   mode?: BwrapMode;
   /**
+   * How many sandboxes to keep started ahead of need (default 0: none). A new session with the
+   * default limits and no read-only mounts takes one instead of starting its own, which skips
+   * the cgroup join (≈11 ms on cgroup v1), the disk image mount and bwrap's start. Persistent
+   * mode only. Call `warmUp()` to start filling and `close()` to release them.
+   */
+  warmPool?: number;
+  /**
+   * Where pooled sandboxes' directories live until a session takes one (default
+   * `/var/lib/berth/pool`). Without workspace disks they are renamed onto the session's workdir,
+   * so they should be on the same filesystem (otherwise each claim falls back to a cold start).
+   */
+  poolDirectory?: string;
+  /**
    * Where the cgroup hierarchies are (default: detected from /proc/self/mounts); a
    * `{ ok: false, reason }` runs without resource limits, as on a host without usable cgroups.
    */
@@ -141,8 +169,14 @@ export interface BwrapDriver extends SandboxDriver {
   readonly mode: BwrapMode;
   /** Always present; throws `sandbox_unavailable` in per-exec mode (no live sandbox to enter). */
   spawn(handle: SandboxHandle, argv: readonly string[], options?: SandboxSpawnOptions): SandboxProcess;
-  /** Destroys every sandbox this driver still tracks (for server shutdown). */
+  /** Destroys every sandbox this driver still tracks, pooled ones included (for server shutdown). */
   destroyAll(): Promise<void>;
+  /** Starts keeping `warmPool` sandboxes ready (a no-op without a pool). */
+  warmUp(): void;
+  /** Stops the pool and destroys the sandboxes in it. */
+  close(): Promise<void>;
+  /** Pooled sandboxes ready right now (for tests and diagnostics). */
+  readonly warmCount: number;
   /** Host pid of a persistent sandbox's namespace init, for tests and diagnostics. */
   initPid(handle: SandboxHandle): number | undefined;
   /** Always present; throws `sandbox_unavailable` when this host enforces no limits. */
@@ -155,26 +189,63 @@ type ResourceControl = { ok: true; tree: CgroupTree } | { ok: false; reason: str
 /** Whether workspaces get a size limit on this host, and if not, why. */
 type DiskControl = { ok: true; disks: WorkspaceDisks } | { ok: false; reason: string };
 
-/** Where `native/build.sh` installs the exec helper (under /usr, so every sandbox sees it). */
+/** Where `native/build.sh` installs the helpers (under /usr, so every sandbox sees them). */
 export const DEFAULT_EXEC_HELPER_PATH = '/usr/local/lib/berth/berth-exec';
+export const DEFAULT_AGENT_PATH = '/usr/local/lib/berth/berth-agent';
 const DEFAULT_DISK_IMAGE_DIRECTORY = '/var/lib/berth/disks';
-const BUILD_HELPER_HINT = 'build it with `sh src/sandbox/bwrap/native/build.sh` (needs gcc and libc6-dev)';
+const DEFAULT_POOL_DIRECTORY = '/var/lib/berth/pool';
+const BUILD_HELPER_HINT = 'build them with `sh src/sandbox/bwrap/native/build.sh` (needs gcc and libc6-dev)';
 
 interface LiveSandbox {
   handle: SandboxHandle;
   spec: SandboxSpec;
   /** The outer bwrap process (persistent mode only). */
   bwrap?: ChildProcess;
+  /** The connection to the sandbox's agent (persistent mode only). */
+  agent?: AgentConnection;
   /** Host pid of the first process inside the namespaces (persistent mode only). */
   initPid?: number;
   exited?: Promise<void>;
   stopped: boolean;
+  /** Set by destroy: commands cut short by it were killed on purpose, not lost. */
+  destroying?: boolean;
   /** Commands and spawned processes running right now (host processes), killed by destroy. */
   running: Set<ChildProcess>;
   /** The sandbox's cgroup, when this host enforces limits. */
   cgroup?: SandboxCgroup;
   /** The image mounted over the workdir, when this host enforces the disk limit. */
   disk?: WorkspaceDisk;
+}
+
+/** Copies the contents of `from` into the existing directory `to` (modes, owners, links, times). */
+async function copyTree(from: string, to: string): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    execFile(
+      'cp',
+      ['-a', '--no-target-directory', `${from}/.`, to],
+      { env: { PATH: '/usr/bin:/bin', LC_ALL: 'C' } },
+      (error, _stdout, stderr) =>
+        error ? reject(new Error(`cp: ${stderr.trim() || error.message}`)) : resolve(),
+    );
+  });
+}
+
+/** True when `path` is a mount point (its device differs from its parent's). */
+function isMountPoint(path: string): boolean {
+  try {
+    return statSync(path).dev !== statSync(dirname(path)).dev;
+  } catch {
+    return false;
+  }
+}
+
+/** True when `path` does not exist or is an empty directory that nothing is mounted on. */
+function isEmptyDirectory(path: string): boolean {
+  try {
+    return readdirSync(path).length === 0 && !isMountPoint(path);
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'ENOENT';
+  }
 }
 
 /** `--symlink` or `--ro-bind` arguments for the top-level /bin, /lib... of this host. */
@@ -300,16 +371,19 @@ const ORPHAN_MARKER = 'BERTH_SESSION_ID';
 export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver {
   const runningAsRoot = process.getuid?.() === 0;
   const execHelperPath = options.execHelperPath ?? DEFAULT_EXEC_HELPER_PATH;
-  const execHelperBuilt = existsSync(execHelperPath);
-  // Without the helper, commands could only enter a live sandbox without the seccomp filter:
-  // one bwrap per command (which applies it) is slower but just as tight.
+  const agentPath = options.agentPath ?? DEFAULT_AGENT_PATH;
+  const execHelperBuilt = existsSync(execHelperPath) && existsSync(agentPath);
+  // Without the helpers, one bwrap per command (which applies the filter) is slower but as tight.
   const mode: BwrapMode = options.mode ?? (runningAsRoot && execHelperBuilt ? 'persistent' : 'per-exec');
+  const warmPoolSize = mode === 'persistent' ? Math.max(0, Math.floor(options.warmPool ?? 0)) : 0;
+  const poolDirectory = resolve(options.poolDirectory ?? DEFAULT_POOL_DIRECTORY);
+  /** Sandboxes between `startSandbox` and being tracked (destroyAll must reach them too). */
+  const starting = new Set<LiveSandbox>();
   const hostUid = options.hostUid ?? 1000;
   const hostGid = options.hostGid ?? 1000;
   const sandboxes = new Map<string, LiveSandbox>();
   const seccompArchitecture = hostSeccompArchitecture();
   const seccompFilter = seccompArchitecture ? buildSeccompFilter(seccompArchitecture) : undefined;
-  const seccompHex = seccompFilter?.toString('hex');
   let bwrapPath = options.bwrapPath;
   let unsharePath: string | undefined;
   let resourceControl: Promise<ResourceControl> | undefined;
@@ -378,7 +452,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     if (mode === 'persistent' && !execHelperBuilt) {
       throw new BerthError(
         'sandbox_unavailable',
-        `the bwrap exec helper is not built (${execHelperPath}); ${BUILD_HELPER_HINT}`,
+        `the bwrap sandbox helpers are not built (${execHelperPath}, ${agentPath}); ${BUILD_HELPER_HINT}`,
       );
     }
     if (!seccompFilter) {
@@ -527,84 +601,203 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   };
 
   const startPersistent = async (live: LiveSandbox, bwrap: string): Promise<void> => {
-    let child: ChildProcess;
-    {
-      // bwrap writes the info fd before it has built the mounts; the init prints a line once
-      // it runs, so no command can enter a half-built sandbox.
-      const [command, args] = inCgroup(
-        live,
-        launch(live.spec, bwrap, [
-          ...bwrapArguments(live.spec),
-          '--info-fd',
-          String(FD.info),
-          'sh',
-          '-c',
-          // The lifeline: the sandbox lives exactly as long as its stdin pipe, whose write end
-          // only this process holds. If Berth dies at any moment, even before bwrap has armed
-          // --die-with-parent, the pipe closes, `cat` exits and the kernel ends the sandbox.
-          'echo ready && exec cat >/dev/null',
-        ]),
-      );
-      child = spawn(command, args, {
-        env: { PATH: '/usr/bin:/bin' },
-        stdio: ['pipe', 'pipe', 'pipe', ...EXTRA_STDIO],
-      });
-      child.stdin?.on('error', () => undefined);
-    }
+    const cgroupFiles = live.cgroup?.processFiles ?? [];
+    // As root (persistent mode needs it): the helper joins the cgroup, binds the workdir where
+    // the unprivileged bwrap can reach it, drops to the host user and execs bwrap, whose command
+    // is the agent. The agent says READY once it runs: no command can reach a half-built sandbox.
+    const child = spawn(
+      execHelperPath,
+      [
+        '--launch',
+        String(cgroupFiles.length),
+        ...cgroupFiles,
+        resolve(live.spec.workdir),
+        String(hostUid),
+        String(hostGid),
+        bwrap,
+        ...bwrapArguments(live.spec),
+        '--info-fd',
+        String(FD.info),
+        agentPath,
+        '--stdio',
+      ],
+      { env: { PATH: '/usr/bin:/bin' }, stdio: ['pipe', 'pipe', 'pipe', ...EXTRA_STDIO] },
+    );
     feedData(child);
     live.bwrap = child;
     live.exited = new Promise((resolve) => {
-      child.once('exit', () => {
+      const ended = () => {
         live.stopped = true;
         resolve();
-      });
+      };
+      child.once('exit', ended);
+      child.once('error', ended);
     });
     let stderr = '';
     child.stderr?.on('data', (chunk: Buffer) => {
       if (stderr.length < 4096) stderr += chunk.toString('utf8');
     });
-    const info = child.stdio[FD.info] as NodeJS.ReadableStream;
-    let text = '';
-    info.on('data', (chunk: Buffer) => {
-      text += chunk.toString('utf8');
+    // The lifeline: the agent's stdin. Only this process holds its write end; when it closes,
+    // however Berth ended, the agent exits and the kernel ends the sandbox.
+    live.agent = AgentConnection.overPipes(child.stdout!, child.stdin!);
+    const initPid = new Promise<number>((resolve, reject) => {
+      const info = child.stdio[FD.info] as NodeJS.ReadableStream;
+      let text = '';
+      info.on('data', (chunk: Buffer) => {
+        text += chunk.toString('utf8');
+      });
+      info.on('error', reject);
+      info.on('end', () => {
+        // bwrap closes the info fd without writing when it fails; its stderr says why.
+        const pid = /"child-pid":\s*(\d+)/.exec(text)?.[1];
+        if (pid === undefined) reject(new Error('bwrap exited'));
+        else resolve(Number(pid));
+      });
     });
-    const ready = new Promise<void>((resolve) => {
-      child.stdout?.once('data', () => resolve());
-    });
-    const failure = (reason: string) =>
-      new BerthError('sandbox_failed', `bwrap could not start the sandbox: ${reason}`, {
+    try {
+      [, live.initPid] = await Promise.all([live.agent.ready(PROVISION_TIMEOUT_MS), initPid]);
+    } catch (error) {
+      // Give bwrap a moment to exit, so its stderr (the real reason) is complete.
+      await Promise.race([live.exited, new Promise((resolve) => setTimeout(resolve, 1000))]);
+      const reason = stderr.trim() || (error instanceof Error ? error.message : String(error));
+      throw new BerthError('sandbox_failed', `bwrap could not start the sandbox: ${reason}`, {
         retryable: true,
         details: { stderr: stderr.trim() },
       });
-    await new Promise<void>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        killProcessTree(child.pid ?? -1);
-        reject(failure('timed out'));
-      }, PROVISION_TIMEOUT_MS);
-      child.once('error', (error) => {
-        clearTimeout(timer);
-        reject(failure(error.message));
-      });
-      void live.exited?.then(() => {
-        clearTimeout(timer);
-        reject(failure(stderr.trim() || 'bwrap exited'));
-      });
-      info.on('end', () => {
-        try {
-          const pid = (JSON.parse(text) as { 'child-pid'?: unknown })['child-pid'];
-          if (typeof pid !== 'number') throw new Error('no child-pid');
-          live.initPid = pid;
-          void ready.then(() => {
-            clearTimeout(timer);
-            resolve();
-          });
-        } catch {
-          // bwrap closes the info fd without writing when it fails; its stderr says why.
-          clearTimeout(timer);
-          void live.exited?.then(() => reject(failure(stderr.trim() || 'bwrap exited')));
+    }
+  };
+
+  /** Creates the cgroup and the workspace disk and starts the sandbox over `spec.workdir`. */
+  const startSandbox = async (
+    spec: SandboxSpec,
+    limits: Required<EnforcedLimits>,
+    control: ResourceControl,
+    disk: DiskControl,
+    bwrap: string,
+  ): Promise<LiveSandbox> => {
+    const { diskMb, ...processLimits } = limits;
+    const handle: SandboxHandle = {
+      id: newId('sbx'),
+      sessionId: spec.sessionId,
+      driver: 'bwrap',
+      workdirInside: BWRAP_WORKDIR_INSIDE,
+      ...(control.ok ? { enforcedLimits: disk.ok ? limits : processLimits } : {}),
+    };
+    const live: LiveSandbox = { handle, spec, stopped: false, running: new Set() };
+    starting.add(live);
+    try {
+      if (control.ok) live.cgroup = control.tree.create(handle.id, cgroupLimits(limits));
+      if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
+      if (mode === 'persistent') await startPersistent(live, bwrap);
+    } catch (error) {
+      await destroyLive(live);
+      throw error;
+    } finally {
+      starting.delete(live);
+    }
+    return live;
+  };
+
+  /**
+   * The warm pool (`warmPool`): sandboxes started ahead of need over a directory of their own
+   * under `poolDirectory`, with the default limits and no read-only mounts. A provision that
+   * asks for exactly that and whose workdir is empty (a new session) takes one: its workspace
+   * (the mounted disk image, or the directory itself without one) is moved onto the session's
+   * workdir, which the sandbox sees at once because its /workspace is bound to the same tree.
+   * What is taken is replaced in the background, one sandbox at a time.
+   */
+  const pool: LiveSandbox[] = [];
+  let pooling = false;
+  let filling: Promise<void> | undefined;
+  const defaultLimits = resolveLimits({ sessionId: 'pool', workdir: '/' }).limits;
+
+  const fillPool = (): void => {
+    if (!pooling || filling || pool.length >= warmPoolSize) return;
+    filling = (async () => {
+      try {
+        while (pooling && pool.length < warmPoolSize) {
+          const [control, disk] = await Promise.all([detectResourceControl(), detectDiskControl()]);
+          const id = newId('sbx');
+          // Named like cgroups (`<id>.<pid>.<start>`), so `reapOrphans` knows a dead server's.
+          // The pool in place of a session id marks a sandbox as pooled (and whose) in `ps`.
+          const spec: SandboxSpec = {
+            sessionId: `pool:${poolDirectory}`,
+            workdir: join(poolDirectory, sandboxCgroupName(id)),
+          };
+          prepareWorkdir(spec);
+          const live = await startSandbox(spec, defaultLimits, control, disk, requireBinaries().bwrap).catch(
+            (error: unknown) => {
+              rmSync(spec.workdir, { recursive: true, force: true });
+              throw error;
+            },
+          );
+          if (!pooling) {
+            await discardWarm(live);
+            break;
+          }
+          pool.push(live);
         }
-      });
-    });
+      } catch {
+        // Provisioning still works without the pool; the next claim tries to refill it.
+      } finally {
+        filling = undefined;
+      }
+    })();
+  };
+
+  /** Destroys a pooled sandbox that no session took, and its directory. */
+  const discardWarm = async (live: LiveSandbox): Promise<void> => {
+    await destroyLive(live).catch(() => undefined);
+    rmSync(live.spec.workdir, { recursive: true, force: true });
+  };
+
+  /** A pooled sandbox turned into `spec`'s, or undefined when none fits (then start one cold). */
+  const claimWarm = async (
+    spec: SandboxSpec,
+    limits: Required<EnforcedLimits>,
+  ): Promise<LiveSandbox | undefined> => {
+    if (!pooling) return undefined;
+    fillPool();
+    const saved = spec.restoreFrom === undefined ? undefined : join(spec.restoreFrom, SUSPENDED_WORKSPACE);
+    const fits =
+      (saved === undefined || existsSync(saved)) &&
+      (spec.readOnlyMounts ?? []).length === 0 &&
+      (Object.keys(defaultLimits) as (keyof EnforcedLimits)[]).every(
+        (key) => limits[key] === defaultLimits[key],
+      );
+    if (!fits || !isEmptyDirectory(spec.workdir)) return undefined;
+    for (let live = pool.shift(); live !== undefined; live = pool.shift()) {
+      if (live.stopped) {
+        void discardWarm(live);
+        continue;
+      }
+      try {
+        // A resume copies the saved files into the pooled workspace (the snapshot stays intact
+        // until the caller deletes it, so a crash here loses nothing).
+        if (saved !== undefined) await copyTree(saved, live.spec.workdir);
+        const target = resolve(spec.workdir);
+        mkdirSync(target, { recursive: true });
+        if (live.disk) {
+          await live.disk.relocate(target);
+        } else {
+          rmdirSync(target);
+          renameSync(live.spec.workdir, target);
+        }
+        chmodSync(target, 0o755);
+      } catch {
+        // e.g. the workdir is on another filesystem than the pool (rename), or the saved files
+        // exceed the pooled disk: start one cold (which reports a real problem properly).
+        void discardWarm(live);
+        return undefined;
+      } finally {
+        fillPool();
+      }
+      live.spec = spec;
+      live.handle = { ...live.handle, sessionId: spec.sessionId };
+      sandboxes.set(live.handle.id, live);
+      return live;
+    }
+    return undefined;
   };
 
   const lookup = (handle: SandboxHandle): LiveSandbox => {
@@ -617,72 +810,37 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     return live;
   };
 
-  /**
-   * The exec helper's command line that runs argv in a persistent sandbox (see
-   * native/berth-exec.c): it joins the cgroup, enters the namespaces, becomes uid 1000 with
-   * no-new-privs and the seccomp filter, and execs argv with exactly `env`. The helper itself
-   * runs as host root with a fixed minimal environment (a caller-chosen LD_PRELOAD must never
-   * reach a host-root process; the static helper ignores it anyway).
-   */
-  const helperCommand = (
-    live: LiveSandbox,
-    cwd: string,
-    env: Readonly<Record<string, string>>,
-    argv: readonly string[],
-  ): [string, string[]] => {
-    const cgroupFiles = live.cgroup?.processFiles ?? [];
-    const assignments = Object.entries(env).map(([name, value]) => `${name}=${value}`);
-    return [
-      execHelperPath,
-      [
-        String(live.initPid),
-        String(SANDBOX_UID),
-        String(SANDBOX_UID),
-        cwd,
-        seccompHex!,
-        String(cgroupFiles.length),
-        ...cgroupFiles,
-        String(assignments.length),
-        ...assignments,
-        '--',
-        ...argv,
-      ],
-    ];
-  };
-
   /** Runs argv inside the sandbox; the shared core of exec, readFile and writeFile. */
   const run = async (
     handle: SandboxHandle,
     argv: readonly string[],
     execOptions: ExecOptions,
-  ): Promise<RunProcessResult> => {
+  ): Promise<AgentCommandResult | RunProcessResult> => {
     validateArgv(argv);
     validateEnvironment(execOptions.env);
     const live = lookup(handle);
     const binaries = requireBinaries();
     const cwd = inside(execOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
     const env = commandEnvironment(live.spec, execOptions.env);
-    let tracked: ChildProcess | undefined;
     const common = {
       stdin: execOptions.stdin,
       timeoutMs: execOptions.timeoutMs ?? DEFAULT_TIMEOUT_MS,
       signal: execOptions.signal,
       maxOutputBytes: execOptions.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES,
-      killTree: (child: ChildProcess) => killProcessTree(child.pid ?? -1),
     };
+    if (mode === 'persistent') {
+      const result = await runOnAgent(live.agent!, { ...common, argv, env, cwd });
+      if (result.lost && !live.destroying) {
+        throw new BerthError('sandbox_failed', `sandbox ${handle.id} ended while a command ran in it`, {
+          retryable: true,
+        });
+      }
+      return result;
+    }
+    let tracked: ChildProcess | undefined;
     try {
       let result: RunProcessResult;
-      if (mode === 'persistent') {
-        const [command, args] = helperCommand(live, cwd, env, argv);
-        result = await runProcess(command, args, {
-          ...common,
-          spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
-          onSpawn: (child) => {
-            tracked = child;
-            live.running.add(child);
-          },
-        });
-      } else {
+      {
         const setenv = Object.entries(env).flatMap(([name, value]) => ['--setenv', name, value]);
         const [command, args] = inCgroup(
           live,
@@ -697,6 +855,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         );
         result = await runProcess(command, args, {
           ...common,
+          killTree: (child: ChildProcess) => killProcessTree(child.pid ?? -1),
           spawnOptions: { env: { PATH: '/usr/bin:/bin' } },
           extraStdio: ['ignore', 'pipe', 'pipe', 'pipe', 'pipe'],
           onSpawn: (child) => {
@@ -729,6 +888,9 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   const destroyLive = async (live: LiveSandbox): Promise<void> => {
     sandboxes.delete(live.handle.id);
     live.stopped = true;
+    live.destroying = true;
+    // Closing the lifeline alone ends the sandbox; the kills below make it immediate.
+    live.agent?.close();
     if (live.initPid !== undefined) {
       // SIGKILL to a pid namespace's init makes the kernel kill every process in it.
       try {
@@ -793,7 +955,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         const warnings: string[] = [];
         if (runningAsRoot && !execHelperBuilt) {
           warnings.push(
-            `the bwrap exec helper is not built (${execHelperPath}), so every command starts its own bwrap (slower, no background processes or spawn); ${BUILD_HELPER_HINT}`,
+            `the bwrap sandbox helpers are not built (${execHelperPath}, ${agentPath}), so every command starts its own bwrap (slower, no background processes or spawn); ${BUILD_HELPER_HINT}`,
           );
         }
         const control = await detectResourceControl();
@@ -832,27 +994,19 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
           `this host cannot enforce the environment's disk limit (${disk.reason}); remove disk_mb or run Berth as root on a host with loop devices`,
         );
       }
+      const warm = await claimWarm(spec, limits);
+      if (warm) return warm.handle;
       if (spec.restoreFrom) await restoreWorkspace(spec.restoreFrom, spec.workdir);
       prepareWorkdir(spec);
-      const { diskMb, ...processLimits } = limits;
-      const handle: SandboxHandle = {
-        id: newId('sbx'),
-        sessionId: spec.sessionId,
-        driver: 'bwrap',
-        workdirInside: BWRAP_WORKDIR_INSIDE,
-        ...(control.ok ? { enforcedLimits: disk.ok ? limits : processLimits } : {}),
-      };
-      const live: LiveSandbox = { handle, spec, stopped: false, running: new Set() };
-      sandboxes.set(handle.id, live);
-      try {
-        if (control.ok) live.cgroup = control.tree.create(handle.id, cgroupLimits(limits));
-        if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
-        if (mode === 'persistent') await startPersistent(live, binaries.bwrap);
-      } catch (error) {
-        await destroyLive(live);
-        throw error;
+      const live = await startSandbox(spec, limits, control, disk, binaries.bwrap);
+      sandboxes.set(live.handle.id, live);
+      if (live.stopped) {
+        // Destroyed (destroyAll) while it started.
+        throw new BerthError('sandbox_failed', `sandbox ${live.handle.id} was destroyed while it started`, {
+          retryable: true,
+        });
       }
-      return handle;
+      return live.handle;
     },
 
     async exec(handle, argv, execOptions = {}): Promise<ExecResult> {
@@ -870,34 +1024,11 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       validateArgv(argv);
       validateEnvironment(spawnOptions.env);
       const live = lookup(handle);
-      const cwd = inside(spawnOptions.cwd ?? BWRAP_WORKDIR_INSIDE);
-      const env = commandEnvironment(live.spec, spawnOptions.env);
-      requireBinaries();
-      // Its own process group, so kill() reaches the helper's forked child and what it started.
-      const [command, args] = helperCommand(live, cwd, env, argv);
-      const child = spawn(command, args, {
-        env: { PATH: '/usr/bin:/bin' },
-        stdio: ['pipe', 'pipe', 'pipe'],
-        detached: true,
+      return spawnOnAgent(live.agent!, {
+        argv,
+        env: commandEnvironment(live.spec, spawnOptions.env),
+        cwd: inside(spawnOptions.cwd ?? BWRAP_WORKDIR_INSIDE),
       });
-      live.running.add(child);
-      // Writes to a process that has exited fail with EPIPE; the caller learns of it from `exited`.
-      child.stdin!.on('error', () => undefined);
-      const exited = new Promise<SandboxProcessExit>((resolve) => {
-        child.once('exit', (exitCode, signal) => resolve({ exitCode, signal }));
-        child.once('error', () => resolve({ exitCode: null, signal: null }));
-      }).finally(() => live.running.delete(child));
-      return {
-        stdin: child.stdin!,
-        stdout: child.stdout!,
-        stderr: child.stderr!,
-        exited,
-        kill: () => {
-          if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
-            killProcessTree(child.pid);
-          }
-        },
-      };
     },
 
     ...sandboxFiles(run, BWRAP_WORKDIR_INSIDE),
@@ -957,11 +1088,44 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       // back into the plain workdirs and unmounted.
       const disk = await detectDiskControl();
       if (disk.ok) reaped += await disk.disks.reapLeftovers();
+      // Pooled sandboxes' directories of dead servers (their images are unmounted by now).
+      let pooled: string[] = [];
+      try {
+        pooled = readdirSync(poolDirectory);
+      } catch {
+        // No pool was ever made here.
+      }
+      for (const name of pooled) {
+        const path = join(poolDirectory, name);
+        if (ownerIsAlive(name) || isMountPoint(path)) continue;
+        rmSync(path, { recursive: true, force: true });
+        reaped++;
+      }
       return reaped;
     },
 
     async destroyAll() {
-      await Promise.all([...sandboxes.values()].map((live) => destroyLive(live)));
+      const warm = pool.splice(0);
+      await Promise.all([
+        ...[...sandboxes.values(), ...starting].map((live) => destroyLive(live)),
+        ...warm.map((live) => discardWarm(live)),
+      ]);
+    },
+
+    warmUp() {
+      if (warmPoolSize === 0) return;
+      pooling = true;
+      fillPool();
+    },
+
+    async close() {
+      pooling = false;
+      await filling;
+      await Promise.all(pool.splice(0).map((live) => discardWarm(live)));
+    },
+
+    get warmCount() {
+      return pool.length;
     },
 
     initPid(handle) {

@@ -62,6 +62,11 @@ export interface WorkspaceDisk {
   readonly sizeMb: number;
   /** Copies the files out to the workdir, unmounts and deletes the image. */
   detach(): Promise<void>;
+  /**
+   * Moves the mounted image to another workdir (an empty directory), which becomes the one its
+   * files go back to; the old workdir directory is removed. For sandboxes started ahead of need.
+   */
+  relocate(workdir: string): Promise<void>;
 }
 
 /** Loop-mounted workspace images under one directory. */
@@ -161,6 +166,8 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
       : command('mount', ['-o', MOUNT_OPTIONS, image, target]);
   const bind = (source: string, target: string) =>
     helper ? command(helper, ['--bind', source, target]) : command('mount', ['--bind', source, target]);
+  const move = (source: string, target: string) =>
+    helper ? command(helper, ['--move', source, target]) : command('mount', ['--move', source, target]);
   const unmount = (target: string) =>
     helper ? command(helper, ['--unmount', target]) : command('umount', [target]);
   /** Templates and spares are per size and per owner of the image's root directory. */
@@ -366,9 +373,22 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
        */
       const markAuthoritative = () => writeFileSync(join(directory, `${name}.workdir`), absoluteWorkdir);
       const mode = statSync(absoluteWorkdir).mode & 0o7777;
+      let current = absoluteWorkdir;
       const disk: WorkspaceDisk = {
         sizeMb,
-        detach: () => copyOutAndRemove(name, absoluteWorkdir),
+        detach: () => copyOutAndRemove(name, current),
+        relocate: async (workdir) => {
+          const target = resolve(workdir);
+          await move(current, target);
+          writeFileSync(join(directory, `${name}.workdir`), target);
+          const previous = current;
+          current = target;
+          try {
+            rmdirSync(previous);
+          } catch {
+            // Not empty or gone: left for whoever owns that directory.
+          }
+        },
       };
       let originalsRemoved = false;
       try {

@@ -1,7 +1,7 @@
 /**
  * Builds what a microvm sandbox boots: a Linux kernel (Debian's cloud kernel, unpacked from its
  * .deb into the cache rather than installed on the host), and an initramfs holding busybox, the
- * virtio modules, a tiny `/init` and the guest agent (`guest/berth-agent.c`, compiled with the
+ * virtio modules, a tiny `/init` and the guest agent (`../agent/berth-agent.c`, compiled with the
  * host's gcc). Everything is cached under the Berth cache directory, keyed by its inputs, so the
  * build runs once per host and again only when the kernel, busybox or the agent changes.
  *
@@ -183,7 +183,7 @@ async function ensureKernel(options: GuestImageOptions): Promise<{ directory: st
 
 /** Compiles the guest agent statically (cached by the hash of its source). */
 async function ensureAgent(options: GuestImageOptions): Promise<Buffer> {
-  const sourcePath = fileURLToPath(new URL('./guest/berth-agent.c', import.meta.url));
+  const sourcePath = fileURLToPath(new URL('../agent/berth-agent.c', import.meta.url));
   const source = await readFile(sourcePath);
   const output = join(options.cacheDirectory, 'agent', `berth-agent-${sha256(source).slice(0, 16)}`);
   if (!existsSync(output)) {

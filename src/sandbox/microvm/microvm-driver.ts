@@ -3,7 +3,7 @@
  * kernel. The guest holds nothing of the host: a busybox userland in an initramfs, the
  * workspace on a virtio-blk ext4 image (the only thing kept on the host, as
  * `<workdir>/workspace.ext4`), a tmpfs /tmp, no network device. A static agent inside
- * (`guest/berth-agent.c`) runs commands as uid 1000 and speaks a small framed protocol over a
+ * (`../agent/berth-agent.c`) runs commands as uid 1000 and speaks a small framed protocol over a
  * virtio-serial port that QEMU exposes as a unix socket.
  *
  * Cold start is a restore, not a boot: per machine shape (accelerator, RAM, vCPUs, disk size,
@@ -22,10 +22,11 @@ import { constants, existsSync, readdirSync, readFileSync } from 'node:fs';
 import { access, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { release, tmpdir } from 'node:os';
 import { basename, dirname, join, posix } from 'node:path';
-import { PassThrough, Writable } from 'node:stream';
 import { promisify } from 'node:util';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
+import { type AgentCommandResult, runOnAgent, spawnOnAgent } from '../agent/agent-commands.js';
+import { AgentConnection } from '../agent/agent-connection.js';
 import {
   DEFAULT_SANDBOX_LIMITS,
   type DriverAvailability,
@@ -35,7 +36,6 @@ import {
   type SandboxDriver,
   type SandboxHandle,
   type SandboxProcess,
-  type SandboxProcessExit,
   type SandboxSpawnOptions,
   type SandboxSpec,
   type SandboxStats,
@@ -48,9 +48,7 @@ import {
   validateArgv,
   validateEnvironment,
 } from '../driver-support.js';
-import { DEFAULT_MAX_OUTPUT_BYTES, DEFAULT_TIMEOUT_MS } from '../exec-process.js';
 import { moveTree, restoreWorkspace, SUSPENDED_WORKSPACE } from '../workspace-move.js';
-import { AgentConnection, type AgentExit } from './agent-connection.js';
 import {
   defaultMicrovmCacheDirectory,
   ensureGuestImage,
@@ -79,8 +77,6 @@ const KVM_PROBE_TIMEOUT_MS = 15_000;
 const TCG_BOOT_TIMEOUT_MS = 120_000;
 /** After a restore, how long the agent may take to answer (mounting the disk included). */
 const AGENT_READY_TIMEOUT_MS = 30_000;
-/** How long a killed command may take to report its end before the host stops waiting. */
-const KILL_CONFIRMATION_MS = 5_000;
 
 /** Options for `createMicrovmDriver`; every field has a working default. */
 export interface MicrovmDriverOptions {
@@ -199,38 +195,6 @@ function resolveLimits(spec: SandboxSpec, defaultDiskMb: number): Required<Enfor
     pids: Math.floor(requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids),
     diskMb: Math.ceil(requested.diskMb ?? defaultDiskMb),
   };
-}
-
-/** Keeps the first `limit` bytes of a stream (the agent caps too; this is the host's guard). */
-class CappedBuffer {
-  readonly #chunks: Buffer[] = [];
-  #size = 0;
-  truncated = false;
-
-  constructor(private readonly limit: number) {}
-
-  push(chunk: Buffer): void {
-    const room = this.limit - this.#size;
-    if (chunk.length > room) this.truncated = true;
-    if (room <= 0) return;
-    const kept = chunk.length > room ? chunk.subarray(0, room) : chunk;
-    this.#chunks.push(kept);
-    this.#size += kept.length;
-  }
-
-  toBuffer(): Buffer {
-    return Buffer.concat(this.#chunks, this.#size);
-  }
-}
-
-interface CommandResult {
-  stdout: Buffer;
-  stderr: Buffer;
-  exitCode: number | null;
-  signal: string | null;
-  timedOut: boolean;
-  truncated: boolean;
-  durationMs: number;
 }
 
 function isAlive(pid: number): boolean {
@@ -537,71 +501,15 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     handle: SandboxHandle,
     argv: readonly string[],
     execOptions: ExecOptions,
-  ): Promise<CommandResult> => {
+  ): Promise<AgentCommandResult> => {
     validateArgv(argv);
     validateEnvironment(execOptions.env);
     const live = lookup(handle);
-    const cwd = inside(execOptions.cwd ?? MICROVM_WORKDIR_INSIDE);
-    const maxOutputBytes = execOptions.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
-    const started = performance.now();
-    if (execOptions.signal?.aborted) {
-      return Promise.resolve({
-        stdout: Buffer.alloc(0),
-        stderr: Buffer.alloc(0),
-        exitCode: null,
-        signal: 'SIGKILL',
-        timedOut: false,
-        truncated: false,
-        durationMs: 0,
-      });
-    }
-    return new Promise<CommandResult>((resolve) => {
-      const stdout = new CappedBuffer(maxOutputBytes);
-      const stderr = new CappedBuffer(maxOutputBytes);
-      let timedOut = false;
-      let settled = false;
-      let watchdog: NodeJS.Timeout | undefined;
-      const settle = (exit: AgentExit) => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        clearTimeout(watchdog);
-        execOptions.signal?.removeEventListener('abort', onAbort);
-        resolve({
-          stdout: stdout.toBuffer(),
-          stderr: stderr.toBuffer(),
-          exitCode: exit.exitCode,
-          signal: exit.signal,
-          timedOut,
-          truncated: exit.truncated || stdout.truncated || stderr.truncated,
-          durationMs: performance.now() - started,
-        });
-      };
-      const id = live.agent.start(
-        { argv, env: commandEnvironment(live.spec, execOptions.env), cwd, maxOutputBytes },
-        { stdout: (chunk) => stdout.push(chunk), stderr: (chunk) => stderr.push(chunk), exit: settle },
-      );
-      /** Kills the command; a guest too wedged to confirm within 5 s is reported as a kill anyway. */
-      const kill = () => {
-        live.agent.kill(id);
-        watchdog ??= setTimeout(
-          () => settle({ exitCode: null, signal: 'SIGKILL', truncated: false, lost: true }),
-          KILL_CONFIRMATION_MS,
-        );
-      };
-      const timer = setTimeout(() => {
-        timedOut = true;
-        kill();
-      }, execOptions.timeoutMs ?? DEFAULT_TIMEOUT_MS);
-      const onAbort = () => kill();
-      execOptions.signal?.addEventListener('abort', onAbort, { once: true });
-      if (execOptions.stdin !== undefined) {
-        live.agent.stdin(
-          id,
-          typeof execOptions.stdin === 'string' ? Buffer.from(execOptions.stdin, 'utf8') : execOptions.stdin,
-        );
-      }
-      live.agent.endStdin(id);
+    return runOnAgent(live.agent, {
+      ...execOptions,
+      argv,
+      env: commandEnvironment(live.spec, execOptions.env),
+      cwd: inside(execOptions.cwd ?? MICROVM_WORKDIR_INSIDE),
     });
   };
 
@@ -757,46 +665,11 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
       validateArgv(argv);
       validateEnvironment(spawnOptions.env);
       const live = lookup(handle);
-      const cwd = inside(spawnOptions.cwd ?? MICROVM_WORKDIR_INSIDE);
-      const stdout = new PassThrough();
-      const stderr = new PassThrough();
-      let finished = false;
-      let settle: (exit: SandboxProcessExit) => void = () => undefined;
-      const exited = new Promise<SandboxProcessExit>((resolve) => {
-        settle = resolve;
+      return spawnOnAgent(live.agent, {
+        argv,
+        env: commandEnvironment(live.spec, spawnOptions.env),
+        cwd: inside(spawnOptions.cwd ?? MICROVM_WORKDIR_INSIDE),
       });
-      const id = live.agent.start(
-        { argv, env: commandEnvironment(live.spec, spawnOptions.env), cwd, maxOutputBytes: 0 },
-        {
-          stdout: (chunk) => stdout.write(chunk),
-          stderr: (chunk) => stderr.write(chunk),
-          exit: (exit) => {
-            finished = true;
-            stdout.end();
-            stderr.end();
-            settle({ exitCode: exit.exitCode, signal: exit.signal });
-          },
-        },
-      );
-      const stdin = new Writable({
-        write(chunk: Buffer, _encoding, callback) {
-          if (!finished) live.agent.stdin(id, chunk);
-          callback();
-        },
-        final(callback) {
-          if (!finished) live.agent.endStdin(id);
-          callback();
-        },
-      });
-      return {
-        stdin,
-        stdout,
-        stderr,
-        exited,
-        kill: () => {
-          if (!finished) live.agent.kill(id);
-        },
-      };
     },
 
     ...sandboxFiles(runCommand, MICROVM_WORKDIR_INSIDE),

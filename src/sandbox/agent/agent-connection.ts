@@ -1,12 +1,13 @@
 /**
- * The host side of the guest agent's protocol (see `guest/berth-agent.c`): frames of a 9-byte
+ * The host side of the sandbox agent's protocol (see `berth-agent.c`): frames of a 9-byte
  * header (u8 type, u32 command id, u32 payload length, little-endian) and a payload, over the
- * unix socket QEMU exposes for the VM's virtio-serial port. Many commands share the connection;
- * each has an id the host picks.
+ * unix socket QEMU exposes for a VM's virtio-serial port (microvm) or the agent's stdin and
+ * stdout pipes (bwrap). Many commands share the connection; each has an id the host picks.
  */
 
 import { connect, type Socket } from 'node:net';
 import { constants } from 'node:os';
+import type { Readable, Writable } from 'node:stream';
 
 /** Message types; the agent's enum has the same numbers. */
 export const AgentMessage = {
@@ -70,20 +71,30 @@ const signalNames = new Map<number, string>(
   Object.entries(constants.signals).map(([name, number]) => [number as number, name]),
 );
 
-/** A connection to one VM's agent. */
+/** A connection to one sandbox's agent. */
 export class AgentConnection {
-  readonly #socket: Socket;
+  readonly #input: Readable;
+  readonly #output: Writable;
   readonly #commands = new Map<number, CommandListener>();
   #buffered: Buffer = Buffer.alloc(0);
   #nextId = 1;
   #closed = false;
   #control: { resolve: () => void; reject: (error: Error) => void } | undefined;
 
-  private constructor(socket: Socket) {
-    this.#socket = socket;
-    socket.on('data', (chunk: Buffer) => this.#receive(chunk));
-    socket.on('error', () => this.#close());
-    socket.on('close', () => this.#close());
+  private constructor(input: Readable, output: Writable) {
+    this.#input = input;
+    this.#output = output;
+    input.on('data', (chunk: Buffer) => this.#receive(chunk));
+    for (const stream of new Set<Readable | Writable>([input, output])) {
+      stream.on('error', () => this.#close());
+      stream.on('close', () => this.#close());
+    }
+    input.on('end', () => this.#close());
+  }
+
+  /** A connection over an agent's stdout (`input`) and stdin (`output`) pipes. */
+  static overPipes(input: Readable, output: Writable): AgentConnection {
+    return new AgentConnection(input, output);
   }
 
   /** Connects to the agent socket QEMU serves (QEMU creates it as it starts, so retry briefly). */
@@ -99,7 +110,7 @@ export class AgentConnection {
           });
           attempt.once('error', reject);
         });
-        return new AgentConnection(socket);
+        return new AgentConnection(socket, socket);
       } catch (error) {
         if (Date.now() > deadline) throw error;
         await new Promise((resolve) => setTimeout(resolve, 20));
@@ -109,6 +120,11 @@ export class AgentConnection {
 
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /** Resolves on the agent's unprompted READY (an agent started with `--stdio` sends one). */
+  ready(timeoutMs: number): Promise<void> {
+    return this.#awaitControl(timeoutMs);
   }
 
   /**
@@ -121,10 +137,18 @@ export class AgentConnection {
     payload.writeUInt32LE(request.pids, 8);
     payload.writeUInt32LE((request.mountWorkspace ? 1 : 0) | (request.chownWorkspace ? 2 : 0), 12);
     entropy.copy(payload, 16, 0, 32);
+    const answered = this.#awaitControl(timeoutMs);
+    this.#send(frame(AgentMessage.init, 0, payload));
+    return answered;
+  }
+
+  /** Waits for the agent's next READY (resolves) or ERROR (rejects) about itself. */
+  #awaitControl(timeoutMs: number): Promise<void> {
+    if (this.#closed) return Promise.reject(new Error('the agent connection closed'));
     return new Promise<void>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#control = undefined;
-        reject(new Error(`the guest agent did not answer within ${timeoutMs} ms`));
+        reject(new Error(`the sandbox agent did not answer within ${timeoutMs} ms`));
       }, timeoutMs);
       this.#control = {
         resolve: () => {
@@ -136,7 +160,6 @@ export class AgentConnection {
           reject(error);
         },
       };
-      this.#send(frame(AgentMessage.init, 0, payload));
     });
   }
 
@@ -178,18 +201,19 @@ export class AgentConnection {
 
   /** Closes the connection; commands still running report a lost exit. */
   close(): void {
-    this.#socket.destroy();
+    this.#input.destroy();
+    this.#output.destroy();
     this.#close();
   }
 
   #send(data: Buffer): void {
-    if (!this.#closed) this.#socket.write(data);
+    if (!this.#closed) this.#output.write(data);
   }
 
   #close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    this.#control?.reject(new Error('the guest agent connection closed'));
+    this.#control?.reject(new Error('the agent connection closed'));
     this.#control = undefined;
     const listeners = [...this.#commands.values()];
     this.#commands.clear();

@@ -1,13 +1,21 @@
 /*
- * berth-agent: the guest side of Berth's microvm driver. It runs as PID 1 inside the VM (the
- * initramfs /init script sets up mounts and modules, then execs it) and serves one host
- * connection over a virtio-serial port. Over it the host starts commands (argv, env, cwd), feeds
- * their stdin, reads their stdout and stderr, kills them, and learns how they ended.
+ * berth-agent: the process inside a Berth sandbox that runs commands for the host. Over one
+ * connection the host starts commands (argv, env, cwd), feeds their stdin, reads their stdout and
+ * stderr, kills them, and learns how they ended. Two drivers use it:
  *
- * Why C and not a busybox shell loop: one process must multiplex many commands' pipes, cap
- * output while still draining it, kill whole process trees (cgroup.kill), and reap every orphan
- * as PID 1. A shell cannot do that correctly. Built with `gcc -static -Os` (no libc needed in
- * the guest).
+ *   microvm  PID 1 inside the VM (the initramfs /init sets up mounts and modules, then execs it);
+ *            the connection is a virtio-serial port, and the agent survives host disconnects
+ *            (a VM restored from a snapshot gets a new host connection).
+ *   bwrap    `berth-agent --stdio` is the sandbox's init command; the connection is its stdin and
+ *            stdout. It already runs as the sandbox user under the seccomp filter, and every
+ *            command it forks inherits both, its namespaces and its cgroup, so running a command
+ *            costs a frame and a fork instead of a host process entering the namespaces. The
+ *            stdin pipe is also the sandbox's lifeline: when the host end closes (Berth exited
+ *            or was killed), the agent exits and the kernel ends everything in the sandbox.
+ *
+ * Why C and not a shell loop: one process must multiplex many commands' pipes, cap output while
+ * still draining it, kill whole process trees, and reap orphans. A shell cannot do that
+ * correctly. Built with `gcc -static -Os` (no libc needed where it runs).
  *
  * Wire format, both directions: a 9-byte header (u8 type, u32 id, u32 payload length, all
  * little-endian) and the payload. `id` names a command chosen by the host; 0 is the agent itself.
@@ -67,8 +75,12 @@ struct process {
 };
 
 static struct process processes[MAX_PROCESSES];
+/* The host connection: one fd both ways for the VM's port, stdin and stdout with --stdio. */
 static int port_fd = -1;
+static int output_fd = -1;
 static int port_connected = 1;
+/* --stdio: the bwrap driver's mode (see the top of this file). */
+static int stdio_mode;
 /* When the host last hung up; the port is read again after SIGIO or a 1 s re-check. */
 static long long hangup_at_ms;
 static unsigned long command_counter;
@@ -103,8 +115,8 @@ static void send_frame(uint8_t type, uint32_t id, const void *payload, uint32_t 
   header[0] = (char)type;
   memcpy(header + 1, &id, 4);
   memcpy(header + 5, &length, 4);
-  write_all(port_fd, header, sizeof header);
-  if (length > 0) write_all(port_fd, payload, length);
+  write_all(output_fd, header, sizeof header);
+  if (length > 0) write_all(output_fd, payload, length);
 }
 
 static void send_text(uint8_t type, uint32_t id, const char *text) {
@@ -159,6 +171,62 @@ static void close_fd(int *fd) {
   *fd = -1;
 }
 
+#define MAX_TREE 4096
+
+/* Parent pid of `pid` from /proc (0 when it is gone). */
+static pid_t parent_of(pid_t pid) {
+  char path[64], text[512];
+  snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  ssize_t length = read(fd, text, sizeof text - 1);
+  close(fd);
+  if (length <= 0) return 0;
+  text[length] = '\0';
+  /* "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it. */
+  char *end = strrchr(text, ')');
+  int parent = 0;
+  char state;
+  if (!end || sscanf(end + 1, " %c %d", &state, &parent) != 2) return 0;
+  return (pid_t)parent;
+}
+
+/*
+ * Stops, then kills, `root` and every descendant, including ones that left its session or
+ * process group (setsid). Stopped processes cannot fork, so the tree is collected again until
+ * no new member appears; then everything gets SIGKILL. Used where commands have no cgroup of
+ * their own (a bwrap sandbox); the pid namespace is the sandbox's, so /proc is small.
+ */
+static void kill_tree(pid_t root) {
+  static pid_t members[MAX_TREE];
+  int count = 0, grew = 1;
+  members[count++] = root;
+  kill(root, SIGSTOP);
+  for (int round = 0; grew && round < 64; round++) {
+    grew = 0;
+    DIR *proc = opendir("/proc");
+    struct dirent *entry;
+    while (proc && (entry = readdir(proc)) != NULL) {
+      pid_t pid = (pid_t)atoi(entry->d_name);
+      if (pid <= 1 || pid == getpid()) continue;
+      int known = 0;
+      for (int index = 0; index < count && !known; index++) known = members[index] == pid;
+      if (known) continue;
+      pid_t parent = parent_of(pid);
+      for (int index = 0; index < count; index++) {
+        if (members[index] == parent && count < MAX_TREE) {
+          members[count++] = pid;
+          kill(pid, SIGSTOP);
+          grew = 1;
+          break;
+        }
+      }
+    }
+    if (proc) closedir(proc);
+  }
+  for (int index = 0; index < count; index++) kill(members[index], SIGKILL);
+}
+
 /* Kills everything a command started, even processes that left its session (setsid). */
 static void kill_process(struct process *process) {
   if (process->cgroup[0]) {
@@ -166,7 +234,10 @@ static void kill_process(struct process *process) {
     snprintf(path, sizeof path, "%s/cgroup.kill", process->cgroup);
     write_file(path, "1");
   }
-  if (!process->exited) kill(-process->pid, SIGKILL), kill(process->pid, SIGKILL);
+  if (!process->exited) {
+    if (!process->cgroup[0]) kill_tree(process->pid);
+    kill(-process->pid, SIGKILL), kill(process->pid, SIGKILL);
+  }
   process->pending_length = process->pending_offset = 0;
   close_fd(&process->stdin_fd);
 }
@@ -251,8 +322,11 @@ static void start_process(uint32_t id, const char *payload, uint32_t length) {
   process->used = 1;
   process->id = id;
   process->cap = cap;
-  snprintf(process->cgroup, sizeof process->cgroup, "%s/command-%lu", CGROUP_ROOT, ++command_counter);
-  if (mkdir(process->cgroup, 0755) != 0) process->cgroup[0] = '\0';
+  /* A cgroup per command in the VM; a bwrap sandbox's commands share the sandbox's cgroup. */
+  if (!stdio_mode) {
+    snprintf(process->cgroup, sizeof process->cgroup, "%s/command-%lu", CGROUP_ROOT, ++command_counter);
+    if (mkdir(process->cgroup, 0755) != 0) process->cgroup[0] = '\0';
+  }
 
   pid_t pid = fork();
   if (pid == 0) {
@@ -273,7 +347,8 @@ static void start_process(uint32_t id, const char *payload, uint32_t length) {
     dup2(in[0], 0);
     dup2(out[1], 1);
     dup2(err[1], 2);
-    if (setgroups(0, NULL) || setgid(SANDBOX_UID) || setuid(SANDBOX_UID)) _exit(126);
+    /* In the VM the agent is root; under bwrap it is the sandbox user already. */
+    if (getuid() == 0 && (setgroups(0, NULL) || setgid(SANDBOX_UID) || setuid(SANDBOX_UID))) _exit(126);
     if (chdir(cwd) != 0) {
       dprintf(2, "berth: cannot change directory to %s: %s\n", cwd, strerror(errno));
       _exit(1);
@@ -444,7 +519,8 @@ static void reap_children(void) {
   remove_stale_cgroups();
 }
 
-int main(void) {
+int main(int argc, char **argv) {
+  stdio_mode = argc > 1 && strcmp(argv[1], "--stdio") == 0;
   sigset_t handled;
   sigemptyset(&handled);
   sigaddset(&handled, SIGCHLD);
@@ -453,14 +529,26 @@ int main(void) {
   signal(SIGPIPE, SIG_IGN);
   int signal_fd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
 
-  port_fd = open_port();
-  if (port_fd < 0) {
-    fprintf(stderr, "berth-agent: no virtio-serial port named " PORT_NAME "\n");
-    return 1;
+  if (stdio_mode) {
+    /* Nothing but the connection is inherited by commands: close what bwrap left open. */
+    for (int fd = 3; fd < 1024; fd++)
+      if (fd != signal_fd) close(fd);
+    port_fd = 0;
+    output_fd = 1;
+    fcntl(0, F_SETFD, FD_CLOEXEC);
+    fcntl(1, F_SETFD, FD_CLOEXEC);
+    send_text(MSG_READY, 0, "ready");
+  } else {
+    port_fd = open_port();
+    if (port_fd < 0) {
+      fprintf(stderr, "berth-agent: no virtio-serial port named " PORT_NAME "\n");
+      return 1;
+    }
+    output_fd = port_fd;
+    /* The port raises SIGIO when the host connects or disconnects (e.g. after a restore). */
+    fcntl(port_fd, F_SETOWN, getpid());
+    fcntl(port_fd, F_SETFL, fcntl(port_fd, F_GETFL) | O_ASYNC);
   }
-  /* The port raises SIGIO when the host connects or disconnects (e.g. after a restore). */
-  fcntl(port_fd, F_SETOWN, getpid());
-  fcntl(port_fd, F_SETFL, fcntl(port_fd, F_GETFL) | O_ASYNC);
 
   char *input = malloc(MAX_FRAME + 9);
   size_t input_length = 0;
@@ -502,6 +590,7 @@ int main(void) {
         reap_children();
       } else if (!process) {
         ssize_t length = read(port_fd, input + input_length, MAX_FRAME + 9 - input_length);
+        if (length == 0 && stdio_mode) return 0; /* The lifeline closed: the sandbox ends. */
         if (length <= 0) {
           /* The host hung up; wait for SIGIO (or the 1 s re-check) before reading again. */
           if (length == 0 || errno != EINTR) port_connected = 0, input_length = 0, hangup_at_ms = now_ms();
