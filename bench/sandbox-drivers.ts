@@ -76,6 +76,8 @@ export type DriverRun =
        * ready (the server's default warm pool), measured with the pool refilled between runs.
        */
       coldWarmPool?: Measured;
+      /** bwrap only: suspend + resume when the warm pool has a sandbox ready. */
+      resumeWarmPool?: Measured;
       /** The two halves of a cold start. */
       coldProvision: Summary;
       coldFirstExec: Summary;
@@ -261,6 +263,7 @@ async function benchDriver(
     // sandbox ready. Each run waits for the pool to be refilled first: this is the steady state
     // of sessions arriving slower than the pool refills (≈ one sandbox per cold start time).
     let coldWarmPool: Measured | undefined;
+    let resumeWarmPool: Measured | undefined;
     if (name === 'bwrap' && (driver as { mode?: string }).mode === 'persistent') {
       const pooled = createBwrapDriver({ warmPool: 2, poolDirectory: join(root, 'pool') });
       pooled.warmUp();
@@ -284,6 +287,33 @@ async function benchDriver(
         await warmOnce();
         coldWarmPool = measured(
           await repeat(options.coldRuns, options.phaseBudgetMs, 'bwrap cold start (warm pool)', warmOnce),
+        );
+        resumeWarmPool = measured(
+          await repeat(
+            options.resumeRuns,
+            options.phaseBudgetMs,
+            'bwrap suspend+resume (warm pool)',
+            async () => {
+              await waitForPool();
+              const sandboxSpec = await spec();
+              const before = await pooled.provision(sandboxSpec);
+              await pooled.exec(before, ['sh', '-c', 'echo kept > state.txt']);
+              const directory = await mkdtemp(join(root, 'suspended-'));
+              await pooled.suspend(before, directory);
+              await waitForPool();
+              const started = performance.now();
+              const after = await pooled.provision({ ...sandboxSpec, restoreFrom: directory });
+              const result = await pooled.exec(after, ['echo', 'hi']);
+              const elapsed = performance.now() - started;
+              expectHi(result.stdout, 'bwrap warm pool resume');
+              const kept = await pooled.exec(after, ['cat', 'state.txt']);
+              if (kept.stdout.trim() !== 'kept')
+                throw new Error('bwrap: the workspace did not survive suspend');
+              await pooled.destroy(after);
+              await rm(directory, { recursive: true, force: true });
+              return elapsed;
+            },
+          ),
         );
       } finally {
         await pooled.close();
@@ -368,6 +398,7 @@ async function benchDriver(
       warnings,
       cold: measured(cold),
       ...(coldWarmPool ? { coldWarmPool } : {}),
+      ...(resumeWarmPool ? { resumeWarmPool } : {}),
       coldProvision: summarize(provisionTimes),
       coldFirstExec: summarize(firstExecTimes),
       exec: measured(exec),
@@ -640,7 +671,7 @@ export function formatSandboxResults(results: SandboxBenchResults, options: Sand
       run.coldWarmPool ? `${pair(run.coldWarmPool)} pool; ${pair(run.cold)} none` : pair(run.cold),
       pair(run.exec),
       pair(run.suspend),
-      pair(run.resume),
+      run.resumeWarmPool ? `${pair(run.resumeWarmPool)} pool; ${pair(run.resume)} none` : pair(run.resume),
       `${mib(run.memory.statsPerSandbox ?? run.memory.hostPerSandbox)}${run.memory.statsPerSandbox === undefined ? ' (host MemAvailable)' : ''}${run.memory.sandboxes < options.memorySandboxes ? ` (n=${run.memory.sandboxes})` : ''}`,
     ]);
   }
@@ -780,20 +811,25 @@ export function sandboxTargetRows(results: SandboxBenchResults): string[][] {
       }
     }
   }
-  for (const run of results.drivers) {
-    if (!run.ok) continue;
+  // The issue's exec and resume targets are for bwrap (gvisor and microvm are in the table above).
+  if (bwrap?.ok) {
     rows.push([
-      `${run.name} exec echo hi p50 (live sandbox)`,
+      'bwrap exec echo hi p50 (live sandbox)',
       `≤ ${TARGET_EXEC_P50_MS} ms`,
-      `${ms(run.exec.summary.p50)} ms`,
-      verdict(run.exec.summary.p50 <= TARGET_EXEC_P50_MS),
+      `${ms(bwrap.exec.summary.p50)} ms`,
+      verdict(bwrap.exec.summary.p50 <= TARGET_EXEC_P50_MS),
     ]);
-    rows.push([
-      `${run.name} resume → echo hi p50`,
-      `≤ ${TARGET_RESUME_P50_MS} ms`,
-      `${ms(run.resume.summary.p50)} ms`,
-      verdict(run.resume.summary.p50 <= TARGET_RESUME_P50_MS),
-    ]);
+    const resumes: [string, number][] = [];
+    if (bwrap.resumeWarmPool) resumes.push(['warm pool (server default)', bwrap.resumeWarmPool.summary.p50]);
+    resumes.push(['no pool', bwrap.resume.summary.p50]);
+    for (const [label, resume] of resumes) {
+      rows.push([
+        `bwrap resume → echo hi p50, ${label}`,
+        `≤ ${TARGET_RESUME_P50_MS} ms`,
+        `${ms(resume)} ms`,
+        verdict(resume <= TARGET_RESUME_P50_MS),
+      ]);
+    }
   }
   const idle = results.idleServer;
   if (idle && !('ok' in idle)) {

@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
-import { processesUsing, startBerthProcess } from './support/berth-process.js';
+import { processesUsing, sandboxProcessesOf, startBerthProcess } from './support/berth-process.js';
 import { type StreamEvent, sendAndWaitIdle } from './support/session-stream.js';
 
 type Client = Anthropic;
@@ -175,7 +175,7 @@ describe('sandbox lifecycle', () => {
     // processes, found by the workspace they mount (the sandbox may have come from the pool).
     const workdir = join(berth.dataDir, 'sessions', session.id, 'workspace');
     const sandboxProcesses = () =>
-      processesUsing(workdir)
+      sandboxProcessesOf(workdir)
         .filter(({ command }) => command.split(' ')[0]!.endsWith('bwrap'))
         .map(({ pid }) => pid);
     const victims = sandboxProcesses();

@@ -89,6 +89,13 @@ export interface SandboxHandle {
   readonly workdirInside: string;
   /** The limits the kernel enforces on this sandbox; absent when none are (never a claim it cannot keep). */
   readonly enforcedLimits?: EnforcedLimits;
+  /**
+   * A host directory the sandbox sees read-only (bwrap: at `/run/berth`), where the server puts
+   * what the sandbox may use but not change: the egress proxy's socket, whose connections the
+   * sandbox reaches at 127.0.0.1:3128, and the proxy's CA certificate. Absent for drivers
+   * without one (then the sandbox has no network at all).
+   */
+  readonly servicesDirectory?: string;
 }
 
 export interface ExecOptions {

@@ -94,21 +94,50 @@ export async function startBerthProcess(options: {
 }
 
 /**
- * Live (not zombie) processes that use `path`: in their command line or in a mount (a
- * sandbox binds its session's workspace). Finds sandboxes a killed server left behind even
- * after they were reparented, which a scan of the server's descendants cannot. When a
- * filesystem of its own is mounted on `path` (a workspace disk), mounts of that filesystem count
- * under any name: a sandbox started ahead of need saw the disk under the pool's path.
+ * Processes of the sandbox whose workspace disk is mounted on `workdir` (the host side of a
+ * workspace): those that have that disk where a sandbox puts its workspace (`/workspace`, or
+ * `/run/berth/workdir` in its launcher's namespace). Other sandboxes' launcher namespaces hold
+ * copies of every host mount under their host paths, so matching the path alone finds them too.
  */
-export function processesUsing(path: string): Array<{ pid: number; command: string }> {
-  const hostMountNamespace = readlinkSync('/proc/self/ns/mnt');
+export function sandboxProcessesOf(workdir: string): Array<{ pid: number; command: string }> {
   // mountinfo fields: id, parent, major:minor, root, mount point, ...; loop devices are unique.
   const device = readFileSync('/proc/self/mountinfo', 'utf8')
     .split('\n')
     .map((line) => line.split(' '))
-    .findLast((fields) => fields[4] === path && fields[2]?.startsWith('7:'))?.[2];
-  const usesDevice = (mountinfo: string) =>
-    device !== undefined && mountinfo.split('\n').some((line) => line.split(' ')[2] === device);
+    .findLast((fields) => fields[4] === workdir && fields[2]?.startsWith('7:'))?.[2];
+  if (device === undefined) return [];
+  const found: Array<{ pid: number; command: string }> = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      if (stat.slice(stat.lastIndexOf(')') + 2).startsWith('Z')) continue;
+      const uses = readFileSync(`/proc/${pid}/mountinfo`, 'utf8')
+        .split('\n')
+        .some((line) => {
+          const fields = line.split(' ');
+          return fields[2] === device && ['/workspace', '/run/berth/workdir'].includes(fields[4] ?? '');
+        });
+      if (uses)
+        found.push({
+          pid,
+          command: readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').trim(),
+        });
+    } catch {
+      // Gone, or not ours to read.
+    }
+  }
+  return found;
+}
+
+/**
+ * Live (not zombie) processes that use `path`: in their command line or in a mount (a
+ * sandbox binds its session's workspace). Finds sandboxes a killed server left behind even
+ * after they were reparented, which a scan of the server's descendants cannot.
+ */
+export function processesUsing(path: string): Array<{ pid: number; command: string }> {
+  const hostMountNamespace = readlinkSync('/proc/self/ns/mnt');
   const found: Array<{ pid: number; command: string }> = [];
   for (const entry of readdirSync('/proc')) {
     const pid = Number(entry);
@@ -120,8 +149,10 @@ export function processesUsing(path: string): Array<{ pid: number; command: stri
       // Mounts count only in other mount namespaces (sandboxes): a workspace disk mounted on the
       // host shows up in every host process's mount table.
       const ownMounts = readlinkSync(`/proc/${pid}/ns/mnt`) === hostMountNamespace;
-      const mountinfo = ownMounts ? '' : readFileSync(`/proc/${pid}/mountinfo`, 'utf8');
-      if (command.includes(path) || mountinfo.includes(path) || usesDevice(mountinfo)) {
+      if (
+        command.includes(path) ||
+        (!ownMounts && readFileSync(`/proc/${pid}/mountinfo`, 'utf8').includes(path))
+      ) {
         found.push({ pid, command });
       }
     } catch {

@@ -17,6 +17,11 @@
  * still draining it, kill whole process trees, and reap orphans. A shell cannot do that
  * correctly. Built with `gcc -static -Os` (no libc needed where it runs).
  *
+ * A third mode, `berth-agent --bridge PORT SOCKET`, is the bwrap sandbox's only way out: it
+ * listens on 127.0.0.1:PORT inside the sandbox's network namespace (which has nothing but
+ * loopback) and relays each connection to the unix socket SOCKET, the session's egress proxy,
+ * bound into the sandbox by the host. HTTP_PROXY and HTTPS_PROXY point at it.
+ *
  * Wire format, both directions: a 9-byte header (u8 type, u32 id, u32 payload length, all
  * little-endian) and the payload. `id` names a command chosen by the host; 0 is the agent itself.
  */
@@ -42,6 +47,9 @@
 #include <time.h>
 #include <unistd.h>
 #include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 
 /* Host to guest. */
 enum { MSG_INIT = 1, MSG_START = 2, MSG_STDIN = 3, MSG_STDIN_EOF = 4, MSG_KILL = 5 };
@@ -519,7 +527,74 @@ static void reap_children(void) {
   remove_stale_cgroups();
 }
 
+/* Copies what `from` has ready to `to`; 0 at end of stream or on an error. */
+static int relay_once(int from, int to) {
+  char buffer[65536];
+  ssize_t length = read(from, buffer, sizeof buffer);
+  if (length <= 0) return 0;
+  for (ssize_t sent = 0; sent < length;) {
+    ssize_t written = write(to, buffer + sent, (size_t)(length - sent));
+    if (written <= 0) return 0;
+    sent += written;
+  }
+  return 1;
+}
+
+/* One connection: relays both ways until both sides have finished sending. */
+static void relay(int client, const char *path) {
+  int upstream = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  struct sockaddr_un address = {.sun_family = AF_UNIX};
+  strncpy(address.sun_path, path, sizeof address.sun_path - 1);
+  if (upstream < 0 || connect(upstream, (struct sockaddr *)&address, sizeof address) != 0) return;
+  int client_open = 1, upstream_open = 1;
+  while (client_open || upstream_open) {
+    struct pollfd fds[2] = {{client, client_open ? POLLIN : 0, 0}, {upstream, upstream_open ? POLLIN : 0, 0}};
+    if (poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    if (client_open && fds[0].revents && !relay_once(client, upstream)) {
+      client_open = 0;
+      shutdown(upstream, SHUT_WR);
+    }
+    if (upstream_open && fds[1].revents && !relay_once(upstream, client)) {
+      upstream_open = 0;
+      shutdown(client, SHUT_WR);
+    }
+  }
+}
+
+static int bridge(int port, const char *path) {
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int yes = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (listener < 0 || bind(listener, (struct sockaddr *)&address, sizeof address) != 0 || listen(listener, 128) != 0) {
+    fprintf(stderr, "berth-agent: cannot listen on 127.0.0.1:%d: %s\n", port, strerror(errno));
+    return 1;
+  }
+  /* The host waits for this line before it runs anything in the sandbox. */
+  printf("listening\n");
+  fflush(stdout);
+  /* Connection handlers are reaped by the kernel. */
+  signal(SIGCHLD, SIG_IGN);
+  signal(SIGPIPE, SIG_IGN);
+  for (;;) {
+    int client = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    if (client < 0) continue;
+    pid_t pid = fork();
+    if (pid == 0) {
+      close(listener);
+      relay(client, path);
+      _exit(0);
+    }
+    close(client);
+  }
+}
+
 int main(int argc, char **argv) {
+  if (argc == 4 && strcmp(argv[1], "--bridge") == 0) return bridge(atoi(argv[2]), argv[3]);
   stdio_mode = argc > 1 && strcmp(argv[1], "--stdio") == 0;
   sigset_t handled;
   sigemptyset(&handled);

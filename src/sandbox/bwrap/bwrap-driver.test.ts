@@ -1,5 +1,6 @@
 import {
   chmodSync,
+  existsSync,
   mkdirSync,
   mkdtempSync,
   readdirSync,
@@ -263,6 +264,48 @@ describe.skipIf(!availability.ok)('bwrap spawn and read-only mounts', () => {
       }
     },
   );
+});
+
+describe.skipIf(!availability.ok || !runningAsRoot)('bwrap egress bridge', () => {
+  it('relays 127.0.0.1:3128 inside to the socket in the services directory, and nothing else', async () => {
+    const driver = createBwrapDriver();
+    const root = mkdtempSync(join(tmpdir(), 'berth-bridge-'));
+    const handle = await driver.provision({ sessionId: 'sesn_bridge', workdir: join(root, 'w') });
+    const services = handle.servicesDirectory!;
+    const received: string[] = [];
+    const proxy = createServer((socket) => {
+      socket.once('data', (chunk) => {
+        received.push(chunk.toString('utf8'));
+        socket.end('HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello');
+      });
+    });
+    try {
+      // Before the server puts a socket there, connections are closed at once.
+      const early = await driver.exec(handle, [
+        'bash',
+        '-c',
+        'exec 3<>/dev/tcp/127.0.0.1/3128 && printf "GET / HTTP/1.0\r\n\r\n" >&3 && cat <&3 2>/dev/null; echo closed',
+      ]);
+      expect(early.stdout).toBe('closed\n');
+      await new Promise<void>((resolve) => proxy.listen(join(services, 'egress.sock'), resolve));
+      chmodSync(join(services, 'egress.sock'), 0o666);
+      const result = await driver.exec(handle, [
+        'bash',
+        '-c',
+        'exec 3<>/dev/tcp/127.0.0.1/3128 && printf "GET http://example.test/ HTTP/1.1\r\nhost: example.test\r\n\r\n" >&3 && cat <&3',
+      ]);
+      expect(result.stdout).toContain('hello');
+      expect(received[0]).toContain('GET http://example.test/ HTTP/1.1');
+      // The directory is the sandbox's to read, not to change.
+      const write = await driver.exec(handle, ['sh', '-c', 'touch /run/berth/x || echo refused']);
+      expect(write.stdout).toContain('refused');
+    } finally {
+      await driver.destroyAll();
+      await new Promise((resolve) => proxy.close(resolve));
+      rmSync(root, { recursive: true, force: true });
+    }
+    expect(existsSync(services)).toBe(false);
+  });
 });
 
 describe.skipIf(!availability.ok || !runningAsRoot)('bwrap warm pool', () => {

@@ -152,6 +152,11 @@ export interface BwrapDriverOptions {
    */
   poolDirectory?: string;
   /**
+   * Where each persistent sandbox gets its services directory (default `/run/berth/services`),
+   * seen read-only inside at `/run/berth` (see `SandboxHandle.servicesDirectory`).
+   */
+  servicesDirectory?: string;
+  /**
    * Where the cgroup hierarchies are (default: detected from /proc/self/mounts); a
    * `{ ok: false, reason }` runs without resource limits, as on a host without usable cgroups.
    */
@@ -194,6 +199,12 @@ export const DEFAULT_EXEC_HELPER_PATH = '/usr/local/lib/berth/berth-exec';
 export const DEFAULT_AGENT_PATH = '/usr/local/lib/berth/berth-agent';
 const DEFAULT_DISK_IMAGE_DIRECTORY = '/var/lib/berth/disks';
 const DEFAULT_POOL_DIRECTORY = '/var/lib/berth/pool';
+const DEFAULT_SERVICES_DIRECTORY = '/run/berth/services';
+/** Where a sandbox sees its services directory (the egress proxy's socket, its CA). */
+export const SANDBOX_SERVICES_INSIDE = '/run/berth';
+/** The egress proxy's socket in the services directory, and the port it is relayed to inside. */
+export const EGRESS_SOCKET_NAME = 'egress.sock';
+export const SANDBOX_EGRESS_PORT = 3128;
 const BUILD_HELPER_HINT = 'build them with `sh src/sandbox/bwrap/native/build.sh` (needs gcc and libc6-dev)';
 
 interface LiveSandbox {
@@ -377,6 +388,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
   const mode: BwrapMode = options.mode ?? (runningAsRoot && execHelperBuilt ? 'persistent' : 'per-exec');
   const warmPoolSize = mode === 'persistent' ? Math.max(0, Math.floor(options.warmPool ?? 0)) : 0;
   const poolDirectory = resolve(options.poolDirectory ?? DEFAULT_POOL_DIRECTORY);
+  const servicesRoot = resolve(options.servicesDirectory ?? DEFAULT_SERVICES_DIRECTORY);
   /** Sandboxes between `startSandbox` and being tracked (destroyAll must reach them too). */
   const starting = new Set<LiveSandbox>();
   const hostUid = options.hostUid ?? 1000;
@@ -464,7 +476,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     return { bwrap: bwrapPath };
   };
 
-  const bwrapArguments = (spec: SandboxSpec): string[] => {
+  const bwrapArguments = (spec: SandboxSpec, servicesDirectory?: string): string[] => {
     const tmpfsBytes = String((options.tmpfsMb ?? 256) * 1024 * 1024);
     return [
       // The filter (see seccomp.ts) for the init, or for the command in per-exec mode.
@@ -527,6 +539,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       runningAsRoot ? LAUNCHER_WORKDIR : spec.workdir,
       BWRAP_WORKDIR_INSIDE,
       ...(spec.readOnlyMounts ?? []).flatMap((mount) => ['--ro-bind', mount.hostPath, mount.insidePath]),
+      ...(servicesDirectory ? ['--ro-bind', servicesDirectory, SANDBOX_SERVICES_INSIDE] : []),
       // The root tmpfs is memory; nothing may write to it.
       '--remount-ro',
       '/',
@@ -615,7 +628,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         String(hostUid),
         String(hostGid),
         bwrap,
-        ...bwrapArguments(live.spec),
+        ...bwrapArguments(live.spec, live.handle.servicesDirectory),
         '--info-fd',
         String(FD.info),
         agentPath,
@@ -656,6 +669,33 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     });
     try {
       [, live.initPid] = await Promise.all([live.agent.ready(PROVISION_TIMEOUT_MS), initPid]);
+      // The sandbox's one way out: 127.0.0.1:EGRESS_PORT relays to the socket the server puts in
+      // the services directory (the session's egress proxy). Until then, connections just close.
+      const relay = spawnOnAgent(live.agent, {
+        argv: [
+          agentPath,
+          '--bridge',
+          String(SANDBOX_EGRESS_PORT),
+          `${SANDBOX_SERVICES_INSIDE}/${EGRESS_SOCKET_NAME}`,
+        ],
+        env: {},
+        cwd: '/',
+      });
+      // Listening before any command runs, so a first `curl` never finds the port closed.
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(
+          () => reject(new Error('the egress relay did not start')),
+          PROVISION_TIMEOUT_MS,
+        );
+        relay.stdout.once('data', () => {
+          clearTimeout(timer);
+          resolve();
+        });
+        void relay.exited.then(({ exitCode }) => {
+          clearTimeout(timer);
+          reject(new Error(`the egress relay exited (${exitCode})`));
+        });
+      });
     } catch (error) {
       // Give bwrap a moment to exit, so its stderr (the real reason) is complete.
       await Promise.race([live.exited, new Promise((resolve) => setTimeout(resolve, 1000))]);
@@ -676,16 +716,24 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     bwrap: string,
   ): Promise<LiveSandbox> => {
     const { diskMb, ...processLimits } = limits;
+    const id = newId('sbx');
+    const servicesDirectory = mode === 'persistent' ? join(servicesRoot, sandboxCgroupName(id)) : undefined;
     const handle: SandboxHandle = {
-      id: newId('sbx'),
+      id,
       sessionId: spec.sessionId,
       driver: 'bwrap',
       workdirInside: BWRAP_WORKDIR_INSIDE,
       ...(control.ok ? { enforcedLimits: disk.ok ? limits : processLimits } : {}),
+      ...(servicesDirectory ? { servicesDirectory } : {}),
     };
     const live: LiveSandbox = { handle, spec, stopped: false, running: new Set() };
     starting.add(live);
     try {
+      if (servicesDirectory) {
+        // Reachable by the unprivileged host user bwrap runs as; read-only inside.
+        mkdirSync(servicesRoot, { recursive: true, mode: 0o755 });
+        mkdirSync(servicesDirectory, { mode: 0o755 });
+      }
       if (control.ok) live.cgroup = control.tree.create(handle.id, cgroupLimits(limits));
       if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
       if (mode === 'persistent') await startPersistent(live, bwrap);
@@ -914,6 +962,8 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     } finally {
       // Nothing runs in the sandbox any more: its files can go back to the plain workdir.
       await live.disk?.detach();
+      if (live.handle.servicesDirectory)
+        rmSync(live.handle.servicesDirectory, { recursive: true, force: true });
     }
   };
 
@@ -1088,18 +1138,21 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       // back into the plain workdirs and unmounted.
       const disk = await detectDiskControl();
       if (disk.ok) reaped += await disk.disks.reapLeftovers();
-      // Pooled sandboxes' directories of dead servers (their images are unmounted by now).
-      let pooled: string[] = [];
-      try {
-        pooled = readdirSync(poolDirectory);
-      } catch {
-        // No pool was ever made here.
-      }
-      for (const name of pooled) {
-        const path = join(poolDirectory, name);
-        if (ownerIsAlive(name) || isMountPoint(path)) continue;
-        rmSync(path, { recursive: true, force: true });
-        reaped++;
+      // Pooled sandboxes' directories of dead servers (their images are unmounted by now), and
+      // their sandboxes' services directories.
+      for (const directory of [poolDirectory, servicesRoot]) {
+        let names: string[] = [];
+        try {
+          names = readdirSync(directory);
+        } catch {
+          // Never made here.
+        }
+        for (const name of names) {
+          const path = join(directory, name);
+          if (ownerIsAlive(name) || isMountPoint(path)) continue;
+          rmSync(path, { recursive: true, force: true });
+          if (directory === poolDirectory) reaped++;
+        }
       }
       return reaped;
     },
