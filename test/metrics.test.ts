@@ -46,7 +46,7 @@ describe('Prometheus metrics', () => {
     expect(sample(text, 'berth_sessions{status="idle"}')).toBe(2);
     expect(sample(text, 'berth_sessions{status="running"}')).toBe(0);
     expect(sample(text, 'berth_live_sandboxes{driver="bwrap"}')).toBe(1);
-    expect(sample(text, 'berth_sandbox_cold_starts_total{driver="bwrap"}')).toBe(1);
+    expect(sample(text, 'berth_sandbox_cold_starts_total{driver="bwrap",kind="new"}')).toBe(1);
     expect(sample(text, 'berth_turn_duration_seconds_count{outcome="ok"}')).toBeGreaterThanOrEqual(1);
     expect(sample(text, 'berth_tool_duration_seconds_count{kind="builtin",outcome="ok"}')).toBe(1);
     const log = await berth.store.events.read(berth.keyOf(session.id));
@@ -54,6 +54,20 @@ describe('Prometheus metrics', () => {
     expect(text).not.toContain(session.id);
     expect(text).not.toContain(idle.id);
     expect(text).not.toContain('tnt_');
+
+    // A sandbox stopped and resumed from its snapshot counts as a resume, not a new sandbox.
+    const stop = await fetch(`${berth.url}/v1/sessions/${session.id}/stop`, {
+      method: 'POST',
+      headers: { 'x-api-key': berth.apiKey },
+    });
+    expect(stop.status).toBe(200);
+    await sendAndWaitIdle(berth.client, session.id, [
+      { type: 'user.message', content: [{ type: 'text', text: 'echo again' }] },
+    ]);
+    await berth.supervisor.settled(berth.keyOf(session.id));
+    const after = await (await fetch(`${berth.url}/metrics`)).text();
+    expect(sample(after, 'berth_sandbox_cold_starts_total{driver="bwrap",kind="new"}')).toBe(1);
+    expect(sample(after, 'berth_sandbox_cold_starts_total{driver="bwrap",kind="resume"}')).toBe(1);
   });
 
   it('is not served when turned off', async () => {

@@ -23,8 +23,8 @@ export class Metrics {
   readonly registry = new Registry();
   readonly #turnSeconds: Histogram<'outcome'>;
   readonly #toolSeconds: Histogram<'kind' | 'outcome'>;
-  readonly #coldStarts: Counter<'driver'>;
-  readonly #coldStartSeconds: Histogram<'driver'>;
+  readonly #coldStarts: Counter<'driver' | 'kind'>;
+  readonly #coldStartSeconds: Histogram<'driver' | 'kind'>;
   readonly #appendedEvents: Counter;
   readonly #appends: Counter;
 
@@ -46,14 +46,14 @@ export class Metrics {
     });
     this.#coldStarts = new Counter({
       name: 'berth_sandbox_cold_starts_total',
-      help: 'Sandboxes provisioned (cold starts), by driver.',
-      labelNames: ['driver'],
+      help: 'Sandboxes provisioned (cold starts), by driver and kind (new: a first sandbox; resume: from a snapshot).',
+      labelNames: ['driver', 'kind'],
       registers: [registry],
     });
     this.#coldStartSeconds = new Histogram({
       name: 'berth_sandbox_cold_start_seconds',
-      help: 'Time to provision a sandbox, by driver.',
-      labelNames: ['driver'],
+      help: 'Time to provision a sandbox, by driver and kind (new or resume).',
+      labelNames: ['driver', 'kind'],
       buckets: [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30],
       registers: [registry],
     });
@@ -136,10 +136,11 @@ export class Metrics {
   /** Counts and times sandbox cold starts. */
   driver(driver: SandboxDriver): SandboxDriver {
     const provision: SandboxDriver['provision'] = async (spec) => {
-      const end = this.#coldStartSeconds.startTimer({ driver: driver.name });
+      const labels = { driver: driver.name, kind: spec.restoreFrom === undefined ? 'new' : 'resume' };
+      const end = this.#coldStartSeconds.startTimer(labels);
       const handle = await driver.provision(spec);
       end();
-      this.#coldStarts.inc({ driver: driver.name });
+      this.#coldStarts.inc(labels);
       return handle;
     };
     return new Proxy(driver, {
