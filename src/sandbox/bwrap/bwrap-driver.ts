@@ -354,8 +354,8 @@ const ETC_PASSWD = `root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:${SANDBOX
 const ETC_GROUP = `root:x:0:\nsandbox:x:${SANDBOX_UID}:\nnogroup:x:65534:\n`;
 const ETC_HOSTS = '127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n';
 
-/** Fixed fd numbers the bwrap command line refers to (see `feedData`). */
-const FD = { info: 3, passwd: 4, group: 5, hosts: 6, seccomp: 7 } as const;
+/** Fixed fd numbers the bwrap command line refers to (see `feedData`), and the launch gate. */
+const FD = { info: 3, passwd: 4, group: 5, hosts: 6, seccomp: 7, gate: 8 } as const;
 /** Extra stdio for fds 3..7: the info fd, the three generated /etc files and the seccomp filter. */
 const EXTRA_STDIO: Array<'pipe'> = ['pipe', 'pipe', 'pipe', 'pipe', 'pipe'];
 
@@ -613,7 +613,16 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     if (runningAsRoot) chownTree(spec.workdir, hostUid, hostGid);
   };
 
-  const startPersistent = async (live: LiveSandbox, bwrap: string): Promise<void> => {
+  /**
+   * Starts the sandbox's bwrap and agent. The launcher joins the cgroup at once (on cgroup v1
+   * that alone waits ~10 ms) and waits for `workspaceReady` before it builds the mount namespace,
+   * so the workspace disk is mounted meanwhile.
+   */
+  const startPersistent = async (
+    live: LiveSandbox,
+    bwrap: string,
+    workspaceReady: Promise<unknown>,
+  ): Promise<void> => {
     const cgroupFiles = live.cgroup?.processFiles ?? [];
     // As root (persistent mode needs it): the helper joins the cgroup, binds the workdir where
     // the unprivileged bwrap can reach it, drops to the host user and execs bwrap, whose command
@@ -622,6 +631,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
       execHelperPath,
       [
         '--launch',
+        String(FD.gate),
         String(cgroupFiles.length),
         ...cgroupFiles,
         resolve(live.spec.workdir),
@@ -634,10 +644,17 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         agentPath,
         '--stdio',
       ],
-      { env: { PATH: '/usr/bin:/bin' }, stdio: ['pipe', 'pipe', 'pipe', ...EXTRA_STDIO] },
+      { env: { PATH: '/usr/bin:/bin' }, stdio: ['pipe', 'pipe', 'pipe', ...EXTRA_STDIO, 'pipe'] },
     );
     feedData(child);
     live.bwrap = child;
+    const gate = (child.stdio as unknown[])[FD.gate] as NodeJS.WritableStream & NodeJS.EventEmitter;
+    gate.on('error', () => undefined);
+    // Closing the gate without a byte makes the launcher give up.
+    workspaceReady.then(
+      () => gate.end('g'),
+      () => gate.end(),
+    );
     live.exited = new Promise((resolve) => {
       const ended = () => {
         live.stopped = true;
@@ -735,8 +752,18 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         mkdirSync(servicesDirectory, { mode: 0o755 });
       }
       if (control.ok) live.cgroup = control.tree.create(handle.id, cgroupLimits(limits));
-      if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
-      if (mode === 'persistent') await startPersistent(live, bwrap);
+      const attached = disk.ok
+        ? disk.disks.attach(handle.id, spec.workdir, diskMb).then((mounted) => {
+            live.disk = mounted;
+          })
+        : Promise.resolve();
+      // Both settle before anything is cleaned up, so a disk mounted late is never left behind.
+      const outcomes = await Promise.allSettled([
+        attached,
+        mode === 'persistent' ? startPersistent(live, bwrap, attached) : undefined,
+      ]);
+      const failure = outcomes.find((outcome) => outcome.status === 'rejected');
+      if (failure) throw failure.reason;
     } catch (error) {
       await destroyLive(live);
       throw error;

@@ -3,8 +3,9 @@
  * that need host root and must be fast.
  *
  * Launching a sandbox (replaces `sh (join cgroup) -> unshare -> sh -> mount -> setpriv`):
- *   berth-exec --launch N CGROUP_PROCS_FILE... WORKDIR UID GID BWRAP ARGS...
- * joins the cgroup, makes a private mount namespace (slave, so the host's unmounts reach it),
+ *   berth-exec --launch GATE_FD N CGROUP_PROCS_FILE... WORKDIR UID GID BWRAP ARGS...
+ * joins the cgroup (on cgroup v1 that waits ~10 ms for an RCU grace period, so the host mounts
+ * the workspace disk meanwhile and then writes one byte to GATE_FD; -1: no gate), makes a private mount namespace (slave, so the host's unmounts reach it),
  * binds WORKDIR on LAUNCH_WORKDIR (bwrap, running as the unprivileged UID, could not reach it
  * where it is), becomes UID:GID without supplementary groups or capabilities, and execs BWRAP.
  * Commands then run through the sandbox's agent (../../agent/berth-agent.c), not through here.
@@ -105,6 +106,7 @@ static int join_cgroups(char **files, int count) {
 
 static int launch(int argc, char **argv) {
   int arg = 2;
+  int gate = arg < argc ? atoi(argv[arg++]) : -1;
   int cgroup_files = arg < argc ? atoi(argv[arg++]) : -1;
   if (cgroup_files < 0 || arg + cgroup_files + 4 > argc) {
     fprintf(stderr, "berth-exec: bad usage (see berth-exec.c)\n");
@@ -112,6 +114,12 @@ static int launch(int argc, char **argv) {
   }
   if (!join_cgroups(&argv[arg], cgroup_files)) return 125;
   arg += cgroup_files;
+  if (gate >= 0) {
+    /* The workspace must be in place before the mount namespace copies the host's mounts. */
+    char go;
+    if (read(gate, &go, 1) != 1) return 125; /* The host gave up on this sandbox. */
+    close(gate);
+  }
   const char *workdir = argv[arg++];
   uid_t uid = (uid_t)strtoul(argv[arg++], NULL, 10);
   gid_t gid = (gid_t)strtoul(argv[arg++], NULL, 10);
