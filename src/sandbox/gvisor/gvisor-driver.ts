@@ -42,6 +42,7 @@ import { rename, rm } from 'node:fs/promises';
 import { dirname, join, posix, resolve } from 'node:path';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
+import { DEFAULT_EXEC_HELPER_PATH } from '../bwrap/bwrap-driver.js';
 import {
   type CgroupDetection,
   type CgroupTree,
@@ -51,6 +52,7 @@ import {
   sandboxCgroupName,
   sandboxStats,
 } from '../bwrap/cgroups.js';
+import { openWorkspaceDisks, type WorkspaceDisk, type WorkspaceDisks } from '../bwrap/workspace-disk.js';
 import {
   DEFAULT_SANDBOX_LIMITS,
   type DriverAvailability,
@@ -123,8 +125,15 @@ export interface GvisorDriverOptions {
   stateDirectory?: string;
   /** gVisor platform (default `ptrace`; `kvm` needs a usable /dev/kvm). */
   platform?: 'ptrace' | 'kvm';
-  /** Size of the private /tmp and home tmpfs mounts when the spec has no `diskMb` (default 256). */
+  /** Size of the private /tmp and home tmpfs mounts (default 256). */
   tmpfsMb?: number;
+  /**
+   * Where workspace disk images live (default `/var/lib/berth/disks`, shared with the bwrap
+   * driver; images are named after their sandbox). As root, `/workspace` is a loop-mounted ext4
+   * image of `diskMb` (see `../bwrap/workspace-disk.ts`), which the gofer serves like any
+   * directory; writes past it fail with ENOSPC.
+   */
+  diskImageDirectory?: string;
   /**
    * Where the cgroup hierarchies are (default: detected from /proc/self/mounts); a
    * `{ ok: false, reason }` runs without resource limits, as on a host without usable cgroups.
@@ -145,6 +154,8 @@ export interface GvisorDriver extends SandboxDriver {
 
 /** Whether sandboxes get cgroups on this host, and if not, why. */
 type ResourceControl = { ok: true; tree: CgroupTree } | { ok: false; reason: string };
+/** Whether workspaces get a size limit on this host, and if not, why. */
+type DiskControl = { ok: true; disks: WorkspaceDisks } | { ok: false; reason: string };
 
 interface LiveSandbox {
   handle: SandboxHandle;
@@ -157,6 +168,8 @@ interface LiveSandbox {
   /** Host `runsc exec` processes running right now, killed by destroy. */
   running: Set<ChildProcess>;
   cgroup?: SandboxCgroup;
+  /** The image mounted over the workdir, when this host enforces the disk limit. */
+  disk?: WorkspaceDisk;
   /** Counts exec process files, so concurrent commands never share one. */
   nextProcessFile: number;
 }
@@ -215,9 +228,21 @@ function validateReadOnlyMounts(spec: SandboxSpec): void {
   }
 }
 
-/** The limits a spec asks for with defaults filled in; `explicit` when it named any itself. */
-function resolveLimits(spec: SandboxSpec): { limits: EnforcedLimits; explicit: boolean } {
-  const requested = { cpu: spec.limits?.cpu, memoryMb: spec.limits?.memoryMb, pids: spec.limits?.pids };
+/**
+ * The limits a spec asks for with defaults filled in; `explicit` when it named any of cpu,
+ * memory or pids itself, `explicitDisk` for diskMb.
+ */
+function resolveLimits(spec: SandboxSpec): {
+  limits: Required<EnforcedLimits>;
+  explicit: boolean;
+  explicitDisk: boolean;
+} {
+  const requested = {
+    cpu: spec.limits?.cpu,
+    memoryMb: spec.limits?.memoryMb,
+    pids: spec.limits?.pids,
+    diskMb: spec.limits?.diskMb,
+  };
   for (const [name, value] of Object.entries(requested)) {
     if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
       throw new BerthError(
@@ -231,8 +256,10 @@ function resolveLimits(spec: SandboxSpec): { limits: EnforcedLimits; explicit: b
       cpu: requested.cpu ?? DEFAULT_SANDBOX_LIMITS.cpu,
       memoryMb: requested.memoryMb ?? DEFAULT_SANDBOX_LIMITS.memoryMb,
       pids: requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids,
+      diskMb: Math.round(requested.diskMb ?? DEFAULT_SANDBOX_LIMITS.diskMb),
     },
-    explicit: Object.values(requested).some((value) => value !== undefined),
+    explicit: [requested.cpu, requested.memoryMb, requested.pids].some((value) => value !== undefined),
+    explicitDisk: requested.diskMb !== undefined,
   };
 }
 
@@ -364,6 +391,25 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
     }
   };
 
+  let diskControl: Promise<DiskControl> | undefined;
+  /** Finds out once whether workspaces can get a size limit here (root, loop devices, mkfs). */
+  const detectDiskControl = (): Promise<DiskControl> => {
+    diskControl ??= (async (): Promise<DiskControl> => {
+      if (!runningAsRoot)
+        return { ok: false, reason: 'Berth is not running as root, and only root can mount images' };
+      const disks = openWorkspaceDisks({
+        directory: options.diskImageDirectory ?? '/var/lib/berth/disks',
+        // The gofer serves the image's files as they are owned on the host: the sandbox user.
+        uid: SANDBOX_UID,
+        gid: SANDBOX_UID,
+        helperPath: DEFAULT_EXEC_HELPER_PATH,
+      });
+      const detected = await disks.detect();
+      return detected.ok ? { ok: true, disks } : detected;
+    })();
+    return diskControl;
+  };
+
   /** Finds out once whether sandboxes can get cgroups here (needs root and usable hierarchies). */
   const detectResourceControl = (): Promise<ResourceControl> => {
     resourceControl ??= (async (): Promise<ResourceControl> => {
@@ -437,7 +483,7 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       mountPoint(entry, entry);
       mounts.push(readOnlyBind(entry, entry));
     }
-    const tmpfsBytes = (spec.limits?.diskMb ?? options.tmpfsMb ?? 256) * 1024 * 1024;
+    const tmpfsBytes = (options.tmpfsMb ?? 256) * 1024 * 1024;
     const tmpfs = (destination: string, mode: string): OciMount => ({
       destination,
       type: 'tmpfs',
@@ -645,8 +691,13 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       await runsc(['delete', '--force', live.containerId]);
     } finally {
       // The cgroup holds the Sentry and gofer, should runsc have left either behind.
-      await live.cgroup?.remove();
-      await rm(live.bundle, { recursive: true, force: true });
+      try {
+        await live.cgroup?.remove();
+        await rm(live.bundle, { recursive: true, force: true });
+      } finally {
+        // Nothing serves the workspace any more: its files can go back to the plain workdir.
+        await live.disk?.detach();
+      }
     }
   };
 
@@ -761,14 +812,21 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       requireRunsc();
       validateEnvironment(spec.env, [COMMAND_MARKER]);
       validateReadOnlyMounts(spec);
-      const { limits, explicit } = resolveLimits(spec);
-      const control = await detectResourceControl();
+      const { limits, explicit, explicitDisk } = resolveLimits(spec);
+      const [control, disk] = await Promise.all([detectResourceControl(), detectDiskControl()]);
       if (!control.ok && explicit) {
         throw new BerthError(
           'sandbox_unavailable',
           `this host cannot enforce the environment's cpu, memory or pids limits (${control.reason}); remove the limits or run Berth as root on a host with cgroups`,
         );
       }
+      if (!disk.ok && explicitDisk) {
+        throw new BerthError(
+          'sandbox_unavailable',
+          `this host cannot enforce the environment's disk limit (${disk.reason}); remove disk_mb or run Berth as root on a host with loop devices`,
+        );
+      }
+      const { diskMb, ...processLimits } = limits;
       if (spec.restoreFrom) await restoreWorkspace(spec.restoreFrom, spec.workdir);
       mkdirSync(spec.workdir, { recursive: true });
       if (!statSync(spec.workdir).isDirectory()) {
@@ -781,7 +839,7 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
         sessionId: spec.sessionId,
         driver: 'gvisor',
         workdirInside: GVISOR_WORKDIR_INSIDE,
-        ...(control.ok ? { enforcedLimits: limits } : {}),
+        ...(control.ok ? { enforcedLimits: disk.ok ? limits : processLimits } : {}),
       };
       const containerId = sandboxCgroupName(handle.id);
       const live: LiveSandbox = {
@@ -797,6 +855,8 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       sandboxes.set(handle.id, live);
       try {
         if (control.ok) live.cgroup = control.tree.create(handle.id, hostCgroupLimits(limits));
+        // Before the bundle: runsc binds the workdir, which must already be the image.
+        if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
         writeBundle(live.bundle, spec, limits, live.cgroup);
         await startLive(live);
       } catch (error) {
@@ -893,6 +953,9 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       const control = await detectResourceControl();
       // Groups whose Sentry outlived runsc's own state.
       if (control.ok) await control.tree.reapLeftovers();
+      // Last: nothing serves the dead servers' workspaces now; their files go back to the workdirs.
+      const disk = await detectDiskControl();
+      if (disk.ok) reaped += await disk.disks.reapLeftovers();
       return reaped;
     },
 
