@@ -21,6 +21,8 @@ export type BerthErrorCode =
   | 'sandbox_failed'
   | 'model_failed'
   | 'tool_failed'
+  /** A vault secret could not be sealed, opened or refreshed (missing key, altered ciphertext, token endpoint). */
+  | 'vault_failed'
   | 'internal';
 
 export interface BerthErrorOptions {

@@ -1,7 +1,18 @@
 import { randomFillSync } from 'node:crypto';
 
 /** Resource id prefixes, so an id says what it names. */
-export type IdPrefix = 'agent' | 'env' | 'sesn' | 'sevt' | 'key' | 'tnt' | 'user' | 'toolu' | 'sbx';
+export type IdPrefix =
+  | 'agent'
+  | 'env'
+  | 'sesn'
+  | 'sevt'
+  | 'key'
+  | 'tnt'
+  | 'user'
+  | 'toolu'
+  | 'sbx'
+  | 'vlt'
+  | 'vcrd';
 
 /** Crockford base32, lower case (ids are shown lower case). */
 const ALPHABET = '0123456789abcdefghjkmnpqrstvwxyz';

@@ -33,6 +33,8 @@ import {
   tracedModels,
   tracedToolbox,
 } from './telemetry/tracing.js';
+import { loadVaultKeyring } from './vault/keyring.js';
+import { VaultService } from './vault/vault-service.js';
 
 /** A running Berth: its URL, its parts (for tests and the CLI), and a clean stop. */
 export interface RunningBerth {
@@ -44,6 +46,8 @@ export interface RunningBerth {
   adminKeyFile: string | undefined;
   /** Tracing (a no-op when no OTLP endpoint is configured). */
   telemetry: Telemetry;
+  /** The vault: credentials of sessions (for the egress proxy and MCP clients), key rotation. */
+  vault: VaultService;
   /** Every API route (method and path pattern), for tests that must cover each one. */
   routes: readonly { method: string; path: string }[];
   close(): Promise<void>;
@@ -78,6 +82,16 @@ export async function startBerth(
 ): Promise<RunningBerth> {
   const logger = options.logger ?? jsonLogger;
   await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  // Keys first: a bad key configuration stops the start before anything is opened.
+  const keys = await loadVaultKeyring(config.vault);
+  if (keys.createdKeyFile) logger.info('created the vault key', { file: keys.createdKeyFile });
+  for (const warning of keys.warnings) logger.warn('vault key file', { warning });
+  if (config.store.kind === 'postgres' && keys.source === config.vault.defaultKeyFile) {
+    logger.warn("the vault key lives in this node's data directory; give every node the same keys", {
+      file: keys.source,
+      hint: 'set BERTH_VAULT_KEYS or BERTH_VAULT_KEY_FILE',
+    });
+  }
   const rawStore = await openStore(config.store);
   if (!rawStore.rowLevelSecurity.enforced && rawStore.kind === 'postgres') {
     logger.warn('PostgreSQL row-level security is not a second wall for this connection', {
@@ -133,6 +147,7 @@ export async function startBerth(
           kind: rawStore.kind,
           rowLevelSecurity: rawStore.rowLevelSecurity,
           resources: rawStore.resources,
+          vaults: rawStore.vaults,
           events,
           close: () => rawStore.close(),
         };
@@ -220,9 +235,11 @@ export async function startBerth(
   const authenticator = new Authenticator(store.resources);
   const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
   if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
+  const vault = new VaultService({ store, keyring: keys.keyring });
 
   const app = createApp({
     store,
+    vault,
     supervisor,
     forgetSession: async (session) => {
       await toolboxes.release(session);
@@ -259,6 +276,7 @@ export async function startBerth(
     sandboxes,
     adminKeyFile,
     telemetry,
+    vault,
     // Middleware registrations show up as method ALL; only handlers are routes.
     routes: [
       ...new Map(

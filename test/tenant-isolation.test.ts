@@ -2,10 +2,11 @@ import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { createTenantWithAdmin } from '../src/identity/api-keys.js';
 import { type IdPrefix, newId } from '../src/ids.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { type FakeOAuthServer, startFakeOAuthServer } from './support/fake-oauth-server.js';
 import { createTestDatabase } from './support/postgres-database.js';
 
 /** What an `:id` in a route names, by the collection it sits under. */
-type Kind = 'agent' | 'environment' | 'session' | 'user' | 'api_key';
+type Kind = 'agent' | 'environment' | 'session' | 'user' | 'api_key' | 'vault' | 'credential';
 
 const collectionOf: Record<Kind, string> = {
   agent: 'agents',
@@ -13,6 +14,8 @@ const collectionOf: Record<Kind, string> = {
   session: 'sessions',
   user: 'users',
   api_key: 'api_keys',
+  vault: 'vaults',
+  credential: 'credentials',
 };
 
 const kindByCollection = Object.fromEntries(
@@ -25,6 +28,8 @@ const idPrefixByKind: Record<Kind, IdPrefix> = {
   session: 'sesn',
   user: 'user',
   api_key: 'key',
+  vault: 'vlt',
+  credential: 'vcrd',
 };
 
 /** Someone holding a key: a tenant's admin or one of its members. */
@@ -44,6 +49,8 @@ interface Resource {
   tenantId: string;
   ownerId: string | null;
   label: string;
+  /** The vault a credential is in (its routes name both). */
+  parentId?: string;
 }
 
 /** One tenant as the test built it. */
@@ -54,6 +61,7 @@ interface World {
   members: [Party, Party];
   agentId: string;
   environmentId: string;
+  vaultId: string;
 }
 
 type JsonObject = Record<string, unknown>;
@@ -62,6 +70,8 @@ type JsonObject = Record<string, unknown>;
 interface Reference {
   kind: Kind;
   body: (foreignId: string, home: World) => JsonObject;
+  /** A body field naming a missing id is a 400 (vault_ids), not a 404; foreign ids must read the same. */
+  refusedWith?: 400;
 }
 
 /**
@@ -111,6 +121,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
   let matrix: MatrixCase[];
   let before: unknown;
   let probe = 0;
+  /** The MCP server (and token endpoint) the matrix's mcp_oauth credentials belong to. */
+  let oauth: FakeOAuthServer;
 
   const request = async (key: string | undefined, method: string, path: string, body?: unknown) => {
     const controller = new AbortController();
@@ -148,8 +160,11 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
 
   const worldOf = (tenantId: string) => worlds.find((world) => world.tenantId === tenantId)!;
   const partyOf = (userId: string) => parties.find((party) => party.userId === userId)!;
-  const fill = (path: string, id: string) =>
-    path.replace(':id', encodeURIComponent(id)).replace('*', 'matrix.txt');
+  const fill = (path: string, id: string, parentId = '') =>
+    path
+      .replace(':vault_id', encodeURIComponent(parentId))
+      .replace(':id', encodeURIComponent(id))
+      .replace('*', 'matrix.txt');
 
   /** The one visibility rule the API promises: own tenant, and (for members) own or tenant-wide. */
   const canSee = (caller: Party, resource: Resource) =>
@@ -205,6 +220,33 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'POST /v1/environments/:id/archive': { type: 'by-id', retires: true },
     'DELETE /v1/environments/:id': { type: 'by-id', retires: true },
 
+    'GET /v1/vaults': { type: 'listing', lists: 'vault' },
+    'POST /v1/vaults': { type: 'create', body: () => ({ display_name: `extra-${++probe}` }) },
+    'GET /v1/vaults/:id': { type: 'by-id' },
+    'POST /v1/vaults/:id': { type: 'by-id', body: () => ({ metadata: { probe: String(++probe) } }) },
+    'POST /v1/vaults/:id/archive': { type: 'by-id', retires: true },
+    'DELETE /v1/vaults/:id': { type: 'by-id', retires: true },
+    'GET /v1/vaults/:id/credentials': { type: 'by-id' },
+    'POST /v1/vaults/:id/credentials': {
+      type: 'by-id',
+      body: () => ({
+        auth: {
+          type: 'environment_variable',
+          secret_name: `PROBE_${++probe}`,
+          secret_value: 'matrix-secret',
+          networking: { type: 'unrestricted' },
+        },
+      }),
+    },
+    'GET /v1/vaults/:vault_id/credentials/:id': { type: 'by-id' },
+    'POST /v1/vaults/:vault_id/credentials/:id': {
+      type: 'by-id',
+      body: () => ({ metadata: { probe: String(++probe) } }),
+    },
+    'POST /v1/vaults/:vault_id/credentials/:id/mcp_oauth_validate': { type: 'by-id' },
+    'POST /v1/vaults/:vault_id/credentials/:id/archive': { type: 'by-id', retires: true },
+    'DELETE /v1/vaults/:vault_id/credentials/:id': { type: 'by-id', retires: true },
+
     'GET /v1/sessions': {
       type: 'listing',
       lists: 'session',
@@ -226,6 +268,15 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
           kind: 'environment',
           body: (environmentId, home) => ({ agent: home.agentId, environment_id: environmentId }),
         },
+        {
+          kind: 'vault',
+          body: (vaultId, home) => ({
+            agent: home.agentId,
+            environment_id: home.environmentId,
+            vault_ids: [home.vaultId, vaultId],
+          }),
+          refusedWith: 400,
+        },
       ],
     },
     'GET /v1/sessions/:id': { type: 'by-id' },
@@ -245,7 +296,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
   };
 
   const ruleOf = (method: string, path: string) => routeRules[`${method} ${path}`];
-  const kindOfPath = (path: string) => kindByCollection[path.split('/')[2] ?? ''];
+  /** The kind `:id` names: the collection right before it (`/v1/vaults/:vault_id/credentials/:id`). */
+  const kindOfPath = (path: string) => {
+    const segments = path.split('/');
+    const index = segments.indexOf(':id');
+    return kindByCollection[(index > 0 ? segments[index - 1] : segments[2]) ?? ''];
+  };
 
   /** Creates a tenant with its admin, two members with a key each, an agent and an environment. */
   async function buildWorld(name: string): Promise<World> {
@@ -279,6 +335,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       model: 'scripted/echo',
     });
     const environment = await must(admin.key, 'POST', '/v1/environments', { name: `${name}-environment` });
+    const vault = await must(admin.key, 'POST', '/v1/vaults', { display_name: `${name}-vault` });
     return {
       name,
       tenantId: admin.tenantId,
@@ -286,6 +343,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       members: members as [Party, Party],
       agentId: agent.id as string,
       environmentId: environment.id as string,
+      vaultId: vault.id as string,
     };
   }
 
@@ -313,6 +371,19 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     throw new Error(`session ${sessionId} never went idle`);
   }
 
+  /** An mcp_oauth credential the fake MCP server accepts (each for its own URL: one per server and vault). */
+  async function credentialIn(key: string, vaultId: string, label: string): Promise<string> {
+    const credential = await must(key, 'POST', `/v1/vaults/${vaultId}/credentials`, {
+      display_name: label,
+      auth: {
+        type: 'mcp_oauth',
+        access_token: 'matrix-access',
+        mcp_server_url: `${oauth.mcpUrl}?probe=${++probe}`,
+      },
+    });
+    return credential.id as string;
+  }
+
   /** A fresh resource like `resource` (same tenant and owner), for routes that retire their target. */
   async function throwawayLike(resource: Resource): Promise<Resource> {
     const world = worldOf(resource.tenantId);
@@ -336,6 +407,11 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     } else if (resource.kind === 'environment') {
       fresh.id = (await must(world.admin.key, 'POST', '/v1/environments', { name: 'throwaway' }))
         .id as string;
+    } else if (resource.kind === 'vault') {
+      fresh.id = (await must(world.admin.key, 'POST', '/v1/vaults', { display_name: 'throwaway' }))
+        .id as string;
+    } else if (resource.kind === 'credential') {
+      fresh.id = await credentialIn(world.admin.key, resource.parentId!, 'throwaway');
     } else {
       throw new Error(`no throwaway for ${resource.kind}`);
     }
@@ -350,9 +426,26 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     const seen: Record<string, unknown> = {};
     for (const resource of resources) {
       const admin = worldOf(resource.tenantId).admin.key;
-      const path = `/v1/${collectionOf[resource.kind]}/${resource.id}`;
+      const path =
+        resource.kind === 'credential'
+          ? `/v1/vaults/${resource.parentId}/credentials/${resource.id}`
+          : `/v1/${collectionOf[resource.kind]}/${resource.id}`;
       const body = await must(admin, 'GET', path);
-      if (resource.kind === 'session') {
+      if (resource.kind === 'credential') {
+        // The sealed secret too: a refused request must not have replaced it.
+        const stored = await berth.store.vaults.getCredential(
+          resource.tenantId,
+          resource.parentId!,
+          resource.id,
+        );
+        seen[resource.label] = { ...body, secret: stored?.secret };
+      } else if (resource.kind === 'vault') {
+        const credentials = await must(admin, 'GET', `${path}/credentials?limit=1000&include_archived=true`);
+        seen[resource.label] = {
+          ...body,
+          credentials: (credentials.data as JsonObject[]).map((item) => item.id).sort(),
+        };
+      } else if (resource.kind === 'session') {
         const { stats: _stats, ...stable } = body;
         const events = await must(admin, 'GET', `${path}/events?limit=1000`);
         seen[resource.label] = { ...stable, eventCount: (events.data as unknown[]).length };
@@ -369,6 +462,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
         '/v1/api_keys',
         '/v1/agents?limit=1000&include_archived=true',
         '/v1/environments?limit=1000&include_archived=true',
+        '/v1/vaults?limit=1000&include_archived=true',
         '/v1/sessions?limit=1000&include_archived=true',
       ]) {
         const listed = await must(world.admin.key, 'GET', listing);
@@ -393,7 +487,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     }
     // Indistinguishable from an id that never existed: same status, type and message.
     const missingId = newId(idPrefixByKind[target.kind]);
-    const missing = await request(caller.key, method, fill(path, missingId), body);
+    const missing = await request(caller.key, method, fill(path, missingId, target.parentId), body);
     const expected = String((missing.body?.error as JsonObject | undefined)?.message).replaceAll(
       missingId,
       target.id,
@@ -422,7 +516,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     const problems: string[] = [];
     for (const { caller, method, path, rule, target } of cases) {
       const body = await rule.body?.(target);
-      const answer = await request(caller.key, method, fill(path, target.id), body);
+      const answer = await request(caller.key, method, fill(path, target.id, target.parentId), body);
       const problem = await notFoundProblem(answer, caller, method, path, target, body);
       if (problem) problems.push(`${describeCase(caller, method, path, target)} → ${problem}`);
     }
@@ -430,6 +524,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
   }
 
   beforeAll(async () => {
+    oauth = await startFakeOAuthServer({
+      auth: 'none',
+      clientId: 'matrix',
+      refreshToken: 'matrix-refresh',
+      accessToken: 'matrix-access',
+    });
     berth = await startTestBerth(
       storeKind === 'postgres' ? { database: await createTestDatabase(inject('postgresUrl')) } : {},
     );
@@ -446,6 +546,16 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
           id: world.environmentId,
           ownerId: null,
           label: `${world.name} environment`,
+        },
+        { ...tenant, kind: 'vault', id: world.vaultId, ownerId: null, label: `${world.name} vault` },
+        {
+          ...tenant,
+          kind: 'credential',
+          // Made by a member: vaults and their credentials are the whole tenant's.
+          id: await credentialIn(world.members[0].key, world.vaultId, `${world.name} credential`),
+          ownerId: null,
+          label: `${world.name} credential`,
+          parentId: world.vaultId,
         },
       );
       for (const party of [world.admin, ...world.members]) {
@@ -484,7 +594,10 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     }
     before = await snapshot();
   });
-  afterAll(async () => berth?.dispose());
+  afterAll(async () => {
+    await berth?.dispose();
+    await oauth?.close();
+  });
 
   it('knows every route of the API, so none escapes the matrix', () => {
     const served = berth.routes.map(({ method, path }) => `${method} ${path}`);
@@ -523,7 +636,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     expect(await runRefused(cases)).toEqual([]);
   });
 
-  it("answers 404 when a request body names another tenant's agent or environment, or another user's id", async () => {
+  it("refuses a request body naming another tenant's agent, environment or vault, or another user's id, exactly as a missing id", async () => {
     const problems: string[] = [];
     let tried = 0;
     for (const { method, path } of berth.routes) {
@@ -541,7 +654,21 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
               reference.body(foreign.id, worldOf(caller.tenantId)),
             );
             const error = answer.body?.error as JsonObject | undefined;
-            if (answer.status !== 404 || error?.type !== 'not_found_error') {
+            const status = reference.refusedWith ?? 404;
+            const type = status === 404 ? 'not_found_error' : 'invalid_request_error';
+            // Exactly what an id that never existed gets.
+            const missingId = newId(idPrefixByKind[reference.kind]);
+            const missing = await request(
+              caller.key,
+              method,
+              path,
+              reference.body(missingId, worldOf(caller.tenantId)),
+            );
+            const expected = String((missing.body?.error as JsonObject | undefined)?.message).replaceAll(
+              missingId,
+              foreign.id,
+            );
+            if (answer.status !== status || error?.type !== type || error?.message !== expected) {
               problems.push(
                 `${describeCase(caller, method, path, foreign)} → ${answer.status} ${JSON.stringify(answer.body)}`,
               );
@@ -619,7 +746,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     ];
     for (const { caller, method, path, rule, target: named } of ordered) {
       const target = rule.retires ? await throwawayLike(named) : named;
-      const answer = await request(caller.key, method, fill(path, target.id), await rule.body?.(target));
+      const answer = await request(
+        caller.key,
+        method,
+        fill(path, target.id, target.parentId),
+        await rule.body?.(target),
+      );
       const problem = successProblem(answer, path);
       if (problem) problems.push(`${describeCase(caller, method, path, target)} → ${problem}`);
       if (method === 'POST' && path.endsWith('/events') && answer.status === 200) {

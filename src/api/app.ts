@@ -12,6 +12,7 @@ import { identityRoutes } from './identity.js';
 import { sandboxRoutes } from './sandbox.js';
 import { sessionRoutes } from './sessions.js';
 import { usageRoutes } from './usage.js';
+import { vaultRoutes } from './vaults.js';
 
 /** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
 function presentedKey(headers: { header(name: string): string | undefined }): string | undefined {
@@ -23,8 +24,8 @@ function presentedKey(headers: { header(name: string): string | undefined }): st
 }
 
 /**
- * The HTTP API: the official SDK's `/v1/agents`, `/v1/environments`, `/v1/sessions` and
- * `/v1/sessions/:id/events[/stream]` paths. Every `/v1` route is authenticated; the
+ * The HTTP API: the official SDK's `/v1/agents`, `/v1/environments`, `/v1/vaults`,
+ * `/v1/sessions` and `/v1/sessions/:id/events[/stream]` paths. Every `/v1` route is authenticated; the
  * `anthropic-beta` header is accepted and not required.
  */
 export function createApp(dependencies: ApiDependencies) {
@@ -94,6 +95,7 @@ export function createApp(dependencies: ApiDependencies) {
   app.route('/v1/usage', usageRoutes(dependencies));
   app.route('/v1/agents', agentRoutes(dependencies));
   app.route('/v1/environments', environmentRoutes(dependencies));
+  app.route('/v1/vaults', vaultRoutes(dependencies));
   app.route('/v1/sessions', eventRoutes(dependencies));
   app.route('/v1/sessions', fileRoutes(dependencies));
   app.route('/v1/sessions', sandboxRoutes(dependencies));

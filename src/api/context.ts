@@ -10,11 +10,14 @@ import type { PriceBook } from '../metering/price-books.js';
 import type { SessionKey } from '../store/event-store.js';
 import type { ResourceRecord, ResourceStore, SessionRecord, Store } from '../store/resource-store.js';
 import type { Metrics } from '../telemetry/metrics.js';
+import type { VaultService } from '../vault/vault-service.js';
 import { describeZodError } from './errors.js';
 
 /** What the routes need; built once by `createApp`. */
 export interface ApiDependencies {
   store: Store;
+  /** Seals and opens credential secrets (the routes never store a secret in the clear). */
+  vault: VaultService;
   supervisor: Supervisor;
   /** Drops everything live of a deleted session: MCP connections, sandbox, files. */
   forgetSession(session: SessionKey): Promise<void>;
@@ -69,7 +72,9 @@ export async function readBody<T extends z.ZodType>(context: ApiContext, schema:
         return value;
       });
     } catch (error) {
-      throw invalidRequest(`Request body is not valid JSON: ${(error as Error).message}`);
+      // V8 quotes the start of the text in some messages; a body may hold a secret, so cut it.
+      const reason = (error as Error).message.replace(/,? ?".*" is not valid JSON$/s, '') || 'malformed';
+      throw invalidRequest(`Request body is not valid JSON: ${reason}`);
     }
     if (hasNul) throw invalidRequest('Request body strings must not contain NUL characters');
   }

@@ -29,6 +29,7 @@ const statusByCode: Record<BerthErrorCode, [ContentfulStatusCode, AnthropicError
   sandbox_failed: [500, 'api_error'],
   model_failed: [502, 'api_error'],
   tool_failed: [500, 'api_error'],
+  vault_failed: [500, 'api_error'],
   internal: [500, 'api_error'],
 };
 

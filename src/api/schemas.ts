@@ -349,7 +349,8 @@ export const sessionCreate = z
     metadata: metadata.optional(),
     resources: z.array(z.unknown()).max(0, 'session resources are not supported by Berth yet').optional(),
     title: z.string().max(512).nullable().optional(),
-    vault_ids: z.array(z.string()).max(0, 'vaults are not supported by Berth yet').optional(),
+    /** Vaults whose credentials the session may use (checked: the tenant's, not archived). */
+    vault_ids: z.array(z.string().min(1).max(128)).max(32).optional(),
     ...sdkExtras,
   })
   .strict();
@@ -359,7 +360,14 @@ export const sessionUpdate = z
     metadata: nullableMetadataPatch.nullable().optional(),
     title: z.string().max(512).nullable().optional(),
     budget: budget.nullable().optional(),
-    vault_ids: z.array(z.string()).max(0, 'vaults are not supported by Berth yet').optional(),
+    // As in the official API: vaults are attached when a session is created, not later.
+    vault_ids: z
+      .array(z.string())
+      .max(
+        0,
+        "vault_ids can only be set when a session is created; create a new session to change a session's vaults",
+      )
+      .optional(),
     agent: z.unknown().optional(),
     ...sdkExtras,
   })
@@ -435,3 +443,170 @@ export const apiKeyCreate = z
   .refine((value) => value.expires_at === undefined || value.expires_in_seconds === undefined, {
     message: 'give expires_at or expires_in_seconds, not both',
   });
+
+const vaultDisplayName = z.string().min(1).max(255);
+
+/** `POST /v1/vaults` (official `VaultCreateParams`). */
+export const vaultCreate = z
+  .object({ display_name: vaultDisplayName, metadata: metadata.optional(), ...sdkExtras })
+  .strict();
+
+/** `POST /v1/vaults/{id}` (official `VaultUpdateParams`). */
+export const vaultUpdate = z
+  .object({
+    display_name: vaultDisplayName.nullable().optional(),
+    metadata: nullableMetadataPatch.nullable().optional(),
+    ...sdkExtras,
+  })
+  .strict();
+
+/**
+ * A secret sent to the vault: write-only, never echoed (zod messages here name limits, not
+ * values). Tokens go into HTTP headers, so line breaks are refused.
+ */
+const secretText = z.string().min(1).max(16_384);
+const headerSecret = secretText.refine((value) => !/[\r\n]/.test(value), {
+  message: 'must not contain line breaks',
+});
+
+const httpUrl = z
+  .string()
+  .max(2048)
+  .refine((value) => {
+    try {
+      const url = new URL(value);
+      return (
+        (url.protocol === 'https:' || url.protocol === 'http:') && url.username === '' && url.password === ''
+      );
+    } catch {
+      return false;
+    }
+  }, 'must be an http(s) URL without credentials in it');
+
+const hostLabel = '[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?';
+/** A bare host name or IPv4 address, optionally behind `*.` (checked below: two labels or more). */
+const allowedHostPattern = new RegExp(`^(?:\\*\\.)?${hostLabel}(?:\\.${hostLabel})*$`);
+const allowedHost = z
+  .string()
+  .max(253)
+  .transform((value) => value.toLowerCase())
+  .refine(
+    (value) => allowedHostPattern.test(value) && !/^\*\.[^.]+$/.test(value),
+    'each allowed host is a bare host name (api.example.com), an IPv4 address, or *.example.com; no URLs, ports, paths or IPv6',
+  );
+
+const credentialNetworking = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('unrestricted') }).strict(),
+  z.object({ type: z.literal('limited'), allowed_hosts: z.array(allowedHost).min(1).max(16) }).strict(),
+]);
+
+const injectionLocation = z.object({ header: z.boolean().optional(), body: z.boolean().optional() }).strict();
+
+/** Environment variable names: POSIX-style, so the sandbox can hold them. */
+const secretName = z
+  .string()
+  .regex(
+    /^[A-Za-z_][A-Za-z0-9_]{0,255}$/,
+    'must be an environment variable name: letters, digits and _, not starting with a digit',
+  );
+
+const tokenEndpointAuth = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('none') }).strict(),
+  z.object({ type: z.literal('client_secret_basic'), client_secret: headerSecret }).strict(),
+  z.object({ type: z.literal('client_secret_post'), client_secret: headerSecret }).strict(),
+]);
+
+const optionalText = z.string().max(2048).nullable().optional();
+
+/** Auth of a new credential (official `BetaManagedAgents*CreateParams`). */
+export const credentialAuthCreate = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('static_bearer'), token: headerSecret, mcp_server_url: httpUrl }).strict(),
+  z
+    .object({
+      type: z.literal('environment_variable'),
+      secret_name: secretName,
+      secret_value: secretText,
+      networking: credentialNetworking,
+      injection_location: injectionLocation.optional(),
+    })
+    .strict(),
+  z
+    .object({
+      type: z.literal('mcp_oauth'),
+      access_token: headerSecret,
+      mcp_server_url: httpUrl,
+      expires_at: z.iso.datetime({ offset: true }).nullable().optional(),
+      refresh: z
+        .object({
+          client_id: z.string().min(1).max(1024),
+          refresh_token: headerSecret,
+          token_endpoint: httpUrl,
+          token_endpoint_auth: tokenEndpointAuth,
+          resource: optionalText,
+          scope: optionalText,
+        })
+        .strict()
+        .nullable()
+        .optional(),
+    })
+    .strict(),
+]);
+export type CredentialAuthCreate = z.infer<typeof credentialAuthCreate>;
+
+/** `POST /v1/vaults/{id}/credentials` (official `CredentialCreateParams`). */
+export const credentialCreate = z
+  .object({
+    auth: credentialAuthCreate,
+    display_name: z.string().max(255).nullable().optional(),
+    metadata: metadata.optional(),
+    ...sdkExtras,
+  })
+  .strict();
+
+const secretTokenEndpointUpdate = (type: 'client_secret_basic' | 'client_secret_post') =>
+  z.object({ type: z.literal(type), client_secret: headerSecret.nullable().optional() }).strict();
+
+/** Auth changes of a credential; `type` must be the credential's (official `*UpdateParams`). */
+export const credentialAuthUpdate = z.discriminatedUnion('type', [
+  z.object({ type: z.literal('static_bearer'), token: headerSecret.nullable().optional() }).strict(),
+  z
+    .object({
+      type: z.literal('environment_variable'),
+      secret_value: secretText.nullable().optional(),
+      networking: credentialNetworking.nullable().optional(),
+      injection_location: injectionLocation.optional(),
+    })
+    .strict(),
+  z
+    .object({
+      type: z.literal('mcp_oauth'),
+      access_token: headerSecret.nullable().optional(),
+      expires_at: z.iso.datetime({ offset: true }).nullable().optional(),
+      refresh: z
+        .object({
+          refresh_token: headerSecret.nullable().optional(),
+          scope: optionalText,
+          token_endpoint_auth: z
+            .discriminatedUnion('type', [
+              secretTokenEndpointUpdate('client_secret_basic'),
+              secretTokenEndpointUpdate('client_secret_post'),
+            ])
+            .optional(),
+        })
+        .strict()
+        .nullable()
+        .optional(),
+    })
+    .strict(),
+]);
+export type CredentialAuthUpdate = z.infer<typeof credentialAuthUpdate>;
+
+/** `POST /v1/vaults/{vault_id}/credentials/{id}` (official `CredentialUpdateParams`). */
+export const credentialUpdate = z
+  .object({
+    auth: credentialAuthUpdate.optional(),
+    display_name: z.string().min(1).max(255).nullable().optional(),
+    metadata: nullableMetadataPatch.nullable().optional(),
+    ...sdkExtras,
+  })
+  .strict();

@@ -128,6 +128,13 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const environment = await resources.get('environment', principal.tenantId, input.environment_id);
     if (!environment) throw notFound('environment', input.environment_id);
     if (environment.archivedAt) throw invalidRequest(`environment ${input.environment_id} is archived`);
+    // Each vault must be the tenant's and in use; another tenant's reads exactly like a missing one.
+    const vaultIds = [...new Set(input.vault_ids ?? [])];
+    for (const vaultId of vaultIds) {
+      const vault = await store.vaults.getVault(principal.tenantId, vaultId);
+      if (!vault) throw invalidRequest(`vault_ids: vault ${vaultId} not found`);
+      if (vault.archivedAt) throw invalidRequest(`vault_ids: vault ${vaultId} is archived`);
+    }
     // Limits are charged after validation and before the first write: a refused request
     // (429) leaves nothing behind.
     const initialEvents = input.initial_events ?? [];
@@ -159,7 +166,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       title: input.title ?? null,
       metadata: input.metadata ?? {},
       budget: input.budget ?? null,
-      vault_ids: [],
+      vault_ids: vaultIds,
       resources: [],
       outcome_evaluations: [],
       created_at: now,

@@ -6,7 +6,7 @@ import Anthropic from '@anthropic-ai/sdk';
 import { Command, Option } from 'commander';
 import { type AgentCreate, principalName } from '../api/schemas.js';
 import { agentFileName, loadAgentFolder, type Problem } from '../config/agent-files.js';
-import { loadConfig } from '../config/config.js';
+import { type BerthConfig, loadConfig } from '../config/config.js';
 import { isBerthError } from '../errors.js';
 import { createTenantWithAdmin } from '../identity/api-keys.js';
 import { collectUsage } from '../metering/collect.js';
@@ -25,15 +25,17 @@ import type { UsageRecord } from '../metering/usage.js';
 import { type RunningBerth, startBerth } from '../server.js';
 import { openStore } from '../store/open-store.js';
 import type { Store, TenantLimits } from '../store/resource-store.js';
+import { formatVaultKey, generateVaultKey, loadVaultKeyring } from '../vault/keyring.js';
+import { VaultService } from '../vault/vault-service.js';
 import { applyAgent, enabledToolNames } from './apply-agent.js';
 import { dim, renderEvent } from './render.js';
 
 /**
  * The `berth` command: `serve` runs the server; `run` and `demo` drive a session and print
  * it for a person; `sessions` inspects sessions; `validate` checks an agent folder and `apply`
- * creates or updates its agent. Client commands talk to `--url` (or
- * BERTH_URL) with `--api-key` (or BERTH_API_KEY, or the data directory's admin.key); `run`,
- * `apply` and `demo` start an embedded server when no URL is given.
+ * creates or updates its agent; `tenants` and `vault` work on the server's own store and keys.
+ * Client commands talk to `--url` (or BERTH_URL) with `--api-key` (or BERTH_API_KEY, or the data
+ * directory's admin.key); `run`, `apply` and `demo` start an embedded server when no URL is given.
  */
 const program = new Command();
 program
@@ -261,6 +263,85 @@ tenants
           `${tenant.id}  ${tenant.name.padEnd(20)} ${tenant.createdAt}${tenant.limits ? `  limits ${JSON.stringify(tenant.limits)}` : ''}`,
         );
       }
+    });
+  });
+
+const vaultCommand = program
+  .command('vault')
+  .description(
+    "vault keys (operators: works on the server's own store and keys: --data-dir or --database, BERTH_VAULT_KEYS, BERTH_VAULT_KEY_FILE)",
+  );
+vaultCommand
+  .command('new-key')
+  .description(
+    'print a new random vault key as "id:base64", to put first in BERTH_VAULT_KEYS or the key file',
+  )
+  .action(() => {
+    console.log(formatVaultKey(generateVaultKey()));
+  });
+vaultCommand
+  .command('status')
+  .description('show the configured vault keys and how many stored credentials each one sealed')
+  .option('--json', 'print JSON')
+  .addOption(dataDirOption())
+  .option('--database <url>', 'postgres:// URL (default: SQLite in the data directory)')
+  .action(async (options: StoreOptions & { json?: boolean }) => {
+    await withStore(options, async (store, config) => {
+      const { keyring, source } = await loadVaultKeyring(config.vault, { generate: false });
+      const byKey = await new VaultService({ store, keyring }).keyUsage();
+      if (options.json)
+        return print({ current_key_id: keyring.currentKeyId, key_ids: keyring.keyIds, by_key: byKey });
+      console.log(`keys from ${source}`);
+      for (const id of new Set([...keyring.keyIds, ...Object.keys(byKey)])) {
+        const role = id === keyring.currentKeyId ? 'current' : keyring.has(id) ? 'older' : 'NOT CONFIGURED';
+        console.log(`  ${id.padEnd(24)} ${role.padEnd(15)} ${byKey[id] ?? 0} credentials`);
+      }
+    });
+  });
+vaultCommand
+  .command('rotate-key')
+  .description(
+    're-seal every stored secret under the current (first) vault key; servers keep running, since older keys still open what is not re-sealed yet',
+  )
+  .option('--json', 'print the report as JSON')
+  .addOption(dataDirOption())
+  .option('--database <url>', 'postgres:// URL (default: SQLite in the data directory)')
+  .action(async (options: StoreOptions & { json?: boolean }) => {
+    await withStore(options, async (store, config) => {
+      const { keyring, source } = await loadVaultKeyring(config.vault, { generate: false });
+      const older = keyring.keyIds.filter((id) => id !== keyring.currentKeyId);
+      console.error(
+        `Re-sealing under vault key ${keyring.currentKeyId} (from ${source}; older keys: ${older.join(', ') || 'none'})`,
+      );
+      const started = Date.now();
+      const report = await new VaultService({ store, keyring }).rotate({
+        onProgress: (progress) =>
+          console.error(
+            `  tenant ${progress.tenantName} (${progress.tenantId}): ${progress.resealed} re-sealed${progress.failed > 0 ? `, ${progress.failed} failed` : ''}`,
+          ),
+      });
+      const seconds = ((Date.now() - started) / 1000).toFixed(1);
+      if (options.json) print(report);
+      else {
+        console.log(
+          `Re-sealed ${report.resealed} credentials in ${report.tenants} tenants in ${seconds} s` +
+            `${report.changedMeanwhile > 0 ? ` (${report.changedMeanwhile} were re-sealed by a server meanwhile)` : ''}; ${report.failures.length} failed.`,
+        );
+        const counts = Object.entries(report.byKey).map(
+          ([id, count]) => `${id}${id === report.keyId ? ' (current)' : ''}: ${count}`,
+        );
+        console.log(`Credentials per key now: ${counts.join(', ') || 'none stored'}`);
+        for (const failure of report.failures) {
+          console.log(`  failed ${failure.credentialId} (tenant ${failure.tenantId}): ${failure.message}`);
+        }
+        const left = Object.keys(report.byKey).filter((id) => id !== report.keyId);
+        console.log(
+          left.length === 0
+            ? `Nothing is sealed under other keys: once every server has ${report.keyId} first, ${older.length > 0 ? `${older.join(', ')} can be removed` : 'no older key is configured'}.`
+            : `Still under other keys: ${left.join(', ')} (a server still sealing with an older key? give it ${report.keyId} first and run this again).`,
+        );
+      }
+      if (report.failures.length > 0) process.exitCode = 1;
     });
   });
 
@@ -518,7 +599,10 @@ interface StoreOptions {
 }
 
 /** Opens the configured store directly (operator commands), runs `action`, closes it. */
-async function withStore(options: StoreOptions, action: (store: Store) => Promise<unknown>) {
+async function withStore(
+  options: StoreOptions,
+  action: (store: Store, config: BerthConfig) => Promise<unknown>,
+) {
   const config = loadConfig({
     flags: { dataDir: options.dataDir, database: options.database },
     environment: process.env,
@@ -528,7 +612,7 @@ async function withStore(options: StoreOptions, action: (store: Store) => Promis
   }
   const store = await openStore(config.store);
   try {
-    await action(store);
+    await action(store, config);
   } finally {
     await store.close();
   }
@@ -559,6 +643,10 @@ async function start(options: {
       info: (message, fields) => {
         if (message === 'created the admin API key')
           console.error(dim(`Created the admin API key in ${fields?.file}`));
+        if (message === 'created the vault key')
+          console.error(
+            dim(`Created the vault key in ${fields?.file} (keep a copy: secrets cannot be read without it)`),
+          );
       },
       warn: (message, fields) => console.error(`warning: ${message} ${fields ? JSON.stringify(fields) : ''}`),
       error: (message, fields) => console.error(`error: ${message} ${fields ? JSON.stringify(fields) : ''}`),

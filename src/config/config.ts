@@ -1,6 +1,7 @@
 import { resolve } from 'node:path';
 import { z } from 'zod';
 import { invalidRequest } from '../errors.js';
+import { parseVaultKeys, type VaultKeyConfig } from '../vault/keyring.js';
 
 /**
  * Berth's configuration, compiled once from flags and environment variables (flags win)
@@ -48,6 +49,11 @@ export interface BerthConfig {
    * (`BERTH_MIN_LIFECYCLE_S`, lower only for tests and demos).
    */
   minLifecycleSeconds: number;
+  /**
+   * Where the vault's keys come from: `BERTH_VAULT_KEYS` (`id:base64,…`, the first seals) and
+   * `BERTH_VAULT_KEY_FILE`; with neither, `<data-dir>/vault.key`, generated on first start.
+   */
+  vault: VaultKeyConfig;
 }
 
 /** One level's limits; 0 means unlimited. */
@@ -195,5 +201,12 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
     maxModelRetries: number('BERTH_MAX_MODEL_RETRIES', 3),
     retryBaseDelayMs: number('BERTH_RETRY_BASE_DELAY_MS', 500),
     minLifecycleSeconds: number('BERTH_MIN_LIFECYCLE_S', 60),
+    vault: {
+      keys: environment.BERTH_VAULT_KEYS
+        ? parseVaultKeys(environment.BERTH_VAULT_KEYS, 'BERTH_VAULT_KEYS')
+        : [],
+      keyFile: environment.BERTH_VAULT_KEY_FILE ? resolve(environment.BERTH_VAULT_KEY_FILE) : undefined,
+      defaultKeyFile: resolve(dataDir, 'vault.key'),
+    },
   };
 }

@@ -1,4 +1,5 @@
 import type { EventStore, SessionStatus } from './event-store.js';
+import type { VaultStore } from './vault-store.js';
 
 /**
  * The resource port: agents (with immutable versions), environments, sessions and API keys.
@@ -177,12 +178,14 @@ export interface RowLevelSecurity {
   reason?: string;
 }
 
-/** An opened database: both ports, plus lifecycle. */
+/** An opened database: the ports, plus lifecycle. */
 export interface Store {
   readonly kind: 'sqlite' | 'postgres';
   /** The second wall under the application's tenant checks, if this store has one. */
   readonly rowLevelSecurity: RowLevelSecurity;
   readonly events: EventStore;
   readonly resources: ResourceStore;
+  /** Vaults and their credentials (secrets sealed by `vault/`). */
+  readonly vaults: VaultStore;
   close(): Promise<void>;
 }

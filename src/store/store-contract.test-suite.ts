@@ -6,6 +6,7 @@ import { newId } from '../ids.js';
 import type { SessionKey, StoredEvent } from './event-store.js';
 import { type OpenStoreOptions, openStore } from './open-store.js';
 import type { ResourceRecord, SessionRecord, Store } from './resource-store.js';
+import type { CredentialRecord } from './vault-store.js';
 
 /**
  * The one behaviour suite every store adapter passes (Kysely and Hono style: one suite, looped
@@ -65,6 +66,39 @@ function sessionRecord(overrides: Partial<SessionRecord> = {}): SessionRecord {
     status: 'idle',
     stopReason: null,
     lastSeq: 0,
+    ...overrides,
+  };
+}
+
+function vaultRecord(overrides: Partial<ResourceRecord> = {}): ResourceRecord {
+  const timestamp = nextTimestamp();
+  const id = overrides.id ?? newId('vlt');
+  return {
+    id,
+    tenantId: TENANT,
+    ownerId: 'user_alice',
+    createdAt: timestamp,
+    updatedAt: timestamp,
+    archivedAt: null,
+    body: { id, type: 'vault', display_name: 'keys', metadata: {} },
+    ...overrides,
+  };
+}
+
+/** A credential row; the store treats `secret` as opaque text, so any string stands in for an envelope. */
+function credentialRecord(vaultId: string, overrides: Partial<CredentialRecord> = {}): CredentialRecord {
+  const timestamp = nextTimestamp();
+  const id = overrides.id ?? newId('vcrd');
+  return {
+    id,
+    tenantId: TENANT,
+    ownerId: 'user_alice',
+    createdAt: timestamp,
+    updatedAt: timestamp,
+    archivedAt: null,
+    body: { id, type: 'vault_credential', vault_id: vaultId, auth: { type: 'static_bearer' } },
+    vaultId,
+    secret: { keyId: 'key-a', sealed: `v1.key-a.${id}.sealed` },
     ...overrides,
   };
 }
@@ -878,6 +912,247 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
           revokedAt,
         );
         expect((await store.resources.findApiKeyByHash(key.hash))?.revokedAt).toBe(revokedAt);
+      });
+
+      it('stores vaults, updates and archives them, and pages through them in creation order', async () => {
+        const vaults: ResourceRecord[] = [];
+        for (let index = 0; index < 3; index++) {
+          const vault = vaultRecord();
+          await store.vaults.createVault(vault);
+          vaults.push(vault);
+        }
+        await store.vaults.createVault(vaultRecord({ tenantId: OTHER_TENANT }));
+        expect(await store.vaults.getVault(TENANT, vaults[0]!.id)).toEqual(vaults[0]);
+        expect(await rejectionCode(store.vaults.createVault(vaults[0]!))).toBe('conflict');
+
+        const first = await store.vaults.listVaults({ tenantId: TENANT, limit: 2 });
+        const second = await store.vaults.listVaults({
+          tenantId: TENANT,
+          limit: 2,
+          cursor: first.nextCursor!,
+        });
+        expect([...first.items, ...second.items].map((vault) => vault.id)).toEqual(
+          vaults.map((vault) => vault.id),
+        );
+        expect(second.nextCursor).toBeNull();
+
+        const archived = {
+          ...vaults[1]!,
+          updatedAt: nextTimestamp(),
+          archivedAt: nextTimestamp(),
+          body: { ...vaults[1]!.body, display_name: 'old keys' },
+        };
+        await store.vaults.updateVault(archived);
+        expect(await store.vaults.getVault(TENANT, archived.id)).toEqual(archived);
+        const active = await store.vaults.listVaults({ tenantId: TENANT, limit: 10, order: 'desc' });
+        expect(active.items.map((vault) => vault.id)).toEqual([vaults[2]!.id, vaults[0]!.id]);
+        const all = await store.vaults.listVaults({ tenantId: TENANT, limit: 10, includeArchived: true });
+        expect(all.items).toHaveLength(3);
+        expect(await rejectionCode(store.vaults.updateVault(vaultRecord()))).toBe('not_found');
+      });
+
+      it('stores credentials in their vault with the sealed secret beside the body, and deletes them with the vault', async () => {
+        const vault = vaultRecord();
+        const otherVault = vaultRecord();
+        await store.vaults.createVault(vault);
+        await store.vaults.createVault(otherVault);
+        const credentials: CredentialRecord[] = [];
+        for (let index = 0; index < 3; index++) {
+          const credential = credentialRecord(vault.id);
+          await store.vaults.createCredential(credential);
+          credentials.push(credential);
+        }
+        const elsewhere = credentialRecord(otherVault.id);
+        await store.vaults.createCredential(elsewhere);
+
+        expect(await store.vaults.getCredential(TENANT, vault.id, credentials[0]!.id)).toEqual(
+          credentials[0],
+        );
+        // A credential is reached only through its own vault.
+        expect(await store.vaults.getCredential(TENANT, otherVault.id, credentials[0]!.id)).toBeUndefined();
+        expect(await rejectionCode(store.vaults.createCredential(credentials[0]!))).toBe('conflict');
+        expect(await rejectionCode(store.vaults.createCredential(credentialRecord('vlt_missing')))).toBe(
+          'not_found',
+        );
+
+        const pageOne = await store.vaults.listCredentials(TENANT, vault.id, { limit: 2 });
+        const pageTwo = await store.vaults.listCredentials(TENANT, vault.id, {
+          limit: 2,
+          cursor: pageOne.nextCursor!,
+        });
+        expect([...pageOne.items, ...pageTwo.items]).toEqual(credentials);
+
+        expect(await store.vaults.deleteCredential(TENANT, otherVault.id, credentials[0]!.id)).toBe(false);
+        expect(await store.vaults.deleteCredential(TENANT, vault.id, credentials[0]!.id)).toBe(true);
+        expect(await store.vaults.deleteCredential(TENANT, vault.id, credentials[0]!.id)).toBe(false);
+        expect(await store.vaults.deleteVault(TENANT, vault.id)).toBe(true);
+        expect(await store.vaults.getVault(TENANT, vault.id)).toBeUndefined();
+        expect(await store.vaults.getCredential(TENANT, vault.id, credentials[1]!.id)).toBeUndefined();
+        expect(await store.vaults.getCredential(TENANT, otherVault.id, elsewhere.id)).toEqual(elsewhere);
+        expect(await store.vaults.deleteVault(TENANT, vault.id)).toBe(false);
+      });
+
+      it('updates a credential only while its secret and updatedAt are as the caller read them', async () => {
+        const vault = vaultRecord();
+        await store.vaults.createVault(vault);
+        const credential = credentialRecord(vault.id);
+        await store.vaults.createCredential(credential);
+        const key = { tenantId: TENANT, vaultId: vault.id, id: credential.id };
+
+        // No new secret: body and timestamps change, the sealed secret stays.
+        const renamed = { ...credential.body, display_name: 'renamed' };
+        const renamedAt = nextTimestamp();
+        expect(
+          await store.vaults.updateCredential({
+            ...key,
+            body: renamed,
+            updatedAt: renamedAt,
+            archivedAt: null,
+          }),
+        ).toBe(true);
+        expect(await store.vaults.getCredential(TENANT, vault.id, credential.id)).toEqual({
+          ...credential,
+          body: renamed,
+          updatedAt: renamedAt,
+        });
+
+        const newSecret = { keyId: 'key-b', sealed: 'v1.key-b.new.sealed' };
+        const stale = { sealed: credential.secret.sealed, updatedAt: credential.updatedAt };
+        expect(
+          await store.vaults.updateCredential({
+            ...key,
+            body: renamed,
+            updatedAt: nextTimestamp(),
+            archivedAt: null,
+            secret: newSecret,
+            expected: stale,
+          }),
+        ).toBe(false);
+        expect((await store.vaults.getCredential(TENANT, vault.id, credential.id))?.secret).toEqual(
+          credential.secret,
+        );
+
+        const current = { sealed: credential.secret.sealed, updatedAt: renamedAt };
+        const archivedAt = nextTimestamp();
+        expect(
+          await store.vaults.updateCredential({
+            ...key,
+            body: renamed,
+            updatedAt: archivedAt,
+            archivedAt,
+            secret: newSecret,
+            expected: current,
+          }),
+        ).toBe(true);
+        const stored = await store.vaults.getCredential(TENANT, vault.id, credential.id);
+        expect(stored).toMatchObject({ secret: newSecret, archivedAt, updatedAt: archivedAt });
+        expect((await store.vaults.listCredentials(TENANT, vault.id, { limit: 10 })).items).toEqual([]);
+        expect(
+          (await store.vaults.listCredentials(TENANT, vault.id, { limit: 10, includeArchived: true })).items,
+        ).toEqual([stored]);
+        expect(
+          await rejectionCode(
+            store.vaults.updateCredential({
+              ...key,
+              id: 'vcrd_missing',
+              body: {},
+              updatedAt: archivedAt,
+              archivedAt,
+            }),
+          ),
+        ).toBe('not_found');
+      });
+
+      it('finds what older keys sealed, page by page, and re-seals one only if it is unchanged', async () => {
+        const vault = vaultRecord();
+        await store.vaults.createVault(vault);
+        const old: CredentialRecord[] = [];
+        for (let index = 0; index < 3; index++) {
+          const credential = credentialRecord(vault.id, { archivedAt: index === 2 ? nextTimestamp() : null });
+          await store.vaults.createCredential(credential);
+          old.push(credential);
+        }
+        const current = credentialRecord(vault.id, {
+          secret: { keyId: 'key-b', sealed: 'v1.key-b.x.sealed' },
+        });
+        await store.vaults.createCredential(current);
+        await store.vaults.createVault(vaultRecord({ id: 'vlt_foreign', tenantId: OTHER_TENANT }));
+        await store.vaults.createCredential(credentialRecord('vlt_foreign', { tenantId: OTHER_TENANT }));
+
+        expect(await store.vaults.countCredentialsByKey(TENANT)).toEqual({ 'key-a': 3, 'key-b': 1 });
+        const first = await store.vaults.listCredentialsSealedWithout(TENANT, 'key-b', { limit: 2 });
+        const rest = await store.vaults.listCredentialsSealedWithout(TENANT, 'key-b', {
+          limit: 2,
+          cursor: first.nextCursor!,
+        });
+        // Archived credentials count too: an old key can go only when nothing is left under it.
+        expect([...first.items, ...rest.items]).toEqual(old);
+        expect(rest.nextCursor).toBeNull();
+
+        const next = { keyId: 'key-b', sealed: 'v1.key-b.resealed' };
+        expect(await store.vaults.resealCredential(TENANT, old[0]!.id, 'v1.key-a.someone-else', next)).toBe(
+          false,
+        );
+        expect(
+          await store.vaults.resealCredential(OTHER_TENANT, old[0]!.id, old[0]!.secret.sealed, next),
+        ).toBe(false);
+        expect(await store.vaults.resealCredential(TENANT, old[0]!.id, old[0]!.secret.sealed, next)).toBe(
+          true,
+        );
+        // Re-sealing touches the secret only: body and timestamps are as they were.
+        expect(await store.vaults.getCredential(TENANT, vault.id, old[0]!.id)).toEqual({
+          ...old[0]!,
+          secret: next,
+        });
+        expect(await store.vaults.countCredentialsByKey(TENANT)).toEqual({ 'key-a': 2, 'key-b': 2 });
+        expect(await store.vaults.countCredentialsByKey(OTHER_TENANT)).toEqual({ 'key-a': 1 });
+      });
+
+      it("hides another tenant's vaults and credentials from every vault call", async () => {
+        const vault = vaultRecord();
+        await store.vaults.createVault(vault);
+        const credential = credentialRecord(vault.id);
+        await store.vaults.createCredential(credential);
+
+        expect(await store.vaults.getVault(OTHER_TENANT, vault.id)).toBeUndefined();
+        expect((await store.vaults.listVaults({ tenantId: OTHER_TENANT, limit: 10 })).items).toEqual([]);
+        expect(await rejectionCode(store.vaults.updateVault({ ...vault, tenantId: OTHER_TENANT }))).toBe(
+          'not_found',
+        );
+        expect(await store.vaults.deleteVault(OTHER_TENANT, vault.id)).toBe(false);
+        expect(await store.vaults.getCredential(OTHER_TENANT, vault.id, credential.id)).toBeUndefined();
+        expect((await store.vaults.listCredentials(OTHER_TENANT, vault.id, { limit: 10 })).items).toEqual([]);
+        expect(
+          await rejectionCode(
+            store.vaults.updateCredential({
+              tenantId: OTHER_TENANT,
+              vaultId: vault.id,
+              id: credential.id,
+              body: { stolen: true },
+              updatedAt: nextTimestamp(),
+              archivedAt: null,
+              secret: { keyId: 'key-x', sealed: 'v1.key-x.intruder' },
+            }),
+          ),
+        ).toBe('not_found');
+        expect(await store.vaults.deleteCredential(OTHER_TENANT, vault.id, credential.id)).toBe(false);
+        expect(await store.vaults.listCredentialsSealedWithout(OTHER_TENANT, 'key-b', { limit: 10 })).toEqual(
+          {
+            items: [],
+            nextCursor: null,
+          },
+        );
+        // Another tenant cannot put a credential into this tenant's vault.
+        expect(
+          await rejectionCode(
+            store.vaults.createCredential(credentialRecord(vault.id, { tenantId: OTHER_TENANT })),
+          ),
+        ).toBe('not_found');
+
+        expect(await store.vaults.getVault(TENANT, vault.id)).toEqual(vault);
+        expect((await store.vaults.listCredentials(TENANT, vault.id, { limit: 10 })).items).toEqual([
+          credential,
+        ]);
       });
 
       it('never reaches a log through a key naming another tenant', async () => {

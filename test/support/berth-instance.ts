@@ -16,7 +16,7 @@ export interface TestBerth extends RunningBerth {
   dataDir: string;
   /** The store key of a session the admin key created (tenant `tnt_default`, user `user_admin`). */
   keyOf(sessionId: string): SessionOwnerKey;
-  /** Stops the server and removes its data directory. */
+  /** Stops the server and removes its data directory (unless it was given one). */
   dispose(): Promise<void>;
 }
 
@@ -44,9 +44,11 @@ export async function startTestBerth(
     database?: TestDatabaseUrls;
     models?: ModelRegistry;
     configure?: (config: BerthConfig) => void;
+    /** An existing data directory (another server's, restarted); kept by `dispose`. */
+    dataDir?: string;
   } = {},
 ): Promise<TestBerth> {
-  const dataDir = await mkdtemp(join(tmpdir(), 'berth-test-'));
+  const dataDir = options.dataDir ?? (await mkdtemp(join(tmpdir(), 'berth-test-')));
   const config = loadConfig({
     flags: { port: 0, dataDir, database: options.database?.url },
     environment: {
@@ -67,7 +69,7 @@ export async function startTestBerth(
     keyOf: (sessionId) => ({ tenantId: DEFAULT_TENANT_ID, id: sessionId, ownerId: 'user_admin' }),
     async dispose() {
       await berth.close();
-      await rm(dataDir, { recursive: true, force: true });
+      if (options.dataDir === undefined) await rm(dataDir, { recursive: true, force: true });
     },
   };
 }

@@ -19,6 +19,8 @@ export interface BerthProcess {
   stop(): Promise<void>;
   /** The last few kilobytes the server wrote to stderr, for failure messages. */
   stderr(): string;
+  /** Everything the server wrote to stdout and stderr, in arrival order (for scans). */
+  output(): string;
 }
 
 /** A TCP port nothing listens on right now. */
@@ -46,13 +48,16 @@ export async function startBerthProcess(options: {
     [BERTH_BIN, 'serve', '--port', String(port), '--data-dir', options.dataDir],
     {
       env: { ...process.env, ...options.environment },
-      stdio: ['ignore', 'ignore', 'pipe'],
+      stdio: ['ignore', 'pipe', 'pipe'],
     },
   );
   let stderr = '';
+  const output: string[] = [];
   child.stderr?.on('data', (chunk: Buffer) => {
     stderr = (stderr + chunk.toString('utf8')).slice(-8192);
+    output.push(chunk.toString('utf8'));
   });
+  child.stdout?.on('data', (chunk: Buffer) => output.push(chunk.toString('utf8')));
   const exited = new Promise<void>((done) => {
     if (child.exitCode !== null || child.signalCode !== null) done();
     else child.once('exit', () => done());
@@ -90,6 +95,7 @@ export async function startBerthProcess(options: {
     kill: () => stopWith('SIGKILL'),
     stop: () => stopWith('SIGTERM'),
     stderr: () => stderr,
+    output: () => output.join(''),
   };
 }
 

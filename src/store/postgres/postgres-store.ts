@@ -42,6 +42,7 @@ import type {
   TenantRecord,
   UserRecord,
 } from '../resource-store.js';
+import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
 import { migratePostgres, quoteSchemaName } from './schema.js';
 
 /** Where the PostgreSQL store lives. */
@@ -125,6 +126,7 @@ class PostgresStore implements Store {
   readonly kind = 'postgres' as const;
   readonly events: PostgresEventStore;
   readonly resources: PostgresResourceStore;
+  readonly vaults: PostgresVaultStore;
   readonly rowLevelSecurity: RowLevelSecurity;
   readonly #pool: pg.Pool;
   #closed = false;
@@ -134,6 +136,7 @@ class PostgresStore implements Store {
     this.rowLevelSecurity = rowLevelSecurity;
     this.events = new PostgresEventStore(pool, schema);
     this.resources = new PostgresResourceStore(pool, schema);
+    this.vaults = new PostgresVaultStore(pool, schema);
   }
 
   async close(): Promise<void> {
@@ -949,6 +952,221 @@ class PostgresResourceStore implements ResourceStore {
         toJsonb(record.body),
       ],
     );
+  }
+
+  #query<Row extends pg.QueryResultRow>(tenantId: string, sql: string, parameters: unknown[]) {
+    return queryInTenant<Row>(this.#pool, tenantId, sql, parameters);
+  }
+}
+
+interface CredentialRow extends RecordRow {
+  vault_id: string;
+  key_id: string;
+  sealed_secret: string;
+}
+
+function credentialOf(row: CredentialRow): CredentialRecord {
+  return {
+    ...recordOf(row),
+    vaultId: row.vault_id,
+    secret: { keyId: row.key_id, sealed: row.sealed_secret },
+  };
+}
+
+const CREDENTIAL_COLUMNS = `${RECORD_COLUMNS}, vault_id, key_id, sealed_secret`;
+
+class PostgresVaultStore implements VaultStore {
+  readonly #pool: pg.Pool;
+  readonly #s: string;
+
+  constructor(pool: pg.Pool, schema: string) {
+    this.#pool = pool;
+    this.#s = schema;
+  }
+
+  async createVault(record: ResourceRecord): Promise<void> {
+    await this.#query(
+      record.tenantId,
+      `INSERT INTO ${this.#s}.vaults (id, tenant_id, owner_id, created_at, updated_at, archived_at, body)
+       VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)`,
+      [
+        record.id,
+        record.tenantId,
+        record.ownerId,
+        record.createdAt,
+        record.updatedAt,
+        record.archivedAt,
+        toJsonb(record.body),
+      ],
+    ).catch((error) => {
+      throw isBerthError(error, 'conflict') ? conflict(`${record.id} already exists`) : error;
+    });
+  }
+
+  async getVault(tenantId: string, id: string): Promise<ResourceRecord | undefined> {
+    const result = await this.#query<RecordRow>(
+      tenantId,
+      `SELECT ${RECORD_COLUMNS} FROM ${this.#s}.vaults WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : recordOf(row);
+  }
+
+  async updateVault(record: ResourceRecord): Promise<void> {
+    const result = await this.#query(
+      record.tenantId,
+      `UPDATE ${this.#s}.vaults SET body = $1::jsonb, updated_at = $2, archived_at = $3
+       WHERE id = $4 AND tenant_id = $5`,
+      [toJsonb(record.body), record.updatedAt, record.archivedAt, record.id, record.tenantId],
+    );
+    if (result.rowCount === 0) throw notFound('vault', record.id);
+  }
+
+  async listVaults(query: ListQuery): Promise<Page<ResourceRecord>> {
+    const list = listSql(`${this.#s}.vaults`, RECORD_COLUMNS, query, [], []);
+    const result = await this.#query<RecordRow>(query.tenantId, list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, recordOf);
+  }
+
+  async deleteVault(tenantId: string, id: string): Promise<boolean> {
+    // Credentials go with it (ON DELETE CASCADE).
+    const result = await this.#query(
+      tenantId,
+      `DELETE FROM ${this.#s}.vaults WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    return (result.rowCount ?? 0) > 0;
+  }
+
+  async createCredential(record: CredentialRecord): Promise<void> {
+    // INSERT … SELECT: no row is written unless the vault is the tenant's.
+    const result = await this.#query(
+      record.tenantId,
+      `INSERT INTO ${this.#s}.vault_credentials
+         (id, tenant_id, vault_id, owner_id, created_at, updated_at, archived_at, body, key_id, sealed_secret)
+       SELECT $1, $2, id, $3, $4, $5, $6, $7::jsonb, $8, $9 FROM ${this.#s}.vaults
+       WHERE id = $10 AND tenant_id = $2`,
+      [
+        record.id,
+        record.tenantId,
+        record.ownerId,
+        record.createdAt,
+        record.updatedAt,
+        record.archivedAt,
+        toJsonb(record.body),
+        record.secret.keyId,
+        record.secret.sealed,
+        record.vaultId,
+      ],
+    ).catch((error) => {
+      throw isBerthError(error, 'conflict') ? conflict(`${record.id} already exists`) : error;
+    });
+    if (result.rowCount === 0) throw notFound('vault', record.vaultId);
+  }
+
+  async getCredential(tenantId: string, vaultId: string, id: string): Promise<CredentialRecord | undefined> {
+    const result = await this.#query<CredentialRow>(
+      tenantId,
+      `SELECT ${CREDENTIAL_COLUMNS} FROM ${this.#s}.vault_credentials
+       WHERE id = $1 AND vault_id = $2 AND tenant_id = $3`,
+      [id, vaultId, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : credentialOf(row);
+  }
+
+  async updateCredential(update: CredentialUpdate): Promise<boolean> {
+    const result = await this.#query(
+      update.tenantId,
+      `UPDATE ${this.#s}.vault_credentials SET body = $1::jsonb, updated_at = $2, archived_at = $3,
+         key_id = coalesce($4, key_id), sealed_secret = coalesce($5, sealed_secret)
+       WHERE id = $6 AND vault_id = $7 AND tenant_id = $8
+         AND ($9::text IS NULL OR (sealed_secret = $9::text AND updated_at = $10::text))`,
+      [
+        toJsonb(update.body),
+        update.updatedAt,
+        update.archivedAt,
+        update.secret?.keyId ?? null,
+        update.secret?.sealed ?? null,
+        update.id,
+        update.vaultId,
+        update.tenantId,
+        update.expected?.sealed ?? null,
+        update.expected?.updatedAt ?? null,
+      ],
+    );
+    if ((result.rowCount ?? 0) > 0) return true;
+    if ((await this.getCredential(update.tenantId, update.vaultId, update.id)) === undefined) {
+      throw notFound('credential', update.id);
+    }
+    return false;
+  }
+
+  async listCredentials(
+    tenantId: string,
+    vaultId: string,
+    query: Omit<ListQuery, 'tenantId'>,
+  ): Promise<Page<CredentialRecord>> {
+    // listSql numbers its own parameters after these, starting at $2 (tenant is $1).
+    const list = listSql(
+      `${this.#s}.vault_credentials`,
+      CREDENTIAL_COLUMNS,
+      { ...query, tenantId },
+      ['vault_id = $2'],
+      [vaultId],
+    );
+    const result = await this.#query<CredentialRow>(tenantId, list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, credentialOf);
+  }
+
+  async deleteCredential(tenantId: string, vaultId: string, id: string): Promise<boolean> {
+    const result = await this.#query(
+      tenantId,
+      `DELETE FROM ${this.#s}.vault_credentials WHERE id = $1 AND vault_id = $2 AND tenant_id = $3`,
+      [id, vaultId, tenantId],
+    );
+    return (result.rowCount ?? 0) > 0;
+  }
+
+  async listCredentialsSealedWithout(
+    tenantId: string,
+    keyId: string,
+    query: { cursor?: string; limit: number },
+  ): Promise<Page<CredentialRecord>> {
+    const list = listSql(
+      `${this.#s}.vault_credentials`,
+      CREDENTIAL_COLUMNS,
+      { tenantId, cursor: query.cursor, limit: query.limit, includeArchived: true },
+      ['key_id <> $2'],
+      [keyId],
+    );
+    const result = await this.#query<CredentialRow>(tenantId, list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, credentialOf);
+  }
+
+  async resealCredential(
+    tenantId: string,
+    id: string,
+    expected: string,
+    next: SealedSecret,
+  ): Promise<boolean> {
+    const result = await this.#query(
+      tenantId,
+      `UPDATE ${this.#s}.vault_credentials SET key_id = $1, sealed_secret = $2
+       WHERE id = $3 AND tenant_id = $4 AND sealed_secret = $5`,
+      [next.keyId, next.sealed, id, tenantId, expected],
+    );
+    return (result.rowCount ?? 0) > 0;
+  }
+
+  async countCredentialsByKey(tenantId: string): Promise<Record<string, number>> {
+    const result = await this.#query<{ key_id: string; count: string }>(
+      tenantId,
+      `SELECT key_id, count(*) AS count FROM ${this.#s}.vault_credentials WHERE tenant_id = $1 GROUP BY key_id`,
+      [tenantId],
+    );
+    return Object.fromEntries(result.rows.map((row) => [row.key_id, Number(row.count)]));
   }
 
   #query<Row extends pg.QueryResultRow>(tenantId: string, sql: string, parameters: unknown[]) {

@@ -26,6 +26,8 @@ interface SeededTenant {
   agentId: string;
   environmentId: string;
   sessionId: string;
+  vaultId: string;
+  credentialId: string;
 }
 
 function seededTenant(letter: 'a' | 'b'): SeededTenant {
@@ -38,6 +40,8 @@ function seededTenant(letter: 'a' | 'b'): SeededTenant {
     agentId: `agent_rls_${letter}`,
     environmentId: `env_rls_${letter}`,
     sessionId: `sesn_rls_${letter}`,
+    vaultId: `vlt_rls_${letter}`,
+    credentialId: `vcrd_rls_${letter}`,
   };
 }
 
@@ -95,6 +99,12 @@ async function seed(store: Store, tenant: SeededTenant): Promise<void> {
     [{ type: 'user.message', content: [{ type: 'text', text: 'hello' }] }],
     { idempotencyKey: 'first-message' },
   );
+  await store.vaults.createVault(record(tenant.vaultId, { type: 'vault', display_name: 'keys' }));
+  await store.vaults.createCredential({
+    ...record(tenant.credentialId, { type: 'vault_credential' }),
+    vaultId: tenant.vaultId,
+    secret: { keyId: 'rls', sealed: 'v1.rls.sealed' },
+  });
 }
 
 interface Statement {
@@ -214,6 +224,21 @@ function foreignInsert(
         insert: {
           sql: `INSERT INTO ${s}.idempotency_keys (session_id, tenant_id, key, first_seq, count) VALUES ($1, $2, $3, 99, 1)`,
           parameters: [other.sessionId, other.tenantId, 'intruder-key'],
+        },
+      };
+    case 'vaults':
+      return {
+        insert: {
+          sql: `INSERT INTO ${s}.vaults (id, tenant_id, ${record}) VALUES ($1, $2, $3, $4, $5, $6)`,
+          parameters: ['vlt_rls_intruder', other.tenantId, ...recordValues],
+        },
+      };
+    case 'vault_credentials':
+      return {
+        insert: {
+          sql: `INSERT INTO ${s}.vault_credentials (id, tenant_id, vault_id, key_id, sealed_secret, ${record})
+                VALUES ($1, $2, $3, 'rls', 'v1.rls.intruder', $4, $5, $6, $7)`,
+          parameters: ['vcrd_rls_intruder', other.tenantId, other.vaultId, ...recordValues],
         },
       };
     default:

@@ -153,15 +153,7 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   UPDATE ${s}.idempotency_keys k SET tenant_id = x.tenant_id FROM ${s}.sessions x WHERE x.id = k.session_id;
   ALTER TABLE ${s}.idempotency_keys ALTER COLUMN tenant_id SET NOT NULL;
 
-  ${TENANT_TABLES.map(
-    ([table, column]) => `
-  ALTER TABLE ${s}.${table} ENABLE ROW LEVEL SECURITY;
-  ALTER TABLE ${s}.${table} FORCE ROW LEVEL SECURITY;
-  CREATE POLICY tenant_isolation ON ${s}.${table}
-    USING (${column} = current_setting('berth.tenant_id', true))
-    WITH CHECK (${column} = current_setting('berth.tenant_id', true));
-  CREATE POLICY owner_maintenance ON ${s}.${table} TO CURRENT_USER USING (true) WITH CHECK (true);`,
-  ).join('\n')}
+  ${rowLevelSecuritySql(s, FIRST_TENANT_TABLES)}
 
   -- The only cross-tenant reads, each narrow, owned by the tables' owner and run with its
   -- rights: authenticating a key (the tenant is not known yet), counting keys (first start),
@@ -279,14 +271,62 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
     $f$;
   REVOKE ALL ON FUNCTION ${s}.session_status_counts() FROM PUBLIC;
   `,
+  // 6: vaults and their credentials, tenant tables like the others (row-level security). A
+  // credential's body is what the API shows (no secret); its secret is only ever stored sealed
+  // (AES-256-GCM, see vault/cipher.ts), with the id of the key that sealed it beside it so
+  // rotation finds what old keys still hold.
+  (s) => `
+  CREATE TABLE ${s}.vaults (
+    position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    tenant_id text NOT NULL,
+    owner_id text NOT NULL,
+    created_at text NOT NULL,
+    updated_at text NOT NULL,
+    archived_at text,
+    body jsonb NOT NULL
+  );
+  CREATE INDEX vaults_by_tenant ON ${s}.vaults (tenant_id, position);
+  CREATE TABLE ${s}.vault_credentials (
+    position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    tenant_id text NOT NULL,
+    vault_id text NOT NULL REFERENCES ${s}.vaults (id) ON DELETE CASCADE,
+    owner_id text NOT NULL,
+    created_at text NOT NULL,
+    updated_at text NOT NULL,
+    archived_at text,
+    body jsonb NOT NULL,
+    key_id text NOT NULL,
+    sealed_secret text NOT NULL
+  );
+  CREATE INDEX vault_credentials_by_vault ON ${s}.vault_credentials (tenant_id, vault_id, position);
+  CREATE INDEX vault_credentials_by_key ON ${s}.vault_credentials (tenant_id, key_id);
+  ${rowLevelSecuritySql(s, VAULT_TENANT_TABLES)}
+  `,
 ];
 
 /**
- * Every table that holds tenant data, with the column naming its tenant. Each gets row-level
- * security with FORCE (so the owner is bound too) and a policy comparing that column with the
- * transaction's `berth.tenant_id` setting.
+ * Row-level security for tenant tables: enabled and forced (so the owner is bound too), a
+ * policy comparing the tenant column with the transaction's `berth.tenant_id`, and the owner's
+ * maintenance policy the SECURITY DEFINER functions rely on.
  */
-export const TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
+function rowLevelSecuritySql(s: string, tables: readonly (readonly [string, string])[]): string {
+  return tables
+    .map(
+      ([table, column]) => `
+  ALTER TABLE ${s}.${table} ENABLE ROW LEVEL SECURITY;
+  ALTER TABLE ${s}.${table} FORCE ROW LEVEL SECURITY;
+  CREATE POLICY tenant_isolation ON ${s}.${table}
+    USING (${column} = current_setting('berth.tenant_id', true))
+    WITH CHECK (${column} = current_setting('berth.tenant_id', true));
+  CREATE POLICY owner_maintenance ON ${s}.${table} TO CURRENT_USER USING (true) WITH CHECK (true);`,
+    )
+    .join('\n');
+}
+
+/** The tenant tables migration 3 put under row-level security (frozen: it has shipped). */
+const FIRST_TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
   ['tenants', 'id'],
   ['users', 'tenant_id'],
   ['api_keys', 'tenant_id'],
@@ -297,6 +337,22 @@ export const TENANT_TABLES: readonly (readonly [table: string, tenantColumn: str
   ['session_heads', 'tenant_id'],
   ['events', 'tenant_id'],
   ['idempotency_keys', 'tenant_id'],
+];
+
+/** The tenant tables migration 6 added (vaults). */
+const VAULT_TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
+  ['vaults', 'tenant_id'],
+  ['vault_credentials', 'tenant_id'],
+];
+
+/**
+ * Every table that holds tenant data, with the column naming its tenant. Each gets row-level
+ * security with FORCE (so the owner is bound too) and a policy comparing that column with the
+ * transaction's `berth.tenant_id` setting (in the migration that created it).
+ */
+export const TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
+  ...FIRST_TENANT_TABLES,
+  ...VAULT_TENANT_TABLES,
 ];
 
 /**

@@ -143,6 +143,37 @@ export const SQLITE_MIGRATIONS: readonly string[] = [
   ALTER TABLE session_heads ADD COLUMN tenant_id TEXT NOT NULL DEFAULT '';
   UPDATE session_heads SET tenant_id = (SELECT tenant_id FROM sessions WHERE sessions.id = session_heads.session_id);
   `,
+  // 4: vaults and their credentials. A credential's body is what the API shows (no secret);
+  // its secret is only ever stored sealed (AES-256-GCM, see vault/cipher.ts), with the id of
+  // the key that sealed it beside it so rotation finds what old keys still hold.
+  `
+  CREATE TABLE vaults (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL
+  );
+  CREATE INDEX vaults_by_tenant ON vaults (tenant_id, position);
+  CREATE TABLE vault_credentials (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    vault_id TEXT NOT NULL REFERENCES vaults (id) ON DELETE CASCADE,
+    owner_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    sealed_secret TEXT NOT NULL
+  );
+  CREATE INDEX vault_credentials_by_vault ON vault_credentials (tenant_id, vault_id, position);
+  CREATE INDEX vault_credentials_by_key ON vault_credentials (tenant_id, key_id);
+  `,
 ];
 
 /** Brings the database up to the newest migration, each in its own write transaction. */

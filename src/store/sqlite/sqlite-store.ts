@@ -41,6 +41,7 @@ import type {
   TenantRecord,
   UserRecord,
 } from '../resource-store.js';
+import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
 import { migrateSqlite } from './schema.js';
 
 /** Where the SQLite database lives. */
@@ -81,12 +82,14 @@ class SqliteStore implements Store {
   };
   readonly events: SqliteEventStore;
   readonly resources: SqliteResourceStore;
+  readonly vaults: SqliteVaultStore;
   readonly #database: Database.Database;
 
   constructor(database: Database.Database) {
     this.#database = database;
     this.events = new SqliteEventStore(database);
     this.resources = new SqliteResourceStore(database);
+    this.vaults = new SqliteVaultStore(database);
   }
 
   async close(): Promise<void> {
@@ -947,6 +950,200 @@ class SqliteResourceStore implements ResourceStore {
         record.archivedAt,
         JSON.stringify(record.body),
       );
+  }
+}
+
+interface CredentialRow extends RecordRow {
+  vault_id: string;
+  key_id: string;
+  sealed_secret: string;
+}
+
+function credentialOf(row: CredentialRow): CredentialRecord {
+  return {
+    ...recordOf(row),
+    vaultId: row.vault_id,
+    secret: { keyId: row.key_id, sealed: row.sealed_secret },
+  };
+}
+
+class SqliteVaultStore implements VaultStore {
+  readonly #statements: StatementCache;
+
+  constructor(database: Database.Database) {
+    this.#statements = new StatementCache(database);
+  }
+
+  async createVault(record: ResourceRecord): Promise<void> {
+    try {
+      this.#statements
+        .get(
+          `INSERT INTO vaults (id, tenant_id, owner_id, created_at, updated_at, archived_at, body)
+           VALUES (?, ?, ?, ?, ?, ?, ?)`,
+        )
+        .run(
+          record.id,
+          record.tenantId,
+          record.ownerId,
+          record.createdAt,
+          record.updatedAt,
+          record.archivedAt,
+          JSON.stringify(record.body),
+        );
+    } catch (error) {
+      if (isUniqueViolation(error)) throw conflict(`${record.id} already exists`);
+      throw error;
+    }
+  }
+
+  async getVault(tenantId: string, id: string): Promise<ResourceRecord | undefined> {
+    const row = this.#statements
+      .get('SELECT * FROM vaults WHERE id = ? AND tenant_id = ?')
+      .get(id, tenantId) as RecordRow | undefined;
+    return row === undefined ? undefined : recordOf(row);
+  }
+
+  async updateVault(record: ResourceRecord): Promise<void> {
+    const result = this.#statements
+      .get('UPDATE vaults SET body = ?, updated_at = ?, archived_at = ? WHERE id = ? AND tenant_id = ?')
+      .run(JSON.stringify(record.body), record.updatedAt, record.archivedAt, record.id, record.tenantId);
+    if (result.changes === 0) throw notFound('vault', record.id);
+  }
+
+  async listVaults(query: ListQuery): Promise<Page<ResourceRecord>> {
+    const { sql, parameters, limit } = listSql('vaults', '*', query, [], []);
+    return pageOf(this.#statements.get(sql).all(...parameters) as RecordRow[], limit, recordOf);
+  }
+
+  async deleteVault(tenantId: string, id: string): Promise<boolean> {
+    // Credentials go with it (ON DELETE CASCADE).
+    return (
+      this.#statements.get('DELETE FROM vaults WHERE id = ? AND tenant_id = ?').run(id, tenantId).changes > 0
+    );
+  }
+
+  async createCredential(record: CredentialRecord): Promise<void> {
+    try {
+      // INSERT … SELECT: no row is written unless the vault is the tenant's.
+      const result = this.#statements
+        .get(
+          `INSERT INTO vault_credentials
+             (id, tenant_id, vault_id, owner_id, created_at, updated_at, archived_at, body, key_id, sealed_secret)
+           SELECT ?, ?, id, ?, ?, ?, ?, ?, ?, ? FROM vaults WHERE id = ? AND tenant_id = ?`,
+        )
+        .run(
+          record.id,
+          record.tenantId,
+          record.ownerId,
+          record.createdAt,
+          record.updatedAt,
+          record.archivedAt,
+          JSON.stringify(record.body),
+          record.secret.keyId,
+          record.secret.sealed,
+          record.vaultId,
+          record.tenantId,
+        );
+      if (result.changes === 0) throw notFound('vault', record.vaultId);
+    } catch (error) {
+      if (isUniqueViolation(error)) throw conflict(`${record.id} already exists`);
+      throw error;
+    }
+  }
+
+  async getCredential(tenantId: string, vaultId: string, id: string): Promise<CredentialRecord | undefined> {
+    const row = this.#statements
+      .get('SELECT * FROM vault_credentials WHERE id = ? AND vault_id = ? AND tenant_id = ?')
+      .get(id, vaultId, tenantId) as CredentialRow | undefined;
+    return row === undefined ? undefined : credentialOf(row);
+  }
+
+  async updateCredential(update: CredentialUpdate): Promise<boolean> {
+    const result = this.#statements
+      .get(
+        `UPDATE vault_credentials SET body = ?, updated_at = ?, archived_at = ?,
+           key_id = coalesce(?, key_id), sealed_secret = coalesce(?, sealed_secret)
+         WHERE id = ? AND vault_id = ? AND tenant_id = ?
+           AND (? IS NULL OR (sealed_secret = ? AND updated_at = ?))`,
+      )
+      .run(
+        JSON.stringify(update.body),
+        update.updatedAt,
+        update.archivedAt,
+        update.secret?.keyId ?? null,
+        update.secret?.sealed ?? null,
+        update.id,
+        update.vaultId,
+        update.tenantId,
+        update.expected === undefined ? null : 1,
+        update.expected?.sealed ?? null,
+        update.expected?.updatedAt ?? null,
+      );
+    if (result.changes > 0) return true;
+    if ((await this.getCredential(update.tenantId, update.vaultId, update.id)) === undefined) {
+      throw notFound('credential', update.id);
+    }
+    return false;
+  }
+
+  async listCredentials(
+    tenantId: string,
+    vaultId: string,
+    query: Omit<ListQuery, 'tenantId'>,
+  ): Promise<Page<CredentialRecord>> {
+    const { sql, parameters, limit } = listSql(
+      'vault_credentials',
+      '*',
+      { ...query, tenantId },
+      ['vault_id = ?'],
+      [vaultId],
+    );
+    return pageOf(this.#statements.get(sql).all(...parameters) as CredentialRow[], limit, credentialOf);
+  }
+
+  async deleteCredential(tenantId: string, vaultId: string, id: string): Promise<boolean> {
+    return (
+      this.#statements
+        .get('DELETE FROM vault_credentials WHERE id = ? AND vault_id = ? AND tenant_id = ?')
+        .run(id, vaultId, tenantId).changes > 0
+    );
+  }
+
+  async listCredentialsSealedWithout(
+    tenantId: string,
+    keyId: string,
+    query: { cursor?: string; limit: number },
+  ): Promise<Page<CredentialRecord>> {
+    const { sql, parameters, limit } = listSql(
+      'vault_credentials',
+      '*',
+      { tenantId, cursor: query.cursor, limit: query.limit, includeArchived: true },
+      ['key_id <> ?'],
+      [keyId],
+    );
+    return pageOf(this.#statements.get(sql).all(...parameters) as CredentialRow[], limit, credentialOf);
+  }
+
+  async resealCredential(
+    tenantId: string,
+    id: string,
+    expected: string,
+    next: SealedSecret,
+  ): Promise<boolean> {
+    const result = this.#statements
+      .get(
+        `UPDATE vault_credentials SET key_id = ?, sealed_secret = ?
+         WHERE id = ? AND tenant_id = ? AND sealed_secret = ?`,
+      )
+      .run(next.keyId, next.sealed, id, tenantId, expected);
+    return result.changes > 0;
+  }
+
+  async countCredentialsByKey(tenantId: string): Promise<Record<string, number>> {
+    const rows = this.#statements
+      .get('SELECT key_id, count(*) AS count FROM vault_credentials WHERE tenant_id = ? GROUP BY key_id')
+      .all(tenantId) as { key_id: string; count: number }[];
+    return Object.fromEntries(rows.map((row) => [row.key_id, row.count]));
   }
 }
 
