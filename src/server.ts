@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { join, resolve } from 'node:path';
@@ -8,6 +9,7 @@ import { LifetimeReaper } from './control/lifecycle.js';
 import { SandboxManager } from './control/sandbox-manager.js';
 import { type Logger, Supervisor } from './control/supervisor.js';
 import { Toolboxes } from './control/toolbox.js';
+import { SessionEgress } from './egress/session-egress.js';
 import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
 import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
@@ -203,7 +205,37 @@ export async function startBerth(
       }),
     );
   };
+  const vault = new VaultService({ store, keyring: keys.keyring });
+  // The sandboxes' only way out: a proxy per session with its environment's networking and its
+  // vaults' credentials; every request is logged on the session.
+  const egress = new SessionEgress({
+    vault,
+    allowPrivateDestinations: config.egress.allowPrivateDestinations,
+    upstreamCaCertificates: config.egress.upstreamCaFile
+      ? [readFileSync(config.egress.upstreamCaFile, 'utf8')]
+      : undefined,
+    hosts: config.egress.hosts,
+    onRequest: (session, record) =>
+      void logSandboxEvent(session, {
+        type: 'berth.egress_request',
+        method: record.method,
+        host: record.host,
+        port: record.port,
+        path: record.path,
+        status: record.status,
+        decision: record.decision,
+        ...(record.reason ? { reason: record.reason } : {}),
+        tls: record.tls,
+        bytes_sent: record.bytesSent,
+        bytes_received: record.bytesReceived,
+        credentials: record.credentials,
+        duration_ms: Math.round(record.durationMs),
+      }),
+  });
   sandboxes.setHooks({
+    environment: (session) => egress.environment(session),
+    provisioned: (session, handle, environmentConfig) => egress.attach(session, handle, environmentConfig),
+    released: (session) => egress.detach(session),
     active: (session) => supervisor.isLive(session),
     beforeStop: (session) => toolboxes.release(session),
     stopped: (session, { reason, memory, durationMs }) =>
@@ -235,7 +267,6 @@ export async function startBerth(
   const authenticator = new Authenticator(store.resources);
   const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
   if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
-  const vault = new VaultService({ store, keyring: keys.keyring });
 
   const app = createApp({
     store,
@@ -297,6 +328,7 @@ export async function startBerth(
         await toolboxes.releaseAll();
         // Stopped with snapshots: the next process resumes each sandbox where it was.
         await sandboxes.stopAll();
+        await egress.closeAll();
         await Promise.all([...drivers.values()].map((driver) => driver.close?.()));
         await telemetry.shutdown().catch(() => undefined);
         await store.close();

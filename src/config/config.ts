@@ -54,6 +54,21 @@ export interface BerthConfig {
    * `BERTH_VAULT_KEY_FILE`; with neither, `<data-dir>/vault.key`, generated on first start.
    */
   vault: VaultKeyConfig;
+  /** The egress proxy's operator settings (sandboxes reach the network only through it). */
+  egress: EgressConfig;
+}
+
+/** Operator settings of the egress proxy. */
+export interface EgressConfig {
+  /**
+   * Exact `address:port` pairs on private networks sandboxes may still reach
+   * (`BERTH_EGRESS_ALLOW_PRIVATE`, comma-separated; default none).
+   */
+  allowPrivateDestinations: string[];
+  /** A PEM file of extra roots the proxy trusts for upstream TLS (`BERTH_EGRESS_CA_FILE`). */
+  upstreamCaFile?: string;
+  /** Fixed name → address answers (`BERTH_EGRESS_HOSTS`, `name=address,…`), like /etc/hosts. */
+  hosts: Record<string, string>;
 }
 
 /** One level's limits; 0 means unlimited. */
@@ -201,6 +216,27 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
     maxModelRetries: number('BERTH_MAX_MODEL_RETRIES', 3),
     retryBaseDelayMs: number('BERTH_RETRY_BASE_DELAY_MS', 500),
     minLifecycleSeconds: number('BERTH_MIN_LIFECYCLE_S', 60),
+    egress: {
+      allowPrivateDestinations: (environment.BERTH_EGRESS_ALLOW_PRIVATE ?? '')
+        .split(',')
+        .map((entry) => entry.trim())
+        .filter(Boolean),
+      ...(environment.BERTH_EGRESS_CA_FILE
+        ? { upstreamCaFile: resolve(environment.BERTH_EGRESS_CA_FILE) }
+        : {}),
+      hosts: Object.fromEntries(
+        (environment.BERTH_EGRESS_HOSTS ?? '')
+          .split(',')
+          .map((entry) => entry.trim())
+          .filter(Boolean)
+          .map((entry) => {
+            const [name, address] = entry.split('=');
+            if (!name || !address)
+              throw invalidRequest(`BERTH_EGRESS_HOSTS entries are name=address, got "${entry}"`);
+            return [name.trim().toLowerCase(), address.trim()];
+          }),
+      ),
+    },
     vault: {
       keys: environment.BERTH_VAULT_KEYS
         ? parseVaultKeys(environment.BERTH_VAULT_KEYS, 'BERTH_VAULT_KEYS')

@@ -40,6 +40,15 @@ export interface SandboxHooks {
   ): Promise<void>;
   /** After a sandbox resumed from its snapshot. */
   resumed?(session: SessionKey, details: { memory: boolean; durationMs: number }): Promise<void>;
+  /** Environment variables every command of the session's sandbox gets (egress settings). */
+  environment?(session: SessionRecord): Promise<Record<string, string>>;
+  /**
+   * After a sandbox is provisioned or resumed, before anything runs in it (the egress proxy
+   * starts here). A failure destroys the sandbox and fails the use that wanted it.
+   */
+  provisioned?(session: SessionRecord, handle: SandboxHandle, environmentConfig: unknown): Promise<void>;
+  /** After a session's sandbox stopped or went away (its egress proxy stops here). */
+  released?(session: SessionKey): Promise<void>;
 }
 
 interface Entry {
@@ -226,8 +235,10 @@ export class SandboxManager {
     entry.lifecycle = lifecycleOf(config);
     entry.expiresAt = Date.parse(session.createdAt) + entry.lifecycle.maxLifetimeMs;
     this.#expiries.set(sessionKeyString(session), { session: entry.session, expiresAt: entry.expiresAt });
-    return this.#provision(entry, driver, session, {
+    const env = await this.#hooks.environment?.(session);
+    const handle = await this.#provision(entry, driver, session, {
       readOnlyMounts: extra?.readOnlyMounts,
+      ...(env ? { env } : {}),
       limits: {
         cpu: berth?.limits?.cpu,
         memoryMb: berth?.limits?.memory_mb,
@@ -235,6 +246,14 @@ export class SandboxManager {
         diskMb: berth?.limits?.disk_mb,
       },
     });
+    try {
+      await this.#hooks.provisioned?.(session, handle, config);
+    } catch (error) {
+      await driver.destroy(handle).catch(() => undefined);
+      await this.#hooks.released?.(entry.session).catch(() => undefined);
+      throw error;
+    }
+    return handle;
   }
 
   /** Provisions a fresh sandbox, or resumes the session's stopped one from its snapshot. */
@@ -242,7 +261,7 @@ export class SandboxManager {
     entry: Entry,
     driver: SandboxDriver,
     session: SessionRecord,
-    spec: Pick<SandboxSpec, 'readOnlyMounts' | 'limits'>,
+    spec: Pick<SandboxSpec, 'readOnlyMounts' | 'limits' | 'env'>,
   ): Promise<SandboxHandle> {
     const workdir = this.workdirOf(session.id);
     let snapshot = await this.#snapshots.get(session);
@@ -311,6 +330,7 @@ export class SandboxManager {
     if (this.#entries.get(key) !== entry) return;
     this.#entries.delete(key);
     await driver.destroy(handle).catch(() => undefined);
+    await this.#hooks.released?.(entry.session).catch(() => undefined);
   }
 
   /** The state of a session's sandbox on this node. */
@@ -371,6 +391,8 @@ export class SandboxManager {
       await rm(staged, { recursive: true, force: true });
       await entry.driver.destroy(handle).catch(() => undefined);
       throw error;
+    } finally {
+      await this.#hooks.released?.(entry.session).catch(() => undefined);
     }
   }
 
@@ -487,7 +509,11 @@ export class SandboxManager {
     await this.#sample(entry);
     this.#entries.delete(key);
     const handle = await entry.handle.catch(() => undefined);
-    if (handle) await entry.driver.destroy(handle);
+    try {
+      if (handle) await entry.driver.destroy(handle);
+    } finally {
+      await this.#hooks.released?.(entry.session).catch(() => undefined);
+    }
   }
 
   /** Destroys a session's sandbox and deletes its files and snapshot (the session was deleted). */
