@@ -7,7 +7,8 @@
  * Flags: --store sqlite|postgres (default both), --seconds <per append configuration>,
  * --concurrency <comma-separated sessions, e.g. 16,64,256>, --no-batch, --turns <measured turns>,
  * --skip-appends, --skip-turns, --skip-tracing; --skip-sandboxes, --only-sandboxes (the sandbox driver
- * table of bench/sandbox-drivers.ts alone).
+ * table of bench/sandbox-drivers.ts alone); --skip-egress, --only-egress (the egress proxy's added
+ * latency, bench/egress-proxy.ts, alone).
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -18,6 +19,12 @@ import { openStore } from '../src/store/open-store.js';
 import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/support/postgres-database.js';
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
+import {
+  type EgressBenchRow,
+  egressTargetRows,
+  formatEgressResults,
+  runEgressBench,
+} from './egress-proxy.js';
 import { describeMachine, formatMachine } from './machine.js';
 import {
   DEFAULT_SANDBOX_BENCH_OPTIONS,
@@ -46,12 +53,16 @@ const { values: flags } = parseArgs({
     'skip-tracing': { type: 'boolean', default: false },
     'skip-sandboxes': { type: 'boolean', default: false },
     'only-sandboxes': { type: 'boolean', default: false },
+    'skip-egress': { type: 'boolean', default: false },
+    'only-egress': { type: 'boolean', default: false },
   },
 });
 const onlySandboxes = flags['only-sandboxes'];
 if (onlySandboxes && flags['skip-sandboxes'])
   throw new Error('--only-sandboxes and --skip-sandboxes conflict');
-const stores = onlySandboxes ? [] : flags.store === undefined ? ['sqlite', 'postgres'] : [flags.store];
+const onlyEgress = flags['only-egress'];
+const stores =
+  onlySandboxes || onlyEgress ? [] : flags.store === undefined ? ['sqlite', 'postgres'] : [flags.store];
 for (const store of stores) {
   if (store !== 'sqlite' && store !== 'postgres') throw new Error(`--store must be sqlite or postgres`);
 }
@@ -120,6 +131,7 @@ interface Results {
   /** POST → doStream p50 per mode, tracing off and exporting (median of alternating rounds). */
   tracing?: { mode: string; offP50: number; onP50: number }[];
   sandboxes?: SandboxBenchResults;
+  egress?: EgressBenchRow[];
 }
 
 const TARGET_TRACING_OVERHEAD = 0.05;
@@ -196,6 +208,15 @@ async function benchPostgres(results: Results, postgres: TestPostgres): Promise<
   }
 }
 
+const EGRESS_REQUESTS = 300;
+
+/** The egress proxy's added latency per request (bench/egress-proxy.ts). */
+async function benchEgress(results: Results): Promise<void> {
+  log('\n### Egress proxy: added latency per request on loopback\n');
+  results.egress = await runEgressBench(EGRESS_REQUESTS);
+  log(formatEgressResults(results.egress, EGRESS_REQUESTS));
+}
+
 /** Every sandbox driver on this host side by side, and the peer (bench/sandbox-drivers.ts). */
 async function benchSandboxes(results: Results): Promise<void> {
   log('\n### Sandboxes: drivers side by side, and the peer\n');
@@ -243,6 +264,7 @@ function targetTable(results: Results): string {
     ]);
   }
   if (results.sandboxes) rows.push(...sandboxTargetRows(results.sandboxes));
+  if (results.egress) rows.push(...egressTargetRows(results.egress));
   return table(['target', 'wanted', 'measured', ''], rows, 'lrrl');
 }
 
@@ -264,7 +286,8 @@ async function main(): Promise<void> {
       await postgres.stop();
     }
   }
-  if (!flags['skip-sandboxes']) await benchSandboxes(results);
+  if (!flags['skip-sandboxes'] && !onlyEgress) await benchSandboxes(results);
+  if (!flags['skip-egress'] && !onlySandboxes) await benchEgress(results);
   log('\n### Targets\n');
   log(targetTable(results));
   log(`\n(bench took ${((performance.now() - started) / 1000).toFixed(0)} s)`);

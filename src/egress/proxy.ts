@@ -33,7 +33,7 @@ import {
 import { request as httpsRequest } from 'node:https';
 import { isIP, connect as netConnect, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
-import { rootCertificates, TLSSocket } from 'node:tls';
+import { createSecureContext, rootCertificates, TLSSocket } from 'node:tls';
 import { type CertificateAuthority, createCertificateAuthority } from './certificates.js';
 import {
   credentialsFor,
@@ -126,7 +126,10 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
   let policy = options.policy;
   const authority: CertificateAuthority = await createCertificateAuthority(options.label);
   const allowedPrivate = new Set(options.allowPrivateDestinations ?? []);
-  const trusted = [...rootCertificates, ...(options.upstreamCaCertificates ?? [])];
+  // Built once: parsing ~150 roots per upstream connection would cost ~30 ms each.
+  const upstreamContext = createSecureContext({
+    ca: [...rootCertificates, ...(options.upstreamCaCertificates ?? [])],
+  });
   const resolve =
     options.resolve ??
     (async (host: string) =>
@@ -266,7 +269,11 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
       setHost: false,
       timeout: CONNECT_TIMEOUT_MS,
       ...(target.tls
-        ? { servername: isIP(target.host) ? undefined : target.host, ca: trusted, rejectUnauthorized: true }
+        ? {
+            servername: isIP(target.host) ? undefined : target.host,
+            secureContext: upstreamContext,
+            rejectUnauthorized: true,
+          }
         : {}),
       agent: false,
     });
