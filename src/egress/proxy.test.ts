@@ -312,6 +312,41 @@ describe('egress proxy', () => {
     }
   });
 
+  it('does not follow redirects: a redirect to another host never carries the secret', async () => {
+    const redirector = createHttpServer((_request, response) => {
+      response.writeHead(302, { location: `http://plain.test:${plain.port}/stolen` });
+      response.end();
+    });
+    await new Promise<void>((resolve) => redirector.listen(0, '127.0.0.1', resolve));
+    const port = (redirector.address() as AddressInfo).port;
+    const seenBefore = plain.seen.length;
+    const redirecting = await createEgressProxy({
+      socketPath: join(directory, 'redirect.sock'),
+      label: 'sesn_redirect',
+      policy,
+      allowPrivateDestinations: [`127.0.0.1:${port}`, `127.0.0.1:${plain.port}`],
+      resolve: async () => ['127.0.0.1'],
+    });
+    try {
+      const answer = await viaProxy(redirecting.socketPath, `http://api.test:${port}/`, {
+        host: `api.test:${port}`,
+        authorization: `Bearer ${PLACEHOLDER}`,
+      });
+      expect(answer.status).toBe(302);
+      expect(plain.seen.length).toBe(seenBefore);
+      // The client that follows it sends what it has: the placeholder.
+      const followed = await viaProxy(redirecting.socketPath, String(answer.headers.location), {
+        host: `plain.test:${plain.port}`,
+        authorization: `Bearer ${PLACEHOLDER}`,
+      });
+      expect(followed.status).toBe(200);
+      expect(plain.seen.at(-1)!.headers.authorization).toBe(`Bearer ${PLACEHOLDER}`);
+    } finally {
+      await redirecting.close();
+      redirector.close();
+    }
+  });
+
   it('names credentials in audit records, never their values', () => {
     expect(records.length).toBeGreaterThan(5);
     expect(JSON.stringify(records)).not.toContain(SECRET);
