@@ -199,6 +199,8 @@ export const DEFAULT_EXEC_HELPER_PATH = '/usr/local/lib/berth/berth-exec';
 export const DEFAULT_AGENT_PATH = '/usr/local/lib/berth/berth-agent';
 const DEFAULT_DISK_IMAGE_DIRECTORY = '/var/lib/berth/disks';
 const DEFAULT_POOL_DIRECTORY = '/var/lib/berth/pool';
+/** How long after a claim the pool starts replacing what was taken. */
+const REFILL_DELAY_MS = 50;
 const DEFAULT_SERVICES_DIRECTORY = '/run/berth/services';
 /** Where a sandbox sees its services directory (the egress proxy's socket, its CA). */
 export const SANDBOX_SERVICES_INSIDE = '/run/berth';
@@ -832,7 +834,6 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     limits: Required<EnforcedLimits>,
   ): Promise<LiveSandbox | undefined> => {
     if (!pooling) return undefined;
-    fillPool();
     const saved = spec.restoreFrom === undefined ? undefined : join(spec.restoreFrom, SUSPENDED_WORKSPACE);
     const fits =
       (saved === undefined || existsSync(saved)) &&
@@ -865,13 +866,16 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         void discardWarm(live);
         return undefined;
       } finally {
-        fillPool();
+        // A little later: starting a sandbox spawns processes, and Node's spawn blocks the event
+        // loop for milliseconds, which the new session's first command would otherwise wait out.
+        setTimeout(fillPool, REFILL_DELAY_MS).unref();
       }
       live.spec = spec;
       live.handle = { ...live.handle, sessionId: spec.sessionId };
       sandboxes.set(live.handle.id, live);
       return live;
     }
+    fillPool();
     return undefined;
   };
 
