@@ -7,16 +7,55 @@
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { createServer as createHttpServer, request as httpRequest, type Server } from 'node:http';
-import { createServer as createHttpsServer, request as httpsRequest } from 'node:https';
+import {
+  createServer as createHttpsServer,
+  Agent as HttpsAgent,
+  type RequestOptions as HttpsRequestOptions,
+  request as httpsRequest,
+} from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import type { Duplex } from 'node:stream';
 import { connect as tlsConnect } from 'node:tls';
 import { createCertificateAuthority } from '../src/egress/certificates.js';
 import { createEgressProxy } from '../src/egress/proxy.js';
 import { ms, type Summary, summarize, table } from './stats.js';
 
 export const TARGET_PASSTHROUGH_ADDED_P50_MS = 2;
+
+/** An agent whose connections are TLS over a CONNECT tunnel through the proxy (kept alive). */
+class TunnelAgent extends HttpsAgent {
+  constructor(
+    private readonly socketPath: string,
+    private readonly roots: string[],
+  ) {
+    super({ keepAlive: true, maxSockets: 1 });
+  }
+
+  override createConnection(
+    options: HttpsRequestOptions,
+    callback?: (error: Error | null, stream: Duplex) => void,
+  ): Duplex | null | undefined {
+    const connect = httpRequest({
+      socketPath: this.socketPath,
+      method: 'CONNECT',
+      path: `${options.servername}:${options.port}`,
+    });
+    connect.on('connect', (response, socket) => {
+      if (response.statusCode !== 200) {
+        callback?.(new Error(`CONNECT ${response.statusCode}`), socket);
+        return;
+      }
+      const tls = tlsConnect({ socket, servername: options.servername ?? undefined, ca: this.roots });
+      tls.once('secureConnect', () => callback?.(null, tls));
+      tls.once('error', (error) => callback?.(error, tls));
+    });
+    connect.on('error', (error) => callback?.(error, connect.socket as Duplex));
+    connect.end();
+    return undefined;
+  }
+}
 
 export interface EgressBenchRow {
   mode: string;
@@ -51,11 +90,17 @@ function drain(response: import('node:http').IncomingMessage): Promise<void> {
   });
 }
 
-export async function runEgressBench(requests = 300): Promise<EgressBenchRow[]> {
+export interface EgressBenchResults {
+  rows: EgressBenchRow[];
+  /** Minting a leaf certificate for a new host (ECDSA P-256 key + signature), p50 and p99 ms. */
+  leafMint: Summary;
+}
+
+export async function runEgressBench(requests = 300): Promise<EgressBenchResults> {
   const directory = await mkdtemp(join(tmpdir(), 'berth-egress-bench-'));
   const ca = await createCertificateAuthority('bench upstream');
   const leaf = await ca.issue('api.test');
-  const plain = createHttpServer({ keepAlive: false });
+  const plain = createHttpServer();
   answer(plain);
   const secure = createHttpsServer({ cert: leaf.certificatePem, key: leaf.keyPem });
   answer(secure);
@@ -153,6 +198,27 @@ export async function runEgressBench(requests = 300): Promise<EgressBenchRow[]> 
       connect.end();
     });
 
+  /** One GET with the placeholder (proxied) or the secret (direct) through `agent`. */
+  const keptAlive = (agent: HttpsAgent, credential: string, servername: string) => () =>
+    new Promise<void>((resolve, reject) => {
+      const request = httpsRequest(
+        {
+          host: '127.0.0.1',
+          port: securePort,
+          servername,
+          path: '/',
+          ca: roots,
+          agent,
+          headers: { host: `api.test:${securePort}`, authorization: `Bearer ${credential}` },
+        },
+        (response) => drain(response).then(resolve, reject),
+      );
+      request.on('error', reject);
+      request.end();
+    });
+  const directAgent = new HttpsAgent({ keepAlive: true, maxSockets: 1 });
+  const tunnelAgent = new TunnelAgent(proxy.socketPath, roots);
+
   const time = async (once: () => Promise<void>) => {
     const started = performance.now();
     await once();
@@ -180,12 +246,27 @@ export async function runEgressBench(requests = 300): Promise<EgressBenchRow[]> 
     };
   };
   try {
-    return [
+    const rows = [
       await compare('plain HTTP (absolute-form)', directPlain, proxiedPlain),
       await compare('HTTPS passed through (CONNECT tunnel)', directTls, proxiedTls('open.test')),
       await compare('HTTPS intercepted, placeholder → secret', directTls, proxiedTls('api.test')),
+      await compare(
+        'kept-alive: HTTPS intercepted, placeholder → secret',
+        keptAlive(directAgent, SECRET, 'api.test'),
+        keptAlive(tunnelAgent, PLACEHOLDER, 'api.test'),
+      ),
     ];
+    const mints: number[] = [];
+    const fresh = await createCertificateAuthority('bench mint');
+    for (let index = 0; index < 100; index++) {
+      const started = performance.now();
+      await fresh.issue(`host-${index}.test`);
+      mints.push(performance.now() - started);
+    }
+    return { rows, leafMint: summarize(mints) };
   } finally {
+    directAgent.destroy();
+    tunnelAgent.destroy();
     await proxy.close();
     plain.close();
     secure.close();
@@ -193,10 +274,11 @@ export async function runEgressBench(requests = 300): Promise<EgressBenchRow[]> 
   }
 }
 
-export function formatEgressResults(rows: readonly EgressBenchRow[], requests: number): string {
-  return table(
+export function formatEgressResults(results: EgressBenchResults, requests: number): string {
+  const rows = results.rows;
+  const rendered = table(
     [
-      `request on a new connection (n=${requests} each)`,
+      `request (n=${requests} each; a new connection each unless kept-alive)`,
       'direct p50 / p99 ms',
       'through the proxy p50 / p99 ms',
       'added p50 ms',
@@ -211,10 +293,11 @@ export function formatEgressResults(rows: readonly EgressBenchRow[], requests: n
     ]),
     'lrrrr',
   );
+  return `${rendered}\n\nLeaf certificate minted for a host's first interception: ${ms(results.leafMint.p50)} ms p50, ${ms(results.leafMint.p99)} ms p99 (then cached).`;
 }
 
-export function egressTargetRows(rows: readonly EgressBenchRow[]): string[][] {
-  const passthrough = rows.find((row) => row.mode.includes('passed through'));
+export function egressTargetRows(results: EgressBenchResults): string[][] {
+  const passthrough = results.rows.find((row) => row.mode.includes('passed through'));
   if (!passthrough) return [];
   return [
     [

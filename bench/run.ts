@@ -20,7 +20,7 @@ import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/suppo
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
 import {
-  type EgressBenchRow,
+  type EgressBenchResults,
   egressTargetRows,
   formatEgressResults,
   runEgressBench,
@@ -131,7 +131,7 @@ interface Results {
   /** POST → doStream p50 per mode, tracing off and exporting (median of alternating rounds). */
   tracing?: { mode: string; offP50: number; onP50: number }[];
   sandboxes?: SandboxBenchResults;
-  egress?: EgressBenchRow[];
+  egress?: EgressBenchResults;
 }
 
 const TARGET_TRACING_OVERHEAD = 0.05;

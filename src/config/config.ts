@@ -1,5 +1,6 @@
 import { resolve } from 'node:path';
 import { z } from 'zod';
+import { destinationKey } from '../egress/addresses.js';
 import { invalidRequest } from '../errors.js';
 import { parseVaultKeys, type VaultKeyConfig } from '../vault/keyring.js';
 
@@ -220,7 +221,16 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
       allowPrivateDestinations: (environment.BERTH_EGRESS_ALLOW_PRIVATE ?? '')
         .split(',')
         .map((entry) => entry.trim())
-        .filter(Boolean),
+        .filter(Boolean)
+        .map((entry) => {
+          const key = destinationKey(entry);
+          if (!key) {
+            throw invalidRequest(
+              `BERTH_EGRESS_ALLOW_PRIVATE entries are address:port ([v6]:port for IPv6), got "${entry}"`,
+            );
+          }
+          return key;
+        }),
       ...(environment.BERTH_EGRESS_CA_FILE
         ? { upstreamCaFile: resolve(environment.BERTH_EGRESS_CA_FILE) }
         : {}),

@@ -6,6 +6,7 @@
  */
 import 'reflect-metadata';
 import { createPrivateKey, randomBytes, webcrypto } from 'node:crypto';
+import { isIP } from 'node:net';
 import * as x509 from '@peculiar/x509';
 
 x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
@@ -14,6 +15,8 @@ type CryptoKeyPair = webcrypto.CryptoKeyPair;
 
 const ALGORITHM = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' } as const;
 const DAY_MS = 24 * 60 * 60 * 1000;
+/** Leaf certificates kept per CA; the oldest is dropped beyond this (each is one host name). */
+const LEAF_CACHE_SIZE = 1000;
 
 /** A certificate and its key, in the PEM forms node:tls takes. */
 export interface IssuedCertificate {
@@ -69,7 +72,7 @@ export async function createCertificateAuthority(label: string): Promise<Certifi
             'sign',
             'verify',
           ])) as CryptoKeyPair;
-          const isAddress = /^[\d.]+$/.test(host) || host.includes(':');
+          const isAddress = isIP(host) !== 0;
           const leaf = await x509.X509CertificateGenerator.create({
             serialNumber: serial(),
             subject: `CN=${host.replace(/[,=+<>#;"\\]/g, '_')}`,
@@ -91,6 +94,10 @@ export async function createCertificateAuthority(label: string): Promise<Certifi
         })();
         leafCache.set(host, issued);
         issued.catch(() => leafCache.delete(host));
+        if (leafCache.size > LEAF_CACHE_SIZE) {
+          const oldest = leafCache.keys().next().value;
+          if (oldest !== undefined) leafCache.delete(oldest);
+        }
       }
       return issued;
     },

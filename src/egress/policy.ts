@@ -1,7 +1,8 @@
 /**
  * The egress policy of one session: which hosts its sandbox may reach (from its environment's
- * `networking`), which destination addresses are never reachable (the host's own networks), and
- * which credentials apply to which hosts. Pure functions; the proxy (`proxy.ts`) applies them.
+ * `networking`) and which credentials apply to which hosts. A raw `EgressPolicy` is compiled
+ * once (`compilePolicy`) into lookups the proxy's hot path uses; the proxy (`proxy.ts`) applies
+ * them, and `addresses.ts` holds the rule about destination addresses.
  *
  * Order matters and is fixed: the host name is checked against the policy BEFORE any DNS
  * lookup (resolving a name the sandbox chose would leak data through DNS), then the proxy
@@ -9,7 +10,8 @@
  * against the host's own services), then connects to exactly the address it checked (no DNS
  * rebinding between check and use).
  */
-import { BlockList, isIP } from 'node:net';
+import { invalidRequest } from '../errors.js';
+import { canonicalHost } from './addresses.js';
 
 /** A credential as the proxy uses it: the real secret, and the placeholder the sandbox sees. */
 export interface EgressCredential {
@@ -19,8 +21,13 @@ export interface EgressCredential {
   /** The stand-in value the sandbox has; swapped for `secret` only on an allowed host. */
   placeholder: string;
   secret: string;
-  /** Exact host names (`*.example.com`: its subdomains), or any host. */
+  /**
+   * Hosts where the placeholder is swapped (the SDK's credential `networking.allowed_hosts`):
+   * exact names, `*.example.com` for any subdomain (not the apex), or `unrestricted` for any
+   * host the environment lets the sandbox reach.
+   */
   allowedHosts: 'unrestricted' | readonly string[];
+  /** Where the placeholder is swapped: request headers, request body. */
   injection: { header: boolean; body: boolean };
 }
 
@@ -29,140 +36,147 @@ export type EgressNetworking =
   | { type: 'unrestricted' }
   | {
       type: 'limited';
+      /** Exact host names (case-insensitive), or `*.example.com` for its subdomains. */
       allowedHosts: readonly string[];
+      /** Adds `PACKAGE_MANAGER_HOSTS`. */
       allowPackageManagers: boolean;
       /** Hosts allowed for other reasons (the agent's MCP servers with `allow_mcp_servers`). */
       extraHosts?: readonly string[];
     };
 
+/** Everything the proxy of one session enforces; replaced whole by `updatePolicy`. */
 export interface EgressPolicy {
   networking: EgressNetworking;
   credentials: readonly EgressCredential[];
 }
 
 /**
- * Package registries and mirrors that `allow_package_managers` opens: npm, Yarn, PyPI, crates,
- * the Go module proxy, RubyGems, Maven Central, Debian/Ubuntu archives, and GitHub's release and
- * source download hosts (which many installers fetch from).
+ * Package registries and mirrors that `allow_package_managers` opens, in one place: npm and
+ * Yarn, PyPI, crates.io, the Go module proxy and checksum database, RubyGems, Maven Central,
+ * Debian and Ubuntu archives, and GitHub's repository, release and source download hosts (which
+ * many installers fetch from).
  */
 export const PACKAGE_MANAGER_HOSTS: readonly string[] = [
+  // npm, Yarn
   'registry.npmjs.org',
   'registry.yarnpkg.com',
+  'repo.yarnpkg.com',
+  // PyPI
   'pypi.org',
   'files.pythonhosted.org',
+  // Rust
   'crates.io',
   'static.crates.io',
   'index.crates.io',
+  // Go
   'proxy.golang.org',
   'sum.golang.org',
+  // Ruby
   'rubygems.org',
   'index.rubygems.org',
+  // Java
   'repo.maven.apache.org',
   'repo1.maven.org',
+  // Debian, Ubuntu
   'deb.debian.org',
   'security.debian.org',
   'archive.ubuntu.com',
+  '*.archive.ubuntu.com',
   'security.ubuntu.com',
+  'ports.ubuntu.com',
+  // GitHub releases and source archives
   'github.com',
   'codeload.github.com',
   'objects.githubusercontent.com',
+  'release-assets.githubusercontent.com',
 ];
 
-/** A host name in the one form policies compare: lower case, no trailing dot, no IPv6 brackets. */
-export function normalizeHost(host: string): string {
+/** Lower case, trimmed, no trailing dot, no IPv6 brackets. */
+function normalizeHost(host: string): string {
   let result = host.trim().toLowerCase();
   if (result.startsWith('[') && result.endsWith(']')) result = result.slice(1, -1);
   while (result.endsWith('.')) result = result.slice(0, -1);
   return result;
 }
 
-/** Whether `host` matches `pattern`: the same name, or for `*.example.com` any subdomain of it. */
-export function hostMatches(pattern: string, host: string): boolean {
-  const wanted = normalizeHost(pattern);
-  const name = normalizeHost(host);
-  if (wanted.startsWith('*.')) return name.endsWith(wanted.slice(1)) && name.length > wanted.length - 1;
-  return wanted === name;
-}
-
-/** Whether the policy lets the sandbox reach `host` at all (checked before any DNS lookup). */
-export function hostReachable(
-  networking: EgressNetworking,
-  host: string,
-): { ok: true } | { ok: false; reason: string } {
-  if (networking.type === 'unrestricted') return { ok: true };
-  const allowed = [
-    ...networking.allowedHosts,
-    ...(networking.allowPackageManagers ? PACKAGE_MANAGER_HOSTS : []),
-    ...(networking.extraHosts ?? []),
-  ];
-  if (allowed.some((pattern) => hostMatches(pattern, host))) return { ok: true };
-  return {
-    ok: false,
-    reason: `host ${normalizeHost(host)} is not in the environment's allowed_hosts (networking: limited)`,
-  };
-}
-
-/** The credentials whose allowed hosts include `host` (where their placeholders are swapped). */
-export function credentialsFor(policy: EgressPolicy, host: string): EgressCredential[] {
-  return policy.credentials.filter(
-    (credential) =>
-      credential.allowedHosts === 'unrestricted' ||
-      credential.allowedHosts.some((pattern) => hostMatches(pattern, host)),
-  );
+/** A pattern in canonical form (`*.` kept, the rest as a URL parser reads it: punycode, lower case). */
+function canonicalPattern(pattern: string): string {
+  const trimmed = normalizeHost(pattern);
+  if (trimmed.startsWith('*.')) return `*.${canonicalHost(trimmed.slice(2)) ?? trimmed.slice(2)}`;
+  return canonicalHost(trimmed) ?? trimmed;
 }
 
 /**
- * Addresses no sandbox may reach through the proxy, whatever its policy: the host itself and
- * the networks around it. IPv4-mapped IPv6 addresses are checked as the IPv4 address they carry.
+ * A matcher for a list of host patterns, taking hosts already in canonical form
+ * (`canonicalHost`): exact names in a set, `*.` suffixes in a list.
  */
-const NON_PUBLIC = (() => {
-  const list = new BlockList();
-  for (const [network, prefix] of [
-    ['0.0.0.0', 8], // "this" network; 0.0.0.0 reaches the host's own listeners
-    ['10.0.0.0', 8],
-    ['100.64.0.0', 10], // carrier-grade NAT
-    ['127.0.0.0', 8],
-    ['169.254.0.0', 16], // link-local, cloud metadata (169.254.169.254)
-    ['172.16.0.0', 12],
-    ['192.0.0.0', 24],
-    ['192.0.2.0', 24],
-    ['192.168.0.0', 16],
-    ['198.18.0.0', 15],
-    ['198.51.100.0', 24],
-    ['203.0.113.0', 24],
-    ['224.0.0.0', 4], // multicast
-    ['240.0.0.0', 4], // reserved, broadcast
-  ] as const) {
-    list.addSubnet(network, prefix, 'ipv4');
+function compileHostPatterns(patterns: readonly string[]): (host: string) => boolean {
+  const exact = new Set<string>();
+  const suffixes: string[] = [];
+  for (const pattern of patterns.map(canonicalPattern)) {
+    if (pattern.startsWith('*.')) suffixes.push(pattern.slice(1));
+    else exact.add(pattern);
   }
-  for (const [network, prefix] of [
-    ['::', 128], // unspecified
-    ['::1', 128],
-    ['64:ff9b::', 96], // NAT64 (reaches IPv4 space)
-    ['100::', 64],
-    ['2001:db8::', 32],
-    ['fc00::', 7], // unique local
-    ['fe80::', 10], // link-local
-    ['fec0::', 10],
-    ['ff00::', 8], // multicast
-  ] as const) {
-    list.addSubnet(network, prefix, 'ipv6');
-  }
-  return list;
-})();
+  return (host) =>
+    exact.has(host) || suffixes.some((suffix) => host.endsWith(suffix) && host.length > suffix.length);
+}
 
-/** True for an address on the public internet; false for the host's own and private networks. */
-export function isPublicAddress(address: string): boolean {
-  const family = isIP(address);
-  if (family === 0) return false;
-  if (family === 6) {
-    const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address)?.[1];
-    if (mapped) return !NON_PUBLIC.check(mapped, 'ipv4');
-    if (/^::ffff:/i.test(address) || /^::(\d|[0-9a-f]{1,4}:)/i.test(address)) {
-      // Other embeddings of IPv4 (IPv4-compatible ::a.b.c.d, hex-mapped): never public here.
-      return false;
+/** A policy ready for the hot path. Hosts given to it must be canonical (`canonicalHost`). */
+export interface CompiledPolicy {
+  readonly policy: EgressPolicy;
+  /** Whether the sandbox may reach `host` at all (checked before any DNS lookup). */
+  reachable(host: string): { ok: true } | { ok: false; reason: string };
+  /** The credentials whose placeholders are swapped on requests to `host`. */
+  credentialsFor(host: string): readonly EgressCredential[];
+}
+
+/**
+ * Checks and compiles a policy. Throws `invalid_request` for a credential the proxy could not
+ * apply safely: an empty placeholder or secret, or one that contains the other (a swap would
+ * then not be reversible).
+ */
+export function compilePolicy(policy: EgressPolicy): CompiledPolicy {
+  for (const credential of policy.credentials) {
+    if (credential.placeholder.length === 0 || credential.secret.length === 0) {
+      throw invalidRequest(`egress credential ${credential.name} has an empty placeholder or secret`);
     }
-    return !NON_PUBLIC.check(address, 'ipv6');
+    if (
+      credential.secret.includes(credential.placeholder) ||
+      credential.placeholder.includes(credential.secret)
+    ) {
+      throw invalidRequest(`egress credential ${credential.name}: placeholder and secret overlap`);
+    }
   }
-  return !NON_PUBLIC.check(address, 'ipv4');
+  const { networking } = policy;
+  const reachable: CompiledPolicy['reachable'] =
+    networking.type === 'unrestricted'
+      ? () => ({ ok: true })
+      : (() => {
+          const allowed = compileHostPatterns([
+            ...networking.allowedHosts,
+            ...(networking.allowPackageManagers ? PACKAGE_MANAGER_HOSTS : []),
+            ...(networking.extraHosts ?? []),
+          ]);
+          return (host: string) =>
+            allowed(host)
+              ? { ok: true }
+              : {
+                  ok: false,
+                  reason: `host ${host} is not in the environment's allowed_hosts (networking: limited)`,
+                };
+        })();
+  const matchers = policy.credentials.map((credential) => ({
+    credential,
+    applies:
+      credential.allowedHosts === 'unrestricted' ? () => true : compileHostPatterns(credential.allowedHosts),
+  }));
+  const none: readonly EgressCredential[] = [];
+  return {
+    policy,
+    reachable,
+    credentialsFor: (host) => {
+      if (matchers.length === 0) return none;
+      return matchers.filter((entry) => entry.applies(host)).map((entry) => entry.credential);
+    },
+  };
 }

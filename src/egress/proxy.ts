@@ -1,12 +1,12 @@
 /**
  * The egress proxy of one session: an HTTP proxy on a unix socket (inside the sandbox,
  * 127.0.0.1:3128 relays to it; see the bwrap driver's services directory). It is the sandbox's
- * only way out. Rules, in order (see `policy.ts`):
+ * only way out. Rules, in order (see `policy.ts` and `addresses.ts`):
  *
  * 1. The host name must be allowed by the session's `networking`, checked before any lookup.
- * 2. The proxy resolves it and refuses any address on the host's own or private networks
- *    (loopback, RFC 1918, link-local and metadata, CGNAT, ULA, …) unless the operator listed that
- *    exact `address:port` in `allowPrivateDestinations`; it connects to the address it checked.
+ * 2. The proxy resolves it and refuses any address off the public internet (loopback, RFC 1918,
+ *    link-local and metadata, CGNAT, ULA, …) unless the operator listed that exact
+ *    `address:port` in `allowPrivateDestinations`; it connects to the address it checked.
  * 3. HTTPS (CONNECT) to a host where one of the session's credentials applies is intercepted: the
  *    proxy terminates TLS with a certificate from the session's own CA (`certificates.ts`) and
  *    re-originates to the host with full certificate verification. There, placeholders become
@@ -23,68 +23,119 @@
 import { lookup } from 'node:dns/promises';
 import { chmodSync, rmSync } from 'node:fs';
 import {
+  type ClientRequest,
   createServer as createHttpServer,
+  Agent as HttpAgent,
   request as httpRequest,
   type IncomingHttpHeaders,
   type IncomingMessage,
+  type OutgoingHttpHeaders,
   type Server,
   type ServerResponse,
+  STATUS_CODES,
 } from 'node:http';
-import { request as httpsRequest } from 'node:https';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { isIP, connect as netConnect, type Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
-import { createSecureContext, rootCertificates, TLSSocket } from 'node:tls';
-import { type CertificateAuthority, createCertificateAuthority } from './certificates.js';
+import { type Duplex, pipeline, type Readable, type Transform } from 'node:stream';
+import { createSecureContext, rootCertificates, type SecureContext, TLSSocket } from 'node:tls';
+import { createBrotliDecompress, createUnzip } from 'node:zlib';
+import { invalidRequest } from '../errors.js';
 import {
-  credentialsFor,
-  type EgressCredential,
-  type EgressPolicy,
-  hostReachable,
+  type Authority,
+  canonicalAddress,
+  canonicalHost,
+  destinationKey,
+  formatAuthority,
   isPublicAddress,
-  normalizeHost,
-} from './policy.js';
+  parseAuthority,
+} from './addresses.js';
+import { type CertificateAuthority, createCertificateAuthority } from './certificates.js';
+import { type CompiledPolicy, compilePolicy, type EgressCredential, type EgressPolicy } from './policy.js';
 import { type Replacement, replaceAll, replacingStream } from './replace-stream.js';
 
 /** One request through the proxy (or one CONNECT tunnel), as the session's audit sees it. */
 export interface EgressAuditRecord {
   method: string;
+  /** The host the sandbox asked for (canonical form), or the raw target when it did not parse. */
   host: string;
   port: number;
   /** Path and query for requests the proxy saw; null for tunnels it did not open. */
   path: string | null;
-  /** The upstream's status, the proxy's own refusal (403, 502), or null when none came. */
+  /** The upstream's status, the proxy's own answer (400, 403, 413, 502), or null when none came. */
   status: number | null;
+  /** Body bytes from the sandbox (tunnels: every byte), before any swap. */
   bytesSent: number;
+  /** Body bytes from the upstream (tunnels: every byte), before any swap or decoding. */
   bytesReceived: number;
-  /** Names of the credentials whose placeholders were swapped in. */
+  /** Names of the credentials whose placeholders were swapped into this request. */
   credentials: string[];
+  /** `denied`: a rule of the policy or a limit refused it (`reason` says which). */
   decision: 'allowed' | 'denied';
+  /** Why the proxy refused or failed it; absent when the upstream answered. */
   reason?: string;
   tls: 'intercepted' | 'passthrough' | 'none';
   durationMs: number;
 }
+
+/** The proxy's limits; every one has a default (`DEFAULT_EGRESS_LIMITS`). */
+export interface EgressLimits {
+  /** Connections from the sandbox at once; more are closed at once. */
+  maxConnections: number;
+  /** Size of a request's header block from the sandbox (larger: 431). */
+  maxHeaderBytes: number;
+  /** To resolve a name. */
+  resolveTimeoutMs: number;
+  /** To connect (and finish TLS) to an upstream. */
+  connectTimeoutMs: number;
+  /** A tunnel, connection or upstream request with no bytes either way for this long is closed. */
+  idleTimeoutMs: number;
+  /** Request bodies where a placeholder may be swapped are read whole, up to this (larger: 413). */
+  maxInjectedBodyBytes: number;
+}
+
+export const DEFAULT_EGRESS_LIMITS: Readonly<EgressLimits> = {
+  maxConnections: 256,
+  maxHeaderBytes: 32 * 1024,
+  resolveTimeoutMs: 10_000,
+  connectTimeoutMs: 15_000,
+  idleTimeoutMs: 5 * 60_000,
+  maxInjectedBodyBytes: 16 * 1024 * 1024,
+};
 
 export interface EgressProxyOptions {
   /** Unix socket to listen on (created with mode 0666; its directory is the caller's). */
   socketPath: string;
   policy: EgressPolicy;
   /** Names the CA (e.g. the session id). */
-  label: string;
+  label?: string;
+  /** Hears every request and tunnel; a throwing sink never breaks the sandbox's request. */
   onRequest?(record: EgressAuditRecord): void;
-  /** Exact `address:port` pairs on private networks that may still be reached (tests, operators). */
+  /**
+   * Exact `address:port` pairs off the public internet that may still be reached (tests,
+   * operators): `127.0.0.1:8080`, `[::1]:8080`.
+   */
   allowPrivateDestinations?: readonly string[];
   /** Roots trusted for upstream TLS besides Node's own (PEM). */
   upstreamCaCertificates?: readonly string[];
-  /** Name resolution (default: the system resolver); returns addresses. */
-  resolve?(host: string): Promise<string[]>;
+  /** Name resolution (default: the system resolver); returns addresses. Never called for a denied name. */
+  resolve?(host: string): Promise<readonly string[]>;
+  limits?: Partial<EgressLimits>;
 }
 
 export interface EgressProxy {
   readonly socketPath: string;
   /** The session's CA certificate (PEM), for the sandbox's trust store. */
   readonly caCertificatePem: string;
+  /** Replaces the policy for requests and tunnels that start from now on. */
   updatePolicy(policy: EgressPolicy): void;
+  /** Stops listening and ends every open tunnel, connection and upstream request. */
   close(): Promise<void>;
+}
+
+/** A Host header's value: the port only when it is not the scheme's default. */
+function hostHeader(host: string, port: number, defaultPort: number): string {
+  if (port !== defaultPort) return formatAuthority(host, port);
+  return isIP(host) === 6 ? `[${host}]` : host;
 }
 
 /** Headers that belong to one hop and are never forwarded. */
@@ -99,42 +150,120 @@ const HOP_HEADERS = new Set([
   'transfer-encoding',
   'upgrade',
 ]);
-const MAX_CONNECTIONS = 256;
-const IDLE_TIMEOUT_MS = 5 * 60_000;
-const CONNECT_TIMEOUT_MS = 15_000;
+/** Security contexts kept for intercepted hosts (one per host name). */
+const CONTEXT_CACHE_SIZE = 1000;
 
+/** A refusal by the proxy itself: the status it answers and the rule that refused. */
 class Refusal extends Error {
   constructor(
     readonly status: number,
     message: string,
+    readonly decision: 'allowed' | 'denied',
   ) {
     super(message);
   }
 }
 
-/** Parses `host:port` (IPv6 in brackets) with a default port. */
-function splitHostPort(authority: string, defaultPort: number): { host: string; port: number } {
-  const match = /^\[([^\]]+)\](?::(\d+))?$/.exec(authority) ?? /^([^:]+)(?::(\d+))?$/.exec(authority);
-  if (!match) throw new Refusal(400, `bad host: ${authority}`);
-  const port = match[2] === undefined ? defaultPort : Number(match[2]);
-  if (!(port > 0 && port < 65536)) throw new Refusal(400, `bad port in ${authority}`);
-  return { host: normalizeHost(match[1]!), port };
+const systemResolve = async (host: string) =>
+  (await lookup(host, { all: true, verbatim: true })).map((entry) => entry.address);
+
+/** `headers` without hop-by-hop headers (also those the Connection header names). */
+function endToEnd(headers: IncomingHttpHeaders): [string, string | string[]][] {
+  const named = new Set(
+    String(headers.connection ?? '')
+      .split(',')
+      .map((token) => token.trim().toLowerCase())
+      .filter(Boolean),
+  );
+  return Object.entries(headers).flatMap(([name, value]) =>
+    value === undefined || HOP_HEADERS.has(name) || named.has(name) ? [] : [[name, value]],
+  );
 }
 
-/** Starts the proxy; resolves once it listens. */
+/** Header text swapped through `replacements` (header values are latin1 strings of the raw bytes). */
+function swapHeader(value: string, replacements: readonly Replacement[], onMatch?: (index: number) => void) {
+  if (replacements.length === 0) return value;
+  return replaceAll(Buffer.from(value, 'latin1'), replacements, onMatch).toString('latin1');
+}
+
+/** Decoders that undo a response's content-encoding, or undefined for one the proxy cannot undo. */
+function decodersFor(contentEncoding: string | undefined): Transform[] | undefined {
+  const codings = (contentEncoding ?? '')
+    .split(',')
+    .map((coding) => coding.trim().toLowerCase())
+    .filter((coding) => coding.length > 0 && coding !== 'identity')
+    .reverse();
+  const decoders: Transform[] = [];
+  for (const coding of codings) {
+    if (coding === 'gzip' || coding === 'x-gzip' || coding === 'deflate') decoders.push(createUnzip());
+    else if (coding === 'br') decoders.push(createBrotliDecompress());
+    else return undefined;
+  }
+  return decoders;
+}
+
+/** Why an upstream request failed, in words (error codes only: messages are not ours to repeat). */
+function upstreamFailure(error: NodeJS.ErrnoException, host: string): string {
+  const code = error.code ?? 'unknown error';
+  if (/CERT|SELF_SIGNED|UNABLE_TO|ALTNAME|ERR_TLS/.test(code)) {
+    return `the TLS certificate of ${host} did not verify (${code}); the proxy does not fall back`;
+  }
+  if (code === 'ETIMEDOUT') return `${host} did not answer in time`;
+  return `upstream ${host} failed (${code})`;
+}
+
+/** Reads a request body whole, refusing beyond `limit` bytes. */
+function readBody(
+  request: IncomingMessage,
+  limit: number,
+  counted: (bytes: number) => void,
+): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let length = 0;
+    request.on('data', (chunk: Buffer) => {
+      length += chunk.length;
+      counted(chunk.length);
+      if (length > limit) {
+        request.removeAllListeners('data');
+        request.resume();
+        reject(new Refusal(413, `request bodies to this host are limited to ${limit} bytes`, 'denied'));
+        return;
+      }
+      chunks.push(chunk);
+    });
+    request.on('end', () => resolve(Buffer.concat(chunks)));
+    request.on('error', reject);
+  });
+}
+
+/** Starts the proxy; resolves once it listens. Throws `invalid_request` for a bad option or policy. */
 export async function createEgressProxy(options: EgressProxyOptions): Promise<EgressProxy> {
-  let policy = options.policy;
-  const authority: CertificateAuthority = await createCertificateAuthority(options.label);
-  const allowedPrivate = new Set(options.allowPrivateDestinations ?? []);
+  const limits: EgressLimits = { ...DEFAULT_EGRESS_LIMITS, ...options.limits };
+  let compiled: CompiledPolicy = compilePolicy(options.policy);
+  const allowedPrivate = new Set<string>();
+  for (const entry of options.allowPrivateDestinations ?? []) {
+    const key = destinationKey(entry);
+    if (!key) throw invalidRequest(`allowPrivateDestinations: ${entry} is not an address:port`);
+    allowedPrivate.add(key);
+  }
+  const authority: CertificateAuthority = await createCertificateAuthority(options.label ?? 'session');
   // Built once: parsing ~150 roots per upstream connection would cost ~30 ms each.
   const upstreamContext = createSecureContext({
     ca: [...rootCertificates, ...(options.upstreamCaCertificates ?? [])],
   });
-  const resolve =
-    options.resolve ??
-    (async (host: string) =>
-      (await lookup(host, { all: true, verbatim: true })).map((entry) => entry.address));
+  // Upstream connections are kept alive and reused (keyed by address, port and server name):
+  // intercepted requests then skip the upstream handshake.
+  const agentOptions = { keepAlive: true, maxFreeSockets: 16, timeout: 30_000, scheduling: 'lifo' as const };
+  const httpAgent = new HttpAgent(agentOptions);
+  const httpsAgent = new HttpsAgent(agentOptions);
+  const resolve = options.resolve ?? systemResolve;
+  const contexts = new Map<string, Promise<SecureContext>>();
+  const intercepted = new WeakMap<Duplex, Authority & { address: string }>();
   const sockets = new Set<Duplex>();
+  const upstreamRequests = new Set<ClientRequest>();
+  let closing = false;
+
   const audit = (record: EgressAuditRecord) => {
     try {
       options.onRequest?.(record);
@@ -142,77 +271,85 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
       // An audit sink's failure must not break the sandbox's request.
     }
   };
+  const track = (socket: Duplex) => {
+    if (closing) {
+      socket.destroy();
+      return;
+    }
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  };
+
+  const resolveWithTimeout = (host: string): Promise<readonly string[]> =>
+    new Promise((resolvePromise, reject) => {
+      const timer = setTimeout(() => reject(new Error('timed out')), limits.resolveTimeoutMs);
+      resolve(host).then(
+        (addresses) => {
+          clearTimeout(timer);
+          resolvePromise(addresses);
+        },
+        (error: unknown) => {
+          clearTimeout(timer);
+          reject(error);
+        },
+      );
+    });
 
   /** Rules 1 and 2: the address to connect to, or a Refusal saying which rule. */
-  const destination = async (host: string, port: number): Promise<string> => {
-    const reachable = hostReachable(policy.networking, host);
-    if (!reachable.ok) throw new Refusal(403, reachable.reason);
-    let addresses: string[];
-    if (isIP(host)) addresses = [host];
+  const destination = async (policy: CompiledPolicy, target: Authority): Promise<string> => {
+    const reachable = policy.reachable(target.host);
+    if (!reachable.ok) throw new Refusal(403, reachable.reason, 'denied');
+    let found: readonly string[];
+    if (isIP(target.host)) found = [target.host];
     else {
       try {
-        addresses = await resolve(host);
+        found = await resolveWithTimeout(target.host);
       } catch {
-        throw new Refusal(502, `cannot resolve ${host}`);
+        throw new Refusal(502, `cannot resolve ${target.host}`, 'allowed');
       }
     }
-    const usable = addresses.filter(
-      (address) => isPublicAddress(address) || allowedPrivate.has(`${address}:${port}`),
+    const addresses = found.flatMap((address) => canonicalAddress(address) ?? []);
+    const usable = addresses.find(
+      (address) => isPublicAddress(address) || allowedPrivate.has(formatAuthority(address, target.port)),
     );
-    if (usable.length === 0) {
-      throw new Refusal(
-        403,
-        addresses.length === 0
-          ? `${host} has no address`
-          : `${host} resolves to ${addresses[0]}, on a private or host network that sandboxes may not reach`,
-      );
-    }
-    return usable[0]!;
+    if (usable !== undefined) return usable;
+    if (addresses.length === 0) throw new Refusal(502, `${target.host} has no address`, 'allowed');
+    const where = isIP(target.host) ? target.host : `${target.host} resolves to ${addresses[0]}, which`;
+    throw new Refusal(
+      403,
+      `${where} is on a private, loopback or link-local network that sandboxes may not reach`,
+      'denied',
+    );
   };
 
-  /** Request headers for upstream: hop headers dropped, placeholders swapped where allowed. */
-  const upstreamHeaders = (
-    headers: IncomingHttpHeaders,
-    applying: readonly EgressCredential[],
-  ): Record<string, string | string[]> => {
-    const toSecret = applying
-      .filter((credential) => credential.injection.header)
-      .map((credential) => ({ from: credential.placeholder, to: credential.secret }));
-    const result: Record<string, string | string[]> = {};
-    for (const [name, value] of Object.entries(headers)) {
-      if (value === undefined || HOP_HEADERS.has(name)) continue;
-      // Bodies that pass a credential's host are rewritten: ask for them uncompressed.
-      if (name === 'accept-encoding' && applying.length > 0) continue;
-      const swap = (text: string) => replaceAll(Buffer.from(text, 'latin1'), toSecret).toString('latin1');
-      result[name] = Array.isArray(value) ? value.map(swap) : swap(value);
+  /** The TLS context the sandbox sees for `host`: a leaf from the session's CA (cached). */
+  const contextFor = (host: string): Promise<SecureContext> => {
+    let context = contexts.get(host);
+    if (!context) {
+      context = authority
+        .issue(host)
+        .then((issued) => createSecureContext({ cert: issued.certificatePem, key: issued.keyPem }));
+      contexts.set(host, context);
+      context.catch(() => contexts.delete(host));
+      if (contexts.size > CONTEXT_CACHE_SIZE) {
+        const oldest = contexts.keys().next().value;
+        if (oldest !== undefined) contexts.delete(oldest);
+      }
     }
-    return result;
+    return context;
   };
 
-  /** Response headers back to the sandbox: secrets swapped back to placeholders. */
-  const downstreamHeaders = (
-    headers: IncomingHttpHeaders,
-    toPlaceholder: readonly Replacement[],
-    rewritingBody: boolean,
-  ): Record<string, string | string[]> => {
-    const result: Record<string, string | string[]> = {};
-    for (const [name, value] of Object.entries(headers)) {
-      if (value === undefined || HOP_HEADERS.has(name)) continue;
-      if (rewritingBody && name === 'content-length') continue;
-      const swap = (text: string) =>
-        replaceAll(Buffer.from(text, 'latin1'), toPlaceholder).toString('latin1');
-      result[name] = Array.isArray(value) ? value.map(swap) : swap(value);
-    }
-    return result;
-  };
-
-  /** Forwards one request (plain HTTP, or an intercepted HTTPS one) and audits it. */
+  /**
+   * Forwards one request (plain HTTP, or one inside an intercepted TLS connection), swapping
+   * placeholders where a credential applies, and audits it.
+   */
   const forward = async (
     request: IncomingMessage,
     response: ServerResponse,
-    target: { host: string; port: number; path: string; tls: boolean },
+    target: Authority & { tls: boolean; path: string; address?: string; namedHost?: string },
   ): Promise<void> => {
     const started = performance.now();
+    const policy = compiled;
     const record: EgressAuditRecord = {
       method: request.method ?? 'GET',
       host: target.host,
@@ -226,138 +363,295 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
       tls: target.tls ? 'intercepted' : 'none',
       durationMs: 0,
     };
-    const finish = () => {
+    let reported = false;
+    const report = () => {
+      if (reported) return;
+      reported = true;
       record.durationMs = performance.now() - started;
       audit(record);
     };
-    const refuse = (status: number, reason: string) => {
-      record.status = status;
-      record.decision = status === 403 ? 'denied' : 'allowed';
-      record.reason = reason;
+    const refuse = (refusal: Refusal) => {
+      record.status = refusal.status;
+      record.decision = refusal.decision;
+      record.reason = refusal.message;
       if (!response.headersSent) {
-        response.writeHead(status, { 'content-type': 'text/plain; charset=utf-8', connection: 'close' });
-      }
-      response.end(`berth egress: ${reason}\n`);
+        const body = `berth egress: ${refusal.message}\n`;
+        response.writeHead(refusal.status, {
+          'content-type': 'text/plain; charset=utf-8',
+          'content-length': Buffer.byteLength(body),
+          connection: 'close',
+        });
+        response.end(body);
+      } else response.destroy();
       request.resume();
-      finish();
+      report();
     };
+    let current: ClientRequest | undefined;
+    let gone = false;
+    response.once('close', () => {
+      // The sandbox went away before the answer was complete: stop the upstream request too.
+      gone = !response.writableFinished;
+      if (gone) current?.destroy();
+      report();
+    });
+
     let address: string;
     try {
-      address = await destination(target.host, target.port);
+      // An intercepted tunnel was checked and resolved at CONNECT; the policy may have changed since.
+      if (target.address === undefined) address = await destination(policy, target);
+      else {
+        const reachable = policy.reachable(target.host);
+        if (!reachable.ok) throw new Refusal(403, reachable.reason, 'denied');
+        if (target.namedHost !== undefined && target.namedHost !== target.host) {
+          // A different Host would carry the secret to another site behind the same address.
+          throw new Refusal(
+            403,
+            `the request names host ${target.namedHost} but its tunnel goes to ${target.host}`,
+            'denied',
+          );
+        }
+        address = target.address;
+      }
     } catch (error) {
-      if (error instanceof Refusal) return refuse(error.status, error.message);
+      if (error instanceof Refusal) return refuse(error);
       throw error;
     }
-    const applying = credentialsFor(policy, target.host);
-    record.credentials = applying.map((credential) => credential.name);
-    const toPlaceholder = applying.map((credential) => ({
+
+    const applying = policy.credentialsFor(target.host);
+    const injected = new Set<EgressCredential>();
+    const injecting = (credentials: readonly EgressCredential[]) => (index: number) =>
+      injected.add(credentials[index]!);
+    const headerCredentials = applying.filter((credential) => credential.injection.header);
+    const headerSwaps = headerCredentials.map((credential) => ({
+      from: credential.placeholder,
+      to: credential.secret,
+    }));
+    const bodyCredentials = applying.filter((credential) => credential.injection.body);
+    const headers: OutgoingHttpHeaders = {};
+    const onMatch = injecting(headerCredentials);
+    for (const [name, value] of endToEnd(request.headers)) {
+      if (name === 'host') continue;
+      // Bodies from a credential's host are scanned for its secret: ask for them uncompressed.
+      if (name === 'accept-encoding' && applying.length > 0) continue;
+      headers[name] = Array.isArray(value)
+        ? value.map((item) => swapHeader(item, headerSwaps, onMatch))
+        : swapHeader(value, headerSwaps, onMatch);
+    }
+    // The Host is the one the proxy connects for (plain HTTP: the absolute URL's, as RFC 9112
+    // says; a different Host would carry the secret to another site behind the same address).
+    headers.host = hostHeader(target.host, target.port, target.tls ? 443 : 80);
+
+    const hasBody =
+      request.headers['content-length'] !== undefined || request.headers['transfer-encoding'] !== undefined;
+    let body: Buffer | undefined;
+    if (bodyCredentials.length > 0 && hasBody) {
+      const declared = Number(request.headers['content-length'] ?? 0);
+      try {
+        if (declared > limits.maxInjectedBodyBytes) {
+          throw new Refusal(
+            413,
+            `request bodies to this host are limited to ${limits.maxInjectedBodyBytes} bytes`,
+            'denied',
+          );
+        }
+        const raw = await readBody(request, limits.maxInjectedBodyBytes, (bytes) => {
+          record.bytesSent += bytes;
+        });
+        body = replaceAll(
+          raw,
+          bodyCredentials.map((credential) => ({ from: credential.placeholder, to: credential.secret })),
+          injecting(bodyCredentials),
+        );
+      } catch (error) {
+        if (error instanceof Refusal) return refuse(error);
+        return refuse(new Refusal(400, 'the request body could not be read', 'allowed'));
+      }
+      headers['content-length'] = String(body.length);
+    } else if (hasBody) {
+      request.on('data', (chunk: Buffer) => {
+        record.bytesSent += chunk.length;
+      });
+    }
+    // Secrets of every credential of the session are turned back into placeholders in responses.
+    const toPlaceholder = policy.policy.credentials.map((credential) => ({
       from: credential.secret,
       to: credential.placeholder,
     }));
-    const bodyToSecret = applying
-      .filter((credential) => credential.injection.body)
-      .map((credential) => ({ from: credential.placeholder, to: credential.secret }));
-    const headers = upstreamHeaders(request.headers, applying);
-    if (bodyToSecret.length > 0) delete headers['content-length'];
-    const send = target.tls ? httpsRequest : httpRequest;
-    const upstream = send({
-      host: address,
-      port: target.port,
-      method: request.method,
-      path: target.path,
-      headers: { ...headers, host: request.headers.host ?? target.host },
-      setHost: false,
-      timeout: CONNECT_TIMEOUT_MS,
-      ...(target.tls
-        ? {
-            servername: isIP(target.host) ? undefined : target.host,
-            secureContext: upstreamContext,
-            rejectUnauthorized: true,
-          }
-        : {}),
-      agent: false,
-    });
-    upstream.on('timeout', () => upstream.destroy(new Error('upstream timed out')));
-    upstream.on('error', (error) => {
-      const reason = /certificate|self.signed|unable to verify|altnames|CERT_/i.test(error.message)
-        ? `the upstream's TLS certificate did not verify (${error.message})`
-        : `upstream error: ${error.message}`;
-      refuse(502, reason);
-    });
-    upstream.on('response', (answer) => {
-      record.status = answer.statusCode ?? null;
-      const rewriting = toPlaceholder.length > 0;
-      response.writeHead(
-        answer.statusCode ?? 502,
-        downstreamHeaders(answer.headers, toPlaceholder, rewriting),
-      );
-      answer.on('data', (chunk: Buffer) => {
-        record.bytesReceived += chunk.length;
+    const rewriting = applying.length > 0;
+
+    const send = (attempt: number) => {
+      let upstream: ClientRequest;
+      try {
+        upstream = (target.tls ? httpsRequest : httpRequest)({
+          host: address,
+          port: target.port,
+          method: request.method,
+          path: target.path,
+          headers,
+          setHost: false,
+          timeout: limits.connectTimeoutMs,
+          maxHeaderSize: 2 * limits.maxHeaderBytes,
+          ...(target.tls
+            ? {
+                agent: httpsAgent,
+                servername: isIP(target.host) ? undefined : target.host,
+                secureContext: upstreamContext,
+                rejectUnauthorized: true,
+              }
+            : { agent: httpAgent }),
+        });
+      } catch (error) {
+        // Only a header value that is not allowed gets here (e.g. a secret with a line break).
+        const code = (error as NodeJS.ErrnoException).code ?? 'unknown error';
+        return refuse(new Refusal(502, `the request could not be forwarded (${code})`, 'allowed'));
+      }
+      current = upstream;
+      record.credentials = [...injected].map((credential) => credential.name);
+      upstreamRequests.add(upstream);
+      upstream.once('close', () => upstreamRequests.delete(upstream));
+      upstream.once('socket', (socket: Socket) => {
+        const connected = () => upstream.setTimeout(limits.idleTimeoutMs);
+        if (!socket.connecting) connected();
+        else socket.once(target.tls ? 'secureConnect' : 'connect', connected);
       });
-      const body = rewriting ? answer.pipe(replacingStream(toPlaceholder)) : answer;
-      body.pipe(response);
-      response.on('close', finish);
-      answer.on('error', () => response.destroy());
-    });
-    request.on('data', (chunk: Buffer) => {
-      record.bytesSent += chunk.length;
-    });
-    (bodyToSecret.length > 0 ? request.pipe(replacingStream(bodyToSecret)) : request).pipe(upstream);
+      upstream.on('timeout', () =>
+        upstream.destroy(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' })),
+      );
+      let answered = false;
+      upstream.on('error', (error: NodeJS.ErrnoException) => {
+        if (answered) {
+          response.destroy();
+          return;
+        }
+        // A kept-alive connection the upstream closed meanwhile: once more on a new one, when
+        // the body can be sent again.
+        const replayable = !hasBody || body !== undefined;
+        if (attempt === 0 && upstream.reusedSocket && replayable && error.code === 'ECONNRESET') {
+          send(1);
+          return;
+        }
+        refuse(new Refusal(502, upstreamFailure(error, target.host), 'allowed'));
+      });
+      upstream.on('response', (answer: IncomingMessage) => {
+        answered = true;
+        answer.on('data', (chunk: Buffer) => {
+          record.bytesReceived += chunk.length;
+        });
+        const status = answer.statusCode ?? 502;
+        const bodyless =
+          request.method === 'HEAD' || status === 204 || status === 304 || (status >= 100 && status < 200);
+        const decoders = rewriting && !bodyless ? decodersFor(answer.headers['content-encoding']) : [];
+        if (decoders === undefined) {
+          answer.destroy();
+          // The value is the upstream's words: never repeated (it could be anything, a secret too).
+          return refuse(
+            new Refusal(
+              502,
+              `the response of ${target.host} is in a content-encoding the proxy cannot check for secrets`,
+              'allowed',
+            ),
+          );
+        }
+        record.status = status;
+        const outgoing: OutgoingHttpHeaders = {};
+        for (const [name, value] of endToEnd(answer.headers)) {
+          if (rewriting && !bodyless && (name === 'content-length' || name === 'content-encoding')) continue;
+          outgoing[name] = Array.isArray(value)
+            ? value.map((item) => swapHeader(item, toPlaceholder))
+            : swapHeader(value, toPlaceholder);
+        }
+        response.writeHead(
+          status,
+          answer.statusMessage ? swapHeader(answer.statusMessage, toPlaceholder) : undefined,
+          outgoing,
+        );
+        const stages: (Readable | Transform)[] = [answer];
+        if (rewriting && !bodyless) stages.push(...decoders, replacingStream(toPlaceholder));
+        pipeline([...stages, response] as [Readable, ...Transform[], ServerResponse], (error) => {
+          if (error) response.destroy();
+        });
+      });
+      if (body !== undefined) upstream.end(body);
+      else if (hasBody) request.pipe(upstream);
+      else upstream.end();
+    };
+
+    if (gone) return;
+    send(0);
   };
 
-  /** Handles requests of an intercepted TLS connection (origin-form, to `host:port`). */
-  const interceptor = createHttpServer((request, response) => {
-    const { host, port } = (request.socket as TLSSocket & { berthTarget: { host: string; port: number } })
-      .berthTarget;
-    void forward(request, response, { host, port, path: request.url ?? '/', tls: true }).catch(() =>
-      response.destroy(),
-    );
-  });
+  /** Handles requests of an intercepted TLS connection (origin-form, to its CONNECT target). */
+  const interceptor = createHttpServer(
+    { maxHeaderSize: limits.maxHeaderBytes, requestTimeout: 0 },
+    (request, response) => {
+      const target = intercepted.get(request.socket);
+      if (!target) return void response.destroy();
+      let path = request.url ?? '/';
+      let named = request.headers.host;
+      if (!path.startsWith('/') && path !== '*') {
+        // Absolute-form inside the tunnel: its authority must be the tunnel's too.
+        let url: URL | undefined;
+        try {
+          url = new URL(path);
+        } catch {
+          url = undefined;
+        }
+        named = url?.host ?? path;
+        path = url ? `${url.pathname}${url.search}` : '/';
+      }
+      const namedHost =
+        named === undefined ? target.host : (parseAuthority(named, target.port)?.host ?? named);
+      forward(request, response, { ...target, tls: true, path, namedHost }).catch(() => response.destroy());
+    },
+  );
 
-  const server: Server = createHttpServer((request, response) => {
-    // Absolute-form requests: plain HTTP through the proxy.
-    let url: URL;
-    try {
-      url = new URL(request.url ?? '');
-    } catch {
-      response.writeHead(400, { 'content-type': 'text/plain' });
-      response.end('berth egress: this is a proxy; send absolute-form requests or CONNECT\n');
-      return;
-    }
-    if (url.protocol !== 'http:') {
-      response.writeHead(400, { 'content-type': 'text/plain' });
-      response.end(`berth egress: ${url.protocol} requests go through CONNECT\n`);
-      return;
-    }
-    const host = normalizeHost(url.hostname);
-    const port = url.port ? Number(url.port) : 80;
-    void forward(request, response, { host, port, path: `${url.pathname}${url.search}`, tls: false }).catch(
-      () => response.destroy(),
-    );
-  });
-  server.maxConnections = MAX_CONNECTIONS;
-  server.maxHeadersCount = 200;
+  const server: Server = createHttpServer(
+    { maxHeaderSize: limits.maxHeaderBytes, requestTimeout: 0 },
+    (request, response) => {
+      // Absolute-form requests: plain HTTP through the proxy.
+      let url: URL | undefined;
+      try {
+        url = new URL(request.url ?? '');
+      } catch {
+        url = undefined;
+      }
+      const reason =
+        url === undefined
+          ? 'this is a proxy; send absolute-form requests (http://host/path) or CONNECT'
+          : url.protocol !== 'http:'
+            ? `${url.protocol} requests go through CONNECT`
+            : undefined;
+      const host = url && canonicalHost(url.hostname);
+      if (reason !== undefined || url === undefined || host === undefined) {
+        const text = `berth egress: ${reason ?? 'bad host'}\n`;
+        response.writeHead(400, {
+          'content-type': 'text/plain; charset=utf-8',
+          'content-length': text.length,
+        });
+        response.end(text);
+        request.resume();
+        return;
+      }
+      const port = url.port ? Number(url.port) : 80;
+      forward(request, response, { host, port, path: `${url.pathname}${url.search}`, tls: false }).catch(() =>
+        response.destroy(),
+      );
+    },
+  );
+  server.maxConnections = limits.maxConnections;
   server.on('connection', (socket: Socket) => {
-    sockets.add(socket);
-    socket.setTimeout(IDLE_TIMEOUT_MS, () => socket.destroy());
-    socket.on('close', () => sockets.delete(socket));
+    track(socket);
+    socket.setTimeout(limits.idleTimeoutMs, () => socket.destroy());
   });
 
   server.on('connect', (request: IncomingMessage, client: Duplex, head: Buffer) => {
     const started = performance.now();
     client.on('error', () => undefined);
-    let target: { host: string; port: number };
-    try {
-      target = splitHostPort(request.url ?? '', 443);
-    } catch (error) {
-      client.end(`HTTP/1.1 400 Bad Request\r\n\r\n`);
-      void error;
-      return;
-    }
+    const target = parseAuthority(request.url ?? '', 443);
     const record: EgressAuditRecord = {
       method: 'CONNECT',
-      host: target.host,
-      port: target.port,
+      host: target?.host ?? (request.url ?? '').slice(0, 255),
+      port: target?.port ?? 0,
       path: null,
       status: null,
       bytesSent: 0,
@@ -367,50 +661,80 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
       tls: 'passthrough',
       durationMs: 0,
     };
-    const deny = (status: number, reason: string) => {
-      record.status = status;
-      record.decision = status === 403 ? 'denied' : 'allowed';
-      record.reason = reason;
+    let reported = false;
+    const report = () => {
+      if (reported) return;
+      reported = true;
       record.durationMs = performance.now() - started;
       audit(record);
+    };
+    const answer = (refusal: Refusal) => {
+      record.status = refusal.status;
+      record.decision = refusal.decision;
+      record.reason = refusal.message;
+      report();
+      const text = `berth egress: ${refusal.message}\n`;
       client.end(
-        `HTTP/1.1 ${status} ${status === 403 ? 'Forbidden' : 'Bad Gateway'}\r\ncontent-type: text/plain\r\nconnection: close\r\n\r\nberth egress: ${reason}\n`,
+        `HTTP/1.1 ${refusal.status} ${STATUS_CODES[refusal.status] ?? 'Error'}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`,
       );
     };
-    void (async () => {
-      let address: string;
-      try {
-        address = await destination(target.host, target.port);
-      } catch (error) {
-        if (error instanceof Refusal) return deny(error.status, error.message);
-        return deny(502, String(error));
-      }
-      if (credentialsFor(policy, target.host).length > 0) {
-        // Rule 3: terminate TLS here; each request is then forwarded (and audited) by `forward`.
-        const issued = await authority.issue(target.host);
-        client.write('HTTP/1.1 200 Connection established\r\n\r\n');
-        const tls = new TLSSocket(client as Socket, {
-          isServer: true,
-          cert: issued.certificatePem,
-          key: issued.keyPem,
-          ALPNProtocols: ['http/1.1'],
-        }) as TLSSocket & { berthTarget: { host: string; port: number } };
-        tls.berthTarget = target;
-        tls.on('error', () => client.destroy());
-        if (head.length > 0) client.unshift(head);
-        sockets.add(tls);
-        tls.on('close', () => sockets.delete(tls));
-        interceptor.emit('connection', tls);
-        return;
-      }
-      const upstream = netConnect({ host: address, port: target.port });
-      sockets.add(upstream);
-      upstream.setTimeout(CONNECT_TIMEOUT_MS, () => upstream.destroy(new Error('connect timed out')));
+    if (!target) return answer(new Refusal(400, 'bad CONNECT target (want host:port)', 'denied'));
+    /** Audits a tunnel that ended without an HTTP answer of the proxy's. */
+    const answerless = (reason: string) => {
+      record.reason = reason;
+      report();
+    };
+
+    const intercept = async (address: string) => {
+      record.tls = 'intercepted';
+      // Rule 3: terminate TLS here; each request inside is then forwarded and audited by `forward`.
+      const context = await contextFor(target.host);
+      if (client.destroyed) return;
+      record.status = 200;
+      client.write('HTTP/1.1 200 Connection established\r\n\r\n');
+      // Bytes the client sent early belong to the TLS stream; a TLSSocket reads what is buffered.
+      if (head.length > 0) client.unshift(head);
+      const tls = new TLSSocket(client as Socket, {
+        isServer: true,
+        secureContext: context,
+        ALPNProtocols: ['http/1.1'],
+      });
+      intercepted.set(tls, { ...target, address });
+      let secured = false;
+      tls.once('secure', () => {
+        secured = true;
+      });
+      // A handshake that never completes is most often a client that does not trust the
+      // session's CA: audit it, since no request will be.
+      let failure = 'the client closed the connection';
+      tls.on('error', (error: NodeJS.ErrnoException) => {
+        failure = `TLS error ${error.code ?? 'unknown'}`;
+        client.destroy();
+      });
+      tls.once('close', () => {
+        if (!secured)
+          answerless(
+            `TLS with the sandbox's client did not complete (${failure}); does it trust the session CA?`,
+          );
+      });
+      track(tls);
+      interceptor.emit('connection', tls);
+    };
+
+    const tunnel = (address: string) => {
+      const upstream = netConnect({ host: address, port: target.port, noDelay: true });
+      track(upstream);
+      upstream.setTimeout(limits.connectTimeoutMs, () =>
+        upstream.destroy(Object.assign(new Error('timed out'), { code: 'ETIMEDOUT' })),
+      );
       upstream.once('connect', () => {
-        upstream.setTimeout(IDLE_TIMEOUT_MS);
+        upstream.setTimeout(limits.idleTimeoutMs);
         record.status = 200;
         client.write('HTTP/1.1 200 Connection established\r\n\r\n');
-        if (head.length > 0) upstream.write(head);
+        if (head.length > 0) {
+          record.bytesSent += head.length;
+          upstream.write(head);
+        }
         client.on('data', (chunk: Buffer) => {
           record.bytesSent += chunk.length;
         });
@@ -420,26 +744,36 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
         client.pipe(upstream);
         upstream.pipe(client);
       });
-      let reported = false;
-      const report = () => {
-        if (reported) return;
-        reported = true;
-        record.durationMs = performance.now() - started;
-        audit(record);
-      };
-      upstream.on('error', (error) => {
+      upstream.on('error', (error: NodeJS.ErrnoException) => {
         if (record.status === null) {
-          reported = true;
-          deny(502, `cannot connect to ${target.host}:${target.port} (${error.message})`);
+          answer(
+            new Refusal(
+              502,
+              `cannot connect to ${target.host}:${target.port} (${error.code ?? 'error'})`,
+              'allowed',
+            ),
+          );
         } else client.destroy();
       });
       upstream.on('close', () => {
-        sockets.delete(upstream);
         client.destroy();
         report();
       });
       client.on('close', () => upstream.destroy());
-    })();
+    };
+
+    void (async () => {
+      const policy = compiled;
+      const address = await destination(policy, target);
+      if (policy.credentialsFor(target.host).length > 0) await intercept(address);
+      else tunnel(address);
+    })().catch((error: unknown) =>
+      answer(
+        error instanceof Refusal
+          ? error
+          : new Refusal(502, `the proxy could not open ${target.host}:${target.port}`, 'allowed'),
+      ),
+    );
   });
 
   rmSync(options.socketPath, { force: true });
@@ -457,12 +791,17 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
     socketPath: options.socketPath,
     caCertificatePem: authority.certificatePem,
     updatePolicy(next) {
-      policy = next;
+      compiled = compilePolicy(next);
     },
     async close() {
+      closing = true;
       const closed = new Promise<void>((resolvePromise) => server.close(() => resolvePromise()));
+      for (const upstream of upstreamRequests) upstream.destroy();
       for (const socket of sockets) socket.destroy();
-      server.closeAllConnections?.();
+      server.closeAllConnections();
+      interceptor.closeAllConnections();
+      httpAgent.destroy();
+      httpsAgent.destroy();
       await closed;
       rmSync(options.socketPath, { force: true });
     },
