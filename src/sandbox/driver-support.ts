@@ -6,7 +6,14 @@
 import { accessSync, constants, lchownSync, lstatSync, readdirSync } from 'node:fs';
 import { delimiter, join, posix } from 'node:path';
 import { BerthError } from '../errors.js';
-import type { ExecResult, SandboxDriver, SandboxHandle } from './driver.js';
+import {
+  DEFAULT_SANDBOX_LIMITS,
+  type EnforcedLimits,
+  type ExecResult,
+  type SandboxDriver,
+  type SandboxHandle,
+  type SandboxSpec,
+} from './driver.js';
 
 /** The first executable called `name` on PATH or in the system binary directories. */
 export function findExecutable(name: string): string | undefined {
@@ -154,5 +161,40 @@ export function execResultOf(result: {
     timedOut: result.timedOut,
     truncated: result.truncated,
     durationMs: result.durationMs,
+  };
+}
+
+/**
+ * The limits a spec asks for with defaults filled in (`DEFAULT_SANDBOX_LIMITS`); `explicit` when it
+ * named any of cpu, memory or pids itself, `explicitDisk` for diskMb. Non-positive values are refused.
+ */
+export function resolveLimits(spec: SandboxSpec): {
+  limits: Required<EnforcedLimits>;
+  explicit: boolean;
+  explicitDisk: boolean;
+} {
+  const requested = {
+    cpu: spec.limits?.cpu,
+    memoryMb: spec.limits?.memoryMb,
+    pids: spec.limits?.pids,
+    diskMb: spec.limits?.diskMb,
+  };
+  for (const [name, value] of Object.entries(requested)) {
+    if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
+      throw new BerthError(
+        'invalid_request',
+        `sandbox limit ${name} must be a positive number, got ${value}`,
+      );
+    }
+  }
+  return {
+    limits: {
+      cpu: requested.cpu ?? DEFAULT_SANDBOX_LIMITS.cpu,
+      memoryMb: requested.memoryMb ?? DEFAULT_SANDBOX_LIMITS.memoryMb,
+      pids: requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids,
+      diskMb: Math.round(requested.diskMb ?? DEFAULT_SANDBOX_LIMITS.diskMb),
+    },
+    explicit: [requested.cpu, requested.memoryMb, requested.pids].some((value) => value !== undefined),
+    explicitDisk: requested.diskMb !== undefined,
   };
 }

@@ -72,6 +72,7 @@ import {
   execResultOf,
   findExecutable,
   pathInside,
+  resolveLimits,
   sandboxFiles,
   validateArgv,
   validateEnvironment,
@@ -226,41 +227,6 @@ function validateReadOnlyMounts(spec: SandboxSpec): void {
       throw new BerthError('invalid_request', `read-only mount source does not exist: ${hostPath}`);
     }
   }
-}
-
-/**
- * The limits a spec asks for with defaults filled in; `explicit` when it named any of cpu,
- * memory or pids itself, `explicitDisk` for diskMb.
- */
-function resolveLimits(spec: SandboxSpec): {
-  limits: Required<EnforcedLimits>;
-  explicit: boolean;
-  explicitDisk: boolean;
-} {
-  const requested = {
-    cpu: spec.limits?.cpu,
-    memoryMb: spec.limits?.memoryMb,
-    pids: spec.limits?.pids,
-    diskMb: spec.limits?.diskMb,
-  };
-  for (const [name, value] of Object.entries(requested)) {
-    if (value !== undefined && !(Number.isFinite(value) && value > 0)) {
-      throw new BerthError(
-        'invalid_request',
-        `sandbox limit ${name} must be a positive number, got ${value}`,
-      );
-    }
-  }
-  return {
-    limits: {
-      cpu: requested.cpu ?? DEFAULT_SANDBOX_LIMITS.cpu,
-      memoryMb: requested.memoryMb ?? DEFAULT_SANDBOX_LIMITS.memoryMb,
-      pids: requested.pids ?? DEFAULT_SANDBOX_LIMITS.pids,
-      diskMb: Math.round(requested.diskMb ?? DEFAULT_SANDBOX_LIMITS.diskMb),
-    },
-    explicit: [requested.cpu, requested.memoryMb, requested.pids].some((value) => value !== undefined),
-    explicitDisk: requested.diskMb !== undefined,
-  };
 }
 
 /** Environment every command sees; nothing comes from the server's own environment. */
