@@ -131,6 +131,54 @@ describe.skipIf(!diskLive)(`bwrap workspace disk quota${skipNote}`, () => {
     expect(attachedImages()).toEqual([]);
   }, 20_000);
 
+  /** Starts a server that provisions over `workdir` and is SIGKILLed; returns its image's name. */
+  const provisionThenDie = async (workdir: string): Promise<string> => {
+    const child = spawn(
+      process.execPath,
+      ['--import', 'tsx', 'test/support/provision-then-die.ts', workdir, '2000'],
+      { stdio: 'ignore' },
+    );
+    await new Promise((resolve) => child.once('exit', resolve));
+    const images = readdirSync(DISKS).filter(
+      (name) => name.startsWith('sbx_') && name.includes(`.${child.pid}.`) && name.endsWith('.img'),
+    );
+    expect(images).toHaveLength(1);
+    expect(isMounted(workdir)).toBe(true);
+    return images[0]!.slice(0, -'.img'.length);
+  };
+
+  it('returns the files of a dead server whose workdir record is empty or names a directory the image left', async () => {
+    for (const record of ['', '/nonexistent/pool/sbx_gone']) {
+      const workdir = join(scratch, `record-${record.length}`);
+      mkdirSync(workdir);
+      writeFileSync(join(workdir, 'before-crash.txt'), 'safe\n');
+      const name = await provisionThenDie(workdir);
+      // What a kill between truncating the record and writing it, or between moving the mount
+      // and recording the move, leaves behind.
+      writeFileSync(join(DISKS, `${name}.workdir`), record);
+      expect(await createBwrapDriver().reapOrphans()).toBeGreaterThanOrEqual(1);
+      expect(isMounted(workdir)).toBe(false);
+      expect(readFileSync(join(workdir, 'before-crash.txt'), 'utf8')).toBe('safe\n');
+      expect(readdirSync(DISKS).filter((file) => file.startsWith(`${name}.`))).toEqual([]);
+    }
+  }, 30_000);
+
+  it('provisions over a workdir a dead server left mounted without waiting for a reap', async () => {
+    const workdir = join(scratch, 'unreaped');
+    mkdirSync(workdir);
+    writeFileSync(join(workdir, 'before-crash.txt'), 'safe\n');
+    const name = await provisionThenDie(workdir);
+    writeFileSync(join(DISKS, `${name}.workdir`), '');
+    const handle = await driver.provision({ sessionId: 'sesn_disk', workdir, limits: { diskMb: 32 } });
+    expect((await driver.exec(handle, ['cat', 'before-crash.txt'])).stdout).toBe('safe\n');
+    await driver.destroy(handle);
+    expect(isMounted(workdir)).toBe(false);
+    expect(readFileSync(join(workdir, 'before-crash.txt'), 'utf8')).toBe('safe\n');
+    expect(readdirSync(DISKS).filter((file) => file.startsWith(`${name}.`))).toEqual([]);
+    // The dead server's sandbox process itself is the reaper's to kill.
+    await createBwrapDriver().reapOrphans();
+  }, 30_000);
+
   it('refuses an explicit disk limit on a host where images cannot be mounted', async () => {
     // A directory that cannot exist: its parent is a file.
     writeFileSync(join(scratch, 'not-a-directory'), '');

@@ -42,7 +42,7 @@ import {
   unlinkSync,
   writeFileSync,
 } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { BerthError } from '../../errors.js';
 import { ownerIsAlive, sandboxCgroupName } from './cgroups.js';
@@ -127,6 +127,26 @@ function mountPointsOf(imagePath: string): string[] {
     if (file === image) points.push(mountPoint);
   }
   return points;
+}
+
+/** The image file behind the loop mount on `mountPoint` (the topmost one), if any. */
+function imageMountedOn(mountPoint: string): string | undefined {
+  let found: string | undefined;
+  for (const line of readFileSync('/proc/self/mountinfo', 'utf8').split('\n')) {
+    const separator = line.indexOf(' - ');
+    if (separator < 0) continue;
+    if (decodeMountPath(line.slice(0, separator).split(' ')[4] ?? '') !== mountPoint) continue;
+    const device = /^\/dev\/(loop\d+)$/.exec(line.slice(separator + 3).split(' ')[1] ?? '')?.[1];
+    if (!device) continue;
+    try {
+      found = readFileSync(`/sys/block/${device}/loop/backing_file`, 'utf8')
+        .trim()
+        .replace(/ \(deleted\)$/, '');
+    } catch {
+      // Detached while we looked.
+    }
+  }
+  return found;
 }
 
 /** True when `path` is a mount point (its device differs from its parent's). */
@@ -261,6 +281,40 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
   };
 
   /**
+   * Records the workdir an image's files belong to. Written to a temporary file and renamed, so
+   * a kill mid-write leaves the old record or the new one, never an empty or partial one.
+   */
+  const writeSidecar = (name: string, workdir: string): void => {
+    const temporary = join(directory, `${name}.workdir.tmp`);
+    writeFileSync(temporary, workdir);
+    renameSync(temporary, join(directory, `${name}.workdir`));
+  };
+
+  /**
+   * Where a dead sandbox's files go back to: the recorded workdir, or (the record missing, empty,
+   * or naming a directory that is gone) the directory the image is still mounted on, other than
+   * the staging point. Undefined when no such directory exists: the session's directory was
+   * deleted, so there is nothing to return the files to.
+   */
+  const workdirOf = (name: string): string | undefined => {
+    let recorded = '';
+    try {
+      recorded = readFileSync(join(directory, `${name}.workdir`), 'utf8').trim();
+    } catch {
+      // No record: the image never held the newest files, or the record was being replaced.
+    }
+    const image = join(directory, `${name}.img`);
+    const staging = join(directory, `${name}.mnt`);
+    const mountedOn = existsSync(image) ? mountPointsOf(image).filter((point) => point !== staging) : [];
+    // A record older than a move (killed between moving the mount and recording it) names a
+    // directory the image has left: the mount is the newer truth.
+    if (recorded.startsWith('/') && existsSync(recorded)) {
+      if (mountedOn.length === 0 || mountedOn.includes(recorded)) return recorded;
+    }
+    return mountedOn.at(-1);
+  };
+
+  /**
    * Unmounts and deletes an image whose files are not the workspace's newest (a copy-in that
    * failed or was cut short: the workdir still holds the originals).
    */
@@ -276,6 +330,7 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
       // Never made.
     }
     rmSync(join(directory, `${name}.workdir`), { force: true });
+    rmSync(join(directory, `${name}.workdir.tmp`), { force: true });
   };
 
   /**
@@ -312,6 +367,19 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
     }
     rmdirSync(staging);
     rmSync(join(directory, `${name}.workdir`), { force: true });
+    rmSync(join(directory, `${name}.workdir.tmp`), { force: true });
+  };
+
+  /**
+   * Returns a dead server's image to its workdir (or discards it when no workdir is left).
+   * Only the recorded workdir, or failing that a mount, says whether the image is authoritative:
+   * an image with neither holds no files anyone can claim.
+   */
+  const reapImage = async (name: string): Promise<void> => {
+    const hasRecord = existsSync(join(directory, `${name}.workdir`));
+    const workdir = workdirOf(name);
+    if (workdir !== undefined && (hasRecord || isMountPoint(workdir))) await copyOutAndRemove(name, workdir);
+    else await discard(name);
   };
 
   return {
@@ -358,6 +426,12 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
         );
       }
       const absoluteWorkdir = resolve(workdir);
+      // A dead server's image still on the workdir (its reaper could not finish): return its
+      // files first, which is what the reaper would have done.
+      const stale = isMountPoint(absoluteWorkdir) ? imageMountedOn(absoluteWorkdir) : undefined;
+      if (stale !== undefined && dirname(stale) === directory && !ownerIsAlive(basename(stale, '.img'))) {
+        await reapImage(basename(stale, '.img'));
+      }
       if (isMountPoint(absoluteWorkdir)) {
         throw new BerthError(
           'sandbox_failed',
@@ -371,7 +445,7 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
        * Written once the image holds the workspace's newest files: from then on the reaper
        * copies them back to `absoluteWorkdir`; before, it discards the image.
        */
-      const markAuthoritative = () => writeFileSync(join(directory, `${name}.workdir`), absoluteWorkdir);
+      const markAuthoritative = () => writeSidecar(name, absoluteWorkdir);
       const mode = statSync(absoluteWorkdir).mode & 0o7777;
       let current = absoluteWorkdir;
       const disk: WorkspaceDisk = {
@@ -380,7 +454,7 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
         relocate: async (workdir) => {
           const target = resolve(workdir);
           await move(current, target);
-          writeFileSync(join(directory, `${name}.workdir`), target);
+          writeSidecar(name, target);
           const previous = current;
           current = target;
           try {
@@ -470,9 +544,7 @@ export function openWorkspaceDisks(options: WorkspaceDisksOptions): WorkspaceDis
         const name = file.slice(0, -'.img'.length);
         if (ownerIsAlive(name)) continue;
         try {
-          const sidecar = join(directory, `${name}.workdir`);
-          if (existsSync(sidecar)) await copyOutAndRemove(name, readFileSync(sidecar, 'utf8'));
-          else await discard(name);
+          await reapImage(name);
           reaped++;
         } catch {
           // Left for the next start; one stuck image must not stop the server from starting.
