@@ -171,30 +171,6 @@ export async function startBerth(
     dataDir: config.dataDir,
     snapshots,
   });
-  const toolboxes = new Toolboxes({
-    sandboxes,
-    projectRoot: resolve(import.meta.dirname, '..'),
-    traceHeaders: telemetry.enabled ? (session) => telemetry.contexts.headersOf(session) : undefined,
-  });
-  const toolboxFor = (session: SessionRecord) => {
-    let toolbox = toolboxes.for(session);
-    if (telemetry.enabled) toolbox = tracedToolbox(toolbox, tracer, telemetry.contexts, session);
-    if (metrics) toolbox = metrics.toolbox(toolbox);
-    return toolbox;
-  };
-  const budgetBook = loadPriceBook(config.budgetPriceBook);
-  let harness = createHarness({
-    store,
-    metering: { book: budgetBook, measureSandbox: (session) => sandboxes.measure(session) },
-    models: telemetry.enabled ? tracedModels(models, tracer, telemetry.contexts) : models,
-    deltas,
-    toolboxFor,
-    maxModelRetries: config.maxModelRetries,
-    retryBaseDelayMs: config.retryBaseDelayMs,
-  });
-  if (telemetry.enabled) harness = tracedHarness(harness, tracer, telemetry.contexts);
-  if (metrics) harness = metrics.harness(harness);
-  const supervisor = new Supervisor({ harness, store, logger });
   // Sandbox stops and resumes are facts of the session: they go in its log.
   const logSandboxEvent = async (session: SessionKey, event: NewEvent) => {
     await store.events.append(session, [event]).catch((error: unknown) =>
@@ -225,6 +201,7 @@ export async function startBerth(
         status: record.status,
         decision: record.decision,
         ...(record.reason ? { reason: record.reason } : {}),
+        ...(record.purpose ? { purpose: record.purpose } : {}),
         tls: record.tls,
         bytes_sent: record.bytesSent,
         bytes_received: record.bytesReceived,
@@ -232,6 +209,35 @@ export async function startBerth(
         duration_ms: Math.round(record.durationMs),
       }),
   });
+  const toolboxes = new Toolboxes({
+    sandboxes,
+    projectRoot: resolve(import.meta.dirname, '..'),
+    traceHeaders: telemetry.enabled ? (session) => telemetry.contexts.headersOf(session) : undefined,
+    hostFetchFor: async (session) => {
+      const environment = await store.resources.get('environment', session.tenantId, session.environmentId);
+      return egress.hostFetch(session, environment?.body.config);
+    },
+    credentialsFor: (session) => vault.credentialsForSession(session),
+  });
+  const toolboxFor = (session: SessionRecord) => {
+    let toolbox = toolboxes.for(session);
+    if (telemetry.enabled) toolbox = tracedToolbox(toolbox, tracer, telemetry.contexts, session);
+    if (metrics) toolbox = metrics.toolbox(toolbox);
+    return toolbox;
+  };
+  const budgetBook = loadPriceBook(config.budgetPriceBook);
+  let harness = createHarness({
+    store,
+    metering: { book: budgetBook, measureSandbox: (session) => sandboxes.measure(session) },
+    models: telemetry.enabled ? tracedModels(models, tracer, telemetry.contexts) : models,
+    deltas,
+    toolboxFor,
+    maxModelRetries: config.maxModelRetries,
+    retryBaseDelayMs: config.retryBaseDelayMs,
+  });
+  if (telemetry.enabled) harness = tracedHarness(harness, tracer, telemetry.contexts);
+  if (metrics) harness = metrics.harness(harness);
+  const supervisor = new Supervisor({ harness, store, logger });
   sandboxes.setHooks({
     environment: (session) => egress.environment(session),
     provisioned: (session, handle, environmentConfig) => egress.attach(session, handle, environmentConfig),

@@ -48,6 +48,8 @@ describe('MCP tools in a session', () => {
     });
     remoteUrl = `http://127.0.0.1:${port}/mcp`;
     berth = await startTestBerth({
+      // server-everything is on loopback, which Berth reaches only as an operator exception.
+      environment: { BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${port}` },
       models: createModelRegistry({
         environment: {},
         scriptedScripts: {

@@ -63,6 +63,8 @@ describe('OpenTelemetry traces', () => {
     probe = await startProbeMcpServer();
     berth = await startTestBerth({
       environment: {
+        // The probe MCP server is on loopback, which Berth reaches only as an operator exception.
+        BERTH_EGRESS_ALLOW_PRIVATE: new URL(probe.url).host,
         OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
         OTEL_SERVICE_NAME: 'berth-under-test',
         OTEL_BSP_SCHEDULE_DELAY: '50',

@@ -1,10 +1,14 @@
+import type { HostFetch } from '../egress/host-fetch.js';
 import { mcpModelToolName } from '../harness/context.js';
 import type { HarnessTool, SessionToolbox } from '../harness/harness.js';
+import { createMcpFetch } from '../mcp/mcp-fetch.js';
 import { mcpPackagesMount } from '../mcp/mcp-packages.js';
 import { createMcpSession, type McpServerSpec, type McpSession, type McpTool } from '../mcp/mcp-session.js';
 import { type SessionKey, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
 import { builtinToolDefinitions, createBuiltinToolExecutor } from '../tools/builtin-tools.js';
+import { createWebFetch, type WebFetchConfig, webFetchDefinition } from '../tools/web-fetch.js';
+import type { SessionCredential } from '../vault/credentials.js';
 import type { SandboxManager } from './sandbox-manager.js';
 
 interface AgentToolEntry {
@@ -13,7 +17,14 @@ interface AgentToolEntry {
   description?: string;
   input_schema?: Record<string, unknown>;
   mcp_server_name?: string;
-  configs?: { name: string; enabled: boolean; permission_policy?: { type: string } }[];
+  configs?: {
+    name: string;
+    enabled: boolean;
+    permission_policy?: { type: string };
+    allowed_domains?: string[];
+    blocked_domains?: string[];
+    max_content_tokens?: number | null;
+  }[];
   default_config?: { enabled: boolean; permission_policy?: { type: string } };
 }
 
@@ -35,6 +46,17 @@ export function toolsOfAgent(agentTools: readonly AgentToolEntry[]): HarnessTool
           kind: 'builtin',
           readOnly: definition.readOnly,
           permission: permissionOf(config, entry, 'allow'),
+        });
+      }
+      const webFetch = entry.configs?.find((candidate) => candidate.name === 'web_fetch');
+      if (webFetch?.enabled ?? entry.default_config?.enabled ?? true) {
+        tools.push({
+          name: webFetchDefinition.name,
+          description: webFetchDefinition.description,
+          inputSchema: webFetchDefinition.inputSchema as Record<string, unknown>,
+          kind: 'builtin',
+          readOnly: webFetchDefinition.readOnly,
+          permission: permissionOf(webFetch, entry, 'allow'),
         });
       }
     } else if (entry.type === 'custom') {
@@ -90,10 +112,24 @@ export function mcpToolsOfAgent(
   return tools;
 }
 
+/** The `web_fetch` settings of an agent's toolset, if it has one. */
+function webFetchConfigOf(agentTools: readonly AgentToolEntry[]): WebFetchConfig {
+  const config = agentTools
+    .find((entry) => entry.type === 'agent_toolset_20260401')
+    ?.configs?.find((candidate) => candidate.name === 'web_fetch');
+  return {
+    allowedDomains: config?.allowed_domains,
+    blockedDomains: config?.blocked_domains,
+    maxContentTokens: config?.max_content_tokens,
+  };
+}
+
 interface SessionEntry {
   session: SessionKey;
   toolbox: SessionToolbox;
   mcp: McpSession | undefined;
+  /** Closes the session's host-side egress client, if one was made. */
+  closeClient(): Promise<void>;
 }
 
 /**
@@ -108,6 +144,8 @@ export class Toolboxes {
   readonly #projectRoot: string;
   readonly #mcpTimeoutMs: number | undefined;
   readonly #traceHeaders: ((session: SessionKey) => Record<string, string>) | undefined;
+  readonly #hostFetchFor: ((session: SessionRecord) => Promise<HostFetch>) | undefined;
+  readonly #credentialsFor: ((session: SessionRecord) => Promise<readonly SessionCredential[]>) | undefined;
 
   constructor(options: {
     sandboxes: SandboxManager;
@@ -115,11 +153,21 @@ export class Toolboxes {
     mcpTimeoutMs?: number;
     /** A session's current trace context as W3C headers, passed on to MCP servers (tracing on). */
     traceHeaders?: (session: SessionKey) => Record<string, string>;
+    /**
+     * The session's client for Berth's own requests (`web_fetch`, remote MCP servers), under its
+     * environment's egress rules. Without it, `web_fetch` fails and remote MCP servers are
+     * reached with the plain global fetch (unit tests only).
+     */
+    hostFetchFor?: (session: SessionRecord) => Promise<HostFetch>;
+    /** The session's vault credentials (remote MCP servers' tokens). */
+    credentialsFor?: (session: SessionRecord) => Promise<readonly SessionCredential[]>;
   }) {
     this.#sandboxes = options.sandboxes;
     this.#projectRoot = options.projectRoot;
     this.#mcpTimeoutMs = options.mcpTimeoutMs;
     this.#traceHeaders = options.traceHeaders;
+    this.#hostFetchFor = options.hostFetchFor;
+    this.#credentialsFor = options.credentialsFor;
   }
 
   /** The session's toolbox (made once per session and process). */
@@ -144,13 +192,36 @@ export class Toolboxes {
       if (!driver) throw new Error("the session's sandbox was released while a tool was starting");
       return driver;
     };
+    const hostFetchFor = this.#hostFetchFor;
+    const credentialsFor = this.#credentialsFor;
+    let client: Promise<HostFetch> | undefined;
+    const clientOf = (): Promise<HostFetch> => {
+      if (!hostFetchFor) return Promise.reject(new Error('this server makes no requests for sessions'));
+      client ??= hostFetchFor(session);
+      client.catch(() => {
+        client = undefined;
+      });
+      return client;
+    };
+    const traceHeaders = this.#traceHeaders ? () => this.#traceHeaders!(session) : undefined;
+    const webFetch = createWebFetch({ client: clientOf, config: webFetchConfigOf(agentTools) });
     const mcp =
       servers.length === 0
         ? undefined
         : createMcpSession({
             servers,
             requestTimeoutMs: this.#mcpTimeoutMs,
-            traceHeaders: this.#traceHeaders ? () => this.#traceHeaders!(session) : undefined,
+            traceHeaders,
+            fetchFor: hostFetchFor
+              ? (spec) =>
+                  createMcpFetch({
+                    serverName: spec.name,
+                    serverUrl: spec.url,
+                    client: clientOf,
+                    credentials: credentialsFor ? () => credentialsFor(session) : undefined,
+                    extraHeaders: traceHeaders,
+                  })
+              : undefined,
             spawnInSandbox: async (argv, env) => {
               const handle = await access.get();
               const driver = driverOf();
@@ -174,6 +245,8 @@ export class Toolboxes {
         if (tool?.kind === 'mcp' && mcp) {
           return mcp.callTool(tool.mcp!.serverName, tool.mcp!.toolName, input, options);
         }
+        // Needs no sandbox: the request leaves from the host, under the session's egress rules.
+        if (tool?.name === webFetchDefinition.name) return webFetch(input, options?.signal);
         const handle = await access.get();
         return createBuiltinToolExecutor(driverOf(), { get: async () => handle }).execute(
           name,
@@ -182,7 +255,16 @@ export class Toolboxes {
         );
       },
     };
-    this.#entries.set(key, { session: { tenantId: session.tenantId, id: session.id }, toolbox, mcp });
+    this.#entries.set(key, {
+      session: { tenantId: session.tenantId, id: session.id },
+      toolbox,
+      mcp,
+      closeClient: async () => {
+        const made = client;
+        client = undefined;
+        await (await made?.catch(() => undefined))?.close();
+      },
+    });
     return toolbox;
   }
 
@@ -192,6 +274,7 @@ export class Toolboxes {
     const entry = this.#entries.get(key);
     this.#entries.delete(key);
     await entry?.mcp?.close();
+    await entry?.closeClient();
   }
 
   /** Closes every session's MCP connections. */

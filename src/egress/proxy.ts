@@ -20,7 +20,6 @@
  * host carries only what the sandbox has, the placeholder.
  */
 
-import { lookup } from 'node:dns/promises';
 import { chmodSync, rmSync } from 'node:fs';
 import {
   type ClientRequest,
@@ -39,17 +38,9 @@ import { isIP, connect as netConnect, type Socket } from 'node:net';
 import { type Duplex, pipeline, type Readable, type Transform } from 'node:stream';
 import { createSecureContext, rootCertificates, type SecureContext, TLSSocket } from 'node:tls';
 import { createBrotliDecompress, createUnzip } from 'node:zlib';
-import { invalidRequest } from '../errors.js';
-import {
-  type Authority,
-  canonicalAddress,
-  canonicalHost,
-  destinationKey,
-  formatAuthority,
-  isPublicAddress,
-  parseAuthority,
-} from './addresses.js';
+import { type Authority, canonicalHost, formatAuthority, parseAuthority } from './addresses.js';
 import { type CertificateAuthority, createCertificateAuthority } from './certificates.js';
+import { createDestinationRule, Refusal } from './destinations.js';
 import { type CompiledPolicy, compilePolicy, type EgressCredential, type EgressPolicy } from './policy.js';
 import { type Replacement, replaceAll, replacingStream } from './replace-stream.js';
 
@@ -75,6 +66,8 @@ export interface EgressAuditRecord {
   reason?: string;
   tls: 'intercepted' | 'passthrough' | 'none';
   durationMs: number;
+  /** Set on Berth's own requests for the session (`web_fetch`, `mcp:<server>`); absent for the sandbox's. */
+  purpose?: string;
 }
 
 /** The proxy's limits; every one has a default (`DEFAULT_EGRESS_LIMITS`). */
@@ -153,20 +146,6 @@ const HOP_HEADERS = new Set([
 /** Security contexts kept for intercepted hosts (one per host name). */
 const CONTEXT_CACHE_SIZE = 1000;
 
-/** A refusal by the proxy itself: the status it answers and the rule that refused. */
-class Refusal extends Error {
-  constructor(
-    readonly status: number,
-    message: string,
-    readonly decision: 'allowed' | 'denied',
-  ) {
-    super(message);
-  }
-}
-
-const systemResolve = async (host: string) =>
-  (await lookup(host, { all: true, verbatim: true })).map((entry) => entry.address);
-
 /** `headers` without hop-by-hop headers (also those the Connection header names). */
 function endToEnd(headers: IncomingHttpHeaders): [string, string | string[]][] {
   const named = new Set(
@@ -241,12 +220,11 @@ function readBody(
 export async function createEgressProxy(options: EgressProxyOptions): Promise<EgressProxy> {
   const limits: EgressLimits = { ...DEFAULT_EGRESS_LIMITS, ...options.limits };
   let compiled: CompiledPolicy = compilePolicy(options.policy);
-  const allowedPrivate = new Set<string>();
-  for (const entry of options.allowPrivateDestinations ?? []) {
-    const key = destinationKey(entry);
-    if (!key) throw invalidRequest(`allowPrivateDestinations: ${entry} is not an address:port`);
-    allowedPrivate.add(key);
-  }
+  const destination = createDestinationRule({
+    allowPrivateDestinations: options.allowPrivateDestinations,
+    resolve: options.resolve,
+    resolveTimeoutMs: limits.resolveTimeoutMs,
+  });
   const authority: CertificateAuthority = await createCertificateAuthority(options.label ?? 'session');
   // Built once: parsing ~150 roots per upstream connection would cost ~30 ms each.
   const upstreamContext = createSecureContext({
@@ -257,7 +235,6 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
   const agentOptions = { keepAlive: true, maxFreeSockets: 16, timeout: 30_000, scheduling: 'lifo' as const };
   const httpAgent = new HttpAgent(agentOptions);
   const httpsAgent = new HttpsAgent(agentOptions);
-  const resolve = options.resolve ?? systemResolve;
   const contexts = new Map<string, Promise<SecureContext>>();
   const intercepted = new WeakMap<Duplex, Authority & { address: string }>();
   const sockets = new Set<Duplex>();
@@ -278,48 +255,6 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
     }
     sockets.add(socket);
     socket.once('close', () => sockets.delete(socket));
-  };
-
-  const resolveWithTimeout = (host: string): Promise<readonly string[]> =>
-    new Promise((resolvePromise, reject) => {
-      const timer = setTimeout(() => reject(new Error('timed out')), limits.resolveTimeoutMs);
-      resolve(host).then(
-        (addresses) => {
-          clearTimeout(timer);
-          resolvePromise(addresses);
-        },
-        (error: unknown) => {
-          clearTimeout(timer);
-          reject(error);
-        },
-      );
-    });
-
-  /** Rules 1 and 2: the address to connect to, or a Refusal saying which rule. */
-  const destination = async (policy: CompiledPolicy, target: Authority): Promise<string> => {
-    const reachable = policy.reachable(target.host);
-    if (!reachable.ok) throw new Refusal(403, reachable.reason, 'denied');
-    let found: readonly string[];
-    if (isIP(target.host)) found = [target.host];
-    else {
-      try {
-        found = await resolveWithTimeout(target.host);
-      } catch {
-        throw new Refusal(502, `cannot resolve ${target.host}`, 'allowed');
-      }
-    }
-    const addresses = found.flatMap((address) => canonicalAddress(address) ?? []);
-    const usable = addresses.find(
-      (address) => isPublicAddress(address) || allowedPrivate.has(formatAuthority(address, target.port)),
-    );
-    if (usable !== undefined) return usable;
-    if (addresses.length === 0) throw new Refusal(502, `${target.host} has no address`, 'allowed');
-    const where = isIP(target.host) ? target.host : `${target.host} resolves to ${addresses[0]}, which`;
-    throw new Refusal(
-      403,
-      `${where} is on a private, loopback or link-local network that sandboxes may not reach`,
-      'denied',
-    );
   };
 
   /** The TLS context the sandbox sees for `host`: a leaf from the session's CA (cached). */

@@ -11,8 +11,16 @@ import type { SandboxHandle } from '../sandbox/driver.js';
 import { type SessionKey, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
 import type { VaultService } from '../vault/vault-service.js';
-import type { EgressCredential, EgressNetworking, EgressPolicy } from './policy.js';
-import { createEgressProxy, type EgressAuditRecord, type EgressProxy } from './proxy.js';
+import { canonicalHost } from './addresses.js';
+import { createDestinationRule, type DestinationRule } from './destinations.js';
+import { createHostFetch, type HostFetch } from './host-fetch.js';
+import { compilePolicy, type EgressCredential, type EgressNetworking, type EgressPolicy } from './policy.js';
+import {
+  createEgressProxy,
+  DEFAULT_EGRESS_LIMITS,
+  type EgressAuditRecord,
+  type EgressProxy,
+} from './proxy.js';
 
 /** Where the sandbox sees its services directory, and what the files in it are called. */
 const SERVICES_INSIDE = '/run/berth';
@@ -34,24 +42,60 @@ export interface SessionEgressOptions {
   hosts?: Readonly<Record<string, string>>;
 }
 
-/** The environment's `networking` as the proxy enforces it (default: unrestricted). */
-export function networkingOf(config: unknown): EgressNetworking {
+/**
+ * The environment's `networking` as the proxy enforces it (default: unrestricted). With
+ * `allow_mcp_servers`, the hosts of the session's remote MCP servers are allowed too.
+ */
+export function networkingOf(config: unknown, session?: SessionRecord): EgressNetworking {
   const networking = (config as { networking?: Record<string, unknown> } | undefined)?.networking;
   if (networking?.type !== 'limited') return { type: 'unrestricted' };
   return {
     type: 'limited',
     allowedHosts: (networking.allowed_hosts as string[] | undefined) ?? [],
     allowPackageManagers: networking.allow_package_managers === true,
+    extraHosts: networking.allow_mcp_servers === true && session ? mcpServerHostsOf(session) : [],
   };
+}
+
+/** Host names of the remote (`url`) MCP servers of a session's agent. */
+function mcpServerHostsOf(session: SessionRecord): string[] {
+  const servers = (session.body.agent as { mcp_servers?: { type?: string; url?: string }[] } | undefined)
+    ?.mcp_servers;
+  return (servers ?? []).flatMap((server) => {
+    if (server.type !== 'url' || typeof server.url !== 'string') return [];
+    try {
+      const host = canonicalHost(new URL(server.url).hostname);
+      return host ? [host] : [];
+    } catch {
+      return [];
+    }
+  });
 }
 
 export class SessionEgress {
   readonly #options: SessionEgressOptions;
   readonly #proxies = new Map<string, EgressProxy>();
   readonly #systemBundle: string;
+  readonly #resolve: ((host: string) => Promise<readonly string[]>) | undefined;
+  readonly #destinations: DestinationRule;
 
   constructor(options: SessionEgressOptions) {
     this.#options = options;
+    const hosts = options.hosts ?? {};
+    this.#resolve =
+      Object.keys(hosts).length > 0
+        ? async (host: string) => {
+            const fixed = hosts[host];
+            if (fixed) return [fixed];
+            const { lookup } = await import('node:dns/promises');
+            return (await lookup(host, { all: true, verbatim: true })).map((entry) => entry.address);
+          }
+        : undefined;
+    this.#destinations = createDestinationRule({
+      allowPrivateDestinations: options.allowPrivateDestinations,
+      resolve: this.#resolve,
+      resolveTimeoutMs: DEFAULT_EGRESS_LIMITS.resolveTimeoutMs,
+    });
     this.#systemBundle =
       SYSTEM_BUNDLES.map((path) => {
         try {
@@ -110,11 +154,11 @@ export class SessionEgress {
     if (!directory) return;
     await this.detach(session);
     const policy: EgressPolicy = {
-      networking: networkingOf(environmentConfig),
+      networking: networkingOf(environmentConfig, session),
       credentials: await this.#credentials(session),
     };
     const key: SessionKey = { tenantId: session.tenantId, id: session.id };
-    const hosts = this.#options.hosts ?? {};
+    const resolve = this.#resolve;
     const proxy = await createEgressProxy({
       socketPath: join(directory, SOCKET_NAME),
       label: session.id,
@@ -122,16 +166,7 @@ export class SessionEgress {
       onRequest: (record) => this.#options.onRequest(key, record),
       allowPrivateDestinations: this.#options.allowPrivateDestinations,
       upstreamCaCertificates: this.#options.upstreamCaCertificates,
-      ...(Object.keys(hosts).length > 0
-        ? {
-            resolve: async (host: string) => {
-              const fixed = hosts[host];
-              if (fixed) return [fixed];
-              const { lookup } = await import('node:dns/promises');
-              return (await lookup(host, { all: true, verbatim: true })).map((entry) => entry.address);
-            },
-          }
-        : {}),
+      ...(resolve ? { resolve } : {}),
     });
     writeFileSync(join(directory, CA_NAME), proxy.caCertificatePem, { mode: 0o644 });
     writeFileSync(join(directory, BUNDLE_NAME), `${this.#systemBundle}\n${proxy.caCertificatePem}`, {
@@ -147,6 +182,20 @@ export class SessionEgress {
     if (!proxy) return;
     this.#proxies.delete(key);
     await proxy.close().catch(() => undefined);
+  }
+
+  /**
+   * A client for Berth's own requests on the session's behalf (`web_fetch`, remote MCP servers):
+   * the same networking rules, address rules and audit as the session's proxy, without a sandbox.
+   */
+  hostFetch(session: SessionRecord, environmentConfig: unknown): HostFetch {
+    const key: SessionKey = { tenantId: session.tenantId, id: session.id };
+    return createHostFetch({
+      policy: compilePolicy({ networking: networkingOf(environmentConfig, session), credentials: [] }),
+      destinations: this.#destinations,
+      upstreamCaCertificates: this.#options.upstreamCaCertificates,
+      onRequest: (record) => this.#options.onRequest(key, record),
+    });
   }
 
   async closeAll(): Promise<void> {

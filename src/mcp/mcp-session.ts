@@ -10,6 +10,7 @@ import { StreamableHTTPClientTransport } from '@modelcontextprotocol/sdk/client/
 import { ErrorCode, McpError } from '@modelcontextprotocol/sdk/types.js';
 import { BerthError } from '../errors.js';
 import type { SandboxProcess } from '../sandbox/driver.js';
+import type { McpFetch } from './mcp-fetch.js';
 import { SandboxStdioTransport } from './sandbox-stdio-transport.js';
 
 /** A tool server declared for a session. */
@@ -44,6 +45,11 @@ export interface McpSessionOptions {
   servers: readonly McpServerSpec[];
   /** Starts a process inside the session's sandbox (lazily provisioned by the caller). */
   spawnInSandbox: (argv: readonly string[], env?: Record<string, string>) => Promise<SandboxProcess>;
+  /**
+   * The fetch a remote server is reached with (Berth's egress client with the session's
+   * credentials: `mcp-fetch.ts`); default: the global fetch with the trace headers.
+   */
+  fetchFor?: (spec: Extract<McpServerSpec, { type: 'url' }>) => McpFetch;
   /** Deadline for connecting to a server, for listing its tools and for each tool call (default 60 s). */
   requestTimeoutMs?: number;
   /**
@@ -213,7 +219,11 @@ export function createMcpSession(options: McpSessionOptions): McpSession {
       spec.type === 'url'
         ? new StreamableHTTPClientTransport(new URL(spec.url), {
             requestInit: { headers: spec.headers },
-            fetch: options.traceHeaders ? tracingFetch(options.traceHeaders) : undefined,
+            fetch: options.fetchFor
+              ? options.fetchFor(spec)
+              : options.traceHeaders
+                ? tracingFetch(options.traceHeaders)
+                : undefined,
           })
         : new SandboxStdioTransport({
             startProcess: () => options.spawnInSandbox([spec.command, ...(spec.args ?? [])], spec.env),

@@ -1,0 +1,226 @@
+/**
+ * Requests Berth makes on a session's behalf from the host (the `web_fetch` tool, remote MCP
+ * servers) under the same egress rules as the sandbox's proxy: the session's `networking` is
+ * checked before any lookup, the name is resolved here and only a public address (or an
+ * operator's exact exception) is connected to, and every request, allowed or refused, is audited
+ * like the proxy's. The sandbox is not involved, so these requests need no sandbox: a session's
+ * first model call (which lists its MCP tools) never waits for one.
+ *
+ * Redirects are followed here, hop by hop, each hop checked and audited on its own; a credential
+ * is attached only on hops whose host it is for, so a redirect elsewhere never carries it.
+ */
+import { isIP } from 'node:net';
+import { rootCertificates } from 'node:tls';
+import { Agent, buildConnector, fetch as undiciFetch } from 'undici';
+import { canonicalHost } from './addresses.js';
+import { type DestinationRule, Refusal } from './destinations.js';
+import type { CompiledPolicy } from './policy.js';
+import type { EgressAuditRecord } from './proxy.js';
+
+export { Refusal } from './destinations.js';
+
+export interface HostFetchOptions {
+  /** What the session may reach (its environment's `networking`, compiled). */
+  policy: Pick<CompiledPolicy, 'reachable'>;
+  /** Picks the address to connect to (shared with the proxy: `createDestinationRule`). */
+  destinations: DestinationRule;
+  /** Extra roots trusted for upstream TLS besides Node's own (PEM). */
+  upstreamCaCertificates?: readonly string[];
+  /** Hears every request, allowed or refused. */
+  onRequest?(record: EgressAuditRecord): void;
+  /** To connect and finish TLS (default 15 s). */
+  connectTimeoutMs?: number;
+  /** Redirects followed per request (default 5). */
+  maxRedirects?: number;
+}
+
+/** A credential for one request hop: the header value and the name audits use. */
+export interface HopCredential {
+  /** The `Authorization` header value. */
+  authorization: string;
+  /** The credential's display name (never its value). */
+  name: string;
+}
+
+export interface HostFetchInit {
+  method?: string;
+  headers?: Record<string, string> | Headers;
+  /** Strings and bytes only: a body is sent again on a 307/308 redirect. */
+  body?: string | Uint8Array;
+  signal?: AbortSignal;
+  /** `manual`: redirects are returned, not followed (the MCP client's own choice). */
+  redirect?: 'follow' | 'manual';
+  /** The credential for a hop to `url`, if one applies there (asked on every hop). */
+  credentialFor?(url: URL): Promise<HopCredential | undefined> | HopCredential | undefined;
+  /** Throws a Refusal for a hop the caller's own rules forbid (checked before the session's). */
+  checkHop?(url: URL): void;
+  /** What the request is for, in the audit (`web_fetch`, `mcp:<server>`). */
+  purpose?: string;
+}
+
+export interface HostFetch {
+  /** Like `fetch`; a refused request rejects with a `Refusal` whose message says which rule. */
+  fetch(url: string | URL, init?: HostFetchInit): Promise<Response>;
+  /** Closes the kept-alive connections. */
+  close(): Promise<void>;
+}
+
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
+
+/** The Refusal behind an error from undici (it wraps connector errors as `fetch failed`). */
+function refusalIn(error: unknown): Refusal | undefined {
+  for (let current = error, depth = 0; current instanceof Error && depth < 4; depth++) {
+    if (current instanceof Refusal) return current;
+    current = current.cause;
+  }
+  return undefined;
+}
+
+function bodyBytes(body: HostFetchInit['body']): number {
+  if (body === undefined) return 0;
+  return typeof body === 'string' ? Buffer.byteLength(body) : body.byteLength;
+}
+
+/** Creates the host-side client of one session (one connection pool, closed with `close`). */
+export function createHostFetch(options: HostFetchOptions): HostFetch {
+  const extraRoots = options.upstreamCaCertificates ?? [];
+  const connectBase = buildConnector({
+    timeout: options.connectTimeoutMs ?? 15_000,
+    ...(extraRoots.length > 0 ? { ca: [...rootCertificates, ...extraRoots] } : {}),
+  });
+  const dispatcher = new Agent({
+    keepAliveTimeout: 30_000,
+    connect: (connectOptions, callback) => {
+      const host = canonicalHost(connectOptions.hostname);
+      const port = Number(connectOptions.port) || (connectOptions.protocol === 'https:' ? 443 : 80);
+      if (host === undefined) {
+        callback(new Refusal(400, `bad host ${connectOptions.hostname}`, 'denied'), null);
+        return;
+      }
+      options.destinations(options.policy, { host, port }).then(
+        (address) =>
+          connectBase(
+            // Connect to the checked address; TLS still verifies the name that was asked for.
+            { ...connectOptions, hostname: address, servername: isIP(host) ? undefined : host },
+            callback,
+          ),
+        (error: unknown) => callback(error as Error, null),
+      );
+    },
+  });
+  const maxRedirects = options.maxRedirects ?? 5;
+
+  const audit = (record: EgressAuditRecord) => {
+    try {
+      options.onRequest?.(record);
+    } catch {
+      // An audit sink that throws must not break the request.
+    }
+  };
+
+  return {
+    async fetch(input, init = {}) {
+      let url = new URL(String(input));
+      const firstOrigin = url.origin;
+      let method = (init.method ?? 'GET').toUpperCase();
+      let body = init.body;
+      for (let hop = 0; ; hop++) {
+        const started = performance.now();
+        const port = Number(url.port) || (url.protocol === 'https:' ? 443 : 80);
+        const host = canonicalHost(url.hostname) ?? url.hostname;
+        const record = (fields: Partial<EgressAuditRecord>): EgressAuditRecord => ({
+          method,
+          host,
+          port,
+          path: `${url.pathname}${url.search}`,
+          status: null,
+          bytesSent: bodyBytes(body),
+          bytesReceived: 0,
+          credentials: [],
+          decision: 'allowed',
+          tls: url.protocol === 'https:' ? 'passthrough' : 'none',
+          durationMs: performance.now() - started,
+          ...(init.purpose ? { purpose: init.purpose } : {}),
+          ...fields,
+        });
+        if (url.protocol !== 'http:' && url.protocol !== 'https:') {
+          const refusal = new Refusal(
+            400,
+            `only http and https URLs can be fetched, not ${url.protocol}`,
+            'denied',
+          );
+          audit(record({ status: 400, decision: 'denied', reason: refusal.message }));
+          throw refusal;
+        }
+        try {
+          init.checkHop?.(url);
+        } catch (error) {
+          const reason = error instanceof Error ? error.message : String(error);
+          audit(record({ status: 403, decision: 'denied', reason }));
+          throw error instanceof Refusal ? error : new Refusal(403, reason, 'denied');
+        }
+        // Rule 1 before anything else, so the refusal names the policy (and nothing is looked up).
+        const reachable = options.policy.reachable(host);
+        if (!reachable.ok) {
+          audit(record({ status: 403, decision: 'denied', reason: reachable.reason }));
+          throw new Refusal(403, reachable.reason, 'denied');
+        }
+        const headers = new Headers(init.headers);
+        if (url.origin !== firstOrigin) {
+          // The caller's own credentials were for the first origin only.
+          headers.delete('authorization');
+          headers.delete('cookie');
+        }
+        const credential = await init.credentialFor?.(url);
+        if (credential) headers.set('authorization', credential.authorization);
+        let response: Response;
+        try {
+          response = (await undiciFetch(url, {
+            method,
+            headers: Object.fromEntries(headers),
+            body,
+            signal: init.signal,
+            redirect: 'manual',
+            dispatcher,
+          })) as unknown as Response;
+        } catch (error) {
+          const refusal = refusalIn(error);
+          audit(
+            record({
+              status: refusal?.status ?? null,
+              decision: refusal?.decision ?? 'allowed',
+              reason: refusal?.message ?? (error instanceof Error ? error.message : String(error)),
+              credentials: credential ? [credential.name] : [],
+            }),
+          );
+          throw refusal ?? error;
+        }
+        audit(
+          record({
+            status: response.status,
+            bytesReceived: Number(response.headers.get('content-length')) || 0,
+            credentials: credential ? [credential.name] : [],
+          }),
+        );
+        const location = response.headers.get('location');
+        if (init.redirect === 'manual' || !REDIRECT_STATUSES.has(response.status) || location === null) {
+          return response;
+        }
+        await response.body?.cancel().catch(() => undefined);
+        if (hop + 1 > maxRedirects) throw new Refusal(502, `more than ${maxRedirects} redirects`, 'allowed');
+        url = new URL(location, url);
+        if (
+          response.status === 303 ||
+          ((response.status === 301 || response.status === 302) && method === 'POST')
+        ) {
+          method = 'GET';
+          body = undefined;
+        }
+      }
+    },
+
+    async close() {
+      await dispatcher.close().catch(() => undefined);
+    },
+  };
+}
