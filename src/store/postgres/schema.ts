@@ -304,6 +304,27 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   CREATE INDEX vault_credentials_by_key ON ${s}.vault_credentials (tenant_id, key_id);
   ${rowLevelSecuritySql(s, VAULT_TENANT_TABLES)}
   `,
+  // 7: the cluster's node registry and session leases (src/control/leases.ts). No row-level
+  // security: a node renews and lists leases across tenants, and the rows hold only ids.
+  (s) => `
+  CREATE TABLE ${s}.cluster_nodes (
+    node_id text PRIMARY KEY,
+    url text NOT NULL,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    heartbeat_at timestamptz NOT NULL DEFAULT now(),
+    draining boolean NOT NULL DEFAULT false
+  );
+  CREATE TABLE ${s}.session_leases (
+    tenant_id text NOT NULL,
+    session_id text NOT NULL,
+    node_id text NOT NULL,
+    writer_token bigint NOT NULL DEFAULT 0,
+    acquired_at timestamptz NOT NULL DEFAULT now(),
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, session_id)
+  );
+  CREATE INDEX session_leases_by_node ON ${s}.session_leases (node_id, expires_at);
+  `,
 ];
 
 /**

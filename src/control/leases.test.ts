@@ -1,0 +1,172 @@
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, inject, it } from 'vitest';
+import { testRoleUrls } from '../../test/support/postgres-database.js';
+import { isBerthError } from '../errors.js';
+import { newId } from '../ids.js';
+import type { SessionKey } from '../store/event-store.js';
+import { openStore } from '../store/open-store.js';
+import { quoteSchemaName } from '../store/postgres/schema.js';
+import type { Store } from '../store/resource-store.js';
+import { ClusterLeases } from './leases.js';
+
+const serverUrl = inject('postgresUrl');
+const admin = new pg.Client({ connectionString: serverUrl });
+beforeAll(() => admin.connect());
+afterAll(() => admin.end());
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+const message = (text: string) => ({ type: 'user.message', content: [{ type: 'text', text }] });
+
+/**
+ * Leases on a real PostgreSQL, as Berth's application role. Each "node" is a ClusterLeases with
+ * its own pool, as separate processes would have.
+ */
+describe('cluster leases', () => {
+  let schema: string;
+  let store: Store;
+  const pools: pg.Pool[] = [];
+
+  beforeEach(async () => {
+    schema = `berth_test_${randomBytes(6).toString('hex')}`;
+    store = await openStore({ kind: 'postgres', ...testRoleUrls(serverUrl), schema, maxConnections: 4 });
+  });
+  afterEach(async () => {
+    for (const pool of pools.splice(0)) await pool.end();
+    await store.close();
+    await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
+  });
+
+  function node(nodeId: string, leaseMs = 3000): ClusterLeases {
+    const pool = new pg.Pool({ connectionString: testRoleUrls(serverUrl).url, max: 4 });
+    pools.push(pool);
+    return new ClusterLeases({
+      pool,
+      schema: quoteSchemaName(schema),
+      nodeId,
+      leaseMs,
+      acquireWriter: (session) => store.events.acquireWriter(session),
+    });
+  }
+
+  async function newSession(): Promise<SessionKey> {
+    const id = newId('sesn');
+    const at = new Date().toISOString();
+    await store.resources.createSession({
+      id,
+      tenantId: 'tnt_cluster',
+      ownerId: 'user_a',
+      createdAt: at,
+      updatedAt: at,
+      archivedAt: null,
+      body: { id, type: 'session', metadata: {} },
+      agentId: 'agent_a',
+      agentVersion: 1,
+      environmentId: 'env_a',
+      status: 'idle',
+      stopReason: null,
+      lastSeq: 0,
+    });
+    return { tenantId: 'tnt_cluster', id };
+  }
+
+  it('gives each session to exactly one of three nodes claiming at once', async () => {
+    const nodes = [node('node-a'), node('node-b'), node('node-c')];
+    const sessions = await Promise.all(Array.from({ length: 30 }, () => newSession()));
+    for (const session of sessions) {
+      const claims = await Promise.all(nodes.map((each) => each.claim(session)));
+      const winners = claims.flatMap((claim, index) => (claim.held ? [nodes[index]!.nodeId] : []));
+      expect(winners).toHaveLength(1);
+      for (const claim of claims) if (!claim.held) expect(claim.holder).toBe(winners[0]);
+      expect(await nodes[0]!.holderOf(session)).toBe(winners[0]);
+    }
+  });
+
+  it('fences a holder that stopped renewing: another node takes over and the old token cannot append', async () => {
+    const a = node('node-a', 1000);
+    const b = node('node-b', 1000);
+    const session = await newSession();
+    const first = await a.claim(session);
+    if (!first.held) throw new Error('node-a should hold the session');
+    await store.events.append(session, [message('from a')], { writer: first.writer });
+    // While a's lease is live, b cannot take it.
+    expect(await b.claim(session)).toEqual({ held: false, holder: 'node-a' });
+    // a is "paused" (no heartbeat) past its lease.
+    await sleep(1100);
+    const second = await b.claim(session);
+    if (!second.held) throw new Error('node-b should take the expired lease');
+    expect(second.writer.token).toBeGreaterThan(first.writer.token);
+    const refused = await store.events
+      .append(session, [message('from a, after the pause')], { writer: first.writer })
+      .catch((error: unknown) => error);
+    expect(isBerthError(refused, 'stale_writer')).toBe(true);
+    await store.events.append(session, [message('from b')], { writer: second.writer });
+    // a wakes up: its heartbeat says the session is lost, and a new claim is refused.
+    expect(await a.heartbeat()).toEqual([session]);
+    expect(a.holds(session)).toBe(false);
+    expect(await a.claim(session)).toEqual({ held: false, holder: 'node-b' });
+    const texts = (await store.events.read(session)).map(
+      (stored) => (stored.event.content as { text: string }[])[0]!.text,
+    );
+    expect(texts).toEqual(['from a', 'from b']);
+  });
+
+  it('keeps a lease alive while its holder heartbeats', async () => {
+    // Generous margins: a loaded CI machine may delay a beat by a few hundred ms.
+    const a = node('node-a', 1500);
+    const b = node('node-b', 1500);
+    const session = await newSession();
+    expect((await a.claim(session)).held).toBe(true);
+    for (let beat = 0; beat < 8; beat++) {
+      await sleep(300);
+      expect(await a.heartbeat()).toEqual([]);
+    }
+    expect(await b.claim(session)).toEqual({ held: false, holder: 'node-a' });
+  });
+
+  it('hands a node that lost a session and claims it again a new token, never its stale one', async () => {
+    const a = node('node-a', 200);
+    const b = node('node-b', 200);
+    const session = await newSession();
+    const first = await a.claim(session);
+    await sleep(250);
+    const taken = await b.claim(session);
+    await sleep(250);
+    // b died too; a claims again without having heartbeated in between.
+    const again = await a.claim(session);
+    if (!first.held || !taken.held || !again.held) throw new Error('each claim should succeed');
+    expect(again.fresh).toBe(true);
+    expect(again.writer.token).toBeGreaterThan(taken.writer.token);
+    await store.events.append(session, [message('a again')], { writer: again.writer });
+  });
+
+  it('lists live nodes by heartbeat, with their drain state, and counts leases per node', async () => {
+    const a = node('node-a', 1000);
+    const b = node('node-b', 1000);
+    await a.register('http://127.0.0.1:1');
+    await b.register('http://127.0.0.1:2');
+    await b.setDraining(true);
+    expect(await a.liveNodes()).toEqual([
+      { nodeId: 'node-a', url: 'http://127.0.0.1:1', draining: false },
+      { nodeId: 'node-b', url: 'http://127.0.0.1:2', draining: true },
+    ]);
+    const sessions = await Promise.all([newSession(), newSession(), newSession()]);
+    await a.claim(sessions[0]!);
+    await a.claim(sessions[1]!);
+    await b.claim(sessions[2]!);
+    expect(await a.loads()).toEqual(
+      new Map([
+        ['node-a', 2],
+        ['node-b', 1],
+      ]),
+    );
+    // b stops heartbeating; a keeps going.
+    await sleep(600);
+    await a.heartbeat();
+    await sleep(600);
+    await a.heartbeat();
+    expect((await a.liveNodes()).map((each) => each.nodeId)).toEqual(['node-a']);
+    await a.leave();
+    expect(await b.holderOf(sessions[0]!)).toBeUndefined();
+  });
+});

@@ -1,0 +1,192 @@
+/**
+ * The cluster's node registry and session leases, in PostgreSQL (no consensus of our own:
+ * PostgreSQL is the source of truth; DESIGN.md §7).
+ *
+ * - A node registers and heartbeats; it is live while its heartbeat is younger than the lease
+ *   time. Times are PostgreSQL's `now()`, never a node's clock, so skewed clocks cannot make two
+ *   nodes disagree about an expiry.
+ * - A session's live instance is held by a lease (session → node, expiry). Claiming is one
+ *   conditional upsert: it succeeds when the session has no lease, an expired one, or one this
+ *   node already holds. Only then does the claimer take the session's writer token
+ *   (`EventStore.acquireWriter`), which fences every earlier holder: an append with an older
+ *   token is refused by the store. So a node that was paused (SIGSTOP) or cut off from
+ *   PostgreSQL past its expiry can never append again for a session another node took.
+ * - Holders renew all their leases in one statement per heartbeat; leases that expired before
+ *   the renewal are not renewed (they may belong to someone else now) and are reported lost.
+ */
+import type pg from 'pg';
+import type { SessionKey, WriterToken } from '../store/event-store.js';
+
+/** A node as the registry knows it. */
+export interface ClusterNode {
+  nodeId: string;
+  /** Where other nodes forward requests to (`http://host:port`). */
+  url: string;
+  draining: boolean;
+}
+
+/** What claiming a session gave. */
+export type LeaseClaim =
+  | { held: true; writer: WriterToken; fresh: boolean }
+  | { held: false; holder: string };
+
+export interface ClusterLeasesOptions {
+  pool: pg.Pool;
+  /** The quoted schema name. */
+  schema: string;
+  nodeId: string;
+  /** How long a lease and a heartbeat last without renewal (default 3 s). */
+  leaseMs?: number;
+  /** Fences earlier writers; the store's `acquireWriter`. */
+  acquireWriter(session: SessionKey): Promise<WriterToken>;
+}
+
+export const DEFAULT_LEASE_MS = 3000;
+
+const key = (session: SessionKey) => `${session.tenantId}/${session.id}`;
+
+/** One node's view of the registry and of the leases it holds. */
+export class ClusterLeases {
+  readonly nodeId: string;
+  readonly leaseMs: number;
+  readonly #pool: pg.Pool;
+  readonly #s: string;
+  readonly #acquireWriter: (session: SessionKey) => Promise<WriterToken>;
+  /** Leases this node believes it holds, with the writer token it took. */
+  readonly #held = new Map<string, { session: SessionKey; writer: WriterToken }>();
+
+  constructor(options: ClusterLeasesOptions) {
+    this.nodeId = options.nodeId;
+    this.leaseMs = options.leaseMs ?? DEFAULT_LEASE_MS;
+    this.#pool = options.pool;
+    this.#s = options.schema;
+    this.#acquireWriter = options.acquireWriter;
+  }
+
+  /** Registers (or re-registers) this node at `url`, live and not draining. */
+  async register(url: string): Promise<void> {
+    await this.#pool.query(
+      `INSERT INTO ${this.#s}.cluster_nodes (node_id, url) VALUES ($1, $2)
+       ON CONFLICT (node_id) DO UPDATE SET url = EXCLUDED.url, started_at = now(), heartbeat_at = now(), draining = false`,
+      [this.nodeId, url],
+    );
+  }
+
+  /**
+   * Heartbeat and lease renewal in one round trip. Returns the sessions whose leases this node
+   * lost (expired before it could renew them); it must stop working on them.
+   */
+  async heartbeat(): Promise<SessionKey[]> {
+    const result = await this.#pool.query<{ tenant_id: string; session_id: string }>(
+      `WITH beat AS (
+         UPDATE ${this.#s}.cluster_nodes SET heartbeat_at = now() WHERE node_id = $1
+       )
+       UPDATE ${this.#s}.session_leases SET expires_at = now() + $2 * interval '1 millisecond'
+       WHERE node_id = $1 AND expires_at > now()
+       RETURNING tenant_id, session_id`,
+      [this.nodeId, this.leaseMs],
+    );
+    const renewed = new Set(result.rows.map((row) => `${row.tenant_id}/${row.session_id}`));
+    const lost: SessionKey[] = [];
+    for (const [name, entry] of this.#held) {
+      if (renewed.has(name)) continue;
+      this.#held.delete(name);
+      lost.push(entry.session);
+    }
+    return lost;
+  }
+
+  /** Marks this node as draining (placement skips it) or not. */
+  async setDraining(draining: boolean): Promise<void> {
+    await this.#pool.query(`UPDATE ${this.#s}.cluster_nodes SET draining = $2 WHERE node_id = $1`, [
+      this.nodeId,
+      draining,
+    ]);
+  }
+
+  /** Removes this node from the registry and gives up every lease it holds. */
+  async leave(): Promise<void> {
+    await this.#pool.query(`DELETE FROM ${this.#s}.session_leases WHERE node_id = $1`, [this.nodeId]);
+    await this.#pool.query(`DELETE FROM ${this.#s}.cluster_nodes WHERE node_id = $1`, [this.nodeId]);
+    this.#held.clear();
+  }
+
+  /** Nodes with a heartbeat younger than the lease time. */
+  async liveNodes(): Promise<ClusterNode[]> {
+    const result = await this.#pool.query<{ node_id: string; url: string; draining: boolean }>(
+      `SELECT node_id, url, draining FROM ${this.#s}.cluster_nodes
+       WHERE heartbeat_at > now() - $1 * interval '1 millisecond' ORDER BY node_id`,
+      [this.leaseMs],
+    );
+    return result.rows.map((row) => ({ nodeId: row.node_id, url: row.url, draining: row.draining }));
+  }
+
+  /** Unexpired leases per node, for placement with bounded loads. */
+  async loads(): Promise<Map<string, number>> {
+    const result = await this.#pool.query<{ node_id: string; count: string }>(
+      `SELECT node_id, count(*) AS count FROM ${this.#s}.session_leases WHERE expires_at > now() GROUP BY node_id`,
+    );
+    return new Map(result.rows.map((row) => [row.node_id, Number(row.count)]));
+  }
+
+  /** The node holding an unexpired lease on the session, if any. */
+  async holderOf(session: SessionKey): Promise<string | undefined> {
+    const result = await this.#pool.query<{ node_id: string }>(
+      `SELECT node_id FROM ${this.#s}.session_leases
+       WHERE tenant_id = $1 AND session_id = $2 AND expires_at > now()`,
+      [session.tenantId, session.id],
+    );
+    return result.rows[0]?.node_id;
+  }
+
+  /**
+   * Takes the session's lease for this node (or keeps it). When the lease is new to this node,
+   * the writer token is taken after the lease, which fences whoever held the session before.
+   */
+  async claim(session: SessionKey): Promise<LeaseClaim> {
+    const claimed = await this.#pool.query<{ node_id: string; writer_token: string }>(
+      `INSERT INTO ${this.#s}.session_leases AS lease (tenant_id, session_id, node_id, expires_at)
+       VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
+       ON CONFLICT (tenant_id, session_id) DO UPDATE
+         SET node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at,
+             acquired_at = CASE WHEN lease.node_id = EXCLUDED.node_id AND lease.expires_at > now()
+                                THEN lease.acquired_at ELSE now() END
+         WHERE lease.node_id = EXCLUDED.node_id OR lease.expires_at <= now()
+       RETURNING node_id, writer_token`,
+      [session.tenantId, session.id, this.nodeId, this.leaseMs],
+    );
+    if (claimed.rows.length === 0) {
+      const holder = await this.holderOf(session);
+      // Expired between the two statements: try again once.
+      if (holder === undefined) return this.claim(session);
+      return { held: false, holder };
+    }
+    // Still ours only if nobody took the session in between: the row still carries our token.
+    const existing = this.#held.get(key(session));
+    if (existing && Number(claimed.rows[0]!.writer_token) === existing.writer.token) {
+      return { held: true, writer: existing.writer, fresh: false };
+    }
+    const writer = await this.#acquireWriter(session);
+    await this.#pool.query(
+      `UPDATE ${this.#s}.session_leases SET writer_token = $4
+       WHERE tenant_id = $1 AND session_id = $2 AND node_id = $3`,
+      [session.tenantId, session.id, this.nodeId, writer.token],
+    );
+    this.#held.set(key(session), { session, writer });
+    return { held: true, writer, fresh: true };
+  }
+
+  /** Whether this node believes it holds the session (as of its last claim or heartbeat). */
+  holds(session: SessionKey): boolean {
+    return this.#held.has(key(session));
+  }
+
+  /** Gives the session's lease up (it went idle, or the node drains). */
+  async release(session: SessionKey): Promise<void> {
+    this.#held.delete(key(session));
+    await this.#pool.query(
+      `DELETE FROM ${this.#s}.session_leases WHERE tenant_id = $1 AND session_id = $2 AND node_id = $3`,
+      [session.tenantId, session.id, this.nodeId],
+    );
+  }
+}
