@@ -180,9 +180,12 @@ export function createHarness(dependencies: HarnessDependencies) {
     // Subscribing before the first read means none can slip in between.
     let step = new AbortController();
     let newestInterrupt = 0;
+    /** The head of the log the current step was decided on: older interrupts are in it already. */
+    let decidedHead = 0;
     const unsubscribe = store.events.subscribe(key, (events) => {
       for (const stored of events) {
-        if (stored.event.type !== 'user.interrupt') continue;
+        // Across nodes a subscription may also hear events from just before it began.
+        if (stored.event.type !== 'user.interrupt' || stored.seq <= decidedHead) continue;
         newestInterrupt = Math.max(newestInterrupt, stored.seq);
         step.abort(new Error('interrupted by the user'));
       }
@@ -192,6 +195,7 @@ export function createHarness(dependencies: HarnessDependencies) {
     /** A signal for the next step; already aborted if input it must not ignore has arrived. */
     const stepSignal = (log: readonly StoredEvent[]) => {
       step = new AbortController();
+      decidedHead = headOf(log);
       if (control.shutdown.aborted || newestInterrupt > headOf(log)) step.abort(new Error('interrupted'));
       return step.signal;
     };

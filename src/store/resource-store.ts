@@ -187,5 +187,12 @@ export interface Store {
   readonly resources: ResourceStore;
   /** Vaults and their credentials (secrets sealed by `vault/`). */
   readonly vaults: VaultStore;
+  /**
+   * Makes `events.subscribe` hear appends made by other processes on the same database too
+   * (PostgreSQL LISTEN/NOTIFY), for several nodes sharing one store. Absent on SQLite. A
+   * listener may then also hear events committed just before it subscribed: listeners
+   * dedupe by seq (the SSE stream and the harness do).
+   */
+  listenAcrossNodes?(): Promise<void>;
   close(): Promise<void>;
 }

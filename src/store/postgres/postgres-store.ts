@@ -43,7 +43,7 @@ import type {
   UserRecord,
 } from '../resource-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
-import { migratePostgres, quoteSchemaName } from './schema.js';
+import { eventsChannel, migratePostgres, quoteSchemaName } from './schema.js';
 
 /** Where the PostgreSQL store lives. */
 export interface PostgresStoreOptions {
@@ -137,6 +137,10 @@ class PostgresStore implements Store {
     this.events = new PostgresEventStore(pool, schema);
     this.resources = new PostgresResourceStore(pool, schema);
     this.vaults = new PostgresVaultStore(pool, schema);
+  }
+
+  listenAcrossNodes(): Promise<void> {
+    return this.events.listenAcrossNodes();
   }
 
   async close(): Promise<void> {
@@ -255,10 +259,108 @@ class PostgresEventStore implements EventStore {
   readonly #subscribers = new EventSubscribers();
   /** Tail of each session's in-process append queue. */
   readonly #tails = new Map<string, Promise<unknown>>();
+  /**
+   * Across nodes (`listenAcrossNodes`): the highest seq handed to each session's listeners, so
+   * an append heard both from this process and from NOTIFY is delivered once, in order.
+   */
+  readonly #delivered = new Map<string, number>();
+  #listener: { client: pg.Client | undefined; closed: boolean } | undefined;
 
   constructor(pool: pg.Pool, schema: string) {
     this.#pool = pool;
     this.#s = schema;
+  }
+
+  /**
+   * Hears other nodes' appends: one connection LISTENs on the schema's channel (migration 8's
+   * trigger NOTIFYs on every commit); a notice for a session with listeners here makes this
+   * node read the new events and deliver them, after its own, in seq order and once. A lost
+   * connection is reopened, and every listened-to session is caught up from the log.
+   */
+  async listenAcrossNodes(): Promise<void> {
+    if (this.#listener) return;
+    const state: { client: pg.Client | undefined; closed: boolean } = { client: undefined, closed: false };
+    this.#listener = state;
+    const options = this.#pool.options;
+    const connect = async (): Promise<void> => {
+      const client = new pg.Client({ ...options });
+      let ended = false;
+      client.on('notification', (message) => {
+        const [tenantId, sessionId, first, last] = (message.payload ?? '').split(' ');
+        if (!tenantId || !sessionId) return;
+        this.#catchUp({ tenantId, id: sessionId }, Number(first), Number(last));
+      });
+      client.on('error', () => undefined);
+      client.on('end', () => {
+        if (ended) return;
+        ended = true;
+        if (!state.closed && state.client === client) reopen();
+      });
+      state.client = client;
+      try {
+        await client.connect();
+        await client.query(`LISTEN "${eventsChannel(this.#s)}"`);
+      } catch (error) {
+        ended = true;
+        await client.end().catch(() => undefined);
+        throw error;
+      }
+    };
+    // After a lost connection: reopen (retrying), then catch up what was committed meanwhile.
+    const reopen = () => {
+      setTimeout(() => {
+        if (state.closed) return;
+        connect().then(
+          () => {
+            for (const key of this.#delivered.keys()) {
+              const [tenantId, id] = key.split('/') as [string, string];
+              this.#catchUp({ tenantId, id }, Number.NaN, Number.NaN);
+            }
+          },
+          () => reopen(),
+        );
+      }, 200);
+    };
+    try {
+      await connect();
+    } catch (error) {
+      this.#listener = undefined;
+      throw mapError(error);
+    }
+  }
+
+  /** Delivers a session's events after the last delivered one (up to `last`, when known). */
+  #catchUp(session: SessionKey, first: number, last: number): void {
+    const key = sessionKeyString(session);
+    if (!this.#subscribers.has(key)) {
+      this.#delivered.delete(key);
+      return;
+    }
+    const delivered = this.#delivered.get(key);
+    if (delivered !== undefined && Number.isFinite(last) && last <= delivered) return;
+    void this.#serialized(key, async () => {
+      const after = this.#delivered.get(key) ?? (Number.isFinite(first) ? first - 1 : undefined);
+      if (after === undefined) return;
+      const events = await this.read(session, { afterSeq: after, limit: 1000 });
+      this.#deliver(key, events);
+    }).catch(() => undefined);
+  }
+
+  /** Hands events to listeners, skipping any already delivered (across nodes). */
+  #deliver(key: string, events: readonly StoredEvent[]): void {
+    if (this.#listener === undefined) {
+      this.#subscribers.deliver(key, events);
+      return;
+    }
+    if (!this.#subscribers.has(key)) {
+      this.#delivered.delete(key);
+      return;
+    }
+    const delivered = this.#delivered.get(key) ?? 0;
+    const fresh = events.filter((stored) => stored.seq > delivered);
+    if (fresh.length === 0) return;
+    this.#delivered.set(key, fresh.at(-1)!.seq);
+    this.#subscribers.deliver(key, fresh);
   }
 
   async append(
@@ -272,7 +374,7 @@ class PostgresEventStore implements EventStore {
     return this.#serialized(key, async () => {
       const result = await this.#applyAppend(session, prepared, options);
       // Still inside this session's queue, so listeners see commits in seq order.
-      if (!result.duplicate) this.#subscribers.deliver(key, result.events);
+      if (!result.duplicate) this.#deliver(key, result.events);
       return result;
     });
   }
@@ -328,7 +430,10 @@ class PostgresEventStore implements EventStore {
   }
 
   subscribe(session: SessionKey, listener: EventListener): () => void {
-    return this.#subscribers.add(sessionKeyString(session), listener);
+    const key = sessionKeyString(session);
+    // A first listener hears what is committed from now on, not what an earlier one was owed.
+    if (!this.#subscribers.has(key)) this.#delivered.delete(key);
+    return this.#subscribers.add(key, listener);
   }
 
   async acquireWriter(session: SessionKey): Promise<WriterToken> {
@@ -345,6 +450,10 @@ class PostgresEventStore implements EventStore {
 
   /** Waits for queued appends, then drops listeners. Called by `Store.close`. */
   async doClose(): Promise<void> {
+    if (this.#listener) {
+      this.#listener.closed = true;
+      await this.#listener.client?.end().catch(() => undefined);
+    }
     await Promise.all([...this.#tails.values()]);
     this.#subscribers.clear();
   }

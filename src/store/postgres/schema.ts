@@ -325,7 +325,31 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   );
   CREATE INDEX session_leases_by_node ON ${s}.session_leases (node_id, expires_at);
   `,
+  // 8: every append is announced (NOTIFY, delivered on commit) so other nodes' subscribers hear
+  // it: "<tenant> <session> <first seq> <last seq>" on the schema's events channel.
+  (s) => `
+  CREATE FUNCTION ${s}.announce_append() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+    BEGIN
+      PERFORM pg_notify(${quoteLiteral(eventsChannel(s))},
+        NEW.tenant_id || ' ' || NEW.session_id || ' ' || (OLD.last_seq + 1) || ' ' || NEW.last_seq);
+      RETURN NULL;
+    END
+    $f$;
+  CREATE TRIGGER announce_append AFTER UPDATE OF last_seq ON ${s}.session_heads
+    FOR EACH ROW WHEN (NEW.last_seq > OLD.last_seq) EXECUTE FUNCTION ${s}.announce_append();
+  `,
 ];
+
+/** The NOTIFY channel of a (quoted) schema's appends. */
+export function eventsChannel(quotedSchema: string): string {
+  // Channel names are identifiers (at most 63 bytes).
+  return `${quotedSchema.replace(/^"|"$/g, '').slice(0, 56)}_events`;
+}
+
+function quoteLiteral(text: string): string {
+  return `'${text.replaceAll("'", "''")}'`;
+}
 
 /**
  * Row-level security for tenant tables: enabled and forced (so the owner is bound too), a
