@@ -1,15 +1,20 @@
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
+import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { serve } from '@hono/node-server';
+import pg from 'pg';
 import { createApp } from './api/app.js';
 import type { BerthConfig } from './config/config.js';
+import { Cluster } from './control/cluster.js';
+import { ClusterLeases } from './control/leases.js';
 import { LifetimeReaper } from './control/lifecycle.js';
 import { SandboxManager } from './control/sandbox-manager.js';
 import { type Logger, Supervisor } from './control/supervisor.js';
 import { Toolboxes } from './control/toolbox.js';
 import { SessionEgress } from './egress/session-egress.js';
+import { invalidRequest } from './errors.js';
 import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
 import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
@@ -24,6 +29,7 @@ import { createMicrovmDriver } from './sandbox/microvm/microvm-driver.js';
 import { LocalSnapshotStore } from './snapshots/local-snapshot-store.js';
 import type { NewEvent, SessionKey } from './store/event-store.js';
 import { openStore } from './store/open-store.js';
+import { quoteSchemaName } from './store/postgres/schema.js';
 import type { SessionRecord, Store } from './store/resource-store.js';
 import { Metrics } from './telemetry/metrics.js';
 import {
@@ -41,6 +47,8 @@ import { VaultService } from './vault/vault-service.js';
 /** A running Berth: its URL, its parts (for tests and the CLI), and a clean stop. */
 export interface RunningBerth {
   url: string;
+  /** This node's name in the cluster registry (cluster mode only). */
+  nodeId: string | undefined;
   store: Store;
   supervisor: Supervisor;
   sandboxes: SandboxManager;
@@ -237,7 +245,38 @@ export async function startBerth(
   });
   if (telemetry.enabled) harness = tracedHarness(harness, tracer, telemetry.contexts);
   if (metrics) harness = metrics.harness(harness);
-  const supervisor = new Supervisor({ harness, store, logger });
+  // Several nodes on one PostgreSQL: leases say which node runs each session.
+  let cluster: Cluster | undefined;
+  let clusterPool: pg.Pool | undefined;
+  if (config.cluster) {
+    if (config.store.kind !== 'postgres' || !rawStore.listenAcrossNodes) {
+      throw invalidRequest('cluster mode needs a PostgreSQL database (--cluster postgres://…)');
+    }
+    clusterPool = new pg.Pool({ connectionString: config.store.url, max: 4 });
+    clusterPool.on('error', () => undefined);
+    const schema = quoteSchemaName('berth');
+    const leases = new ClusterLeases({
+      pool: clusterPool,
+      schema,
+      nodeId: config.cluster.nodeId ?? `${hostname()}-${config.port}-${process.pid}`,
+      leaseMs: config.cluster.leaseMs,
+      acquireWriter: (session) => store.events.acquireWriter(session),
+    });
+    cluster = new Cluster({
+      leases,
+      pool: clusterPool,
+      schema,
+      logger,
+      wake: (session) => supervisor.notify(session),
+    });
+    await rawStore.listenAcrossNodes();
+  }
+  const supervisor = new Supervisor({
+    harness,
+    store,
+    logger,
+    ...(cluster ? { mayWake: (session: SessionKey) => cluster.mayWake(session) } : {}),
+  });
   sandboxes.setHooks({
     environment: (session) => egress.environment(session),
     provisioned: (session, handle, environmentConfig) => egress.attach(session, handle, environmentConfig),
@@ -292,6 +331,7 @@ export async function startBerth(
     budgetBook,
     sandboxes,
     minLifecycleSeconds: config.minLifecycleSeconds,
+    ...(cluster ? { cluster } : {}),
   });
   const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
   await new Promise<void>((resolve, reject) => {
@@ -301,6 +341,10 @@ export async function startBerth(
   const address = server.address() as AddressInfo;
   const host = address.family === 'IPv6' ? `[${address.address}]` : address.address;
   const url = `http://${host}:${address.port}`;
+  if (cluster) {
+    await cluster.start(config.cluster?.advertiseUrl ?? url);
+    logger.info('joined the cluster', { node: cluster.nodeId });
+  }
   await supervisor.recover();
   lifetimes.start();
   logger.info('berth is listening', { url, store: config.store.kind, drivers: [...drivers.keys()] });
@@ -308,6 +352,7 @@ export async function startBerth(
   let closing: Promise<void> | undefined;
   return {
     url,
+    nodeId: cluster?.nodeId,
     store,
     supervisor,
     sandboxes,
@@ -330,11 +375,16 @@ export async function startBerth(
           (server as unknown as { closeAllConnections?: () => void }).closeAllConnections?.();
         });
         lifetimes.stop();
+        // Graceful drain: no new sessions are placed here while this node stops.
+        await cluster?.drain().catch(() => undefined);
         await supervisor.shutdown();
         await toolboxes.releaseAll();
         // Stopped with snapshots: the next process resumes each sandbox where it was.
         await sandboxes.stopAll();
         await egress.closeAll();
+        // Only now (sandboxes stopped, turns cancelled) may other nodes take the sessions.
+        await cluster?.leave().catch(() => undefined);
+        await clusterPool?.end().catch(() => undefined);
         await Promise.all([...drivers.values()].map((driver) => driver.close?.()));
         await telemetry.shutdown().catch(() => undefined);
         await store.close();

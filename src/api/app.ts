@@ -8,6 +8,7 @@ import { environmentRoutes } from './environments.js';
 import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
 import { fileRoutes } from './files.js';
+import { clusterRouting } from './forwarding.js';
 import { identityRoutes } from './identity.js';
 import { sandboxRoutes } from './sandbox.js';
 import { sessionRoutes } from './sessions.js';
@@ -90,6 +91,11 @@ export function createApp(dependencies: ApiDependencies) {
   };
   app.use('/v1/sessions/:id', withSession);
   app.use('/v1/sessions/:id/*', withSession);
+  if (dependencies.cluster) {
+    const routing = clusterRouting(dependencies.cluster);
+    app.use('/v1/sessions/:id', routing);
+    app.use('/v1/sessions/:id/*', routing);
+  }
 
   app.route('/v1', identityRoutes(dependencies));
   app.route('/v1/usage', usageRoutes(dependencies));

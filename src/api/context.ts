@@ -12,6 +12,7 @@ import type { ResourceRecord, ResourceStore, SessionRecord, Store } from '../sto
 import type { Metrics } from '../telemetry/metrics.js';
 import type { VaultService } from '../vault/vault-service.js';
 import { describeZodError } from './errors.js';
+import type { ClusterRouter } from './forwarding.js';
 
 /** What the routes need; built once by `createApp`. */
 export interface ApiDependencies {
@@ -45,6 +46,8 @@ export interface ApiDependencies {
   minLifecycleSeconds?: number;
   /** Interval of SSE keep-alive pings (default 15 s). */
   streamPingMs?: number;
+  /** Several nodes: where a session's live instance is (requests go there). */
+  cluster?: ClusterRouter;
 }
 
 /** Hono context variables set by the middleware. */

@@ -58,12 +58,19 @@ program
   .option('--host <host>', 'address to listen on', process.env.BERTH_HOST ?? '127.0.0.1')
   .addOption(dataDirOption())
   .option('--database <url>', 'postgres:// URL (default: SQLite in the data directory)')
-  .action(async (options: { port: string; host: string; dataDir: string; database?: string }) => {
-    const berth = await start(options);
-    console.error(`Berth is serving on ${berth.url} (data in ${resolve(options.dataDir)})`);
-    console.error(`API key: ${join(resolve(options.dataDir), 'admin.key')}`);
-    stopOnSignals(berth);
-  });
+  .option(
+    '--cluster <url>',
+    'run as one node of a cluster on this shared postgres:// database (BERTH_NODE_ID, BERTH_NODE_URL, BERTH_LEASE_MS)',
+  )
+  .action(
+    async (options: { port: string; host: string; dataDir: string; database?: string; cluster?: string }) => {
+      const berth = await start(options);
+      if (options.cluster) console.error(`Berth node ${berth.nodeId} joined the cluster`);
+      console.error(`Berth is serving on ${berth.url} (data in ${resolve(options.dataDir)})`);
+      console.error(`API key: ${join(resolve(options.dataDir), 'admin.key')}`);
+      stopOnSignals(berth);
+    },
+  );
 
 program
   .command('run')
@@ -633,9 +640,16 @@ async function start(options: {
   host?: string;
   dataDir: string;
   database?: string;
+  cluster?: string;
 }): Promise<RunningBerth> {
   const config = loadConfig({
-    flags: { port: options.port, host: options.host, dataDir: options.dataDir, database: options.database },
+    flags: {
+      port: options.port,
+      host: options.host,
+      dataDir: options.dataDir,
+      database: options.database,
+      cluster: options.cluster,
+    },
     environment: process.env,
   });
   return startBerth(config, {

@@ -57,6 +57,18 @@ export interface BerthConfig {
   vault: VaultKeyConfig;
   /** The egress proxy's operator settings (sandboxes reach the network only through it). */
   egress: EgressConfig;
+  /** Several nodes on one PostgreSQL (`berth serve --cluster`); absent for a single node. */
+  cluster?: ClusterConfig;
+}
+
+/** One node of a cluster (src/control/cluster.ts). */
+export interface ClusterConfig {
+  /** This node's name in the registry (`BERTH_NODE_ID`; default `<hostname>-<port>`). */
+  nodeId?: string;
+  /** Where other nodes reach this one (`BERTH_NODE_URL`; default the listening address). */
+  advertiseUrl?: string;
+  /** How long a lease or heartbeat lasts without renewal (`BERTH_LEASE_MS`, default 3000). */
+  leaseMs: number;
 }
 
 /** Operator settings of the egress proxy. */
@@ -142,7 +154,7 @@ function telemetryConfig(environment: Readonly<Record<string, string | undefined
 
 /** Raw inputs: CLI flags (already parsed) and the process environment. */
 export interface ConfigSources {
-  flags?: { host?: string; port?: string | number; dataDir?: string; database?: string };
+  flags?: { host?: string; port?: string | number; dataDir?: string; database?: string; cluster?: string };
   environment: Readonly<Record<string, string | undefined>>;
 }
 
@@ -164,7 +176,14 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
   const port = portSchema.safeParse(portInput);
   if (!port.success) throw invalidRequest(`port must be a number from 0 to 65535, got "${portInput}"`);
   const dataDir = resolve(flags.dataDir ?? environment.BERTH_DATA_DIR ?? '.berth');
-  const database = flags.database ?? environment.BERTH_DATABASE_URL;
+  const clusterUrl = flags.cluster ?? environment.BERTH_CLUSTER_URL;
+  if (clusterUrl && flags.database && flags.database !== clusterUrl) {
+    throw invalidRequest('--cluster names the database; do not also give --database');
+  }
+  if (clusterUrl && !/^postgres(ql)?:\/\//.test(clusterUrl)) {
+    throw invalidRequest('--cluster takes the postgres:// URL every node shares');
+  }
+  const database = clusterUrl || (flags.database ?? environment.BERTH_DATABASE_URL);
   let store: BerthConfig['store'];
   if (database === undefined || database === '' || database.startsWith('sqlite:')) {
     const path = database?.startsWith('sqlite:') ? database.slice('sqlite:'.length) : '';
@@ -217,6 +236,15 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
     maxModelRetries: number('BERTH_MAX_MODEL_RETRIES', 3),
     retryBaseDelayMs: number('BERTH_RETRY_BASE_DELAY_MS', 500),
     minLifecycleSeconds: number('BERTH_MIN_LIFECYCLE_S', 60),
+    ...(clusterUrl
+      ? {
+          cluster: {
+            ...(environment.BERTH_NODE_ID ? { nodeId: environment.BERTH_NODE_ID } : {}),
+            ...(environment.BERTH_NODE_URL ? { advertiseUrl: environment.BERTH_NODE_URL } : {}),
+            leaseMs: Math.max(500, number('BERTH_LEASE_MS', 3000)),
+          },
+        }
+      : {}),
     egress: {
       allowPrivateDestinations: (environment.BERTH_EGRESS_ALLOW_PRIVATE ?? '')
         .split(',')

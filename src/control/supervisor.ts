@@ -42,11 +42,19 @@ export class Supervisor {
   readonly #harness: Harness;
   readonly #store: Store;
   readonly #logger: Logger;
+  readonly #mayWake: ((session: SessionKey) => Promise<boolean>) | undefined;
 
-  constructor(options: { harness: Harness; store: Store; logger: Logger }) {
+  constructor(options: {
+    harness: Harness;
+    store: Store;
+    logger: Logger;
+    /** In a cluster: whether this node may run the session (it holds or takes the lease). */
+    mayWake?: (session: SessionKey) => Promise<boolean>;
+  }) {
     this.#harness = options.harness;
     this.#store = options.store;
     this.#logger = options.logger;
+    this.#mayWake = options.mayWake;
     // Every live wake listens on this one signal (and removes its listener when it ends), so
     // more than 10 live sessions is normal, not a leak: no MaxListenersExceededWarning.
     setMaxListeners(0, this.#shutdown.signal);
@@ -139,6 +147,10 @@ export class Supervisor {
     const sessionId = session.id;
     let retryDelay = 0;
     try {
+      if (this.#mayWake && !(await this.#mayWake(session))) {
+        // Another node holds the session: its instance runs the turn.
+        return;
+      }
       do {
         actor.again = false;
         const trace = actor.trace;

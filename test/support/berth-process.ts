@@ -40,12 +40,18 @@ export async function findFreePort(): Promise<number> {
 export async function startBerthProcess(options: {
   dataDir: string;
   environment?: Record<string, string>;
+  /** More `berth serve` arguments (e.g. `--cluster <url>`). */
+  args?: string[];
+  /** The admin key, when another process created it (cluster nodes after the first). */
+  apiKey?: string;
+  /** Listen on this port (default: a free one). */
+  port?: number;
 }): Promise<BerthProcess> {
-  const port = await findFreePort();
+  const port = options.port ?? (await findFreePort());
   const startedAt = Date.now();
   const child = spawn(
     process.execPath,
-    [BERTH_BIN, 'serve', '--port', String(port), '--data-dir', options.dataDir],
+    [BERTH_BIN, 'serve', '--port', String(port), '--data-dir', options.dataDir, ...(options.args ?? [])],
     {
       env: { ...process.env, ...options.environment },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -81,8 +87,8 @@ export async function startBerthProcess(options: {
     await new Promise((done) => setTimeout(done, 25));
   }
   const keyFile = resolve(options.dataDir, 'admin.key');
-  if (!existsSync(keyFile)) throw new Error(`no admin key at ${keyFile}`);
-  const apiKey = readFileSync(keyFile, 'utf8').trim();
+  if (options.apiKey === undefined && !existsSync(keyFile)) throw new Error(`no admin key at ${keyFile}`);
+  const apiKey = options.apiKey ?? readFileSync(keyFile, 'utf8').trim();
   const stopWith = async (signal: NodeJS.Signals) => {
     if (child.exitCode === null && child.signalCode === null) child.kill(signal);
     await exited;

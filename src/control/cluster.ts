@@ -1,0 +1,162 @@
+/**
+ * One node of a Berth cluster: several nodes share one PostgreSQL, each session has one live
+ * instance (the node holding its lease, `leases.ts`), and any node accepts any request.
+ *
+ * - `route(session)` says where a request that needs the session's live instance goes: this
+ *   node (it holds the lease, or takes it), or the holder's URL (the API forwards). A session
+ *   nobody holds is placed by consistent hashing with bounded loads over the live, undrained
+ *   nodes (`placement.ts`), so placement is stable and even.
+ * - `mayWake(session)` gates the supervisor: a node wakes only sessions it holds.
+ * - Every heartbeat (a third of the lease time) renews this node's leases and refreshes the
+ *   node list; every lease time it sweeps for orphans, sessions with work left whose node died
+ *   (lease expired), and wakes those placed on it. So a killed node's turns finish elsewhere
+ *   within about two lease times.
+ * - `drain()` (graceful shutdown) stops new placements here; `leave()` hands every lease back.
+ */
+import type pg from 'pg';
+import type { SessionKey } from '../store/event-store.js';
+import type { ClusterLeases, ClusterNode } from './leases.js';
+import { PlacementRing } from './placement.js';
+import type { Logger, SessionOwnerKey } from './supervisor.js';
+
+export type Route = { local: true } | { local: false; nodeId: string; url: string } | { retry: string };
+
+export interface ClusterOptions {
+  leases: ClusterLeases;
+  /** The pool the sweep reads orphans with (the store's database). */
+  pool: pg.Pool;
+  /** The quoted schema name. */
+  schema: string;
+  logger: Logger;
+  /** Wakes a session here (the supervisor's notify). */
+  wake(session: SessionOwnerKey): void;
+}
+
+export class Cluster {
+  readonly nodeId: string;
+  readonly #leases: ClusterLeases;
+  readonly #options: ClusterOptions;
+  #nodes: ClusterNode[] = [];
+  #ring = new PlacementRing([]);
+  #timer: NodeJS.Timeout | undefined;
+  #lastSweep = 0;
+  #beating: Promise<void> | undefined;
+  #draining = false;
+
+  constructor(options: ClusterOptions) {
+    this.#options = options;
+    this.#leases = options.leases;
+    this.nodeId = options.leases.nodeId;
+  }
+
+  /** Registers this node at `url` and starts heartbeats and sweeps. */
+  async start(url: string): Promise<void> {
+    await this.#leases.register(url);
+    await this.#refreshNodes();
+    const every = Math.max(100, Math.floor(this.#leases.leaseMs / 3));
+    this.#timer = setInterval(() => {
+      // One beat at a time: a slow database must not pile beats up.
+      this.#beating ??= this.#beat().finally(() => {
+        this.#beating = undefined;
+      });
+    }, every);
+    this.#timer.unref();
+  }
+
+  async #beat(): Promise<void> {
+    try {
+      const lost = await this.#leases.heartbeat();
+      for (const session of lost) {
+        this.#options.logger.warn('lost the lease of a session (this node was too slow to renew it)', {
+          session: session.id,
+        });
+      }
+      await this.#refreshNodes();
+      if (!this.#draining && Date.now() - this.#lastSweep >= this.#leases.leaseMs) {
+        this.#lastSweep = Date.now();
+        await this.#sweep();
+      }
+    } catch (error) {
+      this.#options.logger.warn('cluster heartbeat failed', {
+        node: this.nodeId,
+        error: error instanceof Error ? error.message : String(error),
+      });
+    }
+  }
+
+  async #refreshNodes(): Promise<void> {
+    const nodes = await this.#leases.liveNodes();
+    const names = nodes.filter((node) => !node.draining).map((node) => node.nodeId);
+    const previous = this.#ring.nodes;
+    if (names.length !== previous.length || names.some((name, index) => name !== previous[index])) {
+      this.#ring = new PlacementRing(names);
+    }
+    this.#nodes = nodes;
+  }
+
+  /** Wakes orphaned sessions that placement gives to this node. */
+  async #sweep(): Promise<void> {
+    const result = await this.#options.pool.query<{
+      tenant_id: string;
+      session_id: string;
+      owner_id: string;
+    }>(`SELECT * FROM ${this.#options.schema}.orphaned_sessions(500)`);
+    if (result.rows.length === 0) return;
+    const loads = await this.#leases.loads();
+    for (const row of result.rows) {
+      if (this.#ring.place(row.session_id, loads) !== this.nodeId) continue;
+      this.#options.wake({ tenantId: row.tenant_id, id: row.session_id, ownerId: row.owner_id });
+    }
+  }
+
+  /** Where a request that needs the session's live instance should run. */
+  async route(session: SessionKey): Promise<Route> {
+    if (this.#leases.holds(session)) return { local: true };
+    let holder = await this.#leases.holderOf(session);
+    if (holder === undefined) {
+      const placed = this.#ring.place(session.id, await this.#leases.loads());
+      if (placed !== undefined && placed !== this.nodeId) {
+        const node = this.#nodes.find((candidate) => candidate.nodeId === placed);
+        if (node) return { local: false, nodeId: node.nodeId, url: node.url };
+      }
+      // Placed here (or nowhere else is live): take it.
+      const claim = await this.#leases.claim(session);
+      if (claim.held) return { local: true };
+      holder = claim.holder;
+    }
+    if (holder === this.nodeId) {
+      const claim = await this.#leases.claim(session);
+      return claim.held ? { local: true } : this.#towards(claim.holder);
+    }
+    return this.#towards(holder);
+  }
+
+  #towards(holder: string): Route {
+    const node = this.#nodes.find((candidate) => candidate.nodeId === holder);
+    // A holder with a live lease but no heartbeat is dying: its lease ends within a lease time.
+    return node
+      ? { local: false, nodeId: node.nodeId, url: node.url }
+      : { retry: `the node holding this session (${holder}) is not responding; retry in a few seconds` };
+  }
+
+  /** Whether this node may wake the session: it holds the lease, or takes it now. */
+  async mayWake(session: SessionKey): Promise<boolean> {
+    if (this.#leases.holds(session)) return true;
+    const claim = await this.#leases.claim(session);
+    return claim.held;
+  }
+
+  /** Stops new placements here (the registry says draining); held sessions stay until `leave`. */
+  async drain(): Promise<void> {
+    this.#draining = true;
+    await this.#leases.setDraining(true);
+  }
+
+  /** Stops heartbeats and hands every lease back (after the node's own work has stopped). */
+  async leave(): Promise<void> {
+    if (this.#timer) clearInterval(this.#timer);
+    this.#timer = undefined;
+    await this.#beating;
+    await this.#leases.leave();
+  }
+}
