@@ -267,7 +267,8 @@ export async function startBerth(
       pool: clusterPool,
       schema,
       logger,
-      wake: (session) => supervisor.notify(session),
+      wake: (session): void => supervisor.notify(session),
+      isLive: (session): boolean => supervisor.isLive(session),
     });
     await rawStore.listenAcrossNodes();
   }

@@ -1,6 +1,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import Anthropic from '@anthropic-ai/sdk';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { formatVaultKey, generateVaultKey } from '../src/vault/keyring.js';
@@ -154,12 +155,16 @@ describe('a three-node cluster', () => {
     const deadline = Date.now() + timeoutMs;
     let pending = [...sessionIds];
     while (pending.length > 0) {
-      const states = await Promise.all(
+      // Done when the newest event ends a turn (the status alone is still idle for a moment
+      // after a message is accepted and before its turn starts).
+      const newest = await Promise.all(
         pending.map((id) =>
-          api<{ status: string }>('GET', `/v1/sessions/${id}`).then((session) => session.status),
+          api<{ data: ApiEvent[] }>('GET', `/v1/sessions/${id}/events?order=desc&limit=1`).then(
+            (page) => page.data[0]?.type,
+          ),
         ),
       );
-      pending = pending.filter((_, index) => states[index] !== 'idle');
+      pending = pending.filter((_, index) => newest[index] !== 'session.status_idle');
       if (pending.length === 0) return;
       if (Date.now() > deadline) throw new Error(`not idle in time: ${pending.join(', ')}`);
       await sleep(200);
@@ -224,7 +229,7 @@ describe('a three-node cluster', () => {
   }
 
   it('runs sessions sent to random nodes: one holder each, gapless logs, nothing duplicated', async () => {
-    const sessionIds = await newSessions(30);
+    const sessionIds = await newSessions(200);
     const acknowledged = new Map<string, string[]>();
     for (let round = 0; round < 2; round++) {
       await Promise.all(
@@ -233,7 +238,7 @@ describe('a three-node cluster', () => {
           acknowledged.set(id, [...(acknowledged.get(id) ?? []), ...sent.data.map((event) => event.id)]);
         }),
       );
-      await waitIdle(sessionIds, 60_000);
+      await waitIdle(sessionIds, 90_000);
     }
     await checkLogs(sessionIds, acknowledged);
     // Placement spread the sessions over all three nodes, one lease row each.
@@ -242,35 +247,75 @@ describe('a three-node cluster', () => {
       [sessionIds],
     );
     expect(leases.rows.map((row) => row.node_id).sort()).toEqual(['node-0', 'node-1', 'node-2']);
-  }, 120_000);
+    const counts = leases.rows.map((row) => Number(row.count));
+    // Concurrent placements read loads a moment old, so the bound is looser than placement's.
+    expect(Math.max(...counts) / (200 / 3)).toBeLessThanOrEqual(1.4);
+  }, 180_000);
 
-  it('finishes the turns of a node killed with SIGKILL on the other nodes, losing no acknowledged event', async () => {
-    const sessionIds = await newSessions(24);
-    const acknowledged = new Map<string, string[]>();
-    await Promise.all(
-      sessionIds.map(async (id) =>
-        acknowledged.set(
-          id,
-          (await send(id, 'go')).data.map((event) => event.id),
+  it('streams a session from any node while another node runs it (official SDK)', async () => {
+    const [sessionId] = await newSessions(1);
+    await send(sessionId!, 'first turn');
+    await waitIdle([sessionId!], 30_000);
+    const holder = await owner.query<{ node_id: string }>(
+      `SELECT node_id FROM berth.session_leases WHERE session_id = $1`,
+      [sessionId],
+    );
+    const others = nodes.filter(
+      (node, index) => node !== undefined && `node-${index}` !== holder.rows[0]!.node_id,
+    );
+    expect(others).toHaveLength(2);
+    const watcher = new Anthropic({ apiKey, baseURL: others[0]!.url, maxRetries: 3 });
+    const sender = new Anthropic({ apiKey, baseURL: others[1]!.url, maxRetries: 3 });
+    const stream = await watcher.beta.sessions.events.stream(sessionId!);
+    await sender.beta.sessions.events.send(sessionId!, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'second turn' }] }],
+    });
+    const seen: string[] = [];
+    for await (const event of stream) {
+      seen.push(event.type);
+      if (event.type === 'session.status_idle') break;
+    }
+    expect(seen, seen.join(', ')).toEqual(
+      expect.arrayContaining([
+        'user.message',
+        'session.status_running',
+        'agent.tool_use',
+        'agent.tool_result',
+        'agent.message',
+      ]),
+    );
+    expect(seen.at(-1)).toBe('session.status_idle');
+  }, 60_000);
+
+  it('finishes the turns of a node killed with SIGKILL on the other nodes, losing no acknowledged event (3 kills)', async () => {
+    for (let kill = 0; kill < 3; kill++) {
+      const sessionIds = await newSessions(24);
+      const acknowledged = new Map<string, string[]>();
+      await Promise.all(
+        sessionIds.map(async (id) =>
+          acknowledged.set(
+            id,
+            (await send(id, `go ${kill}`)).data.map((event) => event.id),
+          ),
         ),
-      ),
-    );
-    // Let the turns get going, then kill the node holding the most sessions.
-    await sleep(300);
-    const held = await owner.query<{ node_id: string; count: string }>(
-      `SELECT node_id, count(*) FROM berth.session_leases WHERE session_id = ANY($1) GROUP BY node_id ORDER BY count(*) DESC`,
-      [sessionIds],
-    );
-    const victim = Number(held.rows[0]!.node_id.slice('node-'.length));
-    const killedAt = Date.now();
-    await nodes[victim]!.kill();
-    await waitIdle(sessionIds, 60_000);
-    const failoverMs = Date.now() - killedAt;
-    await checkLogs(sessionIds, acknowledged);
-    // Within a few lease times (the sweep runs every lease time).
-    expect(failoverMs).toBeLessThan(LEASE_MS * 10);
-    await startNode(victim);
-  }, 120_000);
+      );
+      // Let the turns get going, then kill the node holding the most of them.
+      await sleep(300);
+      const held = await owner.query<{ node_id: string; count: string }>(
+        `SELECT node_id, count(*) FROM berth.session_leases WHERE session_id = ANY($1) GROUP BY node_id ORDER BY count(*) DESC`,
+        [sessionIds],
+      );
+      const victim = Number(held.rows[0]!.node_id.slice('node-'.length));
+      const killedAt = Date.now();
+      await nodes[victim]!.kill();
+      await waitIdle(sessionIds, 60_000);
+      const failoverMs = Date.now() - killedAt;
+      await checkLogs(sessionIds, acknowledged);
+      // Within a few lease times (the sweep runs every lease time).
+      expect(failoverMs).toBeLessThan(LEASE_MS * 10);
+      await startNode(victim);
+    }
+  }, 180_000);
 
   it('fences a node paused with SIGSTOP: after it resumes it cannot append for sessions others took', async () => {
     const sessionIds = await newSessions(12);
@@ -306,9 +351,9 @@ describe('a three-node cluster', () => {
     nodes[victim] = paused;
     await waitIdle(sessionIds, 60_000);
     await checkLogs(sessionIds, acknowledged);
-    // The resumed node found out it had been fenced: its renewals failed and its appends were
-    // refused (stale writer token), and it ran none of its old turns to the end.
+    // The resumed node found out it had been fenced (its renewals failed; any append it still
+    // tried was refused as a stale writer, see src/control/leases.test.ts), and the logs above
+    // show no tool run twice and no gap.
     expect(paused.output()).toMatch(/lost the lease of a session/);
-    expect(paused.output()).toMatch(/another writer took over the session/);
   }, 120_000);
 });

@@ -30,6 +30,8 @@ export interface ClusterOptions {
   logger: Logger;
   /** Wakes a session here (the supervisor's notify). */
   wake(session: SessionOwnerKey): void;
+  /** Whether a wake of the session is in flight here. */
+  isLive(session: SessionKey): boolean;
 }
 
 export class Cluster {
@@ -94,18 +96,27 @@ export class Cluster {
     this.#nodes = nodes;
   }
 
-  /** Wakes orphaned sessions that placement gives to this node. */
+  /**
+   * Wakes sessions with work left that nobody runs: orphans (their node died) that placement
+   * gives to this node, and sessions this node holds with no wake in flight (input that reached
+   * a node which had just lost the session is picked up here by the new holder).
+   */
   async #sweep(): Promise<void> {
     const result = await this.#options.pool.query<{
       tenant_id: string;
       session_id: string;
       owner_id: string;
-    }>(`SELECT * FROM ${this.#options.schema}.orphaned_sessions(500)`);
+      holder: string | null;
+    }>(`SELECT * FROM ${this.#options.schema}.sessions_with_work($1, 500)`, [this.nodeId]);
     if (result.rows.length === 0) return;
     const loads = await this.#leases.loads();
     for (const row of result.rows) {
-      if (this.#ring.place(row.session_id, loads) !== this.nodeId) continue;
-      this.#options.wake({ tenantId: row.tenant_id, id: row.session_id, ownerId: row.owner_id });
+      const session = { tenantId: row.tenant_id, id: row.session_id, ownerId: row.owner_id };
+      const mine =
+        row.holder === null
+          ? this.#ring.place(row.session_id, loads) === this.nodeId
+          : !this.#options.isLive(session);
+      if (mine) this.#options.wake(session);
     }
   }
 

@@ -44,7 +44,11 @@ export class PlacementRing {
     if (points.length === 0) return undefined;
     let total = 1;
     for (const node of this.nodes) total += loads.get(node) ?? 0;
-    const capacity = Math.ceil((factor * total) / this.nodes.length);
+    // Rounded down (so the bound holds exactly), but never below an even share.
+    const capacity = Math.max(
+      Math.ceil(total / this.nodes.length),
+      Math.floor((factor * total) / this.nodes.length),
+    );
     const at = hash64(key);
     // First point at or after the key's hash (binary search), then clockwise.
     let low = 0;

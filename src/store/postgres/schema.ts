@@ -339,22 +339,22 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   CREATE TRIGGER announce_append AFTER UPDATE OF last_seq ON ${s}.session_heads
     FOR EACH ROW WHEN (NEW.last_seq > OLD.last_seq) EXECUTE FUNCTION ${s}.announce_append();
   `,
-  // 9: sessions with work left and no live lease (their node died): a cross-tenant read of
-  // ids only, for the cluster's failover sweep. Work left: a turn in flight, or client input
-  // newer than the last turn.
+  // 9: sessions with work left that are orphaned (no live lease: their node died) or held by
+  // p_node: a cross-tenant read of ids only, for the cluster's sweep. Work left: a turn in
+  // flight, or client input newer than the last turn.
   (s) => `
-  CREATE FUNCTION ${s}.orphaned_sessions(p_limit integer)
-    RETURNS TABLE (tenant_id text, session_id text, owner_id text)
+  CREATE FUNCTION ${s}.sessions_with_work(p_node text, p_limit integer)
+    RETURNS TABLE (tenant_id text, session_id text, owner_id text, holder text)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
-      SELECT h.tenant_id, h.session_id, x.owner_id
+      SELECT h.tenant_id, h.session_id, x.owner_id, l.node_id
       FROM ${s}.session_heads h JOIN ${s}.sessions x ON x.id = h.session_id AND x.tenant_id = h.tenant_id
+      LEFT JOIN ${s}.session_leases l
+        ON l.tenant_id = h.tenant_id AND l.session_id = h.session_id AND l.expires_at > now()
       WHERE (h.status IN ('running', 'rescheduling')
              OR (h.status = 'idle' AND EXISTS (
                SELECT 1 FROM ${s}.events e
                WHERE e.session_id = h.session_id AND e.seq = h.last_seq AND e.type LIKE 'user.%')))
-        AND NOT EXISTS (
-          SELECT 1 FROM ${s}.session_leases l
-          WHERE l.tenant_id = h.tenant_id AND l.session_id = h.session_id AND l.expires_at > now())
+        AND (l.node_id IS NULL OR l.node_id = p_node)
       LIMIT p_limit
     $f$;
   `,
