@@ -8,7 +8,8 @@
  * --concurrency <comma-separated sessions, e.g. 16,64,256>, --no-batch, --turns <measured turns>,
  * --skip-appends, --skip-turns, --skip-tracing; --skip-sandboxes, --only-sandboxes (the sandbox driver
  * table of bench/sandbox-drivers.ts alone); --skip-egress, --only-egress (the egress proxy's added
- * latency, bench/egress-proxy.ts, alone).
+ * latency, bench/egress-proxy.ts, alone); --skip-cluster, --only-cluster (3 `--cluster` nodes:
+ * forwarding, failover, placement; bench/cluster.ts).
  */
 import { randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -19,6 +20,12 @@ import { openStore } from '../src/store/open-store.js';
 import { createTestDatabase, ensureTestRoles, testRoleUrls } from '../test/support/postgres-database.js';
 import { startPostgres, type TestPostgres } from '../test/support/postgres-server.js';
 import { type AppendRun, runAppendBench } from './append-throughput.js';
+import {
+  type ClusterBenchResults,
+  clusterTargetRows,
+  formatClusterResults,
+  runClusterBench,
+} from './cluster.js';
 import {
   type EgressBenchResults,
   egressTargetRows,
@@ -55,14 +62,21 @@ const { values: flags } = parseArgs({
     'only-sandboxes': { type: 'boolean', default: false },
     'skip-egress': { type: 'boolean', default: false },
     'only-egress': { type: 'boolean', default: false },
+    'skip-cluster': { type: 'boolean', default: false },
+    'only-cluster': { type: 'boolean', default: false },
   },
 });
+const onlyCluster = flags['only-cluster'];
 const onlySandboxes = flags['only-sandboxes'];
 if (onlySandboxes && flags['skip-sandboxes'])
   throw new Error('--only-sandboxes and --skip-sandboxes conflict');
 const onlyEgress = flags['only-egress'];
 const stores =
-  onlySandboxes || onlyEgress ? [] : flags.store === undefined ? ['sqlite', 'postgres'] : [flags.store];
+  onlySandboxes || onlyEgress || onlyCluster
+    ? []
+    : flags.store === undefined
+      ? ['sqlite', 'postgres']
+      : [flags.store];
 for (const store of stores) {
   if (store !== 'sqlite' && store !== 'postgres') throw new Error(`--store must be sqlite or postgres`);
 }
@@ -132,6 +146,7 @@ interface Results {
   tracing?: { mode: string; offP50: number; onP50: number }[];
   sandboxes?: SandboxBenchResults;
   egress?: EgressBenchResults;
+  cluster?: ClusterBenchResults;
 }
 
 const TARGET_TRACING_OVERHEAD = 0.05;
@@ -211,6 +226,20 @@ async function benchPostgres(results: Results, postgres: TestPostgres): Promise<
 const EGRESS_REQUESTS = 300;
 
 /** The egress proxy's added latency per request (bench/egress-proxy.ts). */
+const CLUSTER_REQUESTS = 400;
+
+async function benchCluster(results: Results): Promise<void> {
+  log('\n### Cluster: three `berth serve --cluster` nodes on one PostgreSQL\n');
+  const postgres = await startPostgres();
+  await ensureTestRoles(postgres.url);
+  try {
+    results.cluster = await runClusterBench(postgres.url, CLUSTER_REQUESTS);
+  } finally {
+    await postgres.stop();
+  }
+  log(formatClusterResults(results.cluster, CLUSTER_REQUESTS));
+}
+
 async function benchEgress(results: Results): Promise<void> {
   log('\n### Egress proxy: added latency per request on loopback\n');
   results.egress = await runEgressBench(EGRESS_REQUESTS);
@@ -265,6 +294,7 @@ function targetTable(results: Results): string {
   }
   if (results.sandboxes) rows.push(...sandboxTargetRows(results.sandboxes));
   if (results.egress) rows.push(...egressTargetRows(results.egress));
+  if (results.cluster) rows.push(...clusterTargetRows(results.cluster));
   return table(['target', 'wanted', 'measured', ''], rows, 'lrrl');
 }
 
@@ -286,8 +316,9 @@ async function main(): Promise<void> {
       await postgres.stop();
     }
   }
-  if (!flags['skip-sandboxes'] && !onlyEgress) await benchSandboxes(results);
-  if (!flags['skip-egress'] && !onlySandboxes) await benchEgress(results);
+  if (!flags['skip-sandboxes'] && !onlyEgress && !onlyCluster) await benchSandboxes(results);
+  if (!flags['skip-egress'] && !onlySandboxes && !onlyCluster) await benchEgress(results);
+  if (!flags['skip-cluster'] && !onlySandboxes && !onlyEgress) await benchCluster(results);
   log('\n### Targets\n');
   log(targetTable(results));
   log(`\n(bench took ${((performance.now() - started) / 1000).toFixed(0)} s)`);

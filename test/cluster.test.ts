@@ -132,7 +132,10 @@ describe('a three-node cluster', () => {
       }
       if (response === undefined) throw new Error(`${method} ${path}: no answer`);
       const text = await response.text();
-      if (!response.ok) throw new Error(`${method} ${path} answered ${response.status}: ${text}`);
+      if (!response.ok) {
+        const logs = nodes.map((each, index) => `node-${index}: ${each?.stderr().slice(-1500)}`).join('\n');
+        throw new Error(`${method} ${path} answered ${response.status}: ${text}\n${logs}`);
+      }
       return JSON.parse(text) as T;
     }
   }

@@ -8,7 +8,7 @@ import { environmentRoutes } from './environments.js';
 import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
 import { fileRoutes } from './files.js';
-import { clusterRouting } from './forwarding.js';
+import { clusterFastForward, clusterRouting } from './forwarding.js';
 import { identityRoutes } from './identity.js';
 import { sandboxRoutes } from './sandbox.js';
 import { sessionRoutes } from './sessions.js';
@@ -89,6 +89,12 @@ export function createApp(dependencies: ApiDependencies) {
     );
     await next();
   };
+  if (dependencies.cluster) {
+    // A request for a session another node holds goes there before this node loads anything.
+    const fastForward = clusterFastForward(dependencies.cluster);
+    app.use('/v1/sessions/:id', fastForward);
+    app.use('/v1/sessions/:id/*', fastForward);
+  }
   app.use('/v1/sessions/:id', withSession);
   app.use('/v1/sessions/:id/*', withSession);
   if (dependencies.cluster) {

@@ -44,6 +44,8 @@ export class Cluster {
   #lastSweep = 0;
   #beating: Promise<void> | undefined;
   #draining = false;
+  /** Other nodes believed to hold sessions, for a moment (requests forward without a lookup). */
+  readonly #holders = new Map<string, { nodeId: string; url: string; until: number }>();
 
   constructor(options: ClusterOptions) {
     this.#options = options;
@@ -128,7 +130,10 @@ export class Cluster {
       const placed = this.#ring.place(session.id, await this.#leases.loads());
       if (placed !== undefined && placed !== this.nodeId) {
         const node = this.#nodes.find((candidate) => candidate.nodeId === placed);
-        if (node) return { local: false, nodeId: node.nodeId, url: node.url };
+        if (node) {
+          this.#remember(session, node);
+          return { local: false, nodeId: node.nodeId, url: node.url };
+        }
       }
       // Placed here (or nowhere else is live): take it.
       const claim = await this.#leases.claim(session);
@@ -137,17 +142,45 @@ export class Cluster {
     }
     if (holder === this.nodeId) {
       const claim = await this.#leases.claim(session);
-      return claim.held ? { local: true } : this.#towards(claim.holder);
+      return claim.held ? { local: true } : this.#towards(claim.holder, session);
     }
-    return this.#towards(holder);
+    return this.#towards(holder, session);
   }
 
-  #towards(holder: string): Route {
+  #towards(holder: string, session?: SessionKey): Route {
     const node = this.#nodes.find((candidate) => candidate.nodeId === holder);
     // A holder with a live lease but no heartbeat is dying: its lease ends within a lease time.
-    return node
-      ? { local: false, nodeId: node.nodeId, url: node.url }
-      : { retry: `the node holding this session (${holder}) is not responding; retry in a few seconds` };
+    if (!node) {
+      return { retry: `the node holding this session (${holder}) is not responding; retry in a few seconds` };
+    }
+    if (session) this.#remember(session, node);
+    return { local: false, nodeId: node.nodeId, url: node.url };
+  }
+
+  #remember(session: SessionKey, node: ClusterNode): void {
+    if (this.#holders.size >= 10_000) this.#holders.clear();
+    this.#holders.set(`${session.tenantId}/${session.id}`, {
+      nodeId: node.nodeId,
+      url: node.url,
+      // Until the next heartbeat or so: a lease moves only when its holder stops renewing.
+      until: Date.now() + this.#leases.leaseMs / 3,
+    });
+  }
+
+  /** The other node believed to hold the session, if this node looked it up a moment ago. */
+  knownHolder(session: SessionKey): { nodeId: string; url: string } | undefined {
+    const known = this.#holders.get(`${session.tenantId}/${session.id}`);
+    if (!known) return undefined;
+    if (known.until < Date.now()) {
+      this.#holders.delete(`${session.tenantId}/${session.id}`);
+      return undefined;
+    }
+    return known;
+  }
+
+  /** Drops the belief about who holds the session. */
+  forget(session: SessionKey): void {
+    this.#holders.delete(`${session.tenantId}/${session.id}`);
   }
 
   /** Whether this node may wake the session: it holds the lease, or takes it now. */

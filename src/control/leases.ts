@@ -77,6 +77,9 @@ export class ClusterLeases {
    * lost (expired before it could renew them); it must stop working on them.
    */
   async heartbeat(): Promise<SessionKey[]> {
+    // Only leases held before the renewal started can be judged by it: one claimed meanwhile
+    // may be missing from the statement's snapshot.
+    const before = new Map(this.#held);
     const result = await this.#pool.query<{ tenant_id: string; session_id: string }>(
       `WITH beat AS (
          UPDATE ${this.#s}.cluster_nodes SET heartbeat_at = now() WHERE node_id = $1
@@ -88,8 +91,8 @@ export class ClusterLeases {
     );
     const renewed = new Set(result.rows.map((row) => `${row.tenant_id}/${row.session_id}`));
     const lost: SessionKey[] = [];
-    for (const [name, entry] of this.#held) {
-      if (renewed.has(name)) continue;
+    for (const [name, entry] of before) {
+      if (renewed.has(name) || this.#held.get(name) !== entry) continue;
       this.#held.delete(name);
       lost.push(entry.session);
     }
@@ -166,7 +169,14 @@ export class ClusterLeases {
     if (existing && Number(claimed.rows[0]!.writer_token) === existing.writer.token) {
       return { held: true, writer: existing.writer, fresh: false };
     }
-    const writer = await this.#acquireWriter(session);
+    let writer: WriterToken;
+    try {
+      writer = await this.#acquireWriter(session);
+    } catch (error) {
+      // No such session (or the store failed): hold no lease for it.
+      await this.release(session).catch(() => undefined);
+      throw error;
+    }
     await this.#pool.query(
       `UPDATE ${this.#s}.session_leases SET writer_token = $4
        WHERE tenant_id = $1 AND session_id = $2 AND node_id = $3`,
