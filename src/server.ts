@@ -27,6 +27,8 @@ import type { SandboxDriver } from './sandbox/driver.js';
 import { createGvisorDriver } from './sandbox/gvisor/gvisor-driver.js';
 import { createMicrovmDriver } from './sandbox/microvm/microvm-driver.js';
 import { LocalSnapshotStore } from './snapshots/local-snapshot-store.js';
+import { SharedSnapshotStore } from './snapshots/shared-snapshot-store.js';
+import type { SnapshotStore } from './snapshots/snapshot-store.js';
 import type { NewEvent, SessionKey } from './store/event-store.js';
 import { openStore } from './store/open-store.js';
 import { quoteSchemaName } from './store/postgres/schema.js';
@@ -169,7 +171,15 @@ export async function startBerth(
   };
   const models = options.models ?? createModelRegistry({ environment: config.modelEnvironment });
   const deltas = new DeltaBus();
-  const snapshots = new LocalSnapshotStore(join(config.dataDir, 'snapshots'));
+  // In a cluster, snapshots are packed into PostgreSQL so a session resumes on any node.
+  const snapshots: SnapshotStore =
+    config.cluster && rawStore.snapshotArchives
+      ? new SharedSnapshotStore({
+          root: join(config.dataDir, 'snapshots'),
+          archives: rawStore.snapshotArchives,
+          warn: (message, fields) => logger.warn(message, fields),
+        })
+      : new LocalSnapshotStore(join(config.dataDir, 'snapshots'));
   const leftovers = await snapshots.removeLeftovers();
   if (leftovers > 0)
     logger.warn('removed unfinished sandbox snapshots left by a dead process', { count: leftovers });

@@ -78,11 +78,14 @@ describe('a three-node cluster', () => {
       const messages = request.body.messages ?? [];
       const last = messages.at(-1);
       if (last?.role === 'tool') return { text: 'Done.', delayMs: 150 };
+      const asked = JSON.stringify(last?.content ?? '');
       const marker = `marker-${Math.random().toString(36).slice(2)}`;
-      return {
-        delayMs: 150,
-        toolCalls: [{ name: 'bash', arguments: { command: `sleep 0.2; echo ${marker}` } }],
-      };
+      const command = asked.includes('write-file')
+        ? 'echo kept-across-nodes > /workspace/kept.txt'
+        : asked.includes('read-file')
+          ? 'cat /workspace/kept.txt'
+          : `sleep 0.2; echo ${marker}`;
+      return { delayMs: 150, toolCalls: [{ name: 'bash', arguments: { command } }] };
     });
     for (let index = 0; index < 3; index++) ports.push(await findFreePort());
     apiKey = (await startNode(0)).apiKey;
@@ -288,6 +291,33 @@ describe('a three-node cluster', () => {
       ]),
     );
     expect(seen.at(-1)).toBe('session.status_idle');
+  }, 60_000);
+
+  it('moves a session with its files when its node drains (snapshot shared through PostgreSQL)', async () => {
+    const [sessionId] = await newSessions(1);
+    await send(sessionId!, 'write-file');
+    await waitIdle([sessionId!], 30_000);
+    const holder = await owner.query<{ node_id: string }>(
+      `SELECT node_id FROM berth.session_leases WHERE session_id = $1`,
+      [sessionId],
+    );
+    const index = Number(holder.rows[0]!.node_id.slice('node-'.length));
+    // A clean stop: turns end, the sandbox is stopped with a snapshot, the leases are handed back.
+    await nodes[index]!.stop();
+    nodes[index] = undefined;
+    const archived = await owner.query(`SELECT 1 FROM berth.sandbox_snapshots WHERE session_id = $1`, [
+      sessionId,
+    ]);
+    expect(archived.rowCount).toBe(1);
+    expect(
+      (await owner.query(`SELECT 1 FROM berth.session_leases WHERE session_id = $1`, [sessionId])).rowCount,
+    ).toBe(0);
+    await send(sessionId!, 'read-file');
+    await waitIdle([sessionId!], 30_000);
+    const log = await events(sessionId!);
+    const read = log.filter((event) => event.type === 'agent.tool_result').at(-1)!;
+    expect(JSON.stringify(read.content)).toContain('kept-across-nodes');
+    await startNode(index);
   }, 60_000);
 
   it('finishes the turns of a node killed with SIGKILL on the other nodes, losing no acknowledged event (3 kills)', async () => {

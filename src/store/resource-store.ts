@@ -1,4 +1,4 @@
-import type { EventStore, SessionStatus } from './event-store.js';
+import type { EventStore, SessionKey, SessionStatus } from './event-store.js';
 import type { VaultStore } from './vault-store.js';
 
 /**
@@ -179,6 +179,22 @@ export interface RowLevelSecurity {
 }
 
 /** An opened database: the ports, plus lifecycle. */
+/** A session's newest sandbox snapshot, packed (`snapshots/shared-snapshot-store.ts`). */
+export interface SnapshotArchive {
+  createdAt: string;
+  info: Record<string, unknown>;
+  archive: Buffer;
+}
+
+export interface SnapshotArchiveStore {
+  /** Replaces the session's snapshot. */
+  put(session: SessionKey, snapshot: SnapshotArchive): Promise<void>;
+  /** The session's snapshot's `createdAt` (cheap: no archive), if it has one. */
+  newest(session: SessionKey): Promise<string | undefined>;
+  get(session: SessionKey): Promise<SnapshotArchive | undefined>;
+  delete(session: SessionKey): Promise<void>;
+}
+
 export interface Store {
   readonly kind: 'sqlite' | 'postgres';
   /** The second wall under the application's tenant checks, if this store has one. */
@@ -194,5 +210,7 @@ export interface Store {
    * dedupe by seq (the SSE stream and the harness do).
    */
   listenAcrossNodes?(): Promise<void>;
+  /** Sandbox snapshots as archives every node can read (PostgreSQL only). */
+  readonly snapshotArchives?: SnapshotArchiveStore;
   close(): Promise<void>;
 }

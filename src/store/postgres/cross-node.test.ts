@@ -15,7 +15,7 @@ afterAll(() => admin.end());
 const message = (text: string) => ({ type: 'user.message', content: [{ type: 'text', text }] });
 const textOf = (stored: StoredEvent) => (stored.event.content as { text: string }[])[0]!.text;
 
-async function waitFor(check: () => boolean, timeoutMs = 5000): Promise<void> {
+async function waitFor(check: () => boolean, timeoutMs = 15_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!check()) {
     if (Date.now() > deadline) throw new Error('timed out waiting');
@@ -73,7 +73,9 @@ describe('events across nodes on PostgreSQL', () => {
     await Promise.all(
       Array.from({ length: 10 }, (_, index) => nodeA.events.append(session, [message(`x${index}`)])),
     );
-    await waitFor(() => heard.length >= 14);
+    await waitFor(() => heard.length >= 14).catch((error) => {
+      throw new Error(`${error}: heard ${heard.map((stored) => stored.seq).join(',')}`);
+    });
     // A moment more: nothing arrives twice.
     await new Promise((resolve) => setTimeout(resolve, 200));
     expect(heard.map((stored) => stored.seq)).toEqual(Array.from({ length: 14 }, (_, index) => index + 1));

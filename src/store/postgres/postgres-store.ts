@@ -38,6 +38,7 @@ import type {
   RowLevelSecurity,
   SessionListQuery,
   SessionRecord,
+  SnapshotArchiveStore,
   Store,
   TenantRecord,
   UserRecord,
@@ -127,6 +128,7 @@ class PostgresStore implements Store {
   readonly events: PostgresEventStore;
   readonly resources: PostgresResourceStore;
   readonly vaults: PostgresVaultStore;
+  readonly snapshotArchives: SnapshotArchiveStore;
   readonly rowLevelSecurity: RowLevelSecurity;
   readonly #pool: pg.Pool;
   #closed = false;
@@ -137,6 +139,7 @@ class PostgresStore implements Store {
     this.events = new PostgresEventStore(pool, schema);
     this.resources = new PostgresResourceStore(pool, schema);
     this.vaults = new PostgresVaultStore(pool, schema);
+    this.snapshotArchives = postgresSnapshotArchives(pool, schema);
   }
 
   listenAcrossNodes(): Promise<void> {
@@ -260,10 +263,14 @@ class PostgresEventStore implements EventStore {
   /** Tail of each session's in-process append queue. */
   readonly #tails = new Map<string, Promise<unknown>>();
   /**
-   * Across nodes (`listenAcrossNodes`): the highest seq handed to each session's listeners, so
-   * an append heard both from this process and from NOTIFY is delivered once, in order.
+   * Across nodes (`listenAcrossNodes`) every delivery follows the NOTIFY stream, which is in
+   * commit order for all nodes, this one included: the highest seq handed to each session's
+   * listeners, this process's own appends waiting for their notice (saves reading them back),
+   * and the per-session chain deliveries run on.
    */
   readonly #delivered = new Map<string, number>();
+  readonly #own = new Map<string, StoredEvent[]>();
+  readonly #deliveries = new Map<string, Promise<void>>();
   #listener: { client: pg.Client | undefined; closed: boolean } | undefined;
 
   constructor(pool: pg.Pool, schema: string) {
@@ -288,7 +295,7 @@ class PostgresEventStore implements EventStore {
       client.on('notification', (message) => {
         const [tenantId, sessionId, first, last] = (message.payload ?? '').split(' ');
         if (!tenantId || !sessionId) return;
-        this.#catchUp({ tenantId, id: sessionId }, Number(first), Number(last));
+        this.#heard({ tenantId, id: sessionId }, Number(first), Number(last));
       });
       client.on('error', () => undefined);
       client.on('end', () => {
@@ -314,7 +321,7 @@ class PostgresEventStore implements EventStore {
           () => {
             for (const key of this.#delivered.keys()) {
               const [tenantId, id] = key.split('/') as [string, string];
-              this.#catchUp({ tenantId, id }, Number.NaN, Number.NaN);
+              this.#heard({ tenantId, id }, Number.NaN, Number.NaN);
             }
           },
           () => reopen(),
@@ -329,29 +336,46 @@ class PostgresEventStore implements EventStore {
     }
   }
 
-  /** Delivers a session's events after the last delivered one (up to `last`, when known). */
-  #catchUp(session: SessionKey, first: number, last: number): void {
+  /**
+   * A notice of `first..last` committed for the session (NaN: catch up after a lost
+   * connection). Delivered in notice order per session, from the last delivered seq (filling any
+   * gap) or, for a listener that has had nothing yet, from `first`.
+   */
+  #heard(session: SessionKey, first: number, last: number): void {
     const key = sessionKeyString(session);
     if (!this.#subscribers.has(key)) {
       this.#delivered.delete(key);
+      this.#own.delete(key);
       return;
     }
-    const delivered = this.#delivered.get(key);
-    if (delivered !== undefined && Number.isFinite(last) && last <= delivered) return;
-    void this.#serialized(key, async () => {
-      const after = this.#delivered.get(key) ?? (Number.isFinite(first) ? first - 1 : undefined);
-      if (after === undefined) return;
-      const events = await this.read(session, { afterSeq: after, limit: 1000 });
-      this.#deliver(key, events);
-    }).catch(() => undefined);
+    const previous = this.#deliveries.get(key) ?? Promise.resolve();
+    const next = previous
+      .then(async () => {
+        const delivered = this.#delivered.get(key);
+        if (delivered !== undefined && Number.isFinite(last) && last <= delivered) return;
+        const from = delivered !== undefined ? delivered + 1 : first;
+        if (!Number.isFinite(from)) return;
+        const own = this.#own.get(key) ?? [];
+        const cached = own.filter(
+          (stored) => stored.seq >= from && (!Number.isFinite(last) || stored.seq <= last),
+        );
+        const complete = Number.isFinite(last) && cached.length === last - from + 1;
+        const events = complete ? cached : await this.read(session, { afterSeq: from - 1, limit: 1000 });
+        this.#own.set(
+          key,
+          own.filter((stored) => stored.seq > (events.at(-1)?.seq ?? from - 1)),
+        );
+        this.#deliver(key, events);
+      })
+      .catch(() => undefined);
+    this.#deliveries.set(key, next);
+    void next.then(() => {
+      if (this.#deliveries.get(key) === next) this.#deliveries.delete(key);
+    });
   }
 
   /** Hands events to listeners, skipping any already delivered (across nodes). */
   #deliver(key: string, events: readonly StoredEvent[]): void {
-    if (this.#listener === undefined) {
-      this.#subscribers.deliver(key, events);
-      return;
-    }
     if (!this.#subscribers.has(key)) {
       this.#delivered.delete(key);
       return;
@@ -373,8 +397,15 @@ class PostgresEventStore implements EventStore {
     const key = sessionKeyString(session);
     return this.#serialized(key, async () => {
       const result = await this.#applyAppend(session, prepared, options);
-      // Still inside this session's queue, so listeners see commits in seq order.
-      if (!result.duplicate) this.#deliver(key, result.events);
+      if (!result.duplicate) {
+        if (this.#listener === undefined) {
+          // Still inside this session's queue, so listeners see commits in seq order.
+          this.#subscribers.deliver(key, result.events);
+        } else if (this.#subscribers.has(key)) {
+          // Delivered when its notice comes back, in commit order with other nodes' appends.
+          this.#own.set(key, [...(this.#own.get(key) ?? []), ...result.events]);
+        }
+      }
       return result;
     });
   }
@@ -1083,6 +1114,54 @@ function credentialOf(row: CredentialRow): CredentialRecord {
 }
 
 const CREDENTIAL_COLUMNS = `${RECORD_COLUMNS}, vault_id, key_id, sealed_secret`;
+
+/** Snapshot archives in `sandbox_snapshots` (migration 10), under row-level security. */
+function postgresSnapshotArchives(pool: pg.Pool, s: string): SnapshotArchiveStore {
+  return {
+    async put(session, snapshot) {
+      await queryInTenant(
+        pool,
+        session.tenantId,
+        `INSERT INTO ${s}.sandbox_snapshots (tenant_id, session_id, created_at, info, archive)
+         VALUES ($1, $2, $3, $4::jsonb, $5)
+         ON CONFLICT (tenant_id, session_id) DO UPDATE
+           SET created_at = EXCLUDED.created_at, info = EXCLUDED.info, archive = EXCLUDED.archive`,
+        [session.tenantId, session.id, snapshot.createdAt, JSON.stringify(snapshot.info), snapshot.archive],
+      );
+    },
+    async newest(session) {
+      const result = await queryInTenant<{ created_at: string }>(
+        pool,
+        session.tenantId,
+        `SELECT created_at FROM ${s}.sandbox_snapshots WHERE tenant_id = $1 AND session_id = $2`,
+        [session.tenantId, session.id],
+      );
+      return result.rows[0]?.created_at;
+    },
+    async get(session) {
+      const result = await queryInTenant<{
+        created_at: string;
+        info: Record<string, unknown>;
+        archive: Buffer;
+      }>(
+        pool,
+        session.tenantId,
+        `SELECT created_at, info, archive FROM ${s}.sandbox_snapshots WHERE tenant_id = $1 AND session_id = $2`,
+        [session.tenantId, session.id],
+      );
+      const row = result.rows[0];
+      return row ? { createdAt: row.created_at, info: row.info, archive: row.archive } : undefined;
+    },
+    async delete(session) {
+      await queryInTenant(
+        pool,
+        session.tenantId,
+        `DELETE FROM ${s}.sandbox_snapshots WHERE tenant_id = $1 AND session_id = $2`,
+        [session.tenantId, session.id],
+      );
+    },
+  };
+}
 
 class PostgresVaultStore implements VaultStore {
   readonly #pool: pg.Pool;

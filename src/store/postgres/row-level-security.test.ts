@@ -105,6 +105,10 @@ async function seed(store: Store, tenant: SeededTenant): Promise<void> {
     vaultId: tenant.vaultId,
     secret: { keyId: 'rls', sealed: 'v1.rls.sealed' },
   });
+  await store.snapshotArchives!.put(
+    { tenantId: tenant.tenantId, id: tenant.sessionId },
+    { createdAt: CREATED_AT, info: { driver: 'bwrap' }, archive: Buffer.from(`files of ${tenant.name}`) },
+  );
 }
 
 interface Statement {
@@ -239,6 +243,14 @@ function foreignInsert(
           sql: `INSERT INTO ${s}.vault_credentials (id, tenant_id, vault_id, key_id, sealed_secret, ${record})
                 VALUES ($1, $2, $3, 'rls', 'v1.rls.intruder', $4, $5, $6, $7)`,
           parameters: ['vcrd_rls_intruder', other.tenantId, other.vaultId, ...recordValues],
+        },
+      };
+    case 'sandbox_snapshots':
+      return {
+        insert: {
+          sql: `INSERT INTO ${s}.sandbox_snapshots (tenant_id, session_id, created_at, info, archive)
+                VALUES ($1, $2, $3, '{}', '\\x00')`,
+          parameters: [other.tenantId, 'sesn_rls_intruder', CREATED_AT],
         },
       };
     default:
@@ -689,8 +701,9 @@ describe('PostgreSQL row-level security', () => {
         `${s}.sessions_in_status(text[])`,
         `${s}.list_tenants()`,
         `${s}.session_status_counts()`,
+        `${s}.sessions_with_work(text, integer)`,
       ];
-      // These five are the only functions that run with the owner's rights.
+      // These six are the only functions that run with the owner's rights.
       const definers = await app.query<{ name: string }>(
         `SELECT p.proname AS name FROM pg_catalog.pg_proc p
          JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
@@ -703,6 +716,7 @@ describe('PostgreSQL row-level security', () => {
         'list_tenants',
         'session_status_counts',
         'sessions_in_status',
+        'sessions_with_work',
       ]);
       const stranger = `berth_rls_stranger_${randomBytes(6).toString('hex')}`;
       await superuser.query(`CREATE ROLE ${stranger} NOLOGIN`);

@@ -357,8 +357,24 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
         AND (l.node_id IS NULL OR l.node_id = p_node)
       LIMIT p_limit
     $f$;
+  REVOKE ALL ON FUNCTION ${s}.sessions_with_work(text, integer) FROM PUBLIC;
+  `,
+  // 10: sandbox snapshots every node can read (a session that moves keeps its files).
+  (s) => `
+  CREATE TABLE ${s}.sandbox_snapshots (
+    tenant_id text NOT NULL,
+    session_id text NOT NULL,
+    created_at text NOT NULL,
+    info jsonb NOT NULL,
+    archive bytea NOT NULL,
+    PRIMARY KEY (tenant_id, session_id)
+  );
+  ${rowLevelSecuritySql(s, SNAPSHOT_TENANT_TABLES)}
   `,
 ];
+
+/** Tenant tables of migration 10. */
+const SNAPSHOT_TENANT_TABLES: readonly (readonly [string, string])[] = [['sandbox_snapshots', 'tenant_id']];
 
 /** The NOTIFY channel of a (quoted) schema's appends. */
 export function eventsChannel(quotedSchema: string): string {
@@ -417,6 +433,7 @@ const VAULT_TENANT_TABLES: readonly (readonly [table: string, tenantColumn: stri
 export const TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
   ...FIRST_TENANT_TABLES,
   ...VAULT_TENANT_TABLES,
+  ...SNAPSHOT_TENANT_TABLES,
 ];
 
 /**
