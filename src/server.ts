@@ -29,7 +29,7 @@ import { createMicrovmDriver } from './sandbox/microvm/microvm-driver.js';
 import { LocalSnapshotStore } from './snapshots/local-snapshot-store.js';
 import { SharedSnapshotStore } from './snapshots/shared-snapshot-store.js';
 import type { SnapshotStore } from './snapshots/snapshot-store.js';
-import type { NewEvent, SessionKey } from './store/event-store.js';
+import type { NewEvent, SessionKey, WriterToken } from './store/event-store.js';
 import { openStore } from './store/open-store.js';
 import { quoteSchemaName } from './store/postgres/schema.js';
 import type { SessionRecord, Store } from './store/resource-store.js';
@@ -244,6 +244,29 @@ export async function startBerth(
     return toolbox;
   };
   const budgetBook = loadPriceBook(config.budgetPriceBook);
+  // Several nodes on one PostgreSQL: leases say which node runs each session.
+  let leases: ClusterLeases | undefined;
+  let clusterPool: pg.Pool | undefined;
+  let heartbeatPool: pg.Pool | undefined;
+  if (config.cluster) {
+    if (config.store.kind !== 'postgres' || !rawStore.listenAcrossNodes) {
+      throw invalidRequest('cluster mode needs a PostgreSQL database (--cluster postgres://…)');
+    }
+    clusterPool = new pg.Pool({ connectionString: config.store.url, max: 4 });
+    clusterPool.on('error', () => undefined);
+    // Heartbeats on a connection of their own: requests queued on the pool never delay them.
+    heartbeatPool = new pg.Pool({ connectionString: config.store.url, max: 1 });
+    heartbeatPool.on('error', () => undefined);
+    leases = new ClusterLeases({
+      pool: clusterPool,
+      heartbeatPool,
+      schema: quoteSchemaName('berth'),
+      nodeId: config.cluster.nodeId ?? `${hostname()}-${config.port}-${process.pid}`,
+      leaseMs: config.cluster.leaseMs,
+      acquireWriter: (session) => store.events.acquireWriter(session),
+    });
+  }
+  const clusterLeases = leases;
   let harness = createHarness({
     store,
     metering: { book: budgetBook, measureSandbox: (session) => sandboxes.measure(session) },
@@ -252,26 +275,23 @@ export async function startBerth(
     toolboxFor,
     maxModelRetries: config.maxModelRetries,
     retryBaseDelayMs: config.retryBaseDelayMs,
+    // In a cluster a wake appends with its lease's token: claiming a lease fences other nodes,
+    // never this node's own wakes.
+    ...(clusterLeases
+      ? {
+          writers: {
+            acquire: (session: SessionKey) => clusterLeases.writerFor(session),
+            lost: (session: SessionKey, writer: WriterToken) => clusterLeases.lost(session, writer),
+          },
+        }
+      : {}),
   });
   if (telemetry.enabled) harness = tracedHarness(harness, tracer, telemetry.contexts);
   if (metrics) harness = metrics.harness(harness);
-  // Several nodes on one PostgreSQL: leases say which node runs each session.
   let cluster: Cluster | undefined;
-  let clusterPool: pg.Pool | undefined;
-  if (config.cluster) {
-    if (config.store.kind !== 'postgres' || !rawStore.listenAcrossNodes) {
-      throw invalidRequest('cluster mode needs a PostgreSQL database (--cluster postgres://…)');
-    }
-    clusterPool = new pg.Pool({ connectionString: config.store.url, max: 4 });
-    clusterPool.on('error', () => undefined);
+  if (clusterLeases && clusterPool) {
     const schema = quoteSchemaName('berth');
-    const leases = new ClusterLeases({
-      pool: clusterPool,
-      schema,
-      nodeId: config.cluster.nodeId ?? `${hostname()}-${config.port}-${process.pid}`,
-      leaseMs: config.cluster.leaseMs,
-      acquireWriter: (session) => store.events.acquireWriter(session),
-    });
+    const leases = clusterLeases;
     cluster = new Cluster({
       leases,
       pool: clusterPool,
@@ -280,7 +300,7 @@ export async function startBerth(
       wake: (session): void => supervisor.notify(session),
       isLive: (session): boolean => supervisor.isLive(session),
     });
-    await rawStore.listenAcrossNodes();
+    await rawStore.listenAcrossNodes?.();
   }
   const supervisor = new Supervisor({
     harness,
@@ -396,6 +416,7 @@ export async function startBerth(
         // Only now (sandboxes stopped, turns cancelled) may other nodes take the sessions.
         await cluster?.leave().catch(() => undefined);
         await clusterPool?.end().catch(() => undefined);
+        await heartbeatPool?.end().catch(() => undefined);
         await Promise.all([...drivers.values()].map((driver) => driver.close?.()));
         await telemetry.shutdown().catch(() => undefined);
         await store.close();

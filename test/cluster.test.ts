@@ -11,6 +11,7 @@ import {
   processesUsing,
   startBerthProcess,
 } from './support/berth-process.js';
+import { clusterClient } from './support/cluster-client.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 import { createTestDatabase, type TestDatabaseUrls } from './support/postgres-database.js';
 
@@ -18,12 +19,6 @@ const serverUrl = inject('postgresUrl');
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 /** Short leases so failover is quick in a test (the default is 3 s). */
 const LEASE_MS = 1500;
-
-interface ApiEvent {
-  id: string;
-  type: string;
-  [field: string]: unknown;
-}
 
 /**
  * Three Berth nodes (separate processes, loopback ports) on one real PostgreSQL. Requests go to
@@ -110,129 +105,11 @@ describe('a three-node cluster', () => {
     }
   });
 
-  const live = () =>
-    nodes.filter(
-      (node): node is BerthProcess =>
-        node !== undefined && node.child.exitCode === null && node.child.signalCode === null,
-    );
-  const anyNode = () => {
-    const candidates = live();
-    return candidates[Math.floor(Math.random() * candidates.length)]!;
-  };
-
-  async function api<T>(method: string, path: string, body?: unknown, node = anyNode()): Promise<T> {
-    for (let attempt = 0; ; attempt++) {
-      const response = await fetch(`${node.url}${path}`, {
-        method,
-        headers: { 'x-api-key': apiKey, 'content-type': 'application/json' },
-        body: body === undefined ? undefined : JSON.stringify(body),
-      }).catch(() => undefined);
-      // A node that died or a session moving between nodes: the client retries (as the SDK does).
-      if ((response === undefined || response.status === 503) && attempt < 40) {
-        await sleep(250);
-        node = anyNode();
-        continue;
-      }
-      if (response === undefined) throw new Error(`${method} ${path}: no answer`);
-      const text = await response.text();
-      if (!response.ok) {
-        const logs = nodes.map((each, index) => `node-${index}: ${each?.stderr().slice(-1500)}`).join('\n');
-        throw new Error(`${method} ${path} answered ${response.status}: ${text}\n${logs}`);
-      }
-      return JSON.parse(text) as T;
-    }
-  }
-
-  async function events(sessionId: string): Promise<ApiEvent[]> {
-    const all: ApiEvent[] = [];
-    let after: string | undefined;
-    for (;;) {
-      const page = await api<{ data: ApiEvent[]; next_page: string | null }>(
-        'GET',
-        `/v1/sessions/${sessionId}/events?limit=100${after ? `&page=${after}` : ''}`,
-      );
-      all.push(...page.data);
-      if (!page.next_page) return all;
-      after = page.next_page;
-    }
-  }
-
-  async function waitIdle(sessionIds: readonly string[], timeoutMs: number): Promise<void> {
-    const deadline = Date.now() + timeoutMs;
-    let pending = [...sessionIds];
-    while (pending.length > 0) {
-      // Done when the newest event ends a turn (the status alone is still idle for a moment
-      // after a message is accepted and before its turn starts).
-      const newest = await Promise.all(
-        pending.map((id) =>
-          api<{ data: ApiEvent[] }>('GET', `/v1/sessions/${id}/events?order=desc&limit=1`).then(
-            (page) => page.data[0]?.type,
-          ),
-        ),
-      );
-      pending = pending.filter((_, index) => newest[index] !== 'session.status_idle');
-      if (pending.length === 0) return;
-      if (Date.now() > deadline) throw new Error(`not idle in time: ${pending.join(', ')}`);
-      await sleep(200);
-    }
-  }
-
-  const send = (sessionId: string, text: string) =>
-    api<{ data: ApiEvent[] }>('POST', `/v1/sessions/${sessionId}/events`, {
-      events: [{ type: 'user.message', content: [{ type: 'text', text }] }],
-    });
-
-  let agentId: string;
-  let environmentId: string;
-  const newSessions = async (count: number) => {
-    agentId ??= (
-      await api<{ id: string }>('POST', '/v1/agents', {
-        name: 'cluster-test',
-        model: 'openai-compatible/fake-model',
-        tools: [{ type: 'agent_toolset_20260401' }],
-      })
-    ).id;
-    environmentId ??= (
-      await api<{ id: string }>('POST', '/v1/environments', { name: 'cluster', config: { type: 'cloud' } })
-    ).id;
-    return Promise.all(
-      Array.from(
-        { length: count },
-        async () =>
-          (
-            await api<{ id: string }>('POST', '/v1/sessions', {
-              agent: agentId,
-              environment_id: environmentId,
-            })
-          ).id,
-      ),
-    );
-  };
-
-  /** Every session: events numbered 1..n with no gap (in the database), each tool run once. */
-  async function checkLogs(sessionIds: readonly string[], acknowledged: ReadonlyMap<string, string[]>) {
-    const rows = await owner.query<{ session_id: string; seqs: string[]; ids: string[] }>(
-      `SELECT session_id, array_agg(seq ORDER BY seq) AS seqs, array_agg(id ORDER BY seq) AS ids
-       FROM berth.events WHERE session_id = ANY($1) GROUP BY session_id`,
-      [sessionIds],
-    );
-    expect(rows.rows).toHaveLength(sessionIds.length);
-    for (const row of rows.rows) {
-      expect(row.seqs.map(Number)).toEqual(row.seqs.map((_, index) => index + 1));
-      expect(new Set(row.ids).size).toBe(row.ids.length);
-      for (const id of acknowledged.get(row.session_id) ?? []) expect(row.ids).toContain(id);
-    }
-    for (const sessionId of sessionIds) {
-      const log = await events(sessionId);
-      const uses = log.filter((event) => event.type === 'agent.tool_use').map((event) => event.id);
-      const results = log
-        .filter((event) => event.type === 'agent.tool_result')
-        .map((event) => event.tool_use_id);
-      // Each tool call has one result; none ran twice.
-      expect(results.sort()).toEqual([...uses].sort());
-      expect(log.at(-1)?.type).toBe('session.status_idle');
-    }
-  }
+  const { events, waitIdle, send, newSessions, checkLogs } = clusterClient({
+    nodes: () => nodes,
+    apiKey: () => apiKey,
+    owner: () => owner,
+  });
 
   it('runs sessions sent to random nodes: one holder each, gapless logs, nothing duplicated', async () => {
     const sessionIds = await newSessions(200);

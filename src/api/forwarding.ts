@@ -21,6 +21,7 @@ export interface ClusterRouter {
   readonly nodeId: string;
   route(
     session: SessionKey,
+    options?: { forwarded?: boolean },
   ): Promise<{ local: true } | { local: false; nodeId: string; url: string } | { retry: string }>;
   /** The other node believed to hold the session (cached for a moment), if any. */
   knownHolder(session: SessionKey): { nodeId: string; url: string } | undefined;
@@ -135,10 +136,11 @@ export function clusterRouting(cluster: ClusterRouter) {
   return async (context: Context<ApiEnvironment>, next: Next) => {
     if (servedAnywhere(context.req.method, context.req.path)) return next();
     const session = context.get('session');
-    const route = await cluster.route(session);
+    const forwarded = context.req.header(FORWARDED_HEADER) !== undefined;
+    const route = await cluster.route(session, { forwarded });
     if ('retry' in route) throw new BerthError('store_unavailable', route.retry, { retryable: true });
     if (route.local) return next();
-    if (context.req.header(FORWARDED_HEADER) !== undefined) {
+    if (forwarded) {
       // Moved again while the request travelled: the forwarding node re-routes (or the client
       // retries); never a forwarding loop.
       return context.json(

@@ -122,12 +122,18 @@ export class Cluster {
     }
   }
 
-  /** Where a request that needs the session's live instance should run. */
-  async route(session: SessionKey): Promise<Route> {
+  /**
+   * Where a request that needs the session's live instance should run. `forwarded`: another
+   * node sent the request here; if nobody holds the session, that node placed it here, so this
+   * node takes it rather than placing it again (loads change between two looks).
+   */
+  async route(session: SessionKey, options: { forwarded?: boolean } = {}): Promise<Route> {
     if (this.#leases.holds(session)) return { local: true };
     let holder = await this.#leases.holderOf(session);
     if (holder === undefined) {
-      const placed = this.#ring.place(session.id, await this.#leases.loads());
+      const placed = options.forwarded
+        ? this.nodeId
+        : this.#ring.place(session.id, await this.#leases.loads());
       if (placed !== undefined && placed !== this.nodeId) {
         const node = this.#nodes.find((candidate) => candidate.nodeId === placed);
         if (node) {

@@ -111,6 +111,48 @@ describe('cluster leases', () => {
     expect(texts).toEqual(['from a', 'from b']);
   });
 
+  it('renews a lease its holder was late to renew when nobody took it: same token, not lost', async () => {
+    const a = node('node-a', 300);
+    const b = node('node-b', 300);
+    const session = await newSession();
+    const first = await a.claim(session);
+    if (!first.held) throw new Error('node-a should hold the session');
+    // a's event loop stalls past its lease; nobody claims meanwhile.
+    await sleep(400);
+    expect(await a.heartbeat()).toEqual([]);
+    expect(a.holds(session)).toBe(true);
+    expect(await a.writerFor(session)).toBe(first.writer);
+    // Renewed: b cannot take it now, and a's token still appends.
+    expect(await b.claim(session)).toEqual({ held: false, holder: 'node-a' });
+    await store.events.append(session, [message('a after the stall')], { writer: first.writer });
+    // Expired leases still count as their holder's load (it keeps running those sessions).
+    await sleep(400);
+    expect(await b.loads()).toEqual(new Map([['node-a', 1]]));
+  });
+
+  it("gives a wake the lease's own token, refuses a session another node holds, and forgets a stale one", async () => {
+    const a = node('node-a', 300);
+    const b = node('node-b', 300);
+    const session = await newSession();
+    // writerFor claims when the node does not hold the session, and reuses the lease's token.
+    const writer = await a.writerFor(session);
+    expect(await a.writerFor(session)).toBe(writer);
+    const refused = await b.writerFor(session).catch((error: unknown) => error);
+    expect(isBerthError(refused, 'stale_writer')).toBe(true);
+    expect(String(refused)).toContain('node-a');
+    // a stalls; b takes over; a's append is refused and a forgets the lease.
+    await sleep(400);
+    const taken = await b.writerFor(session);
+    expect(taken.token).toBeGreaterThan(writer.token);
+    const stale = await store.events
+      .append(session, [message('late')], { writer })
+      .catch((error: unknown) => error);
+    expect(isBerthError(stale, 'stale_writer')).toBe(true);
+    a.lost(session, writer);
+    expect(a.holds(session)).toBe(false);
+    expect(await a.heartbeat()).toEqual([]);
+  });
+
   it('keeps a lease alive while its holder heartbeats', async () => {
     // Generous margins: a loaded CI machine may delay a beat by a few hundred ms.
     const a = node('node-a', 1500);

@@ -11,10 +11,15 @@
  *   (`EventStore.acquireWriter`), which fences every earlier holder: an append with an older
  *   token is refused by the store. So a node that was paused (SIGSTOP) or cut off from
  *   PostgreSQL past its expiry can never append again for a session another node took.
- * - Holders renew all their leases in one statement per heartbeat; leases that expired before
- *   the renewal are not renewed (they may belong to someone else now) and are reported lost.
+ * - Holders renew all their leases in one statement per heartbeat. A lease that expired while
+ *   its holder was slow but that nobody took (the row still names the holder: taking it changes
+ *   the row in the same statement that checks the expiry) is simply renewed; a lease another
+ *   node took is reported lost.
+ * - Heartbeats run on their own connection, so a node busy with requests (each of which may
+ *   look a holder up or claim a lease) still renews its leases on time.
  */
 import type pg from 'pg';
+import { BerthError } from '../errors.js';
 import type { SessionKey, WriterToken } from '../store/event-store.js';
 
 /** A node as the registry knows it. */
@@ -32,6 +37,8 @@ export type LeaseClaim =
 
 export interface ClusterLeasesOptions {
   pool: pg.Pool;
+  /** Where heartbeats run (default `pool`); a pool of its own keeps them off the request path. */
+  heartbeatPool?: pg.Pool;
   /** The quoted schema name. */
   schema: string;
   nodeId: string;
@@ -50,6 +57,7 @@ export class ClusterLeases {
   readonly nodeId: string;
   readonly leaseMs: number;
   readonly #pool: pg.Pool;
+  readonly #heartbeatPool: pg.Pool;
   readonly #s: string;
   readonly #acquireWriter: (session: SessionKey) => Promise<WriterToken>;
   /** Leases this node believes it holds, with the writer token it took. */
@@ -59,6 +67,7 @@ export class ClusterLeases {
     this.nodeId = options.nodeId;
     this.leaseMs = options.leaseMs ?? DEFAULT_LEASE_MS;
     this.#pool = options.pool;
+    this.#heartbeatPool = options.heartbeatPool ?? options.pool;
     this.#s = options.schema;
     this.#acquireWriter = options.acquireWriter;
   }
@@ -80,12 +89,12 @@ export class ClusterLeases {
     // Only leases held before the renewal started can be judged by it: one claimed meanwhile
     // may be missing from the statement's snapshot.
     const before = new Map(this.#held);
-    const result = await this.#pool.query<{ tenant_id: string; session_id: string }>(
+    const result = await this.#heartbeatPool.query<{ tenant_id: string; session_id: string }>(
       `WITH beat AS (
          UPDATE ${this.#s}.cluster_nodes SET heartbeat_at = now() WHERE node_id = $1
        )
        UPDATE ${this.#s}.session_leases SET expires_at = now() + $2 * interval '1 millisecond'
-       WHERE node_id = $1 AND expires_at > now()
+       WHERE node_id = $1
        RETURNING tenant_id, session_id`,
       [this.nodeId, this.leaseMs],
     );
@@ -124,10 +133,15 @@ export class ClusterLeases {
     return result.rows.map((row) => ({ nodeId: row.node_id, url: row.url, draining: row.draining }));
   }
 
-  /** Unexpired leases per node, for placement with bounded loads. */
+  /**
+   * Leases per node, for placement with bounded loads. Expired leases count too: a node whose
+   * heartbeat is late still runs its sessions (it renews them unless someone takes them), and
+   * not counting them would send a busy node more work exactly when it is slowest. Placement
+   * reads the loads of live nodes only, so a dead node's rows do not matter.
+   */
   async loads(): Promise<Map<string, number>> {
     const result = await this.#pool.query<{ node_id: string; count: string }>(
-      `SELECT node_id, count(*) AS count FROM ${this.#s}.session_leases WHERE expires_at > now() GROUP BY node_id`,
+      `SELECT node_id, count(*) AS count FROM ${this.#s}.session_leases GROUP BY node_id`,
     );
     return new Map(result.rows.map((row) => [row.node_id, Number(row.count)]));
   }
@@ -184,6 +198,28 @@ export class ClusterLeases {
     );
     this.#held.set(key(session), { session, writer });
     return { held: true, writer, fresh: true };
+  }
+
+  /**
+   * The writer token of this node's lease on the session, claiming the lease if this node does
+   * not hold it. Fails with `stale_writer` when another node holds the session.
+   */
+  async writerFor(session: SessionKey): Promise<WriterToken> {
+    const held = this.#held.get(key(session));
+    if (held) return held.writer;
+    const claim = await this.claim(session);
+    if (!claim.held) {
+      throw new BerthError('stale_writer', `node ${claim.holder} holds session ${session.id}`);
+    }
+    return claim.writer;
+  }
+
+  /**
+   * An append with `writer` was refused as stale: another node took the session. This node no
+   * longer holds it (a later claim takes a new lease and a new token).
+   */
+  lost(session: SessionKey, writer: WriterToken): void {
+    if (this.#held.get(key(session))?.writer.token === writer.token) this.#held.delete(key(session));
   }
 
   /** Whether this node believes it holds the session (as of its last claim or heartbeat). */

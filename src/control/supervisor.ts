@@ -146,6 +146,7 @@ export class Supervisor {
     const { session } = actor;
     const sessionId = session.id;
     let retryDelay = 0;
+    let recheck = false;
     try {
       if (this.#mayWake && !(await this.#mayWake(session))) {
         // Another node holds the session: its instance runs the turn.
@@ -160,6 +161,9 @@ export class Supervisor {
     } catch (error) {
       if (isBerthError(error, 'stale_writer')) {
         this.#logger.warn('another writer took over the session', { sessionId });
+        // Input arrived during the wake: whoever holds the session now must see it. Go through
+        // `mayWake` again (in a cluster it says which node that is).
+        recheck = actor.again;
       } else {
         actor.failures++;
         retryDelay = Math.min(30_000, 250 * 2 ** actor.failures);
@@ -172,6 +176,9 @@ export class Supervisor {
     } finally {
       this.#actors.delete(sessionKeyString(session));
       this.#count(session, -1);
+    }
+    if (recheck && !this.#shutdown.signal.aborted && !this.#actors.has(sessionKeyString(session))) {
+      this.#start(session, 0, actor.trace);
     }
     if (retryDelay > 0 && !this.#shutdown.signal.aborted) {
       const timer = setTimeout(() => {

@@ -95,6 +95,16 @@ export interface HarnessDependencies {
   logCacheSessions?: number;
   /** Backoff before retry n is `retryBaseDelayMs * 2^(n-1)` (default 500). */
   retryBaseDelayMs?: number;
+  /**
+   * Where a wake gets the writer token it appends with. By default the store's, taken once and
+   * kept per process; in a cluster, the token of the session's lease (so taking a lease never
+   * fences this node's own wakes), and it fails with `stale_writer` when another node holds it.
+   */
+  writers?: {
+    acquire(session: SessionKey): Promise<WriterToken>;
+    /** An append found `token` stale: another writer took the session. */
+    lost(session: SessionKey, token: WriterToken): void;
+  };
 }
 
 /** The agent version pinned by a session, as the harness reads it. */
@@ -122,12 +132,17 @@ export function createHarness(dependencies: HarnessDependencies) {
   // A stale token (another writer took over) is dropped and the wake fails.
   const writers = new Map<string, WriterToken>();
   async function writerFor(key: SessionKey): Promise<WriterToken> {
+    if (dependencies.writers) return dependencies.writers.acquire(key);
     let writer = writers.get(sessionKeyString(key));
     if (!writer) {
       writer = await store.events.acquireWriter(key);
       writers.set(sessionKeyString(key), writer);
     }
     return writer;
+  }
+  function writerLost(key: SessionKey, writer: WriterToken): void {
+    if (writers.get(sessionKeyString(key)) === writer) writers.delete(sessionKeyString(key));
+    dependencies.writers?.lost(key, writer);
   }
 
   // Recently woken sessions: their record (the pinned agent never changes) and their log.
@@ -216,16 +231,26 @@ export function createHarness(dependencies: HarnessDependencies) {
     control: WakeControl,
     stepSignal: (log: readonly StoredEvent[]) => AbortSignal,
   ): Promise<void> {
+    // The token first, then the log: nobody can append a step after the token is taken, so the
+    // log read next is complete. (Read the other way round, a writer fenced just after the read
+    // could have appended a tool result this wake never sees, and the tool would run twice.)
+    let writer: WriterToken;
+    try {
+      writer = await writerFor(key);
+    } catch (error) {
+      // A session deleted meanwhile has nothing left to do.
+      if (isBerthError(error, 'not_found')) return;
+      throw error;
+    }
     const loaded = await load(key);
     if (!loaded) return;
     const { session } = loaded;
     const sessionId = session.id;
-    const writer = await writerFor(session);
     const append = async (events: NewEvent[], expectedHeadSeq?: number) => {
       try {
         return (await store.events.append(session, events, { writer, expectedHeadSeq })).events;
       } catch (error) {
-        if (isBerthError(error, 'stale_writer')) writers.delete(sessionKeyString(session));
+        if (isBerthError(error, 'stale_writer')) writerLost(session, writer);
         throw error;
       }
     };

@@ -46,12 +46,29 @@ export async function startBerthProcess(options: {
   apiKey?: string;
   /** Listen on this port (default: a free one). */
   port?: number;
+  /** Listen on this address (default 127.0.0.1). */
+  host?: string;
+  /** A command the server runs under (e.g. `ip netns exec <name>`). */
+  prefix?: string[];
 }): Promise<BerthProcess> {
   const port = options.port ?? (await findFreePort());
+  const host = options.host ?? '127.0.0.1';
   const startedAt = Date.now();
+  const serveArgs = [
+    BERTH_BIN,
+    'serve',
+    '--port',
+    String(port),
+    '--host',
+    host,
+    '--data-dir',
+    options.dataDir,
+    ...(options.args ?? []),
+  ];
+  const prefix = options.prefix ?? [];
   const child = spawn(
-    process.execPath,
-    [BERTH_BIN, 'serve', '--port', String(port), '--data-dir', options.dataDir, ...(options.args ?? [])],
+    prefix[0] ?? process.execPath,
+    prefix.length > 0 ? [...prefix.slice(1), process.execPath, ...serveArgs] : serveArgs,
     {
       env: { ...process.env, ...options.environment },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -68,7 +85,7 @@ export async function startBerthProcess(options: {
     if (child.exitCode !== null || child.signalCode !== null) done();
     else child.once('exit', () => done());
   });
-  const url = `http://127.0.0.1:${port}`;
+  const url = `http://${host}:${port}`;
   const deadline = Date.now() + HEALTH_TIMEOUT_MS;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
