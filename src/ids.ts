@@ -12,7 +12,8 @@ export type IdPrefix =
   | 'toolu'
   | 'sbx'
   | 'vlt'
-  | 'vcrd';
+  | 'vcrd'
+  | 'skill';
 
 /** Crockford base32, lower case (ids are shown lower case). */
 const ALPHABET = '0123456789abcdefghjkmnpqrstvwxyz';

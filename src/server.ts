@@ -159,6 +159,7 @@ export async function startBerth(
           kind: rawStore.kind,
           rowLevelSecurity: rawStore.rowLevelSecurity,
           resources: rawStore.resources,
+          skills: rawStore.skills,
           vaults: rawStore.vaults,
           events,
           close: () => rawStore.close(),
@@ -236,6 +237,7 @@ export async function startBerth(
       return egress.hostFetch(session, environment?.body.config);
     },
     credentialsFor: (session) => vault.credentialsForSession(session),
+    skills: store.skills,
   });
   const toolboxFor = (session: SessionRecord) => {
     let toolbox = toolboxes.for(session);

@@ -101,6 +101,48 @@ describe('berth apply', () => {
   });
 });
 
+describe('berth apply with skills', () => {
+  it("uploads the folder's skills once, a new version only when a skill changed, and keeps the agent's version", async () => {
+    const dir = join(workDir, 'skills-helper');
+    await cp(join(examples, 'file-helper'), dir, { recursive: true });
+    const agentFile = join(dir, 'AGENTS.md');
+    await writeFile(
+      agentFile,
+      (await readFile(agentFile, 'utf8')).replace('name: file-helper', 'name: skills-helper'),
+    );
+    const options = ['--url', berth.url, '--api-key', berth.apiKey];
+
+    const created = await berthCli(['apply', dir, ...options]);
+    expect(created).toMatchObject({ code: 0, stderr: '' });
+    const skillId = /^ {2}skill summarize-files: created (skill_\S+) \(version \d+\)$/m.exec(
+      created.stdout,
+    )?.[1];
+    expect(skillId).toBeDefined();
+    const agentId = /^created agent (\S+) version 1$/m.exec(created.stdout)?.[1];
+    const agent = await berth.client.beta.agents.retrieve(agentId!);
+    expect(agent.skills).toEqual([{ type: 'custom', skill_id: skillId, version: 'latest' }]);
+    // The skill's body is not baked into the prompt.
+    expect(agent.system ?? '').not.toContain('summarize-files');
+
+    const again = await berthCli(['apply', dir, ...options]);
+    expect(again.stdout).toBe(`agent ${agentId} unchanged (version 1)\n`);
+    const versions = async () => {
+      const ids = [];
+      for await (const version of berth.client.beta.skills.versions.list(skillId!)) ids.push(version.id);
+      return ids;
+    };
+    expect(await versions()).toHaveLength(1);
+
+    const skillFile = join(dir, 'skills/summarize-files/SKILL.md');
+    await writeFile(skillFile, `${await readFile(skillFile, 'utf8')}\nKeep it under ten lines.\n`);
+    const edited = await berthCli(['apply', dir, ...options]);
+    const newVersion = /^ {2}skill summarize-files: new version (\d+)$/m.exec(edited.stdout)?.[1];
+    expect(newVersion).toBeDefined();
+    expect(edited.stdout).toContain(`agent ${agentId} unchanged (version 1)`);
+    expect(await versions()).toEqual([newVersion, expect.any(String)]);
+  });
+});
+
 describe('berth validate', () => {
   it('exits 0 with a summary line for both examples', async () => {
     const demo = await berthCli(['validate', 'examples/demo']);

@@ -15,6 +15,7 @@ import {
   readPositiveInteger,
 } from './context.js';
 import { type AgentCreate, type AgentUpdate, agentCreate, agentUpdate, builtinToolNames } from './schemas.js';
+import { checkSkillReferences } from './skills.js';
 
 type ToolParams = NonNullable<AgentCreate['tools']>[number];
 type Policy = { type: 'always_allow' | 'always_ask' | 'auto' };
@@ -83,6 +84,9 @@ function checkReferences(body: Record<string, unknown>) {
       if (names.has(tool.name!)) throw invalidRequest(`custom tool "${tool.name}" is defined twice`);
       if ((builtinToolNames as readonly string[]).includes(tool.name!)) {
         throw invalidRequest(`custom tool "${tool.name}" clashes with a built-in tool name`);
+      }
+      if (tool.name === 'skill' && (body.skills as unknown[]).length > 0) {
+        throw invalidRequest('custom tool "skill" clashes with the tool that loads the agent\'s skills');
       }
       names.add(tool.name!);
     }
@@ -161,6 +165,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const now = nowIso();
     const id = newId('agent');
     const body = agentBody(id, 1, input, now, now);
+    await checkSkillReferences(dependencies.store.skills, principal.tenantId, input.skills ?? []);
     const record = newRecord(principal, id, now, body);
     await resources.createAgent(record);
     return context.json(body);
@@ -203,6 +208,8 @@ export function agentRoutes(dependencies: ApiDependencies) {
     );
     // An update that changes nothing creates no version.
     if (comparable(next) === comparable(current.body)) return context.json(current.body);
+    if (update.skills)
+      await checkSkillReferences(dependencies.store.skills, principal.tenantId, update.skills);
     const record: ResourceRecord = { ...current, updatedAt: now, body: next };
     await resources.addAgentVersion(principal.tenantId, id, currentVersion, record);
     return context.json(next);

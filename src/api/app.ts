@@ -2,6 +2,7 @@ import { type Context, Hono, type Next } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { BerthError, invalidRequest } from '../errors.js';
 import { loadSessionFor } from '../identity/access.js';
+import { MAX_SKILL_BYTES } from '../skills/skill-package.js';
 import { agentRoutes } from './agents.js';
 import type { ApiDependencies, ApiEnvironment } from './context.js';
 import { environmentRoutes } from './environments.js';
@@ -12,6 +13,7 @@ import { clusterFastForward, clusterRouting } from './forwarding.js';
 import { identityRoutes } from './identity.js';
 import { sandboxRoutes } from './sandbox.js';
 import { sessionRoutes } from './sessions.js';
+import { MAX_SKILL_UPLOAD_BYTES, skillRoutes } from './skills.js';
 import { usageRoutes } from './usage.js';
 import { vaultRoutes } from './vaults.js';
 
@@ -48,21 +50,33 @@ export function createApp(dependencies: ApiDependencies) {
     });
   }
 
-  app.use(
-    '/v1/*',
-    bodyLimit({
-      maxSize: dependencies.maxBodyBytes ?? 1024 * 1024,
-      // The rest of the body is not read, so the connection cannot be reused.
-      onError: (context) =>
-        context.json(
-          errorBody(
-            'request_too_large',
-            `Request body exceeds ${dependencies.maxBodyBytes ?? 1024 * 1024} bytes`,
-          ),
-          413,
-          { connection: 'close' },
+  // Skill uploads carry files (up to 8 MiB); every other body has the general limit.
+  const skillUploadLimit = bodyLimit({
+    maxSize: MAX_SKILL_UPLOAD_BYTES,
+    onError: (context) =>
+      context.json(
+        errorBody('request_too_large', `A skill upload may hold at most ${MAX_SKILL_BYTES} bytes of files`),
+        413,
+        { connection: 'close' },
+      ),
+  });
+  const generalLimit = bodyLimit({
+    maxSize: dependencies.maxBodyBytes ?? 1024 * 1024,
+    // The rest of the body is not read, so the connection cannot be reused.
+    onError: (context) =>
+      context.json(
+        errorBody(
+          'request_too_large',
+          `Request body exceeds ${dependencies.maxBodyBytes ?? 1024 * 1024} bytes`,
         ),
-    }),
+        413,
+        { connection: 'close' },
+      ),
+  });
+  app.use('/v1/*', (context, next) =>
+    /^\/v1\/skills(\/[^/]+\/versions)?\/?$/.test(context.req.path) && context.req.method === 'POST'
+      ? skillUploadLimit(context, next)
+      : generalLimit(context, next),
   );
   app.use('/v1/*', async (context, next) => {
     // No id or value Berth stores may contain NUL (PostgreSQL text cannot hold it).
@@ -108,6 +122,7 @@ export function createApp(dependencies: ApiDependencies) {
   app.route('/v1/agents', agentRoutes(dependencies));
   app.route('/v1/environments', environmentRoutes(dependencies));
   app.route('/v1/vaults', vaultRoutes(dependencies));
+  app.route('/v1/skills', skillRoutes(dependencies));
   app.route('/v1/sessions', eventRoutes(dependencies));
   app.route('/v1/sessions', fileRoutes(dependencies));
   app.route('/v1/sessions', sandboxRoutes(dependencies));

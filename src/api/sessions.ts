@@ -21,6 +21,7 @@ import {
   readPositiveInteger,
 } from './context.js';
 import { sessionCreate, sessionUpdate } from './schemas.js';
+import { checkSkillReferences, type SkillReference } from './skills.js';
 
 const usageEventTypes = [
   'session.usage',
@@ -135,6 +136,13 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       if (!vault) throw invalidRequest(`vault_ids: vault ${vaultId} not found`);
       if (vault.archivedAt) throw invalidRequest(`vault_ids: vault ${vaultId} is archived`);
     }
+    // Skills are pinned like the agent: `latest` becomes the version current now.
+    const skills = await checkSkillReferences(
+      store.skills,
+      principal.tenantId,
+      (agent.body.skills as SkillReference[] | undefined) ?? [],
+      { resolve: true, field: 'agent.skills' },
+    );
     // Limits are charged after validation and before the first write: a refused request
     // (429) leaves nothing behind.
     const initialEvents = input.initial_events ?? [];
@@ -161,7 +169,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const body = {
       id,
       type: 'session',
-      agent: pinned,
+      agent: { ...pinned, skills },
       environment_id: environment.id,
       title: input.title ?? null,
       metadata: input.metadata ?? {},

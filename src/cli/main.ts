@@ -5,7 +5,7 @@ import { join, relative, resolve } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import { Command, Option } from 'commander';
 import { type AgentCreate, principalName } from '../api/schemas.js';
-import { agentFileName, loadAgentFolder, type Problem } from '../config/agent-files.js';
+import { agentFileName, loadAgentFolder, type Problem, type SkillSummary } from '../config/agent-files.js';
 import { type BerthConfig, loadConfig } from '../config/config.js';
 import { isBerthError } from '../errors.js';
 import { createTenantWithAdmin } from '../identity/api-keys.js';
@@ -28,6 +28,7 @@ import type { Store, TenantLimits } from '../store/resource-store.js';
 import { formatVaultKey, generateVaultKey, loadVaultKeyring } from '../vault/keyring.js';
 import { VaultService } from '../vault/vault-service.js';
 import { applyAgent, enabledToolNames } from './apply-agent.js';
+import { syncSkills } from './apply-skills.js';
 import { dim, renderEvent } from './render.js';
 
 /**
@@ -85,7 +86,16 @@ program
   .addOption(dataDirOption())
   .action(async (agentPath: string, prompt: string, options: ClientOptions) => {
     const agent = await readAgentFile(agentPath);
-    await withClient(options, (client) => runSession(client, agent, prompt));
+    await withClient(options, async (client) => {
+      // An agent folder's skills are uploaded first (unchanged ones are reused).
+      const folder = resolve(agentPath);
+      if (existsSync(join(folder, agentFileName))) {
+        const { skills } = await readAgentFolderWithSkills(folder);
+        const synced = await syncSkills(client, folder, skills);
+        agent.skills = [...(agent.skills ?? []), ...synced.references];
+      }
+      await runSession(client, agent, prompt);
+    });
   });
 
 program
@@ -149,8 +159,11 @@ program
   .addOption(apiKeyOption())
   .addOption(dataDirOption())
   .action(async (dir: string, options: ClientOptions) => {
-    const params = await readAgentFolder(dir);
+    const { value: params, skills } = await readAgentFolderWithSkills(dir);
     await withClient(options, async (client) => {
+      const synced = await syncSkills(client, resolve(dir), skills);
+      for (const change of synced.changes) console.log(`  ${change}`);
+      params.skills = [...(params.skills ?? []), ...synced.references];
       const outcome = await applyAgent(client, params);
       const { agent } = outcome;
       if (outcome.kind === 'created') console.log(`created agent ${agent.id} version ${agent.version}`);
@@ -698,8 +711,15 @@ async function readAgentFile(path: string): Promise<Anthropic.Beta.AgentCreatePa
 
 /** Loads an agent folder, or prints its problems to stderr and fails. */
 async function readAgentFolder(dir: string): Promise<AgentCreate> {
+  return (await readAgentFolderWithSkills(dir)).value;
+}
+
+/** Loads an agent folder with the skills found in it, or prints its problems and fails. */
+async function readAgentFolderWithSkills(
+  dir: string,
+): Promise<{ value: AgentCreate; skills: SkillSummary[] }> {
   const result = await loadAgentFolder(resolve(dir));
-  if (result.ok) return result.value;
+  if (result.ok) return { value: result.value, skills: result.skills };
   printProblems(dir, result.problems, console.error);
   const count = result.problems.length;
   throw new UsageError(`${dir} has ${count} problem${count === 1 ? '' : 's'}`);

@@ -70,11 +70,9 @@ describe('loadAgentFolder', () => {
     ]);
     expect(value.mcp_servers).toEqual([{ name: 'docs', type: 'url', url: 'https://example.com/mcp' }]);
     expect(value.metadata).toEqual({ team: 'tools', 'berth.environment': 'default' });
-    expect(value.system?.startsWith('You are helpful.\n\n## Available skills\n')).toBe(true);
-    expect(value.system).toContain(
-      '<available_skills>\n<skill>\n<name>a-first</name>\n<description>Does a thing. Use when asked to do the thing.</description>\n</skill>\n<skill>\n<name>summarize-files</name>\n<description>Summarizes files. Use for overviews.</description>\n</skill>\n</available_skills>',
-    );
-    // Bodies stay out of the prompt (progressive disclosure comes later).
+    // The prompt is the body alone: skills are uploaded by `berth apply` and listed by the
+    // server at run time, and their bodies load only when the model asks.
+    expect(value.system).toBe('You are helpful.');
     expect(value.system).not.toContain('Steps.');
     expect(skills.map((entry) => entry.file)).toEqual([
       'skills/a-first/SKILL.md',

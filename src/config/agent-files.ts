@@ -68,7 +68,7 @@ interface FrontMatter {
 /**
  * Reads `<dir>/AGENTS.md` and `<dir>/skills/*\/SKILL.md` and assembles agent create params:
  * front matter keys as given (tool shorthand expanded, `environment` stored in metadata), the
- * body as `system`, and each skill's name and description appended to `system`. The result is
+ * body as `system`; the skills found are returned beside (`berth apply` uploads them). The result is
  * checked with the API's own `agentCreate` schema, so what loads here is what the server takes.
  */
 export async function loadAgentFolder(dir: string): Promise<AgentFolderResult> {
@@ -86,13 +86,13 @@ export async function loadAgentFolder(dir: string): Promise<AgentFolderResult> {
     return { ok: false, problems };
   }
   const agentProblems: Problem[] = [];
-  const value = assembleAgent(readFileSync(agentPath, 'utf8'), skills, agentProblems);
+  const value = assembleAgent(readFileSync(agentPath, 'utf8'), agentProblems);
   problems.unshift(...agentProblems.sort((a, b) => (a.line ?? 0) - (b.line ?? 0)));
   if (problems.length > 0 || !value) return { ok: false, problems };
   return { ok: true, value, skills };
 }
 
-function assembleAgent(text: string, skills: SkillSummary[], problems: Problem[]): AgentCreate | undefined {
+function assembleAgent(text: string, problems: Problem[]): AgentCreate | undefined {
   const file = agentFileName;
   const frontMatter = readFrontMatter(text, file, problems);
   if (!frontMatter) return undefined;
@@ -225,8 +225,9 @@ function assembleAgent(text: string, skills: SkillSummary[], problems: Problem[]
     }
   }
 
-  const system = [frontMatter.body, skillsSection(skills)].filter(Boolean).join('\n\n');
-  if (system) params.system = system;
+  // Skills are not written into the prompt here: `berth apply` uploads them and the server
+  // lists each one's name and description at run time (progressive disclosure).
+  if (frontMatter.body) params.system = frontMatter.body;
 
   const checked = agentCreate.safeParse(params);
   if (!checked.success) {
@@ -256,24 +257,6 @@ function assembleAgent(text: string, skills: SkillSummary[], problems: Problem[]
   return problems.length > 0 ? undefined : checked.data;
 }
 
-/** The "Available skills" section appended to the system prompt (names and descriptions only). */
-function skillsSection(skills: readonly SkillSummary[]): string {
-  if (skills.length === 0) return '';
-  const entries = skills.map(
-    (skill) =>
-      `<skill>\n<name>${escapeXml(skill.name)}</name>\n<description>${escapeXml(skill.description)}</description>\n</skill>`,
-  );
-  return [
-    '## Available skills',
-    '',
-    'These skills are defined for you: each gives a name and when it applies.',
-    '',
-    '<available_skills>',
-    ...entries,
-    '</available_skills>',
-  ].join('\n');
-}
-
 function loadSkills(dir: string, problems: Problem[]): SkillSummary[] {
   const skillsDir = join(dir, 'skills');
   if (!existsSync(skillsDir) || !statSync(skillsDir).isDirectory()) return [];
@@ -301,7 +284,7 @@ function loadSkills(dir: string, problems: Problem[]): SkillSummary[] {
 }
 
 /** Checks one SKILL.md against the Agent Skills specification (agentskills.io). */
-function readSkill(
+export function readSkill(
   text: string,
   folder: string,
   file: string,
@@ -450,10 +433,13 @@ function formatPath(path: readonly PropertyKey[]): string {
   return result;
 }
 
-function escapeXml(text: string): string {
-  return text.replace(/&/g, '&amp;').replace(/</g, '&lt;').replace(/>/g, '&gt;');
-}
-
 function isPlainObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+/** The `name` a SKILL.md's front matter declares, if it can be read (for uploads without a folder). */
+export function declaredSkillName(text: string): string | undefined {
+  const frontMatter = readFrontMatter(text, 'SKILL.md', []);
+  const name = isPlainObject(frontMatter?.data) ? frontMatter.data.name : undefined;
+  return typeof name === 'string' ? name : undefined;
 }

@@ -4,12 +4,26 @@ import type { HarnessTool, SessionToolbox } from '../harness/harness.js';
 import { createMcpFetch } from '../mcp/mcp-fetch.js';
 import { mcpPackagesMount } from '../mcp/mcp-packages.js';
 import { createMcpSession, type McpServerSpec, type McpSession, type McpTool } from '../mcp/mcp-session.js';
+import { SessionSkills, type SkillPin, skillToolDefinition } from '../skills/session-skills.js';
 import { type SessionKey, sessionKeyString } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
+import type { SkillStore } from '../store/skill-store.js';
 import { builtinToolDefinitions, createBuiltinToolExecutor } from '../tools/builtin-tools.js';
 import { createWebFetch, type WebFetchConfig, webFetchDefinition } from '../tools/web-fetch.js';
 import type { SessionCredential } from '../vault/credentials.js';
 import type { SandboxManager } from './sandbox-manager.js';
+
+/** A store with no skills (a toolbox made without one offers none). */
+const noSkills: SkillStore = {
+  createSkill: () => Promise.reject(new Error('no skill store')),
+  getSkill: async () => undefined,
+  listSkills: async () => ({ items: [], nextCursor: null }),
+  addSkillVersion: () => Promise.reject(new Error('no skill store')),
+  getSkillVersion: async () => undefined,
+  listSkillVersions: async () => ({ items: [], nextCursor: null }),
+  deleteSkillVersion: async () => false,
+  deleteSkill: async () => false,
+};
 
 interface AgentToolEntry {
   type: string;
@@ -146,6 +160,7 @@ export class Toolboxes {
   readonly #traceHeaders: ((session: SessionKey) => Record<string, string>) | undefined;
   readonly #hostFetchFor: ((session: SessionRecord) => Promise<HostFetch>) | undefined;
   readonly #credentialsFor: ((session: SessionRecord) => Promise<readonly SessionCredential[]>) | undefined;
+  readonly #skills: SkillStore | undefined;
 
   constructor(options: {
     sandboxes: SandboxManager;
@@ -161,6 +176,8 @@ export class Toolboxes {
     hostFetchFor?: (session: SessionRecord) => Promise<HostFetch>;
     /** The session's vault credentials (remote MCP servers' tokens). */
     credentialsFor?: (session: SessionRecord) => Promise<readonly SessionCredential[]>;
+    /** Where the sessions' skills are stored (without it, skills are not offered). */
+    skills?: SkillStore;
   }) {
     this.#sandboxes = options.sandboxes;
     this.#projectRoot = options.projectRoot;
@@ -168,6 +185,7 @@ export class Toolboxes {
     this.#traceHeaders = options.traceHeaders;
     this.#hostFetchFor = options.hostFetchFor;
     this.#credentialsFor = options.credentialsFor;
+    this.#skills = options.skills;
   }
 
   /** The session's toolbox (made once per session and process). */
@@ -175,9 +193,18 @@ export class Toolboxes {
     const key = sessionKeyString(session);
     const existing = this.#entries.get(key);
     if (existing) return existing.toolbox;
-    const agent = session.body.agent as { tools?: AgentToolEntry[]; mcp_servers?: McpServerSpec[] };
+    const agent = session.body.agent as {
+      tools?: AgentToolEntry[];
+      mcp_servers?: McpServerSpec[];
+      skills?: SkillPin[];
+    };
     const agentTools = agent.tools ?? [];
-    const builtin = toolsOfAgent(agentTools);
+    const skills = new SessionSkills({
+      store: this.#skills ?? noSkills,
+      tenantId: session.tenantId,
+      pins: this.#skills ? (agent.skills ?? []) : [],
+    });
+    const builtin = [...toolsOfAgent(agentTools), ...skills.tools()];
     const servers = (agent.mcp_servers ?? []).filter((server) =>
       agentTools.some((tool) => tool.type === 'mcp_toolset' && tool.mcp_server_name === server.name),
     );
@@ -240,8 +267,15 @@ export class Toolboxes {
         return listing;
       },
       failures: () => mcp?.errors() ?? [],
+      instructions: () => skills.instructions(),
       async execute(name, input, options) {
         const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
+        if (tool?.name === skillToolDefinition.name && !skills.empty) {
+          return skills.load(input, async (path, data) => {
+            const handle = await access.get();
+            await driverOf().writeFile(handle, path, data);
+          });
+        }
         if (tool?.kind === 'mcp' && mcp) {
           return mcp.callTool(tool.mcp!.serverName, tool.mcp!.toolName, input, options);
         }

@@ -60,6 +60,8 @@ export interface SessionToolbox {
   ): Promise<ToolOutcome>;
   /** MCP servers whose tools are missing, and why (reported once per session as `session.error`). */
   failures?(): { serverName: string; message: string }[];
+  /** Text the system prompt gains after the agent's own (the session's available skills). */
+  instructions?(): Promise<string | undefined>;
 }
 
 /** Per-wake controls from the supervisor. */
@@ -477,7 +479,15 @@ export function createHarness(dependencies: HarnessDependencies) {
         description: tool.description,
         inputSchema: tool.inputSchema,
       }));
-      const call = model.doStream({ prompt: buildPrompt(agent.system, log), tools, abortSignal: signal });
+      const extra = await toolbox.instructions?.();
+      const system = [agent.system, extra].filter(
+        (part) => part !== null && part !== undefined && part !== '',
+      );
+      const call = model.doStream({
+        prompt: buildPrompt(system.length > 0 ? system.join('\n\n') : null, log),
+        tools,
+        abortSignal: signal,
+      });
       call.then(undefined, () => undefined); // Awaited below; never an unhandled rejection.
       try {
         start = await startCommitted;

@@ -1,4 +1,5 @@
 import type { EventStore, SessionKey, SessionStatus } from './event-store.js';
+import type { SkillStore } from './skill-store.js';
 import type { VaultStore } from './vault-store.js';
 
 /**
@@ -201,6 +202,8 @@ export interface Store {
   readonly rowLevelSecurity: RowLevelSecurity;
   readonly events: EventStore;
   readonly resources: ResourceStore;
+  /** Skills and their versions (`client.beta.skills`). */
+  readonly skills: SkillStore;
   /** Vaults and their credentials (secrets sealed by `vault/`). */
   readonly vaults: VaultStore;
   /**

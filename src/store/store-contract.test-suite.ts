@@ -1,4 +1,5 @@
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { isBerthError } from '../errors.js';
@@ -6,6 +7,7 @@ import { newId } from '../ids.js';
 import type { SessionKey, StoredEvent } from './event-store.js';
 import { type OpenStoreOptions, openStore } from './open-store.js';
 import type { ResourceRecord, SessionRecord, Store } from './resource-store.js';
+import type { SkillVersionRecord } from './skill-store.js';
 import type { CredentialRecord } from './vault-store.js';
 
 /**
@@ -101,6 +103,53 @@ function credentialRecord(vaultId: string, overrides: Partial<CredentialRecord> 
     secret: { keyId: 'key-a', sealed: `v1.key-a.${id}.sealed` },
     ...overrides,
   };
+}
+
+function skillRecord(overrides: Partial<ResourceRecord> = {}): ResourceRecord {
+  const timestamp = nextTimestamp();
+  const id = overrides.id ?? `skill_${randomBytes(10).toString('hex')}`;
+  return {
+    id,
+    tenantId: TENANT,
+    ownerId: 'user_alice',
+    createdAt: timestamp,
+    updatedAt: timestamp,
+    archivedAt: null,
+    body: { id, type: 'skill', display_title: 'PDF tools', source: 'custom' },
+    ...overrides,
+  };
+}
+
+/** Version ids are decimal microsecond timestamps, increasing per skill. */
+let versionClock = 1_767_225_600_000_000;
+
+/** A version of `skill` whose archive is random bytes (the store treats it as opaque). */
+function skillVersion(
+  skill: ResourceRecord,
+  overrides: Partial<SkillVersionRecord> = {},
+): SkillVersionRecord {
+  versionClock += 1000;
+  const version = overrides.version ?? String(versionClock);
+  return {
+    tenantId: skill.tenantId,
+    skillId: skill.id,
+    version,
+    createdAt: nextTimestamp(),
+    body: { type: 'skill_version', skill_id: skill.id, version, name: 'pdf', description: 'Reads PDFs' },
+    archive: randomBytes(256),
+    ...overrides,
+  };
+}
+
+/** A version as lists return it: everything but the archive. */
+function withoutArchive(version: SkillVersionRecord): Omit<SkillVersionRecord, 'archive'> {
+  const { archive: _archive, ...rest } = version;
+  return rest;
+}
+
+/** Whether two byte arrays hold exactly the same bytes (compared without printing 100 KB). */
+function sameBytes(left: Uint8Array | undefined, right: Uint8Array): boolean {
+  return left !== undefined && Buffer.compare(Buffer.from(left), Buffer.from(right)) === 0;
 }
 
 function userMessage(text: string) {
@@ -1174,6 +1223,271 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         unsubscribe();
         expect(heard).toEqual([]);
         expect((await store.events.read(session)).map((event) => event.seq)).toEqual([1, 2]);
+      });
+    });
+    describe('skills', () => {
+      it('stores a skill with its first version and returns the archive byte for byte', async () => {
+        const skill = skillRecord();
+        const first = skillVersion(skill, { archive: randomBytes(100 * 1024) });
+        await store.skills.createSkill(skill, first);
+
+        expect(await store.skills.getSkill(TENANT, skill.id)).toEqual({
+          ...skill,
+          latestVersion: first.version,
+        });
+        const stored = await store.skills.getSkillVersion(TENANT, skill.id, first.version);
+        expect(stored === undefined ? undefined : withoutArchive(stored)).toEqual(withoutArchive(first));
+        expect(stored?.archive.byteLength).toBe(100 * 1024);
+        expect(sameBytes(stored?.archive, first.archive)).toBe(true);
+
+        // A plain Uint8Array viewing the middle of a larger buffer stores only the bytes it views.
+        const backing = new Uint8Array(randomBytes(4096));
+        const second = skillVersion(skill, { archive: backing.subarray(100, 3100) });
+        await store.skills.addSkillVersion(second, nextTimestamp());
+        const storedSecond = await store.skills.getSkillVersion(TENANT, skill.id, second.version);
+        expect(storedSecond?.archive.byteLength).toBe(3000);
+        expect(sameBytes(storedSecond?.archive, backing.subarray(100, 3100))).toBe(true);
+        // The first version is untouched by the second.
+        expect(
+          sameBytes(
+            (await store.skills.getSkillVersion(TENANT, skill.id, first.version))?.archive,
+            first.archive,
+          ),
+        ).toBe(true);
+      });
+
+      it('writes neither the skill nor its first version when the version cannot be stored', async () => {
+        const skill = skillRecord();
+        // A body that cannot be serialized fails after the skill row has been written.
+        const broken = skillVersion(skill, { body: { size: 1n } });
+        await expect(store.skills.createSkill(skill, broken)).rejects.toThrow();
+        expect(await store.skills.getSkill(TENANT, skill.id)).toBeUndefined();
+        expect((await store.skills.listSkills({ tenantId: TENANT, limit: 10 })).items).toEqual([]);
+        // The id is free again: nothing of the failed attempt is left.
+        const first = skillVersion(skill);
+        await store.skills.createSkill(skill, first);
+        expect((await store.skills.getSkill(TENANT, skill.id))?.latestVersion).toBe(first.version);
+      });
+
+      it('makes an added version the latest, and the one before it latest again once it is deleted', async () => {
+        const skill = skillRecord();
+        const first = skillVersion(skill);
+        await store.skills.createSkill(skill, first);
+        const second = skillVersion(skill);
+        const secondAt = nextTimestamp();
+        await store.skills.addSkillVersion(second, secondAt);
+        // The skill's body stays; only updated_at and the derived latest version move.
+        expect(await store.skills.getSkill(TENANT, skill.id)).toEqual({
+          ...skill,
+          updatedAt: secondAt,
+          latestVersion: second.version,
+        });
+        const third = skillVersion(skill);
+        await store.skills.addSkillVersion(third, nextTimestamp());
+        expect((await store.skills.getSkill(TENANT, skill.id))?.latestVersion).toBe(third.version);
+
+        expect(await store.skills.deleteSkillVersion(TENANT, skill.id, third.version)).toBe(true);
+        expect(await store.skills.deleteSkillVersion(TENANT, skill.id, third.version)).toBe(false);
+        expect(await store.skills.getSkillVersion(TENANT, skill.id, third.version)).toBeUndefined();
+        expect((await store.skills.getSkill(TENANT, skill.id))?.latestVersion).toBe(second.version);
+        // Deleting an older version leaves the latest as it is.
+        expect(await store.skills.deleteSkillVersion(TENANT, skill.id, first.version)).toBe(true);
+        expect((await store.skills.getSkill(TENANT, skill.id))?.latestVersion).toBe(second.version);
+        expect(await store.skills.deleteSkillVersion(TENANT, skill.id, second.version)).toBe(true);
+        const empty = await store.skills.getSkill(TENANT, skill.id);
+        expect(empty).toMatchObject({ id: skill.id, latestVersion: null });
+        expect((await store.skills.listSkillVersions(TENANT, skill.id, { limit: 10 })).items).toEqual([]);
+      });
+
+      it('refuses a duplicate skill id or version, and a version of a missing or foreign skill, writing nothing', async () => {
+        const skill = skillRecord();
+        const first = skillVersion(skill);
+        await store.skills.createSkill(skill, first);
+        const foreign = skillRecord({ tenantId: OTHER_TENANT });
+        const foreignFirst = skillVersion(foreign);
+        await store.skills.createSkill(foreign, foreignFirst);
+
+        // Duplicate skill id (with a new version id, which must not be written either).
+        const again = skillVersion(skill);
+        expect(
+          await rejectionCode(store.skills.createSkill({ ...skill, body: { replaced: true } }, again)),
+        ).toBe('conflict');
+        expect(await store.skills.getSkillVersion(TENANT, skill.id, again.version)).toBeUndefined();
+        // Duplicate version: the stored one keeps its archive and the skill its updated_at.
+        const duplicate = skillVersion(skill, { version: first.version, archive: randomBytes(32) });
+        expect(await rejectionCode(store.skills.addSkillVersion(duplicate, nextTimestamp()))).toBe(
+          'conflict',
+        );
+        expect(
+          sameBytes(
+            (await store.skills.getSkillVersion(TENANT, skill.id, first.version))?.archive,
+            first.archive,
+          ),
+        ).toBe(true);
+        // A version id is unique per skill only.
+        const sameIdElsewhere = skillVersion(foreign, { version: first.version });
+        await store.skills.addSkillVersion(sameIdElsewhere, nextTimestamp());
+
+        const missing = skillVersion(skillRecord({ id: 'skill_missing' }));
+        expect(await rejectionCode(store.skills.addSkillVersion(missing, nextTimestamp()))).toBe('not_found');
+        expect(await store.skills.getSkillVersion(TENANT, 'skill_missing', missing.version)).toBeUndefined();
+        // Another tenant adding a version to this tenant's skill finds no such skill.
+        const intruding = skillVersion({ ...skill, tenantId: OTHER_TENANT });
+        expect(await rejectionCode(store.skills.addSkillVersion(intruding, nextTimestamp()))).toBe(
+          'not_found',
+        );
+        expect(await store.skills.getSkillVersion(OTHER_TENANT, skill.id, intruding.version)).toBeUndefined();
+        expect(await store.skills.getSkillVersion(TENANT, skill.id, intruding.version)).toBeUndefined();
+
+        expect(await store.skills.getSkill(TENANT, skill.id)).toEqual({
+          ...skill,
+          latestVersion: first.version,
+        });
+        expect((await store.skills.listSkillVersions(TENANT, skill.id, { limit: 10 })).items).toEqual([
+          withoutArchive(first),
+        ]);
+      });
+
+      it('pages through skills and versions in creation order, either way round, without archives', async () => {
+        const skills: ResourceRecord[] = [];
+        const firsts: SkillVersionRecord[] = [];
+        for (let index = 0; index < 5; index++) {
+          const skill = skillRecord(index === 3 ? { ownerId: 'user_bob' } : {});
+          const first = skillVersion(skill);
+          await store.skills.createSkill(skill, first);
+          skills.push(skill);
+          firsts.push(first);
+        }
+        const foreign = skillRecord({ tenantId: OTHER_TENANT });
+        await store.skills.createSkill(foreign, skillVersion(foreign));
+        const expected = skills.map((skill, index) => ({ ...skill, latestVersion: firsts[index]!.version }));
+
+        const pages = [];
+        let cursor: string | undefined;
+        do {
+          const page = await store.skills.listSkills({ tenantId: TENANT, limit: 2, cursor });
+          pages.push(page.items);
+          cursor = page.nextCursor ?? undefined;
+        } while (cursor !== undefined);
+        expect(pages.map((items) => items.length)).toEqual([2, 2, 1]);
+        expect(pages.flat()).toEqual(expected);
+
+        const newest = await store.skills.listSkills({ tenantId: TENANT, limit: 2, order: 'desc' });
+        expect(newest.items).toEqual([expected[4], expected[3]]);
+        const older = await store.skills.listSkills({
+          tenantId: TENANT,
+          limit: 2,
+          order: 'desc',
+          cursor: newest.nextCursor!,
+        });
+        expect(older.items).toEqual([expected[2], expected[1]]);
+        const oldest = await store.skills.listSkills({
+          tenantId: TENANT,
+          limit: 2,
+          order: 'desc',
+          cursor: older.nextCursor!,
+        });
+        expect(oldest).toEqual({ items: [expected[0]], nextCursor: null });
+        expect(
+          (await store.skills.listSkills({ tenantId: TENANT, limit: 10, ownerId: 'user_bob' })).items,
+        ).toEqual([expected[3]]);
+
+        // Five versions of one skill, interleaved with a version of another.
+        const skill = skills[0]!;
+        const versions = [firsts[0]!];
+        for (let index = 0; index < 4; index++) {
+          const version = skillVersion(skill);
+          await store.skills.addSkillVersion(version, nextTimestamp());
+          versions.push(version);
+          if (index === 1) await store.skills.addSkillVersion(skillVersion(skills[1]!), nextTimestamp());
+        }
+        const versionPages = [];
+        cursor = undefined;
+        do {
+          const page = await store.skills.listSkillVersions(TENANT, skill.id, { limit: 2, cursor });
+          versionPages.push(page.items);
+          cursor = page.nextCursor ?? undefined;
+        } while (cursor !== undefined);
+        expect(versionPages.map((items) => items.length)).toEqual([2, 2, 1]);
+        expect(versionPages.flat()).toEqual(versions.map(withoutArchive));
+        for (const item of versionPages.flat()) expect(item).not.toHaveProperty('archive');
+
+        const newestVersions = await store.skills.listSkillVersions(TENANT, skill.id, {
+          limit: 2,
+          order: 'desc',
+        });
+        expect(newestVersions.items).toEqual([withoutArchive(versions[4]!), withoutArchive(versions[3]!)]);
+        const olderVersions = await store.skills.listSkillVersions(TENANT, skill.id, {
+          limit: 2,
+          order: 'desc',
+          cursor: newestVersions.nextCursor!,
+        });
+        expect(olderVersions.items).toEqual([withoutArchive(versions[2]!), withoutArchive(versions[1]!)]);
+        const oldestVersions = await store.skills.listSkillVersions(TENANT, skill.id, {
+          limit: 2,
+          order: 'desc',
+          cursor: olderVersions.nextCursor!,
+        });
+        expect(oldestVersions).toEqual({ items: [withoutArchive(versions[0]!)], nextCursor: null });
+      });
+
+      it("hides another tenant's skills and versions from every skill call", async () => {
+        const skill = skillRecord();
+        const first = skillVersion(skill);
+        await store.skills.createSkill(skill, first);
+
+        expect(await store.skills.getSkill(OTHER_TENANT, skill.id)).toBeUndefined();
+        expect(await store.skills.listSkills({ tenantId: OTHER_TENANT, limit: 10 })).toEqual({
+          items: [],
+          nextCursor: null,
+        });
+        expect(await store.skills.getSkillVersion(OTHER_TENANT, skill.id, first.version)).toBeUndefined();
+        expect(await store.skills.listSkillVersions(OTHER_TENANT, skill.id, { limit: 10 })).toEqual({
+          items: [],
+          nextCursor: null,
+        });
+        expect(await store.skills.deleteSkillVersion(OTHER_TENANT, skill.id, first.version)).toBe(false);
+        expect(await store.skills.deleteSkill(OTHER_TENANT, skill.id)).toBe(false);
+
+        expect(await store.skills.getSkill(TENANT, skill.id)).toEqual({
+          ...skill,
+          latestVersion: first.version,
+        });
+        const stored = await store.skills.getSkillVersion(TENANT, skill.id, first.version);
+        expect(sameBytes(stored?.archive, first.archive)).toBe(true);
+        expect((await store.skills.listSkills({ tenantId: TENANT, limit: 10 })).items).toHaveLength(1);
+      });
+
+      it('deletes a skill together with its versions', async () => {
+        const skill = skillRecord();
+        const first = skillVersion(skill);
+        await store.skills.createSkill(skill, first);
+        const second = skillVersion(skill);
+        await store.skills.addSkillVersion(second, nextTimestamp());
+        const kept = skillRecord();
+        const keptFirst = skillVersion(kept);
+        await store.skills.createSkill(kept, keptFirst);
+
+        expect(await store.skills.deleteSkill(TENANT, skill.id)).toBe(true);
+        expect(await store.skills.getSkill(TENANT, skill.id)).toBeUndefined();
+        expect(await store.skills.getSkillVersion(TENANT, skill.id, first.version)).toBeUndefined();
+        expect(await store.skills.getSkillVersion(TENANT, skill.id, second.version)).toBeUndefined();
+        expect((await store.skills.listSkillVersions(TENANT, skill.id, { limit: 10 })).items).toEqual([]);
+        expect(await store.skills.deleteSkill(TENANT, skill.id)).toBe(false);
+        // No version row is left behind: the same skill and version ids can be stored again.
+        await store.skills.createSkill(skill, first);
+        expect((await store.skills.getSkill(TENANT, skill.id))?.latestVersion).toBe(first.version);
+
+        expect(await store.skills.getSkill(TENANT, kept.id)).toEqual({
+          ...kept,
+          latestVersion: keptFirst.version,
+        });
+        expect(
+          sameBytes(
+            (await store.skills.getSkillVersion(TENANT, kept.id, keptFirst.version))?.archive,
+            keptFirst.archive,
+          ),
+        ).toBe(true);
       });
     });
   });

@@ -118,6 +118,7 @@ export class Metrics {
       ...toolbox,
       listTools: () => toolbox.listTools(),
       failures: toolbox.failures ? () => toolbox.failures!() : undefined,
+      instructions: toolbox.instructions ? () => toolbox.instructions!() : undefined,
       execute: async (name, input, options) => {
         const kind = (await toolbox.listTools()).find((tool) => tool.name === name)?.kind ?? 'unknown';
         const end = this.#toolSeconds.startTimer({ kind });

@@ -281,6 +281,7 @@ export function tracedToolbox(
     ...toolbox,
     listTools: () => toolbox.listTools(),
     failures: toolbox.failures ? () => toolbox.failures!() : undefined,
+    instructions: toolbox.instructions ? () => toolbox.instructions!() : undefined,
     async execute(name, input, options) {
       const tool = (await toolbox.listTools()).find((candidate) => candidate.name === name);
       return inSpan(

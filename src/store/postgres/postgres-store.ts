@@ -43,6 +43,7 @@ import type {
   TenantRecord,
   UserRecord,
 } from '../resource-store.js';
+import type { SkillRecord, SkillStore, SkillVersionRecord } from '../skill-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
 import { eventsChannel, migratePostgres, quoteSchemaName } from './schema.js';
 
@@ -127,6 +128,7 @@ class PostgresStore implements Store {
   readonly kind = 'postgres' as const;
   readonly events: PostgresEventStore;
   readonly resources: PostgresResourceStore;
+  readonly skills: PostgresSkillStore;
   readonly vaults: PostgresVaultStore;
   readonly snapshotArchives: SnapshotArchiveStore;
   readonly rowLevelSecurity: RowLevelSecurity;
@@ -138,6 +140,7 @@ class PostgresStore implements Store {
     this.rowLevelSecurity = rowLevelSecurity;
     this.events = new PostgresEventStore(pool, schema);
     this.resources = new PostgresResourceStore(pool, schema);
+    this.skills = new PostgresSkillStore(pool, schema);
     this.vaults = new PostgresVaultStore(pool, schema);
     this.snapshotArchives = postgresSnapshotArchives(pool, schema);
   }
@@ -1355,6 +1358,198 @@ class PostgresVaultStore implements VaultStore {
       [tenantId],
     );
     return Object.fromEntries(result.rows.map((row) => [row.key_id, Number(row.count)]));
+  }
+
+  #query<Row extends pg.QueryResultRow>(tenantId: string, sql: string, parameters: unknown[]) {
+    return queryInTenant<Row>(this.#pool, tenantId, sql, parameters);
+  }
+}
+
+interface SkillRow extends RecordRow {
+  latest_version: string | null;
+}
+
+function skillOf(row: SkillRow): SkillRecord {
+  return { ...recordOf(row), latestVersion: row.latest_version };
+}
+
+/** A skill's columns and its latest version: the version of its newest version row. */
+const skillColumns = (s: string) => `skills.position, skills.id, skills.tenant_id, skills.owner_id,
+  skills.created_at, skills.updated_at, skills.archived_at, skills.body,
+  (SELECT skill_versions.version FROM ${s}.skill_versions
+   WHERE skill_versions.skill_id = skills.id AND skill_versions.tenant_id = skills.tenant_id
+   ORDER BY skill_versions.position DESC LIMIT 1) AS latest_version`;
+
+interface SkillVersionRow {
+  position: string;
+  tenant_id: string;
+  skill_id: string;
+  version: string;
+  created_at: string;
+  body: Record<string, unknown>;
+}
+
+interface SkillVersionArchiveRow extends SkillVersionRow {
+  archive: Buffer;
+}
+
+/** A version row without its archive (what lists return). */
+const SKILL_VERSION_COLUMNS = 'position, tenant_id, skill_id, version, created_at, body';
+
+function skillVersionOf(row: SkillVersionRow): Omit<SkillVersionRecord, 'archive'> {
+  return {
+    tenantId: row.tenant_id,
+    skillId: row.skill_id,
+    version: row.version,
+    createdAt: row.created_at,
+    body: row.body,
+  };
+}
+
+/** The driver sends a Buffer as bytea; a plain Uint8Array is viewed as one (no copy). */
+function byteaOf(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+class PostgresSkillStore implements SkillStore {
+  readonly #pool: pg.Pool;
+  readonly #s: string;
+
+  constructor(pool: pg.Pool, schema: string) {
+    this.#pool = pool;
+    this.#s = schema;
+  }
+
+  async createSkill(skill: ResourceRecord, first: SkillVersionRecord): Promise<void> {
+    if (first.skillId !== skill.id || first.tenantId !== skill.tenantId)
+      throw invalidRequest('the first version does not belong to the skill');
+    const s = this.#s;
+    await inTenant(this.#pool, skill.tenantId, async (client) => {
+      await client.query(
+        `INSERT INTO ${s}.skills (id, tenant_id, owner_id, created_at, updated_at, archived_at, body)
+         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)`,
+        [
+          skill.id,
+          skill.tenantId,
+          skill.ownerId,
+          skill.createdAt,
+          skill.updatedAt,
+          skill.archivedAt,
+          toJsonb(skill.body),
+        ],
+      );
+      await client.query(
+        `INSERT INTO ${s}.skill_versions (tenant_id, skill_id, version, created_at, body, archive)
+         VALUES ($1, $2, $3, $4, $5::jsonb, $6)`,
+        [
+          first.tenantId,
+          first.skillId,
+          first.version,
+          first.createdAt,
+          toJsonb(first.body),
+          byteaOf(first.archive),
+        ],
+      );
+    }).catch((error) => {
+      throw isBerthError(error, 'conflict') ? conflict(`${skill.id} already exists`) : error;
+    });
+  }
+
+  async getSkill(tenantId: string, id: string): Promise<SkillRecord | undefined> {
+    const result = await this.#query<SkillRow>(
+      tenantId,
+      `SELECT ${skillColumns(this.#s)} FROM ${this.#s}.skills WHERE skills.id = $1 AND skills.tenant_id = $2`,
+      [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : skillOf(row);
+  }
+
+  async listSkills(query: ListQuery): Promise<Page<SkillRecord>> {
+    const list = listSql(`${this.#s}.skills`, skillColumns(this.#s), query, [], [], 'skills.');
+    const result = await this.#query<SkillRow>(query.tenantId, list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, skillOf);
+  }
+
+  async addSkillVersion(version: SkillVersionRecord, updatedAt: string): Promise<void> {
+    const s = this.#s;
+    await inTenant(this.#pool, version.tenantId, async (client) => {
+      // INSERT … SELECT: no row is written unless the skill is the tenant's.
+      const inserted = await client.query(
+        `INSERT INTO ${s}.skill_versions (tenant_id, skill_id, version, created_at, body, archive)
+         SELECT $1, id, $2, $3, $4::jsonb, $5 FROM ${s}.skills WHERE id = $6 AND tenant_id = $1`,
+        [
+          version.tenantId,
+          version.version,
+          version.createdAt,
+          toJsonb(version.body),
+          byteaOf(version.archive),
+          version.skillId,
+        ],
+      );
+      if (inserted.rowCount === 0) throw notFound('skill', version.skillId);
+      await client.query(`UPDATE ${s}.skills SET updated_at = $1 WHERE id = $2 AND tenant_id = $3`, [
+        updatedAt,
+        version.skillId,
+        version.tenantId,
+      ]);
+    }).catch((error) => {
+      throw isBerthError(error, 'conflict')
+        ? conflict(`version ${version.version} of skill ${version.skillId} already exists`)
+        : error;
+    });
+  }
+
+  async getSkillVersion(
+    tenantId: string,
+    skillId: string,
+    version: string,
+  ): Promise<SkillVersionRecord | undefined> {
+    const result = await this.#query<SkillVersionArchiveRow>(
+      tenantId,
+      `SELECT ${SKILL_VERSION_COLUMNS}, archive FROM ${this.#s}.skill_versions
+       WHERE skill_id = $1 AND version = $2 AND tenant_id = $3`,
+      [skillId, version, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : { ...skillVersionOf(row), archive: row.archive };
+  }
+
+  async listSkillVersions(
+    tenantId: string,
+    skillId: string,
+    query: Omit<ListQuery, 'tenantId'>,
+  ): Promise<Page<Omit<SkillVersionRecord, 'archive'>>> {
+    // Versions have no owner and are never archived: only order, cursor and limit apply.
+    // listSql numbers its own parameters after these, starting at $2 (tenant is $1).
+    const list = listSql(
+      `${this.#s}.skill_versions`,
+      SKILL_VERSION_COLUMNS,
+      { tenantId, limit: query.limit, cursor: query.cursor, order: query.order, includeArchived: true },
+      ['skill_id = $2'],
+      [skillId],
+    );
+    const result = await this.#query<SkillVersionRow>(tenantId, list.sql, list.parameters);
+    return pageOf(result.rows, list.limit, skillVersionOf);
+  }
+
+  async deleteSkillVersion(tenantId: string, skillId: string, version: string): Promise<boolean> {
+    const result = await this.#query(
+      tenantId,
+      `DELETE FROM ${this.#s}.skill_versions WHERE skill_id = $1 AND version = $2 AND tenant_id = $3`,
+      [skillId, version, tenantId],
+    );
+    return (result.rowCount ?? 0) > 0;
+  }
+
+  async deleteSkill(tenantId: string, id: string): Promise<boolean> {
+    // Its versions go with it (ON DELETE CASCADE).
+    const result = await this.#query(
+      tenantId,
+      `DELETE FROM ${this.#s}.skills WHERE id = $1 AND tenant_id = $2`,
+      [id, tenantId],
+    );
+    return (result.rowCount ?? 0) > 0;
   }
 
   #query<Row extends pg.QueryResultRow>(tenantId: string, sql: string, parameters: unknown[]) {

@@ -28,6 +28,8 @@ interface SeededTenant {
   sessionId: string;
   vaultId: string;
   credentialId: string;
+  skillId: string;
+  skillVersion: string;
 }
 
 function seededTenant(letter: 'a' | 'b'): SeededTenant {
@@ -42,6 +44,8 @@ function seededTenant(letter: 'a' | 'b'): SeededTenant {
     sessionId: `sesn_rls_${letter}`,
     vaultId: `vlt_rls_${letter}`,
     credentialId: `vcrd_rls_${letter}`,
+    skillId: `skill_rls_${letter}`,
+    skillVersion: '1767225600000000',
   };
 }
 
@@ -104,6 +108,14 @@ async function seed(store: Store, tenant: SeededTenant): Promise<void> {
     ...record(tenant.credentialId, { type: 'vault_credential' }),
     vaultId: tenant.vaultId,
     secret: { keyId: 'rls', sealed: 'v1.rls.sealed' },
+  });
+  await store.skills.createSkill(record(tenant.skillId, { type: 'skill', display_title: 'rls' }), {
+    tenantId: tenant.tenantId,
+    skillId: tenant.skillId,
+    version: tenant.skillVersion,
+    createdAt: CREATED_AT,
+    body: { type: 'skill_version', skill_id: tenant.skillId, version: tenant.skillVersion },
+    archive: Buffer.from(`skill of ${tenant.name}`),
   });
   await store.snapshotArchives!.put(
     { tenantId: tenant.tenantId, id: tenant.sessionId },
@@ -251,6 +263,22 @@ function foreignInsert(
           sql: `INSERT INTO ${s}.sandbox_snapshots (tenant_id, session_id, created_at, info, archive)
                 VALUES ($1, $2, $3, '{}', '\\x00')`,
           parameters: [other.tenantId, 'sesn_rls_intruder', CREATED_AT],
+        },
+      };
+    case 'skills':
+      return {
+        insert: {
+          sql: `INSERT INTO ${s}.skills (id, tenant_id, ${record}) VALUES ($1, $2, $3, $4, $5, $6)`,
+          parameters: ['skill_rls_intruder', other.tenantId, ...recordValues],
+        },
+      };
+    case 'skill_versions':
+      // A version id the other tenant's skill does not have yet, so only the tenant is wrong.
+      return {
+        insert: {
+          sql: `INSERT INTO ${s}.skill_versions (tenant_id, skill_id, version, created_at, body, archive)
+                VALUES ($1, $2, '1767225600000099', $3, '{}', '\\x00')`,
+          parameters: [other.tenantId, other.skillId, CREATED_AT],
         },
       };
     default:

@@ -371,10 +371,44 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   );
   ${rowLevelSecuritySql(s, SNAPSHOT_TENANT_TABLES)}
   `,
+  // 11: skills and their immutable versions, tenant tables like the others (row-level
+  // security). A version keeps its API body and its files as one zip archive; a skill's latest
+  // version is not stored but read (its newest version row).
+  (s) => `
+  CREATE TABLE ${s}.skills (
+    position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id text NOT NULL UNIQUE,
+    tenant_id text NOT NULL,
+    owner_id text NOT NULL,
+    created_at text NOT NULL,
+    updated_at text NOT NULL,
+    archived_at text,
+    body jsonb NOT NULL
+  );
+  CREATE INDEX skills_by_tenant ON ${s}.skills (tenant_id, position);
+  CREATE TABLE ${s}.skill_versions (
+    position bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id text NOT NULL,
+    skill_id text NOT NULL REFERENCES ${s}.skills (id) ON DELETE CASCADE,
+    version text NOT NULL,
+    created_at text NOT NULL,
+    body jsonb NOT NULL,
+    archive bytea NOT NULL,
+    UNIQUE (skill_id, version)
+  );
+  CREATE INDEX skill_versions_by_skill ON ${s}.skill_versions (tenant_id, skill_id, position);
+  ${rowLevelSecuritySql(s, SKILL_TENANT_TABLES)}
+  `,
 ];
 
 /** Tenant tables of migration 10. */
 const SNAPSHOT_TENANT_TABLES: readonly (readonly [string, string])[] = [['sandbox_snapshots', 'tenant_id']];
+
+/** The tenant tables migration 11 added (skills). */
+const SKILL_TENANT_TABLES: readonly (readonly [table: string, tenantColumn: string])[] = [
+  ['skills', 'tenant_id'],
+  ['skill_versions', 'tenant_id'],
+];
 
 /** The NOTIFY channel of a (quoted) schema's appends. */
 export function eventsChannel(quotedSchema: string): string {
@@ -434,6 +468,7 @@ export const TENANT_TABLES: readonly (readonly [table: string, tenantColumn: str
   ...FIRST_TENANT_TABLES,
   ...VAULT_TENANT_TABLES,
   ...SNAPSHOT_TENANT_TABLES,
+  ...SKILL_TENANT_TABLES,
 ];
 
 /**

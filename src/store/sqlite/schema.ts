@@ -174,6 +174,32 @@ export const SQLITE_MIGRATIONS: readonly string[] = [
   CREATE INDEX vault_credentials_by_vault ON vault_credentials (tenant_id, vault_id, position);
   CREATE INDEX vault_credentials_by_key ON vault_credentials (tenant_id, key_id);
   `,
+  // 5: skills and their immutable versions. A version keeps its API body and its files as one
+  // zip archive; a skill's latest version is not stored but read (its newest version row).
+  `
+  CREATE TABLE skills (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    tenant_id TEXT NOT NULL,
+    owner_id TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    archived_at TEXT,
+    body TEXT NOT NULL
+  );
+  CREATE INDEX skills_by_tenant ON skills (tenant_id, position);
+  CREATE TABLE skill_versions (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    tenant_id TEXT NOT NULL,
+    skill_id TEXT NOT NULL REFERENCES skills (id) ON DELETE CASCADE,
+    version TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    body TEXT NOT NULL,
+    archive BLOB NOT NULL,
+    UNIQUE (skill_id, version)
+  );
+  CREATE INDEX skill_versions_by_skill ON skill_versions (tenant_id, skill_id, position);
+  `,
 ];
 
 /** Brings the database up to the newest migration, each in its own write transaction. */

@@ -41,6 +41,7 @@ import type {
   TenantRecord,
   UserRecord,
 } from '../resource-store.js';
+import type { SkillRecord, SkillStore, SkillVersionRecord } from '../skill-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
 import { migrateSqlite } from './schema.js';
 
@@ -82,6 +83,7 @@ class SqliteStore implements Store {
   };
   readonly events: SqliteEventStore;
   readonly resources: SqliteResourceStore;
+  readonly skills: SqliteSkillStore;
   readonly vaults: SqliteVaultStore;
   readonly #database: Database.Database;
 
@@ -89,6 +91,7 @@ class SqliteStore implements Store {
     this.#database = database;
     this.events = new SqliteEventStore(database);
     this.resources = new SqliteResourceStore(database);
+    this.skills = new SqliteSkillStore(database);
     this.vaults = new SqliteVaultStore(database);
   }
 
@@ -1144,6 +1147,190 @@ class SqliteVaultStore implements VaultStore {
       .get('SELECT key_id, count(*) AS count FROM vault_credentials WHERE tenant_id = ? GROUP BY key_id')
       .all(tenantId) as { key_id: string; count: number }[];
     return Object.fromEntries(rows.map((row) => [row.key_id, row.count]));
+  }
+}
+
+interface SkillRow extends RecordRow {
+  latest_version: string | null;
+}
+
+function skillOf(row: SkillRow): SkillRecord {
+  return { ...recordOf(row), latestVersion: row.latest_version };
+}
+
+/** A skill's columns and its latest version: the version of its newest version row. */
+const SKILL_COLUMNS = `skills.*, (SELECT skill_versions.version FROM skill_versions
+  WHERE skill_versions.skill_id = skills.id AND skill_versions.tenant_id = skills.tenant_id
+  ORDER BY skill_versions.position DESC LIMIT 1) AS latest_version`;
+
+interface SkillVersionRow {
+  position: number;
+  tenant_id: string;
+  skill_id: string;
+  version: string;
+  created_at: string;
+  body: string;
+}
+
+interface SkillVersionArchiveRow extends SkillVersionRow {
+  archive: Buffer;
+}
+
+/** A version row without its archive (what lists return). */
+const SKILL_VERSION_COLUMNS = 'position, tenant_id, skill_id, version, created_at, body';
+
+function skillVersionOf(row: SkillVersionRow): Omit<SkillVersionRecord, 'archive'> {
+  return {
+    tenantId: row.tenant_id,
+    skillId: row.skill_id,
+    version: row.version,
+    createdAt: row.created_at,
+    body: JSON.parse(row.body) as Record<string, unknown>,
+  };
+}
+
+/** better-sqlite3 binds a Buffer as a BLOB; a plain Uint8Array is viewed as one (no copy). */
+function blobOf(bytes: Uint8Array): Buffer {
+  return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+class SqliteSkillStore implements SkillStore {
+  readonly #database: Database.Database;
+  readonly #statements: StatementCache;
+
+  constructor(database: Database.Database) {
+    this.#database = database;
+    this.#statements = new StatementCache(database);
+  }
+
+  async createSkill(skill: ResourceRecord, first: SkillVersionRecord): Promise<void> {
+    if (first.skillId !== skill.id || first.tenantId !== skill.tenantId)
+      throw invalidRequest('the first version does not belong to the skill');
+    try {
+      this.#database
+        .transaction(() => {
+          this.#statements
+            .get(
+              `INSERT INTO skills (id, tenant_id, owner_id, created_at, updated_at, archived_at, body)
+               VALUES (?, ?, ?, ?, ?, ?, ?)`,
+            )
+            .run(
+              skill.id,
+              skill.tenantId,
+              skill.ownerId,
+              skill.createdAt,
+              skill.updatedAt,
+              skill.archivedAt,
+              JSON.stringify(skill.body),
+            );
+          this.#statements
+            .get(
+              `INSERT INTO skill_versions (tenant_id, skill_id, version, created_at, body, archive)
+               VALUES (?, ?, ?, ?, ?, ?)`,
+            )
+            .run(
+              first.tenantId,
+              first.skillId,
+              first.version,
+              first.createdAt,
+              JSON.stringify(first.body),
+              blobOf(first.archive),
+            );
+        })
+        .immediate();
+    } catch (error) {
+      if (isUniqueViolation(error)) throw conflict(`${skill.id} already exists`);
+      throw error;
+    }
+  }
+
+  async getSkill(tenantId: string, id: string): Promise<SkillRecord | undefined> {
+    const row = this.#statements
+      .get(`SELECT ${SKILL_COLUMNS} FROM skills WHERE skills.id = ? AND skills.tenant_id = ?`)
+      .get(id, tenantId) as SkillRow | undefined;
+    return row === undefined ? undefined : skillOf(row);
+  }
+
+  async listSkills(query: ListQuery): Promise<Page<SkillRecord>> {
+    const { sql, parameters, limit } = listSql('skills', SKILL_COLUMNS, query, [], [], 'skills.');
+    return pageOf(this.#statements.get(sql).all(...parameters) as SkillRow[], limit, skillOf);
+  }
+
+  async addSkillVersion(version: SkillVersionRecord, updatedAt: string): Promise<void> {
+    try {
+      this.#database
+        .transaction(() => {
+          // INSERT … SELECT: no row is written unless the skill is the tenant's.
+          const result = this.#statements
+            .get(
+              `INSERT INTO skill_versions (tenant_id, skill_id, version, created_at, body, archive)
+               SELECT ?, id, ?, ?, ?, ? FROM skills WHERE id = ? AND tenant_id = ?`,
+            )
+            .run(
+              version.tenantId,
+              version.version,
+              version.createdAt,
+              JSON.stringify(version.body),
+              blobOf(version.archive),
+              version.skillId,
+              version.tenantId,
+            );
+          if (result.changes === 0) throw notFound('skill', version.skillId);
+          this.#statements
+            .get('UPDATE skills SET updated_at = ? WHERE id = ? AND tenant_id = ?')
+            .run(updatedAt, version.skillId, version.tenantId);
+        })
+        .immediate();
+    } catch (error) {
+      if (isUniqueViolation(error))
+        throw conflict(`version ${version.version} of skill ${version.skillId} already exists`);
+      throw error;
+    }
+  }
+
+  async getSkillVersion(
+    tenantId: string,
+    skillId: string,
+    version: string,
+  ): Promise<SkillVersionRecord | undefined> {
+    const row = this.#statements
+      .get(
+        `SELECT ${SKILL_VERSION_COLUMNS}, archive FROM skill_versions
+         WHERE skill_id = ? AND version = ? AND tenant_id = ?`,
+      )
+      .get(skillId, version, tenantId) as SkillVersionArchiveRow | undefined;
+    return row === undefined ? undefined : { ...skillVersionOf(row), archive: row.archive };
+  }
+
+  async listSkillVersions(
+    tenantId: string,
+    skillId: string,
+    query: Omit<ListQuery, 'tenantId'>,
+  ): Promise<Page<Omit<SkillVersionRecord, 'archive'>>> {
+    // Versions have no owner and are never archived: only order, cursor and limit apply.
+    const { sql, parameters, limit } = listSql(
+      'skill_versions',
+      SKILL_VERSION_COLUMNS,
+      { tenantId, limit: query.limit, cursor: query.cursor, order: query.order, includeArchived: true },
+      ['skill_id = ?'],
+      [skillId],
+    );
+    return pageOf(this.#statements.get(sql).all(...parameters) as SkillVersionRow[], limit, skillVersionOf);
+  }
+
+  async deleteSkillVersion(tenantId: string, skillId: string, version: string): Promise<boolean> {
+    return (
+      this.#statements
+        .get('DELETE FROM skill_versions WHERE skill_id = ? AND version = ? AND tenant_id = ?')
+        .run(skillId, version, tenantId).changes > 0
+    );
+  }
+
+  async deleteSkill(tenantId: string, id: string): Promise<boolean> {
+    // Its versions go with it (ON DELETE CASCADE).
+    return (
+      this.#statements.get('DELETE FROM skills WHERE id = ? AND tenant_id = ?').run(id, tenantId).changes > 0
+    );
   }
 }
 
