@@ -6,7 +6,7 @@ import { type FakeOAuthServer, startFakeOAuthServer } from './support/fake-oauth
 import { createTestDatabase } from './support/postgres-database.js';
 
 /** What an `:id` in a route names, by the collection it sits under. */
-type Kind = 'agent' | 'environment' | 'session' | 'user' | 'api_key' | 'vault' | 'credential';
+type Kind = 'agent' | 'environment' | 'session' | 'user' | 'api_key' | 'vault' | 'credential' | 'skill';
 
 const collectionOf: Record<Kind, string> = {
   agent: 'agents',
@@ -16,6 +16,7 @@ const collectionOf: Record<Kind, string> = {
   api_key: 'api_keys',
   vault: 'vaults',
   credential: 'credentials',
+  skill: 'skills',
 };
 
 const kindByCollection = Object.fromEntries(
@@ -30,6 +31,7 @@ const idPrefixByKind: Record<Kind, IdPrefix> = {
   api_key: 'key',
   vault: 'vlt',
   credential: 'vcrd',
+  skill: 'skill',
 };
 
 /** Someone holding a key: a tenant's admin or one of its members. */
@@ -62,6 +64,7 @@ interface World {
   agentId: string;
   environmentId: string;
   vaultId: string;
+  skillId: string;
 }
 
 type JsonObject = Record<string, unknown>;
@@ -107,6 +110,14 @@ interface MatrixCase {
 
 const userMessage = { type: 'user.message', content: [{ type: 'text', text: 'hi' }] };
 
+/** A skill upload (multipart), as `client.beta.skills.create` sends it. */
+function skillUpload(): FormData {
+  const form = new FormData();
+  const text = '---\nname: matrix-skill\ndescription: A skill the isolation matrix uploads.\n---\nSteps.\n';
+  form.append('files[]', new File([text], 'matrix-skill/SKILL.md'));
+  return form;
+}
+
 /**
  * A matrix generated from the server's own route list: every key of two tenants (admin and
  * two members each) against every `:id` route and stream, filled with every resource of the
@@ -128,11 +139,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     const controller = new AbortController();
     const headers: Record<string, string> = {};
     if (key !== undefined) headers['x-api-key'] = key;
-    if (body !== undefined) headers['content-type'] = 'application/json';
+    const form = body instanceof FormData;
+    if (body !== undefined && !form) headers['content-type'] = 'application/json';
     const response = await fetch(`${berth.url}${path}`, {
       method,
       headers,
-      body: body === undefined ? undefined : JSON.stringify(body),
+      body: body === undefined ? undefined : form ? body : JSON.stringify(body),
       signal: controller.signal,
     });
     const contentType = response.headers.get('content-type') ?? '';
@@ -141,7 +153,11 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       controller.abort();
       return { status: response.status, contentType, body: undefined } satisfies Answer;
     }
-    if (contentType.startsWith('text/plain') || contentType.startsWith('application/octet-stream')) {
+    if (
+      contentType.startsWith('text/plain') ||
+      contentType.startsWith('application/octet-stream') ||
+      contentType.startsWith('application/zip')
+    ) {
       // Prometheus metrics: aggregates only; scanned as text for ids like any body.
       const text = await response.text();
       return { status: response.status, contentType, body: { text } as JsonObject };
@@ -164,6 +180,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     path
       .replace(':vault_id', encodeURIComponent(parentId))
       .replace(':id', encodeURIComponent(id))
+      .replace(':version', 'latest')
       .replace('*', 'matrix.txt');
 
   /** The one visibility rule the API promises: own tenant, and (for members) own or tenant-wide. */
@@ -200,7 +217,21 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'POST /v1/api_keys/:id/revoke': { type: 'by-id', retires: true },
 
     'GET /v1/agents': { type: 'listing', lists: 'agent' },
-    'POST /v1/agents': { type: 'create', body: () => ({ name: `extra-${++probe}`, model: 'scripted/echo' }) },
+    'POST /v1/agents': {
+      type: 'create',
+      body: () => ({ name: `extra-${++probe}`, model: 'scripted/echo' }),
+      references: [
+        {
+          kind: 'skill',
+          body: (skillId) => ({
+            name: `extra-${++probe}`,
+            model: 'scripted/echo',
+            skills: [{ type: 'custom', skill_id: skillId }],
+          }),
+          refusedWith: 400,
+        },
+      ],
+    },
     'GET /v1/agents/:id': { type: 'by-id' },
     'POST /v1/agents/:id': {
       type: 'by-id',
@@ -246,6 +277,16 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'POST /v1/vaults/:vault_id/credentials/:id/mcp_oauth_validate': { type: 'by-id' },
     'POST /v1/vaults/:vault_id/credentials/:id/archive': { type: 'by-id', retires: true },
     'DELETE /v1/vaults/:vault_id/credentials/:id': { type: 'by-id', retires: true },
+
+    'GET /v1/skills': { type: 'listing', lists: 'skill' },
+    'POST /v1/skills': { type: 'create', body: () => skillUpload() as unknown as JsonObject },
+    'GET /v1/skills/:id': { type: 'by-id' },
+    'DELETE /v1/skills/:id': { type: 'by-id', retires: true },
+    'GET /v1/skills/:id/versions': { type: 'by-id' },
+    'POST /v1/skills/:id/versions': { type: 'by-id', body: () => skillUpload() },
+    'GET /v1/skills/:id/versions/:version': { type: 'by-id' },
+    'GET /v1/skills/:id/versions/:version/content': { type: 'by-id' },
+    'DELETE /v1/skills/:id/versions/:version': { type: 'by-id', retires: true },
 
     'GET /v1/sessions': {
       type: 'listing',
@@ -336,6 +377,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     });
     const environment = await must(admin.key, 'POST', '/v1/environments', { name: `${name}-environment` });
     const vault = await must(admin.key, 'POST', '/v1/vaults', { display_name: `${name}-vault` });
+    // Uploaded by a member: skills are the whole tenant's, like agents.
+    const skill = await must(members[0]!.key, 'POST', '/v1/skills', skillUpload());
     return {
       name,
       tenantId: admin.tenantId,
@@ -344,6 +387,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       agentId: agent.id as string,
       environmentId: environment.id as string,
       vaultId: vault.id as string,
+      skillId: skill.id as string,
     };
   }
 
@@ -412,6 +456,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
         .id as string;
     } else if (resource.kind === 'credential') {
       fresh.id = await credentialIn(world.admin.key, resource.parentId!, 'throwaway');
+    } else if (resource.kind === 'skill') {
+      fresh.id = (await must(world.admin.key, 'POST', '/v1/skills', skillUpload())).id as string;
     } else {
       throw new Error(`no throwaway for ${resource.kind}`);
     }
@@ -449,6 +495,9 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
         const { stats: _stats, ...stable } = body;
         const events = await must(admin, 'GET', `${path}/events?limit=1000`);
         seen[resource.label] = { ...stable, eventCount: (events.data as unknown[]).length };
+      } else if (resource.kind === 'skill') {
+        const versions = await must(admin, 'GET', `${path}/versions?limit=1000`);
+        seen[resource.label] = { ...body, versions: (versions.data as JsonObject[]).map((item) => item.id) };
       } else if (resource.kind === 'agent') {
         const versions = await must(admin, 'GET', `${path}/versions?limit=1000`);
         seen[resource.label] = { ...body, versionCount: (versions.data as unknown[]).length };
@@ -463,6 +512,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
         '/v1/agents?limit=1000&include_archived=true',
         '/v1/environments?limit=1000&include_archived=true',
         '/v1/vaults?limit=1000&include_archived=true',
+        '/v1/skills?limit=1000',
         '/v1/sessions?limit=1000&include_archived=true',
       ]) {
         const listed = await must(world.admin.key, 'GET', listing);
@@ -548,6 +598,7 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
           label: `${world.name} environment`,
         },
         { ...tenant, kind: 'vault', id: world.vaultId, ownerId: null, label: `${world.name} vault` },
+        { ...tenant, kind: 'skill', id: world.skillId, ownerId: null, label: `${world.name} skill` },
         {
           ...tenant,
           kind: 'credential',

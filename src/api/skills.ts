@@ -208,7 +208,8 @@ export function skillRoutes(dependencies: ApiDependencies) {
 
   router.delete('/:id/versions/:version', async (context) => {
     const skill = await loadSkill(context.get('principal').tenantId, context.req.param('id'));
-    const version = context.req.param('version');
+    const named = context.req.param('version');
+    const version = named === 'latest' ? (skill.latestVersion ?? named) : named;
     if (!(await skills.deleteSkillVersion(skill.tenantId, skill.id, version))) {
       throw notFound('skill version', version);
     }
