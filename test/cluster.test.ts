@@ -195,7 +195,9 @@ describe('a three-node cluster', () => {
     const read = log.filter((event) => event.type === 'agent.tool_result').at(-1)!;
     expect(JSON.stringify(read.content)).toContain('kept-across-nodes');
     await startNode(index);
-  }, 60_000);
+    // The drained node held about a third of the first test's 200 sandboxes and snapshots each
+    // of them into PostgreSQL: on a loaded 2-core machine that alone can take a minute.
+  }, 180_000);
 
   it('finishes the turns of a node killed with SIGKILL on the other nodes, losing no acknowledged event (3 kills)', async () => {
     for (let kill = 0; kill < 3; kill++) {
