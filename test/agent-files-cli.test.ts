@@ -63,13 +63,17 @@ describe('berth apply', () => {
       agentFile,
       original
         .replace('tools: [bash, read, glob, grep]', 'tools: [bash, read, glob, write]')
-        .replace('model: scripted/bash-once', 'model: scripted/echo')
+        .replace('model: scripted/files-overview', 'model: scripted/echo')
         .replace('metadata:\n  example: "true"\n', ''),
     );
     const updated = await applyAgent(berth.client, { ...(await load(dir)), name: 'changes' });
     expect(updated).toMatchObject({
       kind: 'updated',
-      changes: ['model: scripted/bash-once → scripted/echo', 'tools: +write, -grep', 'metadata: -example'],
+      changes: [
+        'model: scripted/files-overview → scripted/echo',
+        'tools: +write, -grep',
+        'metadata: -example',
+      ],
       agent: { id: created.agent.id, version: 2, metadata: {} },
     });
   });
@@ -143,6 +147,26 @@ describe('berth apply with skills', () => {
   });
 });
 
+describe('berth run with an agent folder', () => {
+  it('runs examples/file-helper offline: its skill is uploaded and loaded on request, then used', async () => {
+    const result = await berthCli([
+      'run',
+      'examples/file-helper',
+      'What is in my workspace?',
+      '--url',
+      berth.url,
+      '--api-key',
+      berth.apiKey,
+    ]);
+    expect(result).toMatchObject({ code: 0, stderr: '' });
+    expect(result.stdout).toContain('▸ skill {"name":"summarize-files"}');
+    // The skill's body reached the model through the tool, then the model followed it.
+    expect(result.stdout).toContain('# Summarize files');
+    expect(result.stdout).toContain('▸ $ ls -la /workspace');
+    expect(result.stdout).toContain('idle (end_turn)');
+  });
+});
+
 describe('berth validate', () => {
   it('exits 0 with a summary line for both examples', async () => {
     const demo = await berthCli(['validate', 'examples/demo']);
@@ -152,7 +176,7 @@ describe('berth validate', () => {
     expect(fileHelper).toMatchObject({
       code: 0,
       stdout:
-        'examples/file-helper: OK: agent "file-helper", model scripted/bash-once, 4 tools (bash, read, glob, grep), 1 skill (summarize-files)\n',
+        'examples/file-helper: OK: agent "file-helper", model scripted/files-overview, 4 tools (bash, read, glob, grep), 1 skill (summarize-files)\n',
     });
   });
 

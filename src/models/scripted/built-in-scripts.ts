@@ -65,9 +65,38 @@ export const bashOnceScript: Script = {
   ],
 };
 
+/**
+ * `scripted/files-overview`: the `examples/file-helper` agent offline. Loads the agent's
+ * `summarize-files` skill (progressive disclosure: the skill's body arrives only now), lists the
+ * workspace, and replies with the listing.
+ */
+export const filesOverviewScript: Script = {
+  name: 'files-overview',
+  steps: [
+    {
+      text: "[Berth scripted model] I'll load the summarize-files skill first.",
+      toolCalls: [{ toolName: 'skill', input: { name: 'summarize-files' } }],
+    },
+    {
+      text: '[Berth scripted model] The skill says to list the folder with sizes first.',
+      toolCalls: [{ toolName: 'bash', input: { command: 'ls -la /workspace' } }],
+    },
+    {
+      text: [
+        '[Berth scripted model] Here is the workspace, listed as the summarize-files skill asks:',
+        '',
+        '{{last_tool_result}}',
+        '',
+        'A real model (for example anthropic/claude-sonnet-4-5) would go on to read each file and write one line per file.',
+      ].join('\n'),
+    },
+  ],
+};
+
 /** The scripts every registry knows, by name. */
 export const builtInScripts: Readonly<Record<string, Script>> = {
   demo: demoScript,
   echo: echoScript,
   'bash-once': bashOnceScript,
+  'files-overview': filesOverviewScript,
 };
