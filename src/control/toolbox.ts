@@ -13,18 +13,6 @@ import { createWebFetch, type WebFetchConfig, webFetchDefinition } from '../tool
 import type { SessionCredential } from '../vault/credentials.js';
 import type { SandboxManager } from './sandbox-manager.js';
 
-/** A store with no skills (a toolbox made without one offers none). */
-const noSkills: SkillStore = {
-  createSkill: () => Promise.reject(new Error('no skill store')),
-  getSkill: async () => undefined,
-  listSkills: async () => ({ items: [], nextCursor: null }),
-  addSkillVersion: () => Promise.reject(new Error('no skill store')),
-  getSkillVersion: async () => undefined,
-  listSkillVersions: async () => ({ items: [], nextCursor: null }),
-  deleteSkillVersion: async () => false,
-  deleteSkill: async () => false,
-};
-
 interface AgentToolEntry {
   type: string;
   name?: string;
@@ -200,9 +188,9 @@ export class Toolboxes {
     };
     const agentTools = agent.tools ?? [];
     const skills = new SessionSkills({
-      store: this.#skills ?? noSkills,
+      store: this.#skills,
       tenantId: session.tenantId,
-      pins: this.#skills ? (agent.skills ?? []) : [],
+      pins: agent.skills ?? [],
     });
     const builtin = [...toolsOfAgent(agentTools), ...skills.tools()];
     const servers = (agent.mcp_servers ?? []).filter((server) =>

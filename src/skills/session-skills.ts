@@ -48,17 +48,18 @@ export class SessionSkills {
   #loaded: Promise<LoadedSkill[]> | undefined;
   readonly #copied = new Set<string>();
 
-  constructor(options: { store: SkillStore; tenantId: string; pins: readonly SkillPin[] }) {
-    this.#pins = options.pins;
+  /** Without a store there are no skills, whatever the session pinned. */
+  constructor(options: { store: SkillStore | undefined; tenantId: string; pins: readonly SkillPin[] }) {
+    const { store } = options;
+    this.#pins = store ? options.pins : [];
     this.#load = async () => {
       const skills: LoadedSkill[] = [];
       for (const pin of this.#pins) {
-        const skill = await options.store.getSkill(options.tenantId, pin.skill_id);
+        if (!store) break;
+        const skill = await store.getSkill(options.tenantId, pin.skill_id);
         const wanted = !pin.version || pin.version === 'latest' ? skill?.latestVersion : pin.version;
         const version =
-          skill && wanted
-            ? await options.store.getSkillVersion(options.tenantId, skill.id, wanted)
-            : undefined;
+          skill && wanted ? await store.getSkillVersion(options.tenantId, skill.id, wanted) : undefined;
         // A skill deleted after the session pinned it is simply not offered any more.
         if (!version) continue;
         const files = unpackSkill(version.archive);
