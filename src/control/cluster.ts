@@ -43,6 +43,7 @@ export class Cluster {
   #timer: NodeJS.Timeout | undefined;
   #lastSweep = 0;
   #beating: Promise<void> | undefined;
+  #refreshing: Promise<void> | undefined;
   #draining = false;
   /** Other nodes believed to hold sessions, for a moment (requests forward without a lookup). */
   readonly #holders = new Map<string, { nodeId: string; url: string; until: number }>();
@@ -59,9 +60,14 @@ export class Cluster {
     await this.#refreshNodes();
     const every = Math.max(100, Math.floor(this.#leases.leaseMs / 3));
     this.#timer = setInterval(() => {
-      // One beat at a time: a slow database must not pile beats up.
+      // One beat at a time, and one refresh-and-sweep at a time, apart: a refresh or sweep
+      // waiting on a busy pool must never hold the next heartbeat back (late heartbeats make
+      // other nodes think this one is gone).
       this.#beating ??= this.#beat().finally(() => {
         this.#beating = undefined;
+      });
+      this.#refreshing ??= this.#refreshAndSweep().finally(() => {
+        this.#refreshing = undefined;
       });
     }, every);
     this.#timer.unref();
@@ -75,17 +81,28 @@ export class Cluster {
           session: session.id,
         });
       }
+    } catch (error) {
+      this.#warn('cluster heartbeat failed', error);
+    }
+  }
+
+  async #refreshAndSweep(): Promise<void> {
+    try {
       await this.#refreshNodes();
       if (!this.#draining && Date.now() - this.#lastSweep >= this.#leases.leaseMs) {
         this.#lastSweep = Date.now();
         await this.#sweep();
       }
     } catch (error) {
-      this.#options.logger.warn('cluster heartbeat failed', {
-        node: this.nodeId,
-        error: error instanceof Error ? error.message : String(error),
-      });
+      this.#warn('cluster refresh failed', error);
     }
+  }
+
+  #warn(message: string, error: unknown): void {
+    this.#options.logger.warn(message, {
+      node: this.nodeId,
+      error: error instanceof Error ? error.message : String(error),
+    });
   }
 
   async #refreshNodes(): Promise<void> {
@@ -206,7 +223,7 @@ export class Cluster {
   async leave(): Promise<void> {
     if (this.#timer) clearInterval(this.#timer);
     this.#timer = undefined;
-    await this.#beating;
+    await Promise.all([this.#beating, this.#refreshing]);
     await this.#leases.leave();
   }
 }
