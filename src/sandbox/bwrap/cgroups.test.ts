@@ -260,8 +260,14 @@ describe.skipIf(!v1Live)(`cgroup v1 on this kernel${v1Note}`, () => {
     await expect.poll(() => group.processes().length, { timeout: 5000 }).toBeGreaterThanOrEqual(15);
     const pidsFile = join(layout.roots.pids, testParent, group.name, 'pids.current');
     expect(Number(readFileSync(pidsFile, 'utf8'))).toBeLessThanOrEqual(16);
+    // The kernel's own count of forks the cap refused (the shell's "fork: retry" message may not
+    // be written yet when the group is killed, on a loaded machine).
+    const eventsFile = join(layout.roots.pids, testParent, group.name, 'pids.events');
+    const refused = () => Number(/max (\d+)/.exec(readFileSync(eventsFile, 'utf8'))?.[1] ?? 0);
+    await expect.poll(refused, { timeout: 10_000 }).toBeGreaterThan(0);
+    expect(Number(readFileSync(pidsFile, 'utf8'))).toBeLessThanOrEqual(16);
     await group.remove();
-    expect((await exited).stderr).toMatch(/Resource temporarily unavailable|Cannot fork|fork/i);
+    await exited;
     for (const parent of parentDirectories()) expect(existsSync(join(parent, group.name))).toBe(false);
   });
 
