@@ -12,7 +12,7 @@ import {
   processesUsing,
   startBerthProcess,
 } from './support/berth-process.js';
-import { clusterClient } from './support/cluster-client.js';
+import { clusterClient, clusterNodeEnvironment } from './support/cluster-client.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 import { createTestDatabase, type TestDatabaseUrls } from './support/postgres-database.js';
 import { startTcpRelay, type TcpRelay } from './support/tcp-relay.js';
@@ -71,21 +71,14 @@ describe.skipIf(!canPartition())('a cluster node cut off from PostgreSQL (networ
   let cutOff: BerthProcess;
   const vaultKeys = generateVaultKey();
 
-  const environment = (nodeId: string, modelUrl: string, migrationUrl: string) => ({
-    OPENAI_COMPATIBLE_BASE_URL: modelUrl,
-    BERTH_DATABASE_MIGRATION_URL: migrationUrl,
-    BERTH_NODE_ID: nodeId,
-    BERTH_LEASE_MS: String(LEASE_MS),
-    BERTH_VAULT_KEYS: formatVaultKey(vaultKeys),
-    BERTH_RETRY_BASE_DELAY_MS: '20',
-    BERTH_SANDBOX_WARM_POOL: '0',
-    BERTH_TENANT_LIVE_SESSIONS: '0',
-    BERTH_USER_LIVE_SESSIONS: '0',
-    BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
-    BERTH_USER_SESSIONS_PER_MINUTE: '0',
-    BERTH_TENANT_EVENTS_PER_MINUTE: '0',
-    BERTH_USER_EVENTS_PER_MINUTE: '0',
-  });
+  const environment = (nodeId: string, modelUrl: string, migrationUrl: string) =>
+    clusterNodeEnvironment({
+      nodeId,
+      modelUrl,
+      migrationUrl,
+      leaseMs: LEASE_MS,
+      vaultKeys: formatVaultKey(vaultKeys),
+    });
 
   beforeAll(async () => {
     database = await createTestDatabase(serverUrl);

@@ -11,7 +11,7 @@ import {
   processesUsing,
   startBerthProcess,
 } from './support/berth-process.js';
-import { clusterClient } from './support/cluster-client.js';
+import { clusterClient, clusterNodeEnvironment } from './support/cluster-client.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 import { createTestDatabase, type TestDatabaseUrls } from './support/postgres-database.js';
 
@@ -38,21 +38,14 @@ describe('a three-node cluster', () => {
   const ports: number[] = [];
   const vaultKeys = generateVaultKey();
 
-  const environment = (index: number) => ({
-    OPENAI_COMPATIBLE_BASE_URL: model.url,
-    BERTH_DATABASE_MIGRATION_URL: database.migrationUrl,
-    BERTH_NODE_ID: `node-${index}`,
-    BERTH_LEASE_MS: String(LEASE_MS),
-    BERTH_VAULT_KEYS: formatVaultKey(vaultKeys),
-    BERTH_RETRY_BASE_DELAY_MS: '20',
-    BERTH_SANDBOX_WARM_POOL: '0',
-    BERTH_TENANT_LIVE_SESSIONS: '0',
-    BERTH_USER_LIVE_SESSIONS: '0',
-    BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
-    BERTH_USER_SESSIONS_PER_MINUTE: '0',
-    BERTH_TENANT_EVENTS_PER_MINUTE: '0',
-    BERTH_USER_EVENTS_PER_MINUTE: '0',
-  });
+  const environment = (index: number) =>
+    clusterNodeEnvironment({
+      nodeId: `node-${index}`,
+      modelUrl: model.url,
+      migrationUrl: database.migrationUrl,
+      leaseMs: LEASE_MS,
+      vaultKeys: formatVaultKey(vaultKeys),
+    });
 
   const startNode = async (index: number) => {
     nodes[index] = await startBerthProcess({

@@ -187,3 +187,32 @@ export function clusterClient(options: {
 
   return { live, anyNode, api, events, waitIdle, send, newSessions, checkLogs };
 }
+
+/**
+ * The environment of one `berth serve --cluster` node in the cluster tests: the fake model, the
+ * migration role, the node id, the lease, shared vault keys, fast model retries, no warm pool,
+ * and no per-tenant limits (the tests send hundreds of requests at once).
+ */
+export function clusterNodeEnvironment(options: {
+  nodeId: string;
+  modelUrl: string;
+  migrationUrl: string;
+  leaseMs: number;
+  vaultKeys: string;
+}): Record<string, string> {
+  return {
+    OPENAI_COMPATIBLE_BASE_URL: options.modelUrl,
+    BERTH_DATABASE_MIGRATION_URL: options.migrationUrl,
+    BERTH_NODE_ID: options.nodeId,
+    BERTH_LEASE_MS: String(options.leaseMs),
+    BERTH_VAULT_KEYS: options.vaultKeys,
+    BERTH_RETRY_BASE_DELAY_MS: '20',
+    BERTH_SANDBOX_WARM_POOL: '0',
+    BERTH_TENANT_LIVE_SESSIONS: '0',
+    BERTH_USER_LIVE_SESSIONS: '0',
+    BERTH_TENANT_SESSIONS_PER_MINUTE: '0',
+    BERTH_USER_SESSIONS_PER_MINUTE: '0',
+    BERTH_TENANT_EVENTS_PER_MINUTE: '0',
+    BERTH_USER_EVENTS_PER_MINUTE: '0',
+  };
+}
