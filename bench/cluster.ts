@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import pg from 'pg';
 import { PlacementRing } from '../src/control/placement.js';
 import { formatVaultKey, generateVaultKey } from '../src/vault/keyring.js';
-import { type BerthProcess, processesUsing, startBerthProcess } from '../test/support/berth-process.js';
+import { type BerthProcess, killProcessesUsing, startBerthProcess } from '../test/support/berth-process.js';
 import { createTestDatabase } from '../test/support/postgres-database.js';
 import { ms, type Summary, summarize, table } from './stats.js';
 
@@ -170,13 +170,7 @@ export async function runClusterBench(postgresUrl: string, requests = 400): Prom
   } finally {
     for (const node of nodes) await node?.stop().catch(() => undefined);
     await owner.end();
-    for (const { pid } of processesUsing(root)) {
-      try {
-        process.kill(pid, 'SIGKILL');
-      } catch {
-        // Gone.
-      }
-    }
+    killProcessesUsing(root);
     await rm(root, { recursive: true, force: true });
   }
 }

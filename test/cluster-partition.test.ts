@@ -9,7 +9,7 @@ import { formatVaultKey, generateVaultKey } from '../src/vault/keyring.js';
 import {
   type BerthProcess,
   findFreePort,
-  processesUsing,
+  killProcessesUsing,
   startBerthProcess,
 } from './support/berth-process.js';
 import { clusterClient, clusterNodeEnvironment } from './support/cluster-client.js';
@@ -164,13 +164,7 @@ describe.skipIf(!canPartition())('a cluster node cut off from PostgreSQL (networ
       }
     }
     if (root) {
-      for (const { pid } of processesUsing(root)) {
-        try {
-          process.kill(pid, 'SIGKILL');
-        } catch {
-          // Gone already.
-        }
-      }
+      killProcessesUsing(root);
       await rm(root, { recursive: true, force: true });
     }
   });

@@ -8,7 +8,7 @@ import { formatVaultKey, generateVaultKey } from '../src/vault/keyring.js';
 import {
   type BerthProcess,
   findFreePort,
-  processesUsing,
+  killProcessesUsing,
   startBerthProcess,
 } from './support/berth-process.js';
 import { clusterClient, clusterNodeEnvironment } from './support/cluster-client.js';
@@ -90,13 +90,7 @@ describe('a three-node cluster', () => {
     await model?.close();
     await owner?.end();
     if (root) {
-      for (const { pid } of processesUsing(root)) {
-        try {
-          process.kill(pid, 'SIGKILL');
-        } catch {
-          // Gone already.
-        }
-      }
+      killProcessesUsing(root);
       await rm(root, { recursive: true, force: true });
     }
   });

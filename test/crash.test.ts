@@ -5,7 +5,12 @@ import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { type BerthProcess, processesUsing, startBerthProcess } from './support/berth-process.js';
+import {
+  type BerthProcess,
+  killProcessesUsing,
+  processesUsing,
+  startBerthProcess,
+} from './support/berth-process.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 
 /** An event as the API returns it (and as the store keeps it in `events.body`). */
@@ -134,13 +139,7 @@ describe('kill -9 during tool-using turns', () => {
     // Anything still using our unique data directory (a server, a sandbox a kill left
     // behind) was started by this test; the test fails on them, but must not leak them.
     if (dataDir) {
-      for (const { pid } of processesUsing(dataDir)) {
-        try {
-          process.kill(pid, 'SIGKILL');
-        } catch {
-          // Already gone.
-        }
-      }
+      killProcessesUsing(dataDir);
       await rm(dataDir, { recursive: true, force: true });
     }
   });

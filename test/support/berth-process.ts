@@ -190,3 +190,17 @@ export function processesUsing(path: string): Array<{ pid: number; command: stri
   }
   return found;
 }
+
+/**
+ * SIGKILLs every process `processesUsing(path)` finds: for a test's own unique directory
+ * (a server or sandbox a failed test left behind), never for a shared one.
+ */
+export function killProcessesUsing(path: string): void {
+  for (const { pid } of processesUsing(path)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      // Gone already.
+    }
+  }
+}
