@@ -54,8 +54,8 @@ export class SessionSkills {
     this.#pins = store ? options.pins : [];
     this.#load = async () => {
       const skills: LoadedSkill[] = [];
+      if (!store) return skills;
       for (const pin of this.#pins) {
-        if (!store) break;
         const skill = await store.getSkill(options.tenantId, pin.skill_id);
         const wanted = !pin.version || pin.version === 'latest' ? skill?.latestVersion : pin.version;
         const version =
