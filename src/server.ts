@@ -1,11 +1,13 @@
 import { readFileSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
+import { createServer } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { serve } from '@hono/node-server';
 import pg from 'pg';
-import { createApp } from './api/app.js';
+import { createApp, DEFAULT_MAX_BODY_BYTES } from './api/app.js';
+import { clusterRequestListener } from './api/forwarding.js';
 import type { BerthConfig } from './config/config.js';
 import { Cluster } from './control/cluster.js';
 import { ClusterLeases } from './control/leases.js';
@@ -366,7 +368,16 @@ export async function startBerth(
     minLifecycleSeconds: config.minLifecycleSeconds,
     ...(cluster ? { cluster } : {}),
   });
-  const server = serve({ fetch: app.fetch, hostname: config.host, port: config.port });
+  // In a cluster, requests for sessions other nodes hold go there before the app parses them.
+  const server = cluster
+    ? createServer(
+        clusterRequestListener({
+          cluster,
+          app,
+          maxBodyBytes: config.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
+        }),
+      ).listen(config.port, config.host)
+    : serve({ fetch: app.fetch, hostname: config.host, port: config.port });
   await new Promise<void>((resolve, reject) => {
     server.once('listening', resolve);
     server.once('error', reject);

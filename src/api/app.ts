@@ -9,13 +9,16 @@ import { environmentRoutes } from './environments.js';
 import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
 import { fileRoutes } from './files.js';
-import { clusterFastForward, clusterRouting } from './forwarding.js';
+import { clusterRouting } from './forwarding.js';
 import { identityRoutes } from './identity.js';
 import { sandboxRoutes } from './sandbox.js';
 import { sessionRoutes } from './sessions.js';
 import { MAX_SKILL_UPLOAD_BYTES, skillRoutes } from './skills.js';
 import { usageRoutes } from './usage.js';
 import { vaultRoutes } from './vaults.js';
+
+/** The largest request body by default (skill uploads have their own limit). */
+export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
 
 /** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
 function presentedKey(headers: { header(name: string): string | undefined }): string | undefined {
@@ -61,23 +64,26 @@ export function createApp(dependencies: ApiDependencies) {
       ),
   });
   const generalLimit = bodyLimit({
-    maxSize: dependencies.maxBodyBytes ?? 1024 * 1024,
+    maxSize: dependencies.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
     // The rest of the body is not read, so the connection cannot be reused.
     onError: (context) =>
       context.json(
         errorBody(
           'request_too_large',
-          `Request body exceeds ${dependencies.maxBodyBytes ?? 1024 * 1024} bytes`,
+          `Request body exceeds ${dependencies.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES} bytes`,
         ),
         413,
         { connection: 'close' },
       ),
   });
-  app.use('/v1/*', (context, next) =>
-    /^\/v1\/skills(\/[^/]+\/versions)?\/?$/.test(context.req.path) && context.req.method === 'POST'
+  app.use('/v1/*', (context, next) => {
+    const { method } = context.req;
+    // No body to limit; and asking for one would build a full web Request for every GET.
+    if (method === 'GET' || method === 'HEAD') return next();
+    return /^\/v1\/skills(\/[^/]+\/versions)?\/?$/.test(context.req.path) && method === 'POST'
       ? skillUploadLimit(context, next)
-      : generalLimit(context, next),
-  );
+      : generalLimit(context, next);
+  });
   app.use('/v1/*', async (context, next) => {
     // No id or value Berth stores may contain NUL (PostgreSQL text cannot hold it).
     if (/%00/.test(context.req.url)) throw invalidRequest('NUL characters are not allowed in URLs');
@@ -103,12 +109,6 @@ export function createApp(dependencies: ApiDependencies) {
     );
     await next();
   };
-  if (dependencies.cluster) {
-    // A request for a session another node holds goes there before this node loads anything.
-    const fastForward = clusterFastForward(dependencies.cluster);
-    app.use('/v1/sessions/:id', fastForward);
-    app.use('/v1/sessions/:id/*', fastForward);
-  }
   app.use('/v1/sessions/:id', withSession);
   app.use('/v1/sessions/:id/*', withSession);
   if (dependencies.cluster) {

@@ -1,3 +1,4 @@
+import type { HttpBindings } from '@hono/node-server';
 import type { Context } from 'hono';
 import { z } from 'zod';
 import type { SandboxManager } from '../control/sandbox-manager.js';
@@ -52,6 +53,8 @@ export interface ApiDependencies {
 
 /** Hono context variables set by the middleware. */
 export interface ApiEnvironment {
+  /** Node's request and response under `berth serve`; absent in `app.request()` (tests). */
+  Bindings: Partial<HttpBindings> | undefined;
   Variables: {
     principal: Principal;
     /** Set for every `/v1/sessions/:id…` route, by the one ownership check in `app.ts`. */

@@ -4,10 +4,24 @@
  * session) runs on the node holding the session, and any other node forwards it there. Reads
  * run wherever they arrive: the store is shared, and event streams hear every node's appends
  * (LISTEN/NOTIFY). A forwarded request is marked, so it is never forwarded twice.
+ *
+ * Two ways there:
+ * - The fast way (`clusterRequestListener`), in front of the HTTP framework: a request for a
+ *   session another node was seen holding a moment ago goes there socket to socket, before this
+ *   node parses anything but the path. The holder checks the key and the session's owner, as it
+ *   does for every request, so this node need not.
+ * - The slow way (`clusterRouting`), after this node checked the key and loaded the session:
+ *   asks the lease table who holds the session, or places it.
  */
+
+import type { RequestListener, ServerResponse } from 'node:http';
+import { Agent, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage } from 'node:http';
 import { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+import type { ReadableStream as NodeReadableStream } from 'node:stream/web';
+import { getRequestListener } from '@hono/node-server';
+import { RESPONSE_ALREADY_SENT } from '@hono/node-server/utils/response';
 import type { Context, Next } from 'hono';
-import { Agent, type Dispatcher, request as undiciRequest } from 'undici';
 import { BerthError } from '../errors.js';
 import type { SessionKey } from '../store/event-store.js';
 import type { ApiEnvironment } from './context.js';
@@ -23,20 +37,20 @@ export interface ClusterRouter {
     session: SessionKey,
     options?: { forwarded?: boolean },
   ): Promise<{ local: true } | { local: false; nodeId: string; url: string } | { retry: string }>;
-  /** The other node believed to hold the session (cached for a moment), if any. */
-  knownHolder(session: SessionKey): { nodeId: string; url: string } | undefined;
+  /** The other node believed to hold the session (remembered for a moment), if any. */
+  knownHolder(sessionId: string): { nodeId: string; url: string } | undefined;
   /** Drops what `knownHolder` remembers of the session. */
-  forget(session: SessionKey): void;
+  forget(sessionId: string): void;
 }
 
 /** Kept-alive connections to the other nodes. */
-const nodes = new Agent({ keepAliveTimeout: 30_000, connections: 128 });
+const nodes = new Agent({ keepAlive: true, maxSockets: 128 });
 
 /** Set on the 503 a node answers to a forwarded request for a session it does not hold. */
 const NOT_HOLDER_HEADER = 'x-berth-not-holder';
 
-/** Headers that describe one connection, not the request (RFC 9110 §7.6.1), and the length. */
-const HOP_BY_HOP = [
+/** Headers that describe one connection, not the request (RFC 9110 §7.6.1). */
+const HOP_BY_HOP = new Set([
   'connection',
   'keep-alive',
   'proxy-connection',
@@ -44,9 +58,7 @@ const HOP_BY_HOP = [
   'te',
   'trailer',
   'upgrade',
-  'host',
-  'content-length',
-];
+]);
 
 /** Reads that any node can serve (the rest of a session's routes need its live instance). */
 function servedAnywhere(method: string, path: string): boolean {
@@ -54,81 +66,212 @@ function servedAnywhere(method: string, path: string): boolean {
   return !/^\/v1\/sessions\/[^/]+\/(files|sandbox)(\/|$)/.test(path);
 }
 
-/** Sends the request to `baseUrl` and returns its answer as it streams. */
-async function forward(
-  request: Request,
-  body: Uint8Array | undefined,
-  baseUrl: string,
-  fromNode: string,
-): Promise<Response> {
-  const incoming = new URL(request.url);
-  const target = new URL(`${incoming.pathname}${incoming.search}`, baseUrl);
+/** A request as sent to the holder. */
+interface Outbound {
+  method: string;
+  /** Path and query, as received. */
+  path: string;
+  headers: Record<string, string>;
+  body: Uint8Array | undefined;
+}
+
+/** The request's headers minus hop-by-hop ones, the host and the length (Node sets both). */
+function outboundHeaders(rawHeaders: readonly string[], fromNode: string): Record<string, string> {
   const headers: Record<string, string> = {};
-  request.headers.forEach((value, name) => {
-    if (!HOP_BY_HOP.includes(name)) headers[name] = value;
-  });
+  for (let index = 0; index < rawHeaders.length; index += 2) {
+    const name = rawHeaders[index]!.toLowerCase();
+    if (HOP_BY_HOP.has(name) || name === 'host' || name === 'content-length') continue;
+    const value = rawHeaders[index + 1]!;
+    headers[name] = headers[name] === undefined ? value : `${headers[name]}, ${value}`;
+  }
   headers[FORWARDED_HEADER] = fromNode;
-  let answer: Dispatcher.ResponseData;
-  try {
-    answer = await undiciRequest(target, {
-      method: request.method as Dispatcher.HttpMethod,
-      headers,
-      body,
-      dispatcher: nodes,
-    });
-  } catch (error) {
-    throw new BerthError('store_unavailable', `the node holding this session could not be reached; retry`, {
-      retryable: true,
-      cause: error,
-    });
-  }
-  const out = new Headers();
-  for (const [name, value] of Object.entries(answer.headers)) {
-    if (value === undefined || HOP_BY_HOP.includes(name)) continue;
-    for (const one of Array.isArray(value) ? value : [value]) out.append(name, one);
-  }
-  // Small answers whole (cheaper than piping a stream); streams (SSE, downloads) as they come.
-  const length = Number(answer.headers['content-length']);
-  const payload =
-    Number.isFinite(length) && length <= 1024 * 1024
-      ? new Uint8Array(await answer.body.arrayBuffer())
-      : (Readable.toWeb(answer.body) as ReadableStream<Uint8Array>);
-  return new Response(answer.statusCode === 204 || answer.statusCode === 304 ? null : payload, {
-    status: answer.statusCode,
-    headers: out,
+  return headers;
+}
+
+/** Sends the request to the node at `baseUrl`; resolves with its answer, body unread. */
+function send(baseUrl: string, outbound: Outbound): Promise<IncomingMessage> {
+  const target = new URL(baseUrl);
+  return new Promise((resolve, reject) => {
+    const request = httpRequest(
+      {
+        hostname: target.hostname.replace(/^\[|\]$/g, ''),
+        port: target.port,
+        // Never resolved against the holder's URL: a path starting with // must not name a host.
+        path: outbound.path,
+        method: outbound.method,
+        headers: outbound.headers,
+        agent: nodes,
+      },
+      resolve,
+    );
+    // Also after the answer came: a connection lost mid-body must not go unheard.
+    request.on('error', (error) =>
+      reject(
+        new BerthError('store_unavailable', 'the node holding this session could not be reached; retry', {
+          retryable: true,
+          cause: error,
+        }),
+      ),
+    );
+    request.end(outbound.body);
   });
 }
 
+/** Whether the holder said it does not hold the session (any more). */
+function notHolder(answer: IncomingMessage): boolean {
+  return answer.statusCode === 503 && answer.headers[NOT_HOLDER_HEADER] !== undefined;
+}
+
+/** The answer's headers minus hop-by-hop ones; the length stays (the body passes byte for byte). */
+function answerHeaders(headers: IncomingHttpHeaders): Record<string, string | string[]> {
+  const out: Record<string, string | string[]> = {};
+  for (const [name, value] of Object.entries(headers)) {
+    if (value !== undefined && !HOP_BY_HOP.has(name)) out[name] = value;
+  }
+  return out;
+}
+
+/** Passes the holder's answer on to the client on Node's response; either side ending ends both. */
+async function relay(answer: IncomingMessage, outgoing: ServerResponse): Promise<void> {
+  outgoing.writeHead(answer.statusCode ?? 502, answerHeaders(answer.headers));
+  await pipeline(answer, outgoing).catch(() => undefined);
+}
+
+/** The holder's answer as a web Response (under `app.request()`, which has no Node response). */
+function toResponse(answer: IncomingMessage, method: string): Response {
+  const headers = new Headers();
+  for (const [name, value] of Object.entries(answerHeaders(answer.headers))) {
+    for (const one of Array.isArray(value) ? value : [value]) headers.append(name, one);
+  }
+  const status = answer.statusCode ?? 502;
+  if (status === 204 || status === 304 || method === 'HEAD') {
+    answer.resume();
+    return new Response(null, { status, headers });
+  }
+  return new Response(Readable.toWeb(answer) as ReadableStream<Uint8Array>, { status, headers });
+}
+
+/** A session path that needs the live instance, not marked forwarded: its session id. */
+function sessionToForward(incoming: IncomingMessage): string | undefined {
+  const url = incoming.url ?? '';
+  const match = /^\/v1\/sessions\/([^/?#]+)([^?#]*)/.exec(url);
+  if (!match || incoming.headers[FORWARDED_HEADER] !== undefined) return undefined;
+  if (servedAnywhere(incoming.method ?? 'GET', `/v1/sessions/${match[1]}${match[2]}`)) return undefined;
+  return match[1];
+}
+
+/** Reads a body of exactly `length` bytes. */
+async function readBody(incoming: IncomingMessage, length: number): Promise<Uint8Array> {
+  const chunks: Buffer[] = [];
+  for await (const chunk of incoming) chunks.push(chunk as Buffer);
+  const body = Buffer.concat(chunks);
+  if (body.length !== length)
+    throw new Error(`the request body ended after ${body.length} of ${length} bytes`);
+  return body;
+}
+
 /**
- * The request's body, read through Hono's request so it is cached: a forward may be sent twice,
- * and a request that ends up handled here reads it again.
+ * The HTTP server's request listener in cluster mode: `app` handles every request, except one
+ * for a session another node was seen holding a moment ago, which goes straight there. Bodies
+ * up to `maxBodyBytes` with a declared length are read first (so the request can still be
+ * handled here if the holder moved); the rest, and every other request, go to `app`.
+ */
+export function clusterRequestListener(options: {
+  cluster: ClusterRouter;
+  app: { fetch: (request: Request, env?: object) => Response | Promise<Response> };
+  maxBodyBytes: number;
+}): RequestListener {
+  const { cluster, app, maxBodyBytes } = options;
+  const local = getRequestListener(app.fetch);
+  // The request once its body was read: handled here through a web Request.
+  const localAgain = async (incoming: IncomingMessage, outgoing: ServerResponse, body: Uint8Array) => {
+    const headers = new Headers();
+    for (let index = 0; index < incoming.rawHeaders.length; index += 2) {
+      headers.append(incoming.rawHeaders[index]!, incoming.rawHeaders[index + 1]!);
+    }
+    const response = await app.fetch(
+      new Request(`http://localhost${incoming.url}`, {
+        method: incoming.method!,
+        headers,
+        body,
+      }),
+      {},
+    );
+    const out: Record<string, string | string[]> = {};
+    response.headers.forEach((value, name) => {
+      if (name !== 'set-cookie') out[name] = value;
+    });
+    const cookies = response.headers.getSetCookie();
+    if (cookies.length > 0) out['set-cookie'] = cookies;
+    outgoing.writeHead(response.status, out);
+    if (!response.body) {
+      outgoing.end();
+      return;
+    }
+    await pipeline(Readable.fromWeb(response.body as NodeReadableStream), outgoing).catch(() => undefined);
+  };
+
+  const forwardFast = async (
+    incoming: IncomingMessage,
+    outgoing: ServerResponse,
+    sessionId: string,
+    holderUrl: string,
+    length: number,
+  ) => {
+    const body = length > 0 ? await readBody(incoming, length) : undefined;
+    let answer: IncomingMessage | undefined;
+    try {
+      answer = await send(holderUrl, {
+        method: incoming.method!,
+        path: incoming.url!,
+        headers: outboundHeaders(incoming.rawHeaders, cluster.nodeId),
+        body,
+      });
+    } catch {
+      // Unreachable: handled here, where routing asks the lease table again.
+    }
+    if (answer && !notHolder(answer)) return relay(answer, outgoing);
+    answer?.destroy();
+    cluster.forget(sessionId);
+    if (body === undefined) return local(incoming, outgoing);
+    return localAgain(incoming, outgoing, body);
+  };
+
+  return (incoming, outgoing) => {
+    const sessionId = sessionToForward(incoming);
+    const holder = sessionId === undefined ? undefined : cluster.knownHolder(sessionId);
+    const declared = incoming.headers['content-length'];
+    const length = declared === undefined ? 0 : Number(declared);
+    // Chunked, oversized or misplaced bodies: the framework (limits, then the slow way).
+    if (
+      !holder ||
+      incoming.headers['transfer-encoding'] !== undefined ||
+      !Number.isSafeInteger(length) ||
+      length > maxBodyBytes ||
+      (length > 0 && (incoming.method === 'GET' || incoming.method === 'HEAD'))
+    ) {
+      return local(incoming, outgoing);
+    }
+    forwardFast(incoming, outgoing, sessionId!, holder.url, length).catch(() => {
+      if (!outgoing.headersSent) {
+        outgoing.writeHead(400, { 'content-type': 'application/json', connection: 'close' });
+        outgoing.end(
+          JSON.stringify(errorBody('invalid_request_error', 'the request body could not be read')),
+        );
+      } else {
+        outgoing.destroy();
+      }
+    });
+  };
+}
+
+/**
+ * The request's body, read through Hono's request so it is cached: a request that ends up
+ * handled here reads it again.
  */
 async function bodyOf(context: Context<ApiEnvironment>): Promise<Uint8Array | undefined> {
   if (context.req.method === 'GET' || context.req.method === 'HEAD') return undefined;
   return new Uint8Array(await context.req.arrayBuffer());
-}
-
-/**
- * Forwards to the node believed to hold the session, before this node loads anything: the
- * cheapest path for a request that reached the wrong node. Unknown holder: the next middleware
- * (after the session's ownership check) decides. A holder that turns out not to hold the
- * session any more answers 503 `x-berth-not-holder`; the belief is dropped and the request
- * takes the slow path here.
- */
-export function clusterFastForward(cluster: ClusterRouter) {
-  return async (context: Context<ApiEnvironment>, next: Next) => {
-    if (servedAnywhere(context.req.method, context.req.path)) return next();
-    if (context.req.header(FORWARDED_HEADER) !== undefined) return next();
-    const session = { tenantId: context.get('principal').tenantId, id: context.req.param('id')! };
-    const holder = cluster.knownHolder(session);
-    if (!holder) return next();
-    const body = await bodyOf(context);
-    const answer = await forward(context.req.raw, body, holder.url, cluster.nodeId);
-    if (answer.status !== 503 || answer.headers.get(NOT_HOLDER_HEADER) === null) return answer;
-    await answer.body?.cancel().catch(() => undefined);
-    cluster.forget(session);
-    return next();
-  };
 }
 
 /** Middleware for `/v1/sessions/:id[/…]`, after the session was loaded for the caller. */
@@ -152,6 +295,22 @@ export function clusterRouting(cluster: ClusterRouter) {
         { [NOT_HOLDER_HEADER]: route.nodeId, 'retry-after': '1' },
       );
     }
-    return forward(context.req.raw, await bodyOf(context), route.url, cluster.nodeId);
+    let rawHeaders = context.env?.incoming?.rawHeaders;
+    if (!rawHeaders) {
+      const pairs: string[] = [];
+      for (const [name, value] of context.req.raw.headers) pairs.push(name, value);
+      rawHeaders = pairs;
+    }
+    const url = new URL(context.req.url);
+    const answer = await send(route.url, {
+      method: context.req.method,
+      path: `${url.pathname}${url.search}`,
+      headers: outboundHeaders(rawHeaders, cluster.nodeId),
+      body: await bodyOf(context),
+    });
+    const outgoing = context.env?.outgoing;
+    if (!outgoing) return toResponse(answer, context.req.method);
+    await relay(answer, outgoing);
+    return RESPONSE_ALREADY_SENT;
   };
 }

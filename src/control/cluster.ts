@@ -45,7 +45,7 @@ export class Cluster {
   #beating: Promise<void> | undefined;
   #refreshing: Promise<void> | undefined;
   #draining = false;
-  /** Other nodes believed to hold sessions, for a moment (requests forward without a lookup). */
+  /** Other nodes believed to hold sessions, for a moment, by session id (see `knownHolder`). */
   readonly #holders = new Map<string, { nodeId: string; url: string; until: number }>();
 
   constructor(options: ClusterOptions) {
@@ -182,7 +182,7 @@ export class Cluster {
 
   #remember(session: SessionKey, node: ClusterNode): void {
     if (this.#holders.size >= 10_000) this.#holders.clear();
-    this.#holders.set(`${session.tenantId}/${session.id}`, {
+    this.#holders.set(session.id, {
       nodeId: node.nodeId,
       url: node.url,
       // Until the next heartbeat or so: a lease moves only when its holder stops renewing.
@@ -190,20 +190,24 @@ export class Cluster {
     });
   }
 
-  /** The other node believed to hold the session, if this node looked it up a moment ago. */
-  knownHolder(session: SessionKey): { nodeId: string; url: string } | undefined {
-    const known = this.#holders.get(`${session.tenantId}/${session.id}`);
+  /**
+   * The other node believed to hold the session, if this node routed a request for it a moment
+   * ago. By id alone (ids are unique across tenants), so a request can be sent on before this
+   * node looks at its key: the holder checks the key and the session's owner as for any request.
+   */
+  knownHolder(sessionId: string): { nodeId: string; url: string } | undefined {
+    const known = this.#holders.get(sessionId);
     if (!known) return undefined;
     if (known.until < Date.now()) {
-      this.#holders.delete(`${session.tenantId}/${session.id}`);
+      this.#holders.delete(sessionId);
       return undefined;
     }
     return known;
   }
 
   /** Drops the belief about who holds the session. */
-  forget(session: SessionKey): void {
-    this.#holders.delete(`${session.tenantId}/${session.id}`);
+  forget(sessionId: string): void {
+    this.#holders.delete(sessionId);
   }
 
   /** Whether this node may wake the session: it holds the lease, or takes it now. */
