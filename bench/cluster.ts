@@ -6,6 +6,7 @@
  *
  * Nodes are `berth serve --cluster` child processes on the bench's private PostgreSQL.
  */
+import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -26,6 +27,9 @@ export interface ClusterBenchResults {
   forwarded: Summary;
   addedP50: number;
   addedP99: number;
+  /** The same request through bench/reference-forwarder.mjs (a bare Node proxy) to the holder. */
+  reference: Summary;
+  referenceAddedP50: number;
   failoverMs: number[];
 }
 
@@ -47,6 +51,19 @@ function placementBalance(nodes: number, sessions: number) {
     maxOverMean: Math.max(...counts) / mean,
     minOverMean: Math.min(...counts) / mean,
   };
+}
+
+/** Starts bench/reference-forwarder.mjs in front of `targetUrl`. */
+async function startReferenceForwarder(targetUrl: string): Promise<{ url: string; stop: () => void }> {
+  const child = spawn(process.execPath, [join(import.meta.dirname, 'reference-forwarder.mjs'), targetUrl], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code) => reject(new Error(`the reference forwarder exited (${code})`)));
+    child.stdout.once('data', (chunk: Buffer) => resolve(Number(chunk.toString('utf8').trim())));
+  });
+  return { url: `http://127.0.0.1:${port}`, stop: () => child.kill() };
 }
 
 const sleep = (milliseconds: number) => new Promise((resolve) => setTimeout(resolve, milliseconds));
@@ -81,7 +98,7 @@ export async function runClusterBench(postgresUrl: string, requests = 400): Prom
     await start(0);
     await start(1);
     await start(2);
-    const call = async (node: BerthProcess, method: string, path: string, body?: unknown) => {
+    const call = async (node: Pick<BerthProcess, 'url'>, method: string, path: string, body?: unknown) => {
       const response = await fetch(`${node.url}${path}`, {
         method,
         headers: { 'x-api-key': apiKey!, 'content-type': 'application/json' },
@@ -127,21 +144,29 @@ export async function runClusterBench(postgresUrl: string, requests = 400): Prom
     await turn(nodes[0]!, sessionId);
     const holder = nodes[Number((await holderOf(sessionId))!.slice('node-'.length))]!;
     const other = nodes.find((node) => node !== holder)!;
-    const time = async (node: BerthProcess) => {
+    const time = async (node: Pick<BerthProcess, 'url'>) => {
       const started = performance.now();
       const answer = await call(node, 'GET', `/v1/sessions/${sessionId}/sandbox`);
       if (answer.status !== 200) throw new Error(`sandbox description answered ${answer.status}`);
       return performance.now() - started;
     };
-    for (let index = 0; index < 50; index++) {
-      await time(holder);
-      await time(other);
-    }
+    const reference = await startReferenceForwarder(holder.url);
     const direct: number[] = [];
     const forwarded: number[] = [];
-    for (let index = 0; index < requests; index++) {
-      direct.push(await time(holder));
-      forwarded.push(await time(other));
+    const viaReference: number[] = [];
+    try {
+      for (let index = 0; index < 50; index++) {
+        await time(holder);
+        await time(other);
+        await time(reference);
+      }
+      for (let index = 0; index < requests; index++) {
+        direct.push(await time(holder));
+        forwarded.push(await time(other));
+        viaReference.push(await time(reference));
+      }
+    } finally {
+      reference.stop();
     }
 
     // Failover: kill the holder of an idle session; time its next completed turn elsewhere.
@@ -159,12 +184,15 @@ export async function runClusterBench(postgresUrl: string, requests = 400): Prom
     }
     const directSummary = summarize(direct);
     const forwardedSummary = summarize(forwarded);
+    const referenceSummary = summarize(viaReference);
     return {
       placement,
       direct: directSummary,
       forwarded: forwardedSummary,
       addedP50: forwardedSummary.p50 - directSummary.p50,
       addedP99: forwardedSummary.p99 - directSummary.p99,
+      reference: referenceSummary,
+      referenceAddedP50: referenceSummary.p50 - directSummary.p50,
       failoverMs,
     };
   } finally {
@@ -192,13 +220,19 @@ export function formatClusterResults(results: ClusterBenchResults, requests: num
       ['at the holder', `${ms(results.direct.p50)} ms`, `${ms(results.direct.p99)} ms`],
       ['at another node (forwarded)', `${ms(results.forwarded.p50)} ms`, `${ms(results.forwarded.p99)} ms`],
       ['added by forwarding', `${ms(results.addedP50)} ms`, `${ms(results.addedP99)} ms`],
+      [
+        'through a bare Node proxy to the holder (reference)',
+        `${ms(results.reference.p50)} ms`,
+        `${ms(results.reference.p99)} ms`,
+      ],
+      ['added by the bare proxy (what the machine costs)', `${ms(results.referenceAddedP50)} ms`, ''],
     ],
     'lrr',
   );
   const failover = `Failover (SIGKILL of the holder → next turn done through another node, lease 3 s): ${results.failoverMs
     .map((value) => `${(value / 1000).toFixed(2)} s`)
     .join(', ')}`;
-  return `${placement}\n\n${forwarding}\n(${requests} requests each, alternating)\n\n${failover}`;
+  return `${placement}\n\n${forwarding}\n(${requests} requests each, taking turns)\n\n${failover}`;
 }
 
 export function clusterTargetRows(results: ClusterBenchResults): string[][] {
@@ -208,7 +242,7 @@ export function clusterTargetRows(results: ClusterBenchResults): string[][] {
     [
       'cluster: forwarding through a non-holder, added p50 on loopback',
       `≤ ${TARGET_FORWARD_ADDED_P50_MS} ms`,
-      `${ms(results.addedP50)} ms`,
+      `${ms(results.addedP50)} ms (bare proxy: ${ms(results.referenceAddedP50)} ms)`,
       results.addedP50 <= TARGET_FORWARD_ADDED_P50_MS ? 'met' : 'MISSED',
     ],
     [
