@@ -303,6 +303,8 @@ export async function startBerth(
       logger,
       wake: (session): void => supervisor.notify(session),
       isLive: (session): boolean => supervisor.isLive(session),
+      isQuiet: (session): boolean => !supervisor.isLive(session) && !sandboxes.isPresent(session),
+      idleReleaseMs: config.cluster!.idleReleaseMs,
     });
     await rawStore.listenAcrossNodes?.();
   }

@@ -69,6 +69,11 @@ export interface ClusterConfig {
   advertiseUrl?: string;
   /** How long a lease or heartbeat lasts without renewal (`BERTH_LEASE_MS`, default 3000). */
   leaseMs: number;
+  /**
+   * A session quiet on its node this long (no turn, no sandbox but a stopped one) has its lease
+   * given up (`BERTH_LEASE_IDLE_MS`, default 60000; 0 keeps leases while the node lives).
+   */
+  idleReleaseMs: number;
 }
 
 /** Operator settings of the egress proxy. */
@@ -242,6 +247,7 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
             ...(environment.BERTH_NODE_ID ? { nodeId: environment.BERTH_NODE_ID } : {}),
             ...(environment.BERTH_NODE_URL ? { advertiseUrl: environment.BERTH_NODE_URL } : {}),
             leaseMs: Math.max(500, number('BERTH_LEASE_MS', 3000)),
+            idleReleaseMs: Math.max(0, number('BERTH_LEASE_IDLE_MS', 60_000)),
           },
         }
       : {}),

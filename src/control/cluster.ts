@@ -19,6 +19,8 @@ import type { ClusterLeases, ClusterNode } from './leases.js';
 import { PlacementRing } from './placement.js';
 import type { Logger, SessionOwnerKey } from './supervisor.js';
 
+const sessionName = (session: SessionKey) => `${session.tenantId}/${session.id}`;
+
 export type Route = { local: true } | { local: false; nodeId: string; url: string } | { retry: string };
 
 export interface ClusterOptions {
@@ -32,7 +34,20 @@ export interface ClusterOptions {
   wake(session: SessionOwnerKey): void;
   /** Whether a wake of the session is in flight here. */
   isLive(session: SessionKey): boolean;
+  /**
+   * Whether the session uses nothing on this node: no wake in flight and no sandbox in any
+   * state but stopped. Only such a session's lease is given up when it sits idle.
+   */
+  isQuiet?(session: SessionKey): boolean;
+  /**
+   * A lease whose session was quiet here this long is given up (`BERTH_LEASE_IDLE_MS`, default
+   * 60,000; 0 keeps leases while the node lives). The next request places the session again.
+   */
+  idleReleaseMs?: number;
 }
+
+/** The default of `ClusterOptions.idleReleaseMs`. */
+export const DEFAULT_IDLE_RELEASE_MS = 60_000;
 
 export class Cluster {
   readonly nodeId: string;
@@ -45,6 +60,10 @@ export class Cluster {
   #beating: Promise<void> | undefined;
   #refreshing: Promise<void> | undefined;
   #draining = false;
+  /** When each session this node holds was last routed or woken here (ms since the epoch). */
+  readonly #lastActive = new Map<string, number>();
+  /** Idle leases being given up right now, by session. */
+  readonly #releasing = new Map<string, Promise<void>>();
   /** Other nodes believed to hold sessions, for a moment, by session id (see `knownHolder`). */
   readonly #holders = new Map<string, { nodeId: string; url: string; until: number }>();
 
@@ -92,6 +111,7 @@ export class Cluster {
       if (!this.#draining && Date.now() - this.#lastSweep >= this.#leases.leaseMs) {
         this.#lastSweep = Date.now();
         await this.#sweep();
+        await this.#releaseQuiet();
       }
     } catch (error) {
       this.#warn('cluster refresh failed', error);
@@ -140,11 +160,59 @@ export class Cluster {
   }
 
   /**
+   * Gives up the leases of sessions quiet here for `idleReleaseMs`: a session's live instance
+   * is torn down when idle (its sandbox stopped, with its snapshot stored, by the lifecycle's
+   * idle timeout), so renewals grow with sessions in use, not with every session ever run. A
+   * request routed or a wake begun here marks the session active, so a lease is never given up
+   * under a request that was just told to run here.
+   */
+  async #releaseQuiet(): Promise<void> {
+    const idleMs = this.#options.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS;
+    const isQuiet = this.#options.isQuiet;
+    if (idleMs <= 0 || !isQuiet) return;
+    const now = Date.now();
+    const held = this.#leases.heldSessions();
+    const heldNames = new Set(held.map(sessionName));
+    for (const name of this.#lastActive.keys()) if (!heldNames.has(name)) this.#lastActive.delete(name);
+    for (const session of held) {
+      const name = sessionName(session);
+      const lastActive = this.#lastActive.get(name);
+      // Held without a route or wake seen here (claimed for a writer): counts from now.
+      if (lastActive === undefined) {
+        this.#lastActive.set(name, now);
+        continue;
+      }
+      if (now - lastActive < idleMs) continue;
+      if (!isQuiet(session)) {
+        this.#lastActive.set(name, now);
+        continue;
+      }
+      this.#lastActive.delete(name);
+      // Requests and wakes for the session wait for the release to finish (the row is gone),
+      // so a claim cannot land before the delete and be deleted by it.
+      const releasing = this.#leases.release(session).finally(() => this.#releasing.delete(name));
+      this.#releasing.set(name, releasing);
+      await releasing.catch((error: unknown) => this.#warn('giving up an idle lease failed', error));
+    }
+  }
+
+  #active(session: SessionKey): void {
+    this.#lastActive.set(sessionName(session), Date.now());
+  }
+
+  /**
    * Where a request that needs the session's live instance should run. `forwarded`: another
    * node sent the request here; if nobody holds the session, that node placed it here, so this
    * node takes it rather than placing it again (loads change between two looks).
    */
   async route(session: SessionKey, options: { forwarded?: boolean } = {}): Promise<Route> {
+    await this.#releasing.get(sessionName(session))?.catch(() => undefined);
+    const route = await this.#route(session, options);
+    if ('local' in route && route.local) this.#active(session);
+    return route;
+  }
+
+  async #route(session: SessionKey, options: { forwarded?: boolean }): Promise<Route> {
     if (this.#leases.holds(session)) return { local: true };
     let holder = await this.#leases.holderOf(session);
     if (holder === undefined) {
@@ -212,6 +280,8 @@ export class Cluster {
 
   /** Whether this node may wake the session: it holds the lease, or takes it now. */
   async mayWake(session: SessionKey): Promise<boolean> {
+    await this.#releasing.get(sessionName(session))?.catch(() => undefined);
+    this.#active(session);
     if (this.#leases.holds(session)) return true;
     const claim = await this.#leases.claim(session);
     return claim.held;

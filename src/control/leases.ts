@@ -222,6 +222,11 @@ export class ClusterLeases {
     if (this.#held.get(key(session))?.writer.token === writer.token) this.#held.delete(key(session));
   }
 
+  /** The sessions this node believes it holds. */
+  heldSessions(): SessionKey[] {
+    return [...this.#held.values()].map((entry) => entry.session);
+  }
+
   /** Whether this node believes it holds the session (as of its last claim or heartbeat). */
   holds(session: SessionKey): boolean {
     return this.#held.has(key(session));

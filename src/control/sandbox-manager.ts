@@ -333,6 +333,11 @@ export class SandboxManager {
     await this.#hooks.released?.(entry.session).catch(() => undefined);
   }
 
+  /** Whether the session has a sandbox on this node in any state but stopped. */
+  isPresent(session: SessionKey): boolean {
+    return this.#entries.has(sessionKeyString(session));
+  }
+
   /** The state of a session's sandbox on this node. */
   async stateOf(session: SessionKey): Promise<SandboxState> {
     const entry = this.#entries.get(sessionKeyString(session));
