@@ -376,6 +376,7 @@ export async function startBerth(
         clusterRequestListener({
           cluster,
           app,
+          authenticator,
           maxBodyBytes: config.maxBodyBytes ?? DEFAULT_MAX_BODY_BYTES,
         }),
       ).listen(config.port, config.host)

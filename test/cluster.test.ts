@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { mkdtemp, rm } from 'node:fs/promises';
+import { request as httpRequest } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
@@ -213,6 +214,22 @@ describe('a three-node cluster', () => {
     const badKey = await call(first!, 'GET', '/files/big.bin', {}, 'berth_sk_not-a-key');
     expect(badKey.status).toBe(401);
     expect(await badKey.json()).toMatchObject({ type: 'error', error: { type: 'authentication_error' } });
+    // A body is read only for a valid key: a bad key with a body that never finishes arriving
+    // is refused at once, not held in memory while it trickles.
+    const trickle = await new Promise<number>((resolve, reject) => {
+      const request = httpRequest(`${first!.url}/v1/sessions/${sessionId}/files/trickle.bin`, {
+        method: 'PUT',
+        headers: { 'x-api-key': 'berth_sk_not-a-key', 'content-length': '500000' },
+      });
+      request.once('response', (response) => {
+        resolve(response.statusCode ?? 0);
+        request.destroy();
+      });
+      request.once('error', reject);
+      request.write('only the first bytes');
+      setTimeout(() => reject(new Error('no answer while the body was still arriving')), 5000).unref();
+    });
+    expect(trickle).toBe(401);
     const admin = { 'x-api-key': apiKey, 'content-type': 'application/json' };
     const member = (await (
       await fetch(`${first!.url}/v1/users`, {

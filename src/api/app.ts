@@ -4,7 +4,7 @@ import { BerthError, invalidRequest } from '../errors.js';
 import { loadSessionFor } from '../identity/access.js';
 import { MAX_SKILL_BYTES } from '../skills/skill-package.js';
 import { agentRoutes } from './agents.js';
-import type { ApiDependencies, ApiEnvironment } from './context.js';
+import { type ApiDependencies, type ApiEnvironment, presentedKey } from './context.js';
 import { environmentRoutes } from './environments.js';
 import { errorBody, handleError } from './errors.js';
 import { eventRoutes } from './events.js';
@@ -19,15 +19,6 @@ import { vaultRoutes } from './vaults.js';
 
 /** The largest request body by default (skill uploads have their own limit). */
 export const DEFAULT_MAX_BODY_BYTES = 1024 * 1024;
-
-/** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
-function presentedKey(headers: { header(name: string): string | undefined }): string | undefined {
-  const apiKey = headers.header('x-api-key');
-  if (apiKey) return apiKey.trim();
-  const authorization = headers.header('authorization');
-  const match = authorization ? /^Bearer\s+(.+)$/i.exec(authorization) : null;
-  return match?.[1]?.trim();
-}
 
 /**
  * The HTTP API: the official SDK's `/v1/agents`, `/v1/environments`, `/v1/vaults`,

@@ -212,3 +212,12 @@ export async function listRecords(
   });
   return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
 }
+
+/** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */
+export function presentedKey(headers: { header(name: string): string | undefined }): string | undefined {
+  const apiKey = headers.header('x-api-key');
+  if (apiKey) return apiKey.trim();
+  const authorization = headers.header('authorization');
+  const match = authorization ? /^Bearer\s+(.+)$/i.exec(authorization) : null;
+  return match?.[1]?.trim();
+}

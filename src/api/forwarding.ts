@@ -14,8 +14,16 @@
  *   asks the lease table who holds the session, or places it.
  */
 
-import type { RequestListener, ServerResponse } from 'node:http';
-import { Agent, request as httpRequest, type IncomingHttpHeaders, type IncomingMessage } from 'node:http';
+import {
+  type ClientRequest,
+  Agent as HttpAgent,
+  request as httpRequest,
+  type IncomingHttpHeaders,
+  type IncomingMessage,
+  type RequestListener,
+  type ServerResponse,
+} from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
 import { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { ReadableStream as NodeReadableStream } from 'node:stream/web';
@@ -23,8 +31,9 @@ import { getRequestListener } from '@hono/node-server';
 import { RESPONSE_ALREADY_SENT } from '@hono/node-server/utils/response';
 import type { Context, Next } from 'hono';
 import { BerthError } from '../errors.js';
+import type { Authenticator } from '../identity/api-keys.js';
 import type { SessionKey } from '../store/event-store.js';
-import type { ApiEnvironment } from './context.js';
+import { type ApiEnvironment, presentedKey } from './context.js';
 import { errorBody } from './errors.js';
 
 /** Marks a request one node forwarded to another (its value: the forwarding node). */
@@ -43,8 +52,30 @@ export interface ClusterRouter {
   forget(sessionId: string): void;
 }
 
-/** Kept-alive connections to the other nodes. */
-const nodes = new Agent({ keepAlive: true, maxSockets: 128 });
+/** Kept-alive connections to the other nodes (`https` when a node advertises an https URL). */
+const httpNodes = new HttpAgent({ keepAlive: true, maxSockets: 128 });
+const httpsNodes = new HttpsAgent({ keepAlive: true, maxSockets: 128 });
+
+/** A node that does not accept the connection in this long counts as unreachable. */
+const CONNECT_TIMEOUT_MS = 10_000;
+/** A forwarded request whose connection stays silent this long is given up (as undici's default). */
+const IDLE_TIMEOUT_MS = 300_000;
+
+/** Errors after which the holder certainly did not get the request, so it may be sent again. */
+const NOT_DELIVERED = new Set(['ECONNREFUSED', 'EHOSTUNREACH', 'ENETUNREACH', 'ENOTFOUND', 'EAI_AGAIN']);
+
+/** Why a forward failed, and whether the holder may have acted on the request. */
+class ForwardError extends BerthError {
+  constructor(
+    readonly delivered: boolean,
+    cause: unknown,
+  ) {
+    super('store_unavailable', 'the node holding this session could not be reached; retry', {
+      retryable: true,
+      cause,
+    });
+  }
+}
 
 /** Set on the 503 a node answers to a forwarded request for a session it does not hold. */
 const NOT_HOLDER_HEADER = 'x-berth-not-holder';
@@ -88,31 +119,52 @@ function outboundHeaders(rawHeaders: readonly string[], fromNode: string): Recor
   return headers;
 }
 
-/** Sends the request to the node at `baseUrl`; resolves with its answer, body unread. */
-function send(baseUrl: string, outbound: Outbound): Promise<IncomingMessage> {
+/**
+ * Sends the request to the node at `baseUrl`; resolves with its answer, body unread. Rejects
+ * with a `ForwardError` that says whether the holder may have received the request. `signal`
+ * (the client went away) cancels it.
+ */
+function send(baseUrl: string, outbound: Outbound, signal?: AbortSignal): Promise<IncomingMessage> {
   const target = new URL(baseUrl);
+  const secure = target.protocol === 'https:';
   return new Promise((resolve, reject) => {
-    const request = httpRequest(
+    let answered = false;
+    const request: ClientRequest = (secure ? httpsRequest : httpRequest)(
       {
         hostname: target.hostname.replace(/^\[|\]$/g, ''),
-        port: target.port,
+        port: target.port || (secure ? 443 : 80),
         // Never resolved against the holder's URL: a path starting with // must not name a host.
         path: outbound.path,
         method: outbound.method,
         headers: outbound.headers,
-        agent: nodes,
+        agent: secure ? httpsNodes : httpNodes,
+        timeout: IDLE_TIMEOUT_MS,
+        ...(signal ? { signal } : {}),
       },
-      resolve,
+      (answer) => {
+        answered = true;
+        resolve(answer);
+      },
+    );
+    request.once('socket', (socket) => {
+      if (!socket.connecting) return;
+      const timer = setTimeout(() => {
+        const error = Object.assign(new Error('connect timed out'), { code: 'ECONNREFUSED' });
+        request.destroy(error);
+      }, CONNECT_TIMEOUT_MS);
+      socket.once('connect', () => clearTimeout(timer));
+      socket.once('close', () => clearTimeout(timer));
+    });
+    request.once('timeout', () =>
+      request.destroy(new Error('the node holding this session stopped answering')),
     );
     // Also after the answer came: a connection lost mid-body must not go unheard.
-    request.on('error', (error) =>
-      reject(
-        new BerthError('store_unavailable', 'the node holding this session could not be reached; retry', {
-          retryable: true,
-          cause: error,
-        }),
-      ),
-    );
+    request.on('error', (error: NodeJS.ErrnoException) => {
+      if (answered) return;
+      // A kept-alive connection the holder had just closed: nothing was read from it.
+      const stale = request.reusedSocket && error.code === 'ECONNRESET';
+      reject(new ForwardError(!(stale || NOT_DELIVERED.has(error.code ?? '')), error));
+    });
     request.end(outbound.body);
   });
 }
@@ -160,6 +212,12 @@ function sessionToForward(incoming: IncomingMessage): string | undefined {
   return match[1];
 }
 
+/** One request header as a string (repeated ones joined), or undefined. */
+function headerValue(incoming: IncomingMessage, name: string): string | undefined {
+  const value = incoming.headers[name.toLowerCase()];
+  return Array.isArray(value) ? value.join(', ') : value;
+}
+
 /** Reads a body of exactly `length` bytes. */
 async function readBody(incoming: IncomingMessage, length: number): Promise<Uint8Array> {
   const chunks: Buffer[] = [];
@@ -179,9 +237,10 @@ async function readBody(incoming: IncomingMessage, length: number): Promise<Uint
 export function clusterRequestListener(options: {
   cluster: ClusterRouter;
   app: { fetch: (request: Request, env?: object) => Response | Promise<Response> };
+  authenticator: Pick<Authenticator, 'authenticate'>;
   maxBodyBytes: number;
 }): RequestListener {
-  const { cluster, app, maxBodyBytes } = options;
+  const { cluster, app, authenticator, maxBodyBytes } = options;
   const local = getRequestListener(app.fetch);
   // The request once its body was read: handled here through a web Request.
   const localAgain = async (incoming: IncomingMessage, outgoing: ServerResponse, body: Uint8Array) => {
@@ -218,19 +277,48 @@ export function clusterRequestListener(options: {
     holderUrl: string,
     length: number,
   ) => {
-    const body = length > 0 ? await readBody(incoming, length) : undefined;
+    let body: Uint8Array | undefined;
+    if (length > 0) {
+      // Only a caller with a valid key gets its body read here (the app refuses others before
+      // reading); the holder still checks the key and the session's owner.
+      const key = presentedKey({ header: (name) => headerValue(incoming, name) });
+      if (!key || !(await authenticator.authenticate(key))) return local(incoming, outgoing);
+      try {
+        body = await readBody(incoming, length);
+      } catch {
+        outgoing.destroy();
+        return;
+      }
+    }
+    const leaving = new AbortController();
+    const onClose = () => {
+      if (!outgoing.writableFinished) leaving.abort();
+    };
+    outgoing.once('close', onClose);
     let answer: IncomingMessage | undefined;
     try {
-      answer = await send(holderUrl, {
-        method: incoming.method!,
-        path: incoming.url!,
-        headers: outboundHeaders(incoming.rawHeaders, cluster.nodeId),
-        body,
-      });
-    } catch {
-      // Unreachable: handled here, where routing asks the lease table again.
+      answer = await send(
+        holderUrl,
+        {
+          method: incoming.method!,
+          path: incoming.url!,
+          headers: outboundHeaders(incoming.rawHeaders, cluster.nodeId),
+          body,
+        },
+        leaving.signal,
+      );
+    } catch (error) {
+      if (leaving.signal.aborted) return;
+      if (error instanceof ForwardError && error.delivered) {
+        // The holder may have acted on it: sending it again could run it twice. The client retries.
+        outgoing.writeHead(503, { 'content-type': 'application/json', 'retry-after': '1' });
+        outgoing.end(JSON.stringify(errorBody('overloaded_error', error.message)));
+        return;
+      }
+      // Never reached the holder: handled here, where routing asks the lease table again.
     }
     if (answer && !notHolder(answer)) return relay(answer, outgoing);
+    outgoing.off('close', onClose);
     answer?.destroy();
     cluster.forget(sessionId);
     if (body === undefined) return local(incoming, outgoing);
@@ -302,12 +390,16 @@ export function clusterRouting(cluster: ClusterRouter) {
       rawHeaders = pairs;
     }
     const url = new URL(context.req.url);
-    const answer = await send(route.url, {
-      method: context.req.method,
-      path: `${url.pathname}${url.search}`,
-      headers: outboundHeaders(rawHeaders, cluster.nodeId),
-      body: await bodyOf(context),
-    });
+    const answer = await send(
+      route.url,
+      {
+        method: context.req.method,
+        path: `${url.pathname}${url.search}`,
+        headers: outboundHeaders(rawHeaders, cluster.nodeId),
+        body: await bodyOf(context),
+      },
+      context.req.raw.signal,
+    );
     const outgoing = context.env?.outgoing;
     if (!outgoing) return toResponse(answer, context.req.method);
     await relay(answer, outgoing);

@@ -197,6 +197,8 @@ export class Cluster {
   }
 
   #active(session: SessionKey): void {
+    // Tracked only when idle leases are given up (nothing would ever prune it otherwise).
+    if ((this.#options.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS) <= 0 || !this.#options.isQuiet) return;
     this.#lastActive.set(sessionName(session), Date.now());
   }
 
