@@ -1,11 +1,11 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { formatVaultKey, generateVaultKey } from '../src/vault/keyring.js';
-import { type BerthProcess, killProcessesUsing, startBerthProcess } from './support/berth-process.js';
-import { clusterClient, clusterNodeEnvironment } from './support/cluster-client.js';
+import { type BerthProcess, startBerthProcess } from './support/berth-process.js';
+import { clusterClient, clusterNodeEnvironment, stopCluster } from './support/cluster-client.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 import { createTestDatabase, type TestDatabaseUrls } from './support/postgres-database.js';
 
@@ -66,15 +66,7 @@ describe('a cluster with idle sessions', () => {
     }
   }, 60_000);
 
-  afterAll(async () => {
-    for (const node of nodes) await node?.stop().catch(() => undefined);
-    await model?.close();
-    await owner?.end();
-    if (root) {
-      killProcessesUsing(root);
-      await rm(root, { recursive: true, force: true });
-    }
-  });
+  afterAll(() => stopCluster({ nodes, model, owner, root }));
 
   const { api, events, waitIdle, send, checkLogs } = clusterClient({
     nodes: () => nodes,

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp } from 'node:fs/promises';
 import { request as httpRequest } from 'node:http';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -7,13 +7,8 @@ import Anthropic from '@anthropic-ai/sdk';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { formatVaultKey, generateVaultKey } from '../src/vault/keyring.js';
-import {
-  type BerthProcess,
-  findFreePort,
-  killProcessesUsing,
-  startBerthProcess,
-} from './support/berth-process.js';
-import { clusterClient, clusterNodeEnvironment } from './support/cluster-client.js';
+import { type BerthProcess, findFreePort, startBerthProcess } from './support/berth-process.js';
+import { clusterClient, clusterNodeEnvironment, stopCluster } from './support/cluster-client.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 import { createTestDatabase, type TestDatabaseUrls } from './support/postgres-database.js';
 
@@ -88,16 +83,7 @@ describe('a three-node cluster', () => {
     await startNode(2);
   }, 60_000);
 
-  afterAll(async () => {
-    // A clean stop puts each sandbox's files back and unmounts its disk.
-    for (const node of nodes) await node?.stop().catch(() => undefined);
-    await model?.close();
-    await owner?.end();
-    if (root) {
-      killProcessesUsing(root);
-      await rm(root, { recursive: true, force: true });
-    }
-  });
+  afterAll(() => stopCluster({ nodes, model, owner, root }));
 
   const { events, waitIdle, send, newSessions, checkLogs } = clusterClient({
     nodes: () => nodes,

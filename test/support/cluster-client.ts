@@ -3,9 +3,10 @@
  * live node (retrying 503s and dead nodes, as the SDK does), waiting for turns to end, and the
  * checks every cluster test makes of the logs (gapless, no duplicate, each tool run once).
  */
+import { rm } from 'node:fs/promises';
 import type pg from 'pg';
 import { expect } from 'vitest';
-import type { BerthProcess } from './berth-process.js';
+import { type BerthProcess, killProcessesUsing } from './berth-process.js';
 
 export interface ApiEvent {
   id: string;
@@ -215,4 +216,24 @@ export function clusterNodeEnvironment(options: {
     BERTH_TENANT_EVENTS_PER_MINUTE: '0',
     BERTH_USER_EVENTS_PER_MINUTE: '0',
   };
+}
+
+/**
+ * Ends a cluster test: stops the nodes (a clean stop puts each sandbox's files back and unmounts
+ * its disk), the fake model and the owner connection, then removes the nodes' data under `root`
+ * (killing anything still using it first).
+ */
+export async function stopCluster(parts: {
+  nodes: readonly (BerthProcess | undefined)[];
+  model?: { close(): Promise<void> };
+  owner?: pg.Client;
+  root?: string;
+}): Promise<void> {
+  for (const node of parts.nodes) await node?.stop().catch(() => undefined);
+  await parts.model?.close();
+  await parts.owner?.end();
+  if (parts.root) {
+    killProcessesUsing(parts.root);
+    await rm(parts.root, { recursive: true, force: true });
+  }
 }
