@@ -303,7 +303,7 @@ export async function startBerth(
       logger,
       wake: (session): void => supervisor.notify(session),
       isLive: (session): boolean => supervisor.isLive(session),
-      isQuiet: (session): boolean => !supervisor.isLive(session) && !sandboxes.isPresent(session),
+      hasSandbox: (session): boolean => sandboxes.isPresent(session),
       idleReleaseMs: config.cluster!.idleReleaseMs,
     });
     await rawStore.listenAcrossNodes?.();

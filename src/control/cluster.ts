@@ -35,10 +35,11 @@ export interface ClusterOptions {
   /** Whether a wake of the session is in flight here. */
   isLive(session: SessionKey): boolean;
   /**
-   * Whether the session uses nothing on this node: no wake in flight and no sandbox in any
-   * state but stopped. Only such a session's lease is given up when it sits idle.
+   * Whether the session has a sandbox on this node in any state but stopped. A session with
+   * neither a wake in flight nor such a sandbox is quiet; only a quiet session's lease is given
+   * up when it sits idle. Without it, leases stay while the node lives.
    */
-  isQuiet?(session: SessionKey): boolean;
+  hasSandbox?(session: SessionKey): boolean;
   /**
    * A lease whose session was quiet here this long is given up (`BERTH_LEASE_IDLE_MS`, default
    * 60,000; 0 keeps leases while the node lives). The next request places the session again.
@@ -167,9 +168,10 @@ export class Cluster {
    * under a request that was just told to run here.
    */
   async #releaseQuiet(): Promise<void> {
-    const idleMs = this.#options.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS;
-    const isQuiet = this.#options.isQuiet;
-    if (idleMs <= 0 || !isQuiet) return;
+    const idleMs = this.#idleReleaseMs;
+    if (idleMs <= 0) return;
+    const quiet = (session: SessionKey) =>
+      !this.#options.isLive(session) && !this.#options.hasSandbox?.(session);
     const now = Date.now();
     const held = this.#leases.heldSessions();
     const heldNames = new Set(held.map(sessionName));
@@ -183,7 +185,7 @@ export class Cluster {
         continue;
       }
       if (now - lastActive < idleMs) continue;
-      if (!isQuiet(session)) {
+      if (!quiet(session)) {
         this.#lastActive.set(name, now);
         continue;
       }
@@ -196,10 +198,14 @@ export class Cluster {
     }
   }
 
+  /** How long a session sits quiet before its lease goes; 0: never. */
+  get #idleReleaseMs(): number {
+    return this.#options.hasSandbox ? (this.#options.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS) : 0;
+  }
+
   #active(session: SessionKey): void {
     // Tracked only when idle leases are given up (nothing would ever prune it otherwise).
-    if ((this.#options.idleReleaseMs ?? DEFAULT_IDLE_RELEASE_MS) <= 0 || !this.#options.isQuiet) return;
-    this.#lastActive.set(sessionName(session), Date.now());
+    if (this.#idleReleaseMs > 0) this.#lastActive.set(sessionName(session), Date.now());
   }
 
   /**
