@@ -404,9 +404,13 @@ export function describeSandboxAdversarial(name: string, options: SandboxAdversa
         `(setsid sh -c 'while :; do date +%s%N >> ticks.txt; sleep 0.05; done # ${marker}' </dev/null >/dev/null 2>&1 &) &`,
       );
       const workdir = join(scratch, `workspace-${counter - 1}`);
+      // Running: it has written ticks (before the file exists `wc` prints nothing, which is not
+      // "0" either, so the count itself must be positive).
       await expect
-        .poll(async () => (await shell(attacker, 'wc -l < ticks.txt')).stdout.trim(), { timeout: 3000 })
-        .not.toBe('0');
+        .poll(async () => Number((await shell(attacker, 'wc -l < ticks.txt')).stdout.trim() || 0), {
+          timeout: 5000,
+        })
+        .toBeGreaterThan(0);
       await driver.destroy(attacker);
       await expect.poll(() => hostProcessesMatching(marker), { timeout: 3000 }).toEqual([]);
       // Nothing keeps writing into the workspace either.
