@@ -140,6 +140,18 @@ export function readArrayQuery(context: ApiContext, name: string): string[] | un
   return values.length > 0 ? values : undefined;
 }
 
+/**
+ * The request's `Idempotency-Key` header (at most 255 characters), or undefined. The same key
+ * sent again by the same owner is answered as the first request was and writes nothing.
+ */
+export function readIdempotencyKey(context: ApiContext): string | undefined {
+  const key = context.req.header('idempotency-key') || undefined;
+  if (key !== undefined && key.length > 255) {
+    throw invalidRequest('Idempotency-Key must be at most 255 characters');
+  }
+  return key;
+}
+
 /** Now as the API shows times. */
 export function nowIso(): string {
   return new Date().toISOString();

@@ -11,6 +11,7 @@ import {
   type ApiEnvironment,
   readArrayQuery,
   readBody,
+  readIdempotencyKey,
   readOrder,
   readPageQuery,
 } from './context.js';
@@ -172,10 +173,7 @@ export function eventRoutes(dependencies: ApiDependencies) {
     const session = context.get('session');
     const input = await readBody(context, eventSend);
     const events = parseClientEvents(input.events);
-    const idempotencyKey = context.req.header('idempotency-key') || undefined;
-    if (idempotencyKey !== undefined && idempotencyKey.length > 255) {
-      throw invalidRequest('Idempotency-Key must be at most 255 characters');
-    }
+    const idempotencyKey = readIdempotencyKey(context);
     // A repeated send is answered as the first one was, before any check of the current state.
     const repeated =
       idempotencyKey === undefined

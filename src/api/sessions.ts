@@ -16,6 +16,7 @@ import {
   readArrayQuery,
   readBody,
   readFlag,
+  readIdempotencyKey,
   readOrder,
   readPageQuery,
   readPositiveInteger,
@@ -120,6 +121,17 @@ export function sessionRoutes(dependencies: ApiDependencies) {
   app.post('/', async (context) => {
     const principal = context.get('principal');
     const input = await readBody(context, sessionCreate);
+    // A retried create (same Idempotency-Key, same owner) is answered with the session the
+    // first one made, before any other check and without charging the limits again.
+    const idempotencyKey = readIdempotencyKey(context);
+    if (idempotencyKey !== undefined) {
+      const existing = await resources.findSessionByIdempotencyKey(
+        principal.tenantId,
+        principal.userId,
+        idempotencyKey,
+      );
+      if (existing) return context.json(await presentSession(store, existing));
+    }
     const agentId = typeof input.agent === 'string' ? input.agent : input.agent.id;
     const version = typeof input.agent === 'string' ? undefined : input.agent.version;
     const agent = await resources.getAgentVersion(principal.tenantId, agentId, version);
@@ -188,13 +200,26 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       stopReason: null,
       lastSeq: 0,
     };
+    let result: Awaited<ReturnType<typeof resources.createSession>>;
     try {
-      await resources.createSession(record);
-      if (initialEvents.length > 0) {
-        const appended = await store.events.append(record, initialEvents);
+      // One transaction: the session and its initial events land together or not at all.
+      result = await resources.createSession(record, { initialEvents, idempotencyKey });
+    } catch (error) {
+      for (const refund of refunds) refund();
+      admitted?.();
+      throw error;
+    }
+    try {
+      if (!result.created) {
+        // A concurrent create with the same key won: this request made nothing.
+        for (const refund of refunds) refund();
+        const existing = await resources.getSession(principal.tenantId, result.existingSessionId);
+        return context.json(await presentSession(store, existing!));
+      }
+      if (result.events.length > 0) {
         supervisor.notify(
           record,
-          { session: record, events: appended.events },
+          { session: record, events: result.events },
           { trace: extractTraceContext((name) => context.req.header(name)) },
         );
       }

@@ -1,4 +1,4 @@
-import type { EventStore, SessionKey, SessionStatus } from './event-store.js';
+import type { EventStore, NewEvent, SessionKey, SessionStatus, StoredEvent } from './event-store.js';
 import type { SkillStore } from './skill-store.js';
 import type { VaultStore } from './vault-store.js';
 
@@ -34,6 +34,19 @@ export interface SessionRecord extends ResourceRecord {
   /** Seq of the newest event in the session's log. */
   lastSeq: number;
 }
+
+/** What `createSession` writes besides the row. */
+export interface SessionCreateOptions {
+  /** Appended as seq 1..n in the same transaction as the row (processed at `createdAt`). */
+  initialEvents?: readonly NewEvent[];
+  /** The client's `Idempotency-Key`, unique per (tenant, owner). */
+  idempotencyKey?: string;
+}
+
+/** The outcome of `createSession`: the events it stored, or the session an earlier create made. */
+export type SessionCreateResult =
+  | { created: true; events: StoredEvent[] }
+  | { created: false; existingSessionId: string };
 
 export interface ListQuery {
   tenantId: string;
@@ -137,7 +150,18 @@ export interface ResourceStore {
   /** Deletes a row (and, for sessions, its events). Returns false if it did not exist. */
   delete(kind: ResourceKind, tenantId: string, id: string): Promise<boolean>;
 
-  createSession(record: SessionRecord): Promise<void>;
+  /**
+   * Inserts a session row, its head and its first events in ONE transaction: either the
+   * session exists with every initial event, or nothing was written. With an idempotency key,
+   * a second create by the same owner writes nothing and names the session made the first time.
+   */
+  createSession(record: SessionRecord, options?: SessionCreateOptions): Promise<SessionCreateResult>;
+  /** The session an owner created under an idempotency key, if any. */
+  findSessionByIdempotencyKey(
+    tenantId: string,
+    ownerId: string,
+    key: string,
+  ): Promise<SessionRecord | undefined>;
   getSession(tenantId: string, id: string): Promise<SessionRecord | undefined>;
   listSessions(query: SessionListQuery): Promise<Page<SessionRecord>>;
   /**

@@ -616,6 +616,57 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
     });
 
     describe('resources', () => {
+      it('creates a session and its initial events in one write: a failed event leaves no session', async () => {
+        const taken = await newSession();
+        await store.events.append(taken, [{ id: 'sevt_taken_by_other', ...userMessage('first') }]);
+        const record = sessionRecord();
+        const failed = store.resources.createSession(record, {
+          initialEvents: [userMessage('ok'), { id: 'sevt_taken_by_other', ...userMessage('clash') }],
+        });
+        expect(await rejectionCode(failed)).toBe('conflict');
+        expect(await store.resources.getSession(TENANT, record.id)).toBeUndefined();
+
+        const result = await store.resources.createSession(record, {
+          initialEvents: [userMessage('one'), userMessage('two')],
+        });
+        expect(result.created).toBe(true);
+        const key = { tenantId: TENANT, id: record.id };
+        expect((await store.events.read(key)).map((stored) => stored.seq)).toEqual([1, 2]);
+        expect((await store.resources.getSession(TENANT, record.id))?.lastSeq).toBe(2);
+        expect(await store.events.headSeq(key)).toBe(2);
+        const next = await store.events.append(key, [userMessage('three')]);
+        expect(next.events[0]?.seq).toBe(3);
+      });
+
+      it('creates one session per idempotency key and owner', async () => {
+        const first = sessionRecord();
+        expect(
+          await store.resources.createSession(first, {
+            idempotencyKey: 'k-create',
+            initialEvents: [userMessage('a')],
+          }),
+        ).toMatchObject({ created: true });
+        const retry = sessionRecord();
+        expect(
+          await store.resources.createSession(retry, {
+            idempotencyKey: 'k-create',
+            initialEvents: [userMessage('a')],
+          }),
+        ).toEqual({ created: false, existingSessionId: first.id });
+        expect(await store.resources.getSession(TENANT, retry.id)).toBeUndefined();
+        expect(
+          (await store.resources.findSessionByIdempotencyKey(TENANT, 'user_alice', 'k-create'))?.id,
+        ).toBe(first.id);
+        // Another owner's key is another key.
+        const bob = sessionRecord({ ownerId: 'user_bob' });
+        expect(await store.resources.createSession(bob, { idempotencyKey: 'k-create' })).toMatchObject({
+          created: true,
+        });
+        expect(
+          await store.resources.findSessionByIdempotencyKey(TENANT, 'user_carol', 'k-create'),
+        ).toBeUndefined();
+      });
+
       it('stores agent versions immutably and refuses an update based on an old version', async () => {
         const agent = resourceRecord('agent');
         await store.resources.createAgent(agent);

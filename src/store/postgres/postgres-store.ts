@@ -36,6 +36,8 @@ import type {
   ResourceRecord,
   ResourceStore,
   RowLevelSecurity,
+  SessionCreateOptions,
+  SessionCreateResult,
   SessionListQuery,
   SessionRecord,
   SnapshotArchiveStore,
@@ -854,26 +856,100 @@ class PostgresResourceStore implements ResourceStore {
     return (result.rowCount ?? 0) > 0;
   }
 
-  async createSession(record: SessionRecord): Promise<void> {
-    await inTenant(this.#pool, record.tenantId, async (client) => {
-      await this.#insertRow(client, 'sessions', record, {
-        agent_id: record.agentId,
-        agent_version: record.agentVersion,
-        environment_id: record.environmentId,
+  async createSession(
+    record: SessionRecord,
+    options: SessionCreateOptions = {},
+  ): Promise<SessionCreateResult> {
+    const key = options.idempotencyKey ?? null;
+    const initial = options.initialEvents ?? [];
+    const events = initial.length === 0 ? [] : prepareEvents(initial, record.createdAt);
+    const change = statusChangeOf(events);
+    const s = this.#s;
+    try {
+      return await inTenant(this.#pool, record.tenantId, async (client): Promise<SessionCreateResult> => {
+        if (key !== null) {
+          const existing = await this.#sessionIdOfKey(client, record.tenantId, record.ownerId, key);
+          if (existing !== undefined) return { created: false, existingSessionId: existing };
+        }
+        await this.#insertRow(client, 'sessions', record, {
+          agent_id: record.agentId,
+          agent_version: record.agentVersion,
+          environment_id: record.environmentId,
+          create_key: key,
+        });
+        await client.query(
+          `INSERT INTO ${s}.session_heads (session_id, tenant_id, status, stop_reason, last_seq, writer_token, updated_at)
+           VALUES ($1, $6, $2, $3::jsonb, $4, 0, $5)`,
+          [
+            record.id,
+            record.status,
+            record.stopReason === null ? null : toJsonb(record.stopReason),
+            record.lastSeq,
+            record.updatedAt,
+            record.tenantId,
+          ],
+        );
+        if (events.length === 0) return { created: true, events: [] };
+        // The append function inside this transaction: the row, the head and the events
+        // commit together (and other nodes hear of the events on commit).
+        let base: number;
+        try {
+          const result = await client.query<{ base: string }>(
+            `SELECT ${s}.append_events($1, $2, NULL, $3, $4::text[], $5::text[], $6::text[], NULL, $7, $8, $9, $10::jsonb, NULL) AS base`,
+            [
+              record.tenantId,
+              record.id,
+              events.length,
+              events.map((event) => event.id),
+              events.map((event) => event.type),
+              events.map((event) => toJsonb(event)),
+              change?.status ?? null,
+              record.createdAt,
+              change?.stopReason === undefined,
+              change?.stopReason == null ? null : toJsonb(change.stopReason),
+            ],
+          );
+          base = Number(result.rows[0]!.base);
+        } catch (error) {
+          throw (error as { code?: unknown }).code === '23505' ? eventIdTaken(error) : mapError(error);
+        }
+        return {
+          created: true,
+          events: events.map((event, index) => ({ sessionId: record.id, seq: base + index + 1, event })),
+        };
       });
-      await client.query(
-        `INSERT INTO ${this.#s}.session_heads (session_id, tenant_id, status, stop_reason, last_seq, writer_token, updated_at)
-         VALUES ($1, $6, $2, $3::jsonb, $4, 0, $5)`,
-        [
-          record.id,
-          record.status,
-          record.stopReason === null ? null : toJsonb(record.stopReason),
-          record.lastSeq,
-          record.updatedAt,
-          record.tenantId,
-        ],
-      );
-    });
+    } catch (error) {
+      // Another request with the same key committed between our check and our insert.
+      if (key !== null && isBerthError(error, 'conflict')) {
+        const existing = await this.findSessionByIdempotencyKey(record.tenantId, record.ownerId, key);
+        if (existing !== undefined) return { created: false, existingSessionId: existing.id };
+      }
+      throw error;
+    }
+  }
+
+  async findSessionByIdempotencyKey(
+    tenantId: string,
+    ownerId: string,
+    key: string,
+  ): Promise<SessionRecord | undefined> {
+    const id = await inTenant(this.#pool, tenantId, (client) =>
+      this.#sessionIdOfKey(client, tenantId, ownerId, key),
+    );
+    return id === undefined ? undefined : this.getSession(tenantId, id);
+  }
+
+  async #sessionIdOfKey(
+    client: pg.PoolClient,
+    tenantId: string,
+    ownerId: string,
+    key: string,
+  ): Promise<string | undefined> {
+    const result = await client.query<{ id: string }>(
+      `SELECT id FROM ${this.#s}.sessions WHERE tenant_id = $1 AND owner_id = $2 AND create_key = $3`,
+      [tenantId, ownerId, key],
+    );
+    return result.rows[0]?.id;
   }
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {

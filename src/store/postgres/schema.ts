@@ -399,6 +399,13 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   CREATE INDEX skill_versions_by_skill ON ${s}.skill_versions (tenant_id, skill_id, position);
   ${rowLevelSecuritySql(s, SKILL_TENANT_TABLES)}
   `,
+  // 12: the Idempotency-Key of the request that created a session, unique per owner, so a
+  // retried create finds the session the first one made instead of making a second.
+  (s) => `
+  ALTER TABLE ${s}.sessions ADD COLUMN create_key text;
+  CREATE UNIQUE INDEX sessions_by_create_key ON ${s}.sessions (tenant_id, owner_id, create_key)
+    WHERE create_key IS NOT NULL;
+  `,
 ];
 
 /** Tenant tables of migration 10. */

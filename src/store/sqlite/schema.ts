@@ -200,6 +200,13 @@ export const SQLITE_MIGRATIONS: readonly string[] = [
   );
   CREATE INDEX skill_versions_by_skill ON skill_versions (tenant_id, skill_id, position);
   `,
+  // 6: the Idempotency-Key of the request that created a session, unique per owner, so a
+  // retried create finds the session the first one made instead of making a second.
+  `
+  ALTER TABLE sessions ADD COLUMN create_key TEXT;
+  CREATE UNIQUE INDEX sessions_by_create_key ON sessions (tenant_id, owner_id, create_key)
+    WHERE create_key IS NOT NULL;
+  `,
 ];
 
 /** Brings the database up to the newest migration, each in its own write transaction. */

@@ -35,6 +35,8 @@ import type {
   ResourceKind,
   ResourceRecord,
   ResourceStore,
+  SessionCreateOptions,
+  SessionCreateResult,
   SessionListQuery,
   SessionRecord,
   Store,
@@ -721,14 +723,29 @@ class SqliteResourceStore implements ResourceStore {
     return result.changes > 0;
   }
 
-  async createSession(record: SessionRecord): Promise<void> {
-    this.#database
-      .transaction(() => {
+  async createSession(
+    record: SessionRecord,
+    options: SessionCreateOptions = {},
+  ): Promise<SessionCreateResult> {
+    const key = options.idempotencyKey ?? null;
+    const initial = options.initialEvents ?? [];
+    const events = initial.length === 0 ? [] : prepareEvents(initial, record.createdAt);
+    const change = statusChangeOf(events);
+    // IMMEDIATE: the key check and the inserts run under the write lock, so two creates with
+    // one key cannot both pass the check.
+    return this.#database
+      .transaction((): SessionCreateResult => {
+        if (key !== null) {
+          const existing = this.#sessionIdOfKey(record.tenantId, record.ownerId, key);
+          if (existing !== undefined) return { created: false, existingSessionId: existing };
+        }
         this.#insertRow('sessions', record, {
           agent_id: record.agentId,
           agent_version: record.agentVersion,
           environment_id: record.environmentId,
+          create_key: key,
         });
+        const stopReason = change?.stopReason === undefined ? record.stopReason : change.stopReason;
         this.#statements
           .get(
             `INSERT INTO session_heads (session_id, tenant_id, status, stop_reason, last_seq, writer_token, updated_at)
@@ -737,13 +754,43 @@ class SqliteResourceStore implements ResourceStore {
           .run(
             record.id,
             record.tenantId,
-            record.status,
-            record.stopReason === null ? null : JSON.stringify(record.stopReason),
-            record.lastSeq,
+            change?.status ?? record.status,
+            stopReason === null ? null : JSON.stringify(stopReason),
+            record.lastSeq + events.length,
             record.updatedAt,
           );
+        const stored: StoredEvent[] = [];
+        const insertEvent = this.#statements.get(
+          'INSERT INTO events (session_id, seq, id, type, processed_at, body) VALUES (?, ?, ?, ?, ?, ?)',
+        );
+        for (const event of events) {
+          const seq = record.lastSeq + stored.length + 1;
+          try {
+            insertEvent.run(record.id, seq, event.id, event.type, event.processed_at, JSON.stringify(event));
+          } catch (error) {
+            throw isUniqueViolation(error) ? eventIdTaken(error) : error;
+          }
+          stored.push({ sessionId: record.id, seq, event });
+        }
+        return { created: true, events: stored };
       })
       .immediate();
+  }
+
+  async findSessionByIdempotencyKey(
+    tenantId: string,
+    ownerId: string,
+    key: string,
+  ): Promise<SessionRecord | undefined> {
+    const id = this.#sessionIdOfKey(tenantId, ownerId, key);
+    return id === undefined ? undefined : this.getSession(tenantId, id);
+  }
+
+  #sessionIdOfKey(tenantId: string, ownerId: string, key: string): string | undefined {
+    const row = this.#statements
+      .get('SELECT id FROM sessions WHERE tenant_id = ? AND owner_id = ? AND create_key = ?')
+      .get(tenantId, ownerId, key) as { id: string } | undefined;
+    return row?.id;
   }
 
   async getSession(tenantId: string, id: string): Promise<SessionRecord | undefined> {
