@@ -237,6 +237,27 @@ describe('egress: credentials never enter the sandbox', () => {
     await expect.poll(async () => (await events()).at(-1)?.status).toBe(502);
   });
 
+  it('counts the bytes that went through egress in session.usage', async () => {
+    const log = async () => (await berth.store.events.read(berth.keyOf(sessionId))).map((stored) => stored);
+    // The audits of the requests above land as each request ends: wait for them, then end a turn.
+    await expect
+      .poll(async () => (await log()).filter((stored) => stored.event.type === 'berth.egress_request').length)
+      .toBeGreaterThanOrEqual(4);
+    await run(berth.client, sessionId, 'true');
+    const events = await log();
+    const usage = events.findLast((stored) => stored.event.type === 'session.usage');
+    expect(usage).toBeDefined();
+    const audited = events
+      .filter((stored) => stored.event.type === 'berth.egress_request' && stored.seq < usage!.seq)
+      .reduce(
+        (sum, stored) =>
+          sum + Number(stored.event.bytes_sent ?? 0) + Number(stored.event.bytes_received ?? 0),
+        0,
+      );
+    expect(audited).toBeGreaterThan(0);
+    expect((usage!.event.berth as { egress_bytes: number }).egress_bytes).toBe(audited);
+  });
+
   it('lets nothing else out: other hosts, addresses, raw sockets, DNS, the control plane', async () => {
     const before = secure.seen.length + plain.seen.length;
     const address = hostAddress();
