@@ -5,6 +5,7 @@ import { createServer as createHttpsServer } from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { gzipSync } from 'node:zlib';
 import type Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCertificateAuthority } from '../src/egress/certificates.js';
@@ -13,6 +14,7 @@ import { sendAndWaitIdle } from './support/session-stream.js';
 
 const SECRET = `canary-vault-secret-${process.pid}-${Date.now()}`;
 const SERVER_CANARY = `canary-server-env-${process.pid}`;
+const BEARER_SECRET = `canary-mcp-bearer-${process.pid}-${Date.now()}`;
 
 /** Runs one bash command in the session's sandbox (the scripted bash-once agent) and returns its output. */
 async function run(client: Anthropic, sessionId: string, command: string): Promise<string> {
@@ -59,6 +61,10 @@ describe('egress: credentials never enter the sandbox', () => {
   let directory: string;
   let secure: Upstream;
   let plain: Upstream;
+  let notes: Upstream;
+  /** What the notes upstream stored (`/store`) and serves again (`/read`). */
+  let stored = '';
+  let bearerId: string;
   let sessionId: string;
   let placeholder: string;
 
@@ -75,11 +81,27 @@ describe('egress: credentials never enter the sandbox', () => {
     );
     const plainSeen: Upstream['seen'] = [];
     plain = await listen(createHttpServer(echo(plainSeen)), plainSeen);
+    // A host that stores what it is sent and serves it again (under any name), and answers in a
+    // transfer-coding other than chunked.
+    notes = await listen(
+      createHttpServer((request, response) => {
+        if (request.url === '/store') {
+          stored = `${request.headers['x-note'] ?? ''} | ${request.headers.authorization ?? ''}`;
+          response.end('stored\n');
+        } else if (request.url === '/read') response.end(`stored: ${stored}\n`);
+        else if (request.url === '/bearer') response.end(`token ${BEARER_SECRET}\n`);
+        else if (request.url === '/coded') {
+          response.writeHead(200, { 'transfer-encoding': 'gzip, chunked' });
+          response.end(gzipSync(`you sent ${request.headers.authorization ?? ''}\n`));
+        } else response.end('?\n');
+      }),
+      [],
+    );
     berth = await startTestBerth({
       environment: {
         ...UNLIMITED_LIMITS,
         BERTH_EGRESS_HOSTS: 'api.test=127.0.0.1,other.test=127.0.0.1,control.test=127.0.0.1',
-        BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${secure.port},127.0.0.1:${plain.port}`,
+        BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${secure.port},127.0.0.1:${plain.port},127.0.0.1:${notes.port}`,
         BERTH_EGRESS_CA_FILE: join(directory, 'upstream-ca.pem'),
       },
     });
@@ -94,6 +116,13 @@ describe('egress: credentials never enter the sandbox', () => {
         networking: { type: 'limited', allowed_hosts: ['api.test'] },
       },
     });
+    // A bearer token Berth sends to an MCP server: the sandbox never has it, not even a placeholder.
+    bearerId = (
+      await client.beta.vaults.credentials.create(vault.id, {
+        display_name: 'mcp token',
+        auth: { type: 'static_bearer', token: BEARER_SECRET, mcp_server_url: 'https://mcp.test/mcp' },
+      })
+    ).id;
     const agent = await client.beta.agents.create({
       name: 'egress',
       model: 'scripted/bash-once',
@@ -123,6 +152,7 @@ describe('egress: credentials never enter the sandbox', () => {
     await berth?.dispose();
     secure?.server.close();
     plain?.server.close();
+    notes?.server.close();
     await rm(directory, { recursive: true, force: true });
   });
 
@@ -171,6 +201,61 @@ describe('egress: credentials never enter the sandbox', () => {
       .map((stored) => stored.event)
       .filter((event) => event.type !== 'user.message' && event.type !== 'agent.tool_use');
     expect(JSON.stringify(produced)).not.toContain(SECRET);
+  });
+
+  it('puts the secret only in credential headers, and scans what another host reads back', async () => {
+    // Issue 14: a header the credential host stores (X-Note), read back from another allowed
+    // host; and a secret legitimately sent (Authorization) that the host stores and serves again.
+    const output = await run(
+      berth.client,
+      sessionId,
+      `curl -sS -H "X-Note: $API_TOKEN" -H "Authorization: Bearer $API_TOKEN" http://api.test:${notes.port}/store; ` +
+        `curl -sS http://other.test:${notes.port}/read; curl -sS http://other.test:${notes.port}/bearer`,
+    );
+    expect(stored).toBe(`${placeholder} | Bearer ${SECRET}`);
+    expect(output).toContain(`stored: ${placeholder} | Bearer ${placeholder}`);
+    // A vault secret the sandbox has no placeholder for is withheld as well.
+    expect(output).toContain(`token berth_withheld_${bearerId}`);
+    expect(output).not.toContain(SECRET);
+    expect(output).not.toContain(BEARER_SECRET);
+  });
+
+  it('refuses an answer in a transfer-coding it cannot scan (gzip -dc finds no secret)', async () => {
+    const output = await run(
+      berth.client,
+      sessionId,
+      `curl -sS -o /tmp/coded -w "%{http_code}\\n" -H "Authorization: Bearer $API_TOKEN" http://api.test:${notes.port}/coded; ` +
+        'cat /tmp/coded; gzip -dc < /tmp/coded 2>&1 | head -c 300',
+    );
+    expect(output).not.toContain(SECRET);
+    expect(output).toMatch(/^502/);
+    expect(output).toContain('transfer-encoding the proxy cannot check for secrets');
+    const events = async () =>
+      (await berth.store.events.read(berth.keyOf(sessionId)))
+        .map((stored) => stored.event as unknown as Record<string, unknown>)
+        .filter((event) => event.type === 'berth.egress_request' && event.path === '/coded');
+    await expect.poll(async () => (await events()).at(-1)?.status).toBe(502);
+  });
+
+  it('counts the bytes that went through egress in session.usage', async () => {
+    const log = async () => (await berth.store.events.read(berth.keyOf(sessionId))).map((stored) => stored);
+    // The audits of the requests above land as each request ends: wait for them, then end a turn.
+    await expect
+      .poll(async () => (await log()).filter((stored) => stored.event.type === 'berth.egress_request').length)
+      .toBeGreaterThanOrEqual(4);
+    await run(berth.client, sessionId, 'true');
+    const events = await log();
+    const usage = events.findLast((stored) => stored.event.type === 'session.usage');
+    expect(usage).toBeDefined();
+    const audited = events
+      .filter((stored) => stored.event.type === 'berth.egress_request' && stored.seq < usage!.seq)
+      .reduce(
+        (sum, stored) =>
+          sum + Number(stored.event.bytes_sent ?? 0) + Number(stored.event.bytes_received ?? 0),
+        0,
+      );
+    expect(audited).toBeGreaterThan(0);
+    expect((usage!.event.berth as { egress_bytes: number }).egress_bytes).toBe(audited);
   });
 
   it('lets nothing else out: other hosts, addresses, raw sockets, DNS, the control plane', async () => {

@@ -1,5 +1,6 @@
 import { createServer, type IncomingHttpHeaders, type Server } from 'node:http';
 import type { AddressInfo } from 'node:net';
+import { gzipSync } from 'node:zlib';
 import { afterEach, describe, expect, it } from 'vitest';
 import { createDestinationRule } from './destinations.js';
 import { createHostFetch, type HostFetch, Refusal } from './host-fetch.js';
@@ -120,6 +121,38 @@ describe('host-side egress client', () => {
     expect(other.seen[0]!.headers.authorization).toBeUndefined();
     expect(other.seen[0]!.headers.cookie).toBeUndefined();
     expect(audits.map((record) => record.credentials)).toEqual([['First'], []]);
+  });
+
+  it('audits the body bytes that really came for chunked, streamed and compressed answers', async () => {
+    const compressed = gzipSync('z'.repeat(50_000));
+    const server = createServer((request, response) => {
+      if (request.url === '/gzip') {
+        response.writeHead(200, { 'content-type': 'text/plain', 'content-encoding': 'gzip' });
+        response.end(compressed);
+        return;
+      }
+      // Chunked, no content-length, written over time like a stream.
+      response.writeHead(200, { 'content-type': 'text/plain' });
+      let sent = 0;
+      const next = () => {
+        if (sent === 3) return void response.end();
+        sent++;
+        response.write('x'.repeat(1000), () => setTimeout(next, 5));
+      };
+      next();
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as AddressInfo).port;
+    cleanups.push(() => new Promise<void>((resolve) => server.close(() => resolve())));
+    const { hostFetch, audits } = client({ allowedPorts: [port] });
+    const streamed = await hostFetch.fetch(`http://stream.test:${port}/stream`);
+    expect((await streamed.text()).length).toBe(3000);
+    await expect.poll(() => audits.at(-1)?.bytesReceived).toBe(3000);
+    // Bytes on the wire: the compressed body, not what it decodes to.
+    const zipped = await hostFetch.fetch(`http://stream.test:${port}/gzip`);
+    expect((await zipped.text()).length).toBe(50_000);
+    await expect.poll(() => audits.at(-1)?.path).toBe('/gzip');
+    expect(audits.at(-1)!.bytesReceived).toBe(compressed.length);
   });
 
   it('stops after too many redirects', async () => {

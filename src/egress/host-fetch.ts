@@ -11,7 +11,7 @@
  */
 import { isIP } from 'node:net';
 import { rootCertificates } from 'node:tls';
-import { Agent, buildConnector, fetch as undiciFetch } from 'undici';
+import { Agent, buildConnector, type Dispatcher, fetch as undiciFetch } from 'undici';
 import { canonicalHost } from './addresses.js';
 import { type DestinationRule, Refusal } from './destinations.js';
 import type { CompiledPolicy } from './policy.js';
@@ -79,6 +79,45 @@ function refusalIn(error: unknown): Refusal | undefined {
 function bodyBytes(body: HostFetchInit['body']): number {
   if (body === undefined) return 0;
   return typeof body === 'string' ? Buffer.byteLength(body) : body.byteLength;
+}
+
+/** Body bytes of one response as they arrive (before content decoding), and when it is over. */
+interface ReceivedBytes {
+  bytes: number;
+  /** Resolves when the response's body ended, failed or was cancelled. */
+  finished: Promise<void>;
+}
+
+/**
+ * `dispatcher` for one request, counting the body bytes the upstream sends (undici's fetch
+ * decodes gzip or brotli above this, and a chunked or streamed answer has no length to trust).
+ */
+function countingDispatcher(dispatcher: Dispatcher): { dispatcher: Dispatcher; received: ReceivedBytes } {
+  let finish: () => void = () => undefined;
+  const received: ReceivedBytes = { bytes: 0, finished: new Promise<void>((resolve) => (finish = resolve)) };
+  const counting = dispatcher.compose(
+    (dispatch) => (options, handler) =>
+      dispatch(options, {
+        onRequestStart: (controller, context) => handler.onRequestStart?.(controller, context),
+        onRequestUpgrade: (controller, statusCode, headers, socket) =>
+          handler.onRequestUpgrade?.(controller, statusCode, headers, socket),
+        onResponseStart: (controller, statusCode, headers, statusMessage) =>
+          handler.onResponseStart?.(controller, statusCode, headers, statusMessage),
+        onResponseData: (controller, chunk) => {
+          received.bytes += chunk.length;
+          handler.onResponseData?.(controller, chunk);
+        },
+        onResponseEnd: (controller, trailers) => {
+          finish();
+          handler.onResponseEnd?.(controller, trailers);
+        },
+        onResponseError: (controller, error) => {
+          finish();
+          handler.onResponseError?.(controller, error);
+        },
+      }),
+  );
+  return { dispatcher: counting, received };
 }
 
 /** Creates the host-side client of one session (one connection pool, closed with `close`). */
@@ -174,6 +213,7 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
         const credential = await init.credentialFor?.(url);
         if (credential) headers.set('authorization', credential.authorization);
         let response: Response;
+        const counted = countingDispatcher(dispatcher);
         try {
           response = (await undiciFetch(url, {
             method,
@@ -181,7 +221,7 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
             body,
             signal: init.signal,
             redirect: 'manual',
-            dispatcher,
+            dispatcher: counted.dispatcher,
           })) as unknown as Response;
         } catch (error) {
           const refusal = refusalIn(error);
@@ -195,18 +235,24 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
           );
           throw refusal ?? error;
         }
-        audit(
-          record({
-            status: response.status,
-            bytesReceived: Number(response.headers.get('content-length')) || 0,
-            credentials: credential ? [credential.name] : [],
-          }),
+        // Audited once the body is over (read to its end, failed or cancelled), with the bytes
+        // that really came; a body-less answer is over already.
+        const status = response.status;
+        const audited = (response.body === null ? Promise.resolve() : counted.received.finished).then(() =>
+          audit(
+            record({
+              status,
+              bytesReceived: counted.received.bytes,
+              credentials: credential ? [credential.name] : [],
+            }),
+          ),
         );
         const location = response.headers.get('location');
-        if (init.redirect === 'manual' || !REDIRECT_STATUSES.has(response.status) || location === null) {
+        if (init.redirect === 'manual' || !REDIRECT_STATUSES.has(status) || location === null) {
           return response;
         }
         await response.body?.cancel().catch(() => undefined);
+        await audited;
         if (hop + 1 > maxRedirects) throw new Refusal(502, `more than ${maxRedirects} redirects`, 'allowed');
         url = new URL(location, url);
         if (

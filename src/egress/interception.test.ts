@@ -1,10 +1,10 @@
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer as createHttpServer } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
-import type { AddressInfo } from 'node:net';
+import { type AddressInfo, createServer as createNetServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { gzipSync } from 'node:zlib';
+import { gunzipSync, gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import {
   connectVia,
@@ -150,7 +150,11 @@ describe('egress proxy: TLS interception and placeholders', () => {
         api.port,
         [proxy.caCertificatePem],
         requestText('api.test', {
-          headers: { authorization: `Bearer ${PLACEHOLDER}`, 'x-other': `token ${HEADER_ONLY_PLACEHOLDER}` },
+          headers: {
+            authorization: `Bearer ${PLACEHOLDER}`,
+            'x-api-key': `token ${HEADER_ONLY_PLACEHOLDER}`,
+            'x-note': `note ${PLACEHOLDER}`,
+          },
         }),
       ),
     );
@@ -158,7 +162,9 @@ describe('egress proxy: TLS interception and placeholders', () => {
     expect(result.status).toBe(200);
     const seen = api.seen.at(-1)!;
     expect(seen.headers.authorization).toBe(`Bearer ${SECRET}`);
-    expect(seen.headers['x-other']).toBe(`token ${HEADER_ONLY_SECRET}`);
+    expect(seen.headers['x-api-key']).toBe(`token ${HEADER_ONLY_SECRET}`);
+    // Only headers that carry credentials get the secret; any other keeps the placeholder.
+    expect(seen.headers['x-note']).toBe(`note ${PLACEHOLDER}`);
     expect(seen.headers.host).toBe(`api.test:${api.port}`);
     // The sandbox saw a certificate for api.test from the session's CA, not the upstream's.
     expect(result.certificate.subject.CN).toBe('api.test');
@@ -392,6 +398,106 @@ describe('egress proxy: TLS interception and placeholders', () => {
     } finally {
       await checking.close();
       odd.close();
+    }
+  });
+
+  it('refuses a response in a transfer-coding other than chunked, so gzip bytes of a secret never pass', async () => {
+    // An upstream that answers `Transfer-Encoding: gzip, chunked`: Node's parser undoes the
+    // chunks only, so the body is gzip of the secret (what `gzip -dc` would reveal).
+    const coded = createNetServer((socket) => {
+      socket.on('error', () => undefined);
+      socket.once('data', () => {
+        const body = gzipSync(`the secret is ${SECRET}`);
+        socket.end(
+          Buffer.concat([
+            Buffer.from(
+              'HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: gzip, chunked\r\n' +
+                `connection: close\r\n\r\n${body.length.toString(16)}\r\n`,
+            ),
+            body,
+            Buffer.from('\r\n0\r\n\r\n'),
+          ]),
+        );
+      });
+    });
+    await new Promise<void>((resolve) => coded.listen(0, '127.0.0.1', resolve));
+    const port = (coded.address() as AddressInfo).port;
+    const checking = await createEgressProxy({
+      socketPath: join(directory, 'coded.sock'),
+      policy,
+      onRequest: (record) => records.push(record),
+      allowPrivateDestinations: [`127.0.0.1:${port}`],
+      resolve: async () => ['127.0.0.1'],
+    });
+    const unzipped = (bytes: Buffer) => {
+      try {
+        return gunzipSync(bytes).toString('latin1');
+      } catch {
+        return '';
+      }
+    };
+    try {
+      // The credential's host and a host with no credential alike.
+      for (const host of ['api.test', 'plain.test']) {
+        const answer = see(await viaProxy(checking.socketPath, `http://${host}:${port}/`));
+        expect(unzipped(answer.bytes)).not.toContain(SECRET);
+        expect(answer.status).toBe(502);
+        expect(answer.body).toContain('transfer-encoding the proxy cannot check for secrets');
+        expect(records.at(-1)).toMatchObject({ host, status: 502, decision: 'allowed', tls: 'none' });
+        expect(records.at(-1)!.reason).toContain('transfer-encoding');
+      }
+    } finally {
+      await checking.close();
+      coded.close();
+    }
+  });
+
+  it('never lets a secret stored by the credential host come back through another host', async () => {
+    // A credential host that stores what it is sent (a header or the body) and a second host
+    // that serves what was stored: the read-back trick.
+    let stored = '';
+    const notes = await startHttpUpstream((request, response, seen) => {
+      if (request.url === '/store') {
+        stored = `${request.headers['x-note'] ?? ''} | ${request.headers.authorization ?? ''} | ${seen.body}`;
+        response.end('stored');
+        return;
+      }
+      response.writeHead(200, { 'content-type': 'text/plain', 'x-stored': stored });
+      response.end(`stored: ${stored}`);
+    });
+    const withheldToken = 'mcp-bearer-canary-secret-8d1f';
+    const reading = await createEgressProxy({
+      socketPath: join(directory, 'notes.sock'),
+      policy: { ...policy, withheld: [{ id: 'vcrd_mcp', secret: withheldToken }] },
+      allowPrivateDestinations: [`127.0.0.1:${notes.port}`],
+      resolve: async () => ['127.0.0.1'],
+    });
+    try {
+      const sent = see(
+        await viaProxy(reading.socketPath, `http://api.test:${notes.port}/store`, {
+          headers: { 'x-note': PLACEHOLDER, authorization: `Bearer ${PLACEHOLDER}` },
+          body: `note=${PLACEHOLDER}`,
+        }),
+      );
+      expect(sent.status).toBe(200);
+      // X-Note is no credential header: the host stored the placeholder there. Authorization and
+      // the body (this credential injects there too) carried the secret, as they should.
+      expect(stored).toBe(`${PLACEHOLDER} | Bearer ${SECRET} | note=${SECRET}`);
+      // Read back from a host with no credential (plain HTTP): scanned all the same.
+      const readBack = see(await viaProxy(reading.socketPath, `http://plain.test:${notes.port}/read`));
+      expect(readBack.status).toBe(200);
+      expect(readBack.body).toBe(`stored: ${PLACEHOLDER} | Bearer ${PLACEHOLDER} | note=${PLACEHOLDER}`);
+      expect(readBack.headers['x-stored']).toBe(
+        `${PLACEHOLDER} | Bearer ${PLACEHOLDER} | note=${PLACEHOLDER}`,
+      );
+      // A secret the sandbox has no placeholder for (an MCP token Berth sends) is scanned for too.
+      stored = `token ${withheldToken}`;
+      const withheld = see(await viaProxy(reading.socketPath, `http://plain.test:${notes.port}/read`));
+      expect(withheld.body).toBe('stored: token berth_withheld_vcrd_mcp');
+      expect(withheld.body).not.toContain(withheldToken);
+    } finally {
+      await reading.close();
+      await notes.close();
     }
   });
 

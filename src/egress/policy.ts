@@ -12,6 +12,7 @@
  */
 import { invalidRequest } from '../errors.js';
 import { canonicalHost } from './addresses.js';
+import type { Replacement } from './replace-stream.js';
 
 /** A credential as the proxy uses it: the real secret, and the placeholder the sandbox sees. */
 export interface EgressCredential {
@@ -44,11 +45,38 @@ export type EgressNetworking =
       extraHosts?: readonly string[];
     };
 
+/**
+ * A secret of the session the sandbox never gets a placeholder for (the bearer kinds:
+ * `static_bearer` tokens, `mcp_oauth` tokens and client secrets, which Berth itself sends). It
+ * is never injected; responses are scanned for it like for every other secret.
+ */
+export interface WithheldSecret {
+  /** The credential's id: what replaces the secret in a response (`berth_withheld_<id>`). */
+  id: string;
+  secret: string;
+}
+
 /** Everything the proxy of one session enforces; replaced whole by `updatePolicy`. */
 export interface EgressPolicy {
   networking: EgressNetworking;
   credentials: readonly EgressCredential[];
+  /** More secrets of the session's vaults to scan responses for (never injected). */
+  withheld?: readonly WithheldSecret[];
 }
+
+/**
+ * Whether a request header carries credentials, so that a header-injected credential's
+ * placeholder is swapped in it: `Authorization`, `Cookie`, and headers whose name ends in
+ * `key`, `token`, `secret`, `auth`, `password` or `credential(s)` (`X-Api-Key`, `Private-Token`,
+ * `X-Auth-Token`, `Ocp-Apim-Subscription-Key`, `DD-API-KEY`). Other headers (`X-Note`,
+ * `User-Agent`, …) keep the placeholder: a host that stores what it is sent (and serves it again,
+ * perhaps from another host) must not be handed the secret in an arbitrary header. `name` is
+ * lower case (as Node gives it).
+ */
+export function isCredentialHeader(name: string): boolean {
+  return name === 'authorization' || name === 'cookie' || CREDENTIAL_HEADER_SUFFIX.test(name);
+}
+const CREDENTIAL_HEADER_SUFFIX = /(key|token|secret|auth|password|credentials?)$/;
 
 /**
  * Package registries and mirrors that `allow_package_managers` opens, in one place: npm and
@@ -128,6 +156,12 @@ export interface CompiledPolicy {
   reachable(host: string): { ok: true } | { ok: false; reason: string };
   /** The credentials whose placeholders are swapped on requests to `host`. */
   credentialsFor(host: string): readonly EgressCredential[];
+  /**
+   * Every secret of the session (its credentials' and the withheld ones) to what replaces it
+   * in responses: a credential's placeholder, or `berth_withheld_<id>`. Every response the
+   * proxy can read is scanned with it, whatever its host.
+   */
+  readonly responseSwaps: readonly Replacement[];
 }
 
 /**
@@ -147,6 +181,12 @@ export function compilePolicy(policy: EgressPolicy): CompiledPolicy {
       throw invalidRequest(`egress credential ${credential.name}: placeholder and secret overlap`);
     }
   }
+  const responseSwaps: Replacement[] = [
+    ...policy.credentials.map((credential) => ({ from: credential.secret, to: credential.placeholder })),
+    ...(policy.withheld ?? []).flatMap((withheld) =>
+      withheld.secret.length === 0 ? [] : [{ from: withheld.secret, to: `berth_withheld_${withheld.id}` }],
+    ),
+  ];
   const { networking } = policy;
   const reachable: CompiledPolicy['reachable'] =
     networking.type === 'unrestricted'
@@ -174,6 +214,7 @@ export function compilePolicy(policy: EgressPolicy): CompiledPolicy {
   return {
     policy,
     reachable,
+    responseSwaps,
     credentialsFor: (host) => {
       if (matchers.length === 0) return none;
       return matchers.filter((entry) => entry.applies(host)).map((entry) => entry.credential);

@@ -10,9 +10,11 @@
  * 3. HTTPS (CONNECT) to a host where one of the session's credentials applies is intercepted: the
  *    proxy terminates TLS with a certificate from the session's own CA (`certificates.ts`) and
  *    re-originates to the host with full certificate verification. There, placeholders become
- *    secrets in the request (headers and/or body, as the credential says), and a secret the
- *    upstream sends back becomes its placeholder again. Every other CONNECT is a byte tunnel the
- *    proxy never opens. Plain HTTP follows the same injection rules.
+ *    secrets in the request (credential headers and/or the body, as the credential says). Every
+ *    other CONNECT is a byte tunnel the proxy never opens. Plain HTTP follows the same injection
+ *    rules. Every response the proxy reads (plain HTTP from any host, intercepted HTTPS) is
+ *    scanned for every secret of the session, and refused (502) when its content or transfer
+ *    coding is one the proxy cannot decode.
  * 4. Every request and tunnel, allowed or denied, is reported to `onRequest` (method, host, path,
  *    status, bytes, which credentials by name; never a value).
  *
@@ -41,7 +43,13 @@ import { createBrotliDecompress, createUnzip } from 'node:zlib';
 import { type Authority, canonicalHost, formatAuthority, parseAuthority } from './addresses.js';
 import { type CertificateAuthority, createCertificateAuthority } from './certificates.js';
 import { createDestinationRule, Refusal } from './destinations.js';
-import { type CompiledPolicy, compilePolicy, type EgressCredential, type EgressPolicy } from './policy.js';
+import {
+  type CompiledPolicy,
+  compilePolicy,
+  type EgressCredential,
+  type EgressPolicy,
+  isCredentialHeader,
+} from './policy.js';
 import { type Replacement, replaceAll, replacingStream } from './replace-stream.js';
 
 /** One request through the proxy (or one CONNECT tunnel), as the session's audit sees it. */
@@ -179,6 +187,19 @@ function decodersFor(contentEncoding: string | undefined): Transform[] | undefin
     else return undefined;
   }
   return decoders;
+}
+
+/**
+ * Whether a response's transfer codings are ones the proxy decodes (only `chunked`, which
+ * Node's parser undoes). Any other (`gzip, chunked`, …) would reach the sandbox as bytes nobody
+ * scanned: `transfer-encoding` is hop-by-hop and dropped, the coded body passed on as it is.
+ */
+function decodableTransfer(transferEncoding: string | undefined): boolean {
+  if (transferEncoding === undefined) return true;
+  return transferEncoding
+    .split(',')
+    .map((coding) => coding.trim().toLowerCase())
+    .every((coding) => coding === '' || coding === 'chunked');
 }
 
 /** Why an upstream request failed, in words (error codes only: messages are not ours to repeat). */
@@ -362,15 +383,23 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
       to: credential.secret,
     }));
     const bodyCredentials = applying.filter((credential) => credential.injection.body);
+    // Every secret of the session is turned back into its placeholder in any response the
+    // proxy reads, whatever its host: a secret stored by one host can be served by another.
+    const toPlaceholder = policy.responseSwaps;
+    const scanning = toPlaceholder.length > 0;
     const headers: OutgoingHttpHeaders = {};
     const onMatch = injecting(headerCredentials);
     for (const [name, value] of endToEnd(request.headers)) {
       if (name === 'host') continue;
-      // Bodies from a credential's host are scanned for its secret: ask for them uncompressed.
-      if (name === 'accept-encoding' && applying.length > 0) continue;
-      headers[name] = Array.isArray(value)
-        ? value.map((item) => swapHeader(item, headerSwaps, onMatch))
-        : swapHeader(value, headerSwaps, onMatch);
+      // Response bodies are scanned for the session's secrets: ask for them uncompressed.
+      if (name === 'accept-encoding' && scanning) continue;
+      // Placeholders become secrets only in headers that carry credentials (`isCredentialHeader`).
+      headers[name] =
+        headerSwaps.length === 0 || !isCredentialHeader(name)
+          ? value
+          : Array.isArray(value)
+            ? value.map((item) => swapHeader(item, headerSwaps, onMatch))
+            : swapHeader(value, headerSwaps, onMatch);
     }
     // The Host is the one the proxy connects for (plain HTTP: the absolute URL's, as RFC 9112
     // says; a different Host would carry the secret to another site behind the same address).
@@ -407,12 +436,6 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
         record.bytesSent += chunk.length;
       });
     }
-    // Secrets of every credential of the session are turned back into placeholders in responses.
-    const toPlaceholder = policy.policy.credentials.map((credential) => ({
-      from: credential.secret,
-      to: credential.placeholder,
-    }));
-    const rewriting = applying.length > 0;
 
     const send = (attempt: number) => {
       let upstream: ClientRequest;
@@ -475,7 +498,17 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
         const status = answer.statusCode ?? 502;
         const bodyless =
           request.method === 'HEAD' || status === 204 || status === 304 || (status >= 100 && status < 200);
-        const decoders = rewriting && !bodyless ? decodersFor(answer.headers['content-encoding']) : [];
+        if (!decodableTransfer(answer.headers['transfer-encoding'])) {
+          answer.destroy();
+          return refuse(
+            new Refusal(
+              502,
+              `the response of ${target.host} is in a transfer-encoding the proxy cannot check for secrets`,
+              'allowed',
+            ),
+          );
+        }
+        const decoders = scanning && !bodyless ? decodersFor(answer.headers['content-encoding']) : [];
         if (decoders === undefined) {
           answer.destroy();
           // The value is the upstream's words: never repeated (it could be anything, a secret too).
@@ -490,7 +523,7 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
         record.status = status;
         const outgoing: OutgoingHttpHeaders = {};
         for (const [name, value] of endToEnd(answer.headers)) {
-          if (rewriting && !bodyless && (name === 'content-length' || name === 'content-encoding')) continue;
+          if (scanning && !bodyless && (name === 'content-length' || name === 'content-encoding')) continue;
           outgoing[name] = Array.isArray(value)
             ? value.map((item) => swapHeader(item, toPlaceholder))
             : swapHeader(value, toPlaceholder);
@@ -501,7 +534,7 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
           outgoing,
         );
         const stages: (Readable | Transform)[] = [answer];
-        if (rewriting && !bodyless) stages.push(...decoders, replacingStream(toPlaceholder));
+        if (scanning && !bodyless) stages.push(...decoders, replacingStream(toPlaceholder));
         pipeline([...stages, response] as [Readable, ...Transform[], ServerResponse], (error) => {
           if (error) response.destroy();
         });

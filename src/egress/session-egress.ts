@@ -14,7 +14,13 @@ import type { VaultService } from '../vault/vault-service.js';
 import { canonicalHost } from './addresses.js';
 import { createDestinationRule, type DestinationRule } from './destinations.js';
 import { createHostFetch, type HostFetch } from './host-fetch.js';
-import { compilePolicy, type EgressCredential, type EgressNetworking, type EgressPolicy } from './policy.js';
+import {
+  compilePolicy,
+  type EgressCredential,
+  type EgressNetworking,
+  type EgressPolicy,
+  type WithheldSecret,
+} from './policy.js';
 import {
   createEgressProxy,
   DEFAULT_EGRESS_LIMITS,
@@ -125,6 +131,19 @@ export class SessionEgress {
     );
   }
 
+  /**
+   * The secrets of the session the sandbox has no placeholder for (bearer tokens, OAuth tokens
+   * and client secrets, which Berth sends itself): responses are scanned for them too.
+   */
+  async #withheld(session: SessionRecord): Promise<WithheldSecret[]> {
+    const secrets = await this.#options.vault.secretsForSession(session);
+    return secrets.flatMap((entry) =>
+      entry.type === 'environment_variable'
+        ? []
+        : entry.values.map((value) => ({ id: entry.credentialId, secret: value.reveal() })),
+    );
+  }
+
   /** Variables every command of the session's sandbox gets. */
   async environment(session: SessionRecord): Promise<Record<string, string>> {
     const bundle = `${SERVICES_INSIDE}/${BUNDLE_NAME}`;
@@ -156,6 +175,7 @@ export class SessionEgress {
     const policy: EgressPolicy = {
       networking: networkingOf(environmentConfig, session),
       credentials: await this.#credentials(session),
+      withheld: await this.#withheld(session),
     };
     const key: SessionKey = { tenantId: session.tenantId, id: session.id };
     const resolve = this.#resolve;

@@ -4,6 +4,7 @@ import type { UsageRecord } from './usage.js';
 
 /** The events a session's usage is computed from (never message or tool content). */
 const USAGE_EVENT_TYPES = [
+  'berth.egress_request',
   'session.usage',
   'span.model_request_end',
   'session.status_running',

@@ -18,8 +18,9 @@ export function modelOfSession(session: SessionRecord): string {
 /**
  * A session's usage, read from its log (the truth): active seconds from its status changes,
  * idle seconds as the rest of its life, tokens from `span.model_request_end` as the provider
- * reported them, events by count. Sandbox CPU and memory come from the newest
- * `session.usage` snapshot plus what was measured since (`sandboxSince`).
+ * reported them, egress bytes from `berth.egress_request` audits (sent and received), events by
+ * count. Sandbox CPU and memory come from the newest `session.usage` snapshot plus what was
+ * measured since (`sandboxSince`).
  */
 export function usageFromLog(
   session: SessionRecord,
@@ -62,6 +63,10 @@ export function usageFromLog(
       case 'session.usage':
         snapshot = (event.berth as SessionUsageBerth | undefined) ?? snapshot;
         break;
+      case 'berth.egress_request':
+        // Every request and tunnel of the sandbox's proxy and of Berth's own fetches, both ways.
+        usage.egressBytes += (Number(event.bytes_sent) || 0) + (Number(event.bytes_received) || 0);
+        break;
     }
   }
   const end = endedAt ?? now;
@@ -70,7 +75,6 @@ export function usageFromLog(
   usage.idleSeconds = Math.max(0, (end - Date.parse(session.createdAt)) / 1000 - usage.activeSeconds);
   usage.sandboxCpuSeconds = (snapshot?.sandbox_cpu_seconds ?? 0) + sandboxSince.cpuSeconds;
   usage.sandboxMemoryGbSeconds = (snapshot?.sandbox_memory_gb_seconds ?? 0) + sandboxSince.memoryGbSeconds;
-  usage.egressBytes = snapshot?.egress_bytes ?? 0;
   usage.events = log.length;
   return usage;
 }

@@ -129,13 +129,47 @@ export class VaultService {
    * MCP server URL or the same environment variable, the first vault in `vault_ids` wins.
    */
   async credentialsForSession(session: SessionKey | SessionRecord): Promise<SessionCredential[]> {
+    const { record, credentials } = await this.#sessionCredentialRecords(session);
+    return credentials.map((credential) => this.#sessionCredential(record, credential));
+  }
+
+  /**
+   * Every secret value the credentials of a session hold, as stored now (no token is refreshed
+   * to get them): an `environment_variable`'s value, a `static_bearer` token, an `mcp_oauth`
+   * credential's access and refresh tokens and client secret. The egress proxy scans every
+   * response it reads for all of them.
+   */
+  async secretsForSession(
+    session: SessionKey | SessionRecord,
+  ): Promise<{ credentialId: string; type: CredentialSecrets['type']; values: SecretValue[] }[]> {
+    const { credentials } = await this.#sessionCredentialRecords(session);
+    return credentials.map((credential) => {
+      const secrets = this.openSecrets(credential);
+      const values =
+        secrets.type === 'environment_variable'
+          ? [secrets.secret_value]
+          : secrets.type === 'static_bearer'
+            ? [secrets.token]
+            : [secrets.access_token, secrets.refresh_token, secrets.client_secret];
+      return {
+        credentialId: credential.id,
+        type: secrets.type,
+        values: values.flatMap((value) => (value ? [new SecretValue(value)] : [])),
+      };
+    });
+  }
+
+  /** The session and the records of its credentials (see `credentialsForSession`). */
+  async #sessionCredentialRecords(
+    session: SessionKey | SessionRecord,
+  ): Promise<{ record: SessionRecord; credentials: CredentialRecord[] }> {
     const record =
       'body' in session && typeof session.body === 'object'
         ? (session as SessionRecord)
         : await this.#store.resources.getSession(session.tenantId, session.id);
     if (record === undefined) throw notFound('session', session.id);
     const vaultIds = Array.isArray(record.body.vault_ids) ? (record.body.vault_ids as string[]) : [];
-    const credentials: SessionCredential[] = [];
+    const credentials: CredentialRecord[] = [];
     const claimed = new Set<string>();
     for (const vaultId of vaultIds) {
       const vault = await this.#store.vaults.getVault(record.tenantId, vaultId);
@@ -154,12 +188,12 @@ export class VaultService {
               : `mcp:${body.auth.mcp_server_url}`;
           if (claimed.has(claim)) continue;
           claimed.add(claim);
-          credentials.push(this.#sessionCredential(record, credential));
+          credentials.push(credential);
         }
         cursor = page.nextCursor ?? undefined;
       } while (cursor !== undefined);
     }
-    return credentials;
+    return { record, credentials };
   }
 
   #sessionCredential(session: SessionKey, record: CredentialRecord): SessionCredential {

@@ -86,6 +86,8 @@ export interface ProxyAnswer {
   status: number;
   headers: IncomingHttpHeaders;
   body: string;
+  /** The body as bytes. */
+  bytes: Buffer;
 }
 
 /** One absolute-form request through the proxy's socket. */
@@ -106,13 +108,15 @@ export function viaProxy(
       (response) => {
         const chunks: Buffer[] = [];
         response.on('data', (chunk: Buffer) => chunks.push(chunk));
-        response.on('end', () =>
+        response.on('end', () => {
+          const bytes = Buffer.concat(chunks);
           resolve({
             status: response.statusCode ?? 0,
             headers: response.headers,
-            body: Buffer.concat(chunks).toString('utf8'),
-          }),
-        );
+            body: bytes.toString('utf8'),
+            bytes,
+          });
+        });
       },
     );
     request.on('error', reject);
