@@ -347,6 +347,8 @@ export async function startBerth(
     liveSessions: (tenantId, userId) => supervisor.liveCount(tenantId, userId),
   });
   const authenticator = new Authenticator(store.resources);
+  // Several nodes: revocations, role changes and removals made anywhere apply here at once.
+  if (cluster) rawStore.watchPrincipals?.((change) => authenticator.changed(change));
   const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
   if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
 

@@ -53,6 +53,8 @@ interface Resource {
   label: string;
   /** The vault a credential is in (its routes name both). */
   parentId?: string;
+  /** Who made it, for resources the whole tenant sees but only admins and their creator change. */
+  creatorId?: string;
 }
 
 /** One tenant as the test built it. */
@@ -82,8 +84,18 @@ interface Reference {
  * be here, so a new route cannot escape the matrix.
  */
 type RouteRule =
-  /** A route about one resource (`:id`): a valid body, and whether it retires its target. */
-  | { type: 'by-id'; body?: (target: Resource) => unknown; retires?: true }
+  /**
+   * A route about one resource (`:id`): a valid body, whether it retires its target, and who
+   * among those who see the target may use it (default: all of them): `admins` only, or
+   * `admins and creator` (vaults and credentials: `identity/access.ts` `mayChangeVaultItem`).
+   * The others get 403 permission_error.
+   */
+  | {
+      type: 'by-id';
+      body?: (target: Resource) => unknown;
+      retires?: true;
+      writers?: 'admins' | 'admins and creator';
+    }
   /** A listing: must show nothing the caller may not see; `filters` take ids as query parameters. */
   | { type: 'listing'; lists: Kind; adminOnly?: true; filters?: { parameter: string; kind: Kind }[] }
   /** A creation: a valid body, and bodies that name other resources' ids. */
@@ -104,8 +116,10 @@ interface MatrixCase {
   path: string;
   rule: Extract<RouteRule, { type: 'by-id' }>;
   target: Resource;
-  /** Whether the caller may reach the target (2xx) or must be told it does not exist (404). */
+  /** Whether the caller may see the target, or must be told it does not exist (404). */
   visible: boolean;
+  /** Whether the caller may use the route on it (2xx); visible but not allowed is a 403. */
+  allowed: boolean;
 }
 
 const userMessage = { type: 'user.message', content: [{ type: 'text', text: 'hi' }] };
@@ -188,6 +202,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     resource.tenantId === caller.tenantId &&
     (caller.role === 'admin' || resource.ownerId === null || resource.ownerId === caller.userId);
 
+  /** Whether a caller who sees the target may use the route on it (the route's `writers`). */
+  const mayUse = (caller: Party, target: Resource, rule: Extract<RouteRule, { type: 'by-id' }>) =>
+    rule.writers === undefined ||
+    caller.role === 'admin' ||
+    (rule.writers === 'admins and creator' && target.creatorId === caller.userId);
+
   const routeRules: Record<string, RouteRule> = {
     'GET /health': { type: 'caller' },
     'GET /metrics': { type: 'caller' },
@@ -202,6 +222,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       body: () => ({ name: `extra-${++probe}`, role: 'member' }),
     },
     'GET /v1/users/:id': { type: 'by-id' },
+    // The user's current role: a no-op change (an admin cannot change their own role).
+    'POST /v1/users/:id': {
+      type: 'by-id',
+      writers: 'admins',
+      body: (target) => ({ role: partyOf(target.ownerId!).role }),
+    },
 
     'GET /v1/api_keys': {
       type: 'listing',
@@ -254,12 +280,17 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'GET /v1/vaults': { type: 'listing', lists: 'vault' },
     'POST /v1/vaults': { type: 'create', body: () => ({ display_name: `extra-${++probe}` }) },
     'GET /v1/vaults/:id': { type: 'by-id' },
-    'POST /v1/vaults/:id': { type: 'by-id', body: () => ({ metadata: { probe: String(++probe) } }) },
-    'POST /v1/vaults/:id/archive': { type: 'by-id', retires: true },
-    'DELETE /v1/vaults/:id': { type: 'by-id', retires: true },
+    'POST /v1/vaults/:id': {
+      type: 'by-id',
+      writers: 'admins and creator',
+      body: () => ({ metadata: { probe: String(++probe) } }),
+    },
+    'POST /v1/vaults/:id/archive': { type: 'by-id', retires: true, writers: 'admins and creator' },
+    'DELETE /v1/vaults/:id': { type: 'by-id', retires: true, writers: 'admins and creator' },
     'GET /v1/vaults/:id/credentials': { type: 'by-id' },
     'POST /v1/vaults/:id/credentials': {
       type: 'by-id',
+      writers: 'admins and creator',
       body: () => ({
         auth: {
           type: 'environment_variable',
@@ -272,11 +303,23 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     'GET /v1/vaults/:vault_id/credentials/:id': { type: 'by-id' },
     'POST /v1/vaults/:vault_id/credentials/:id': {
       type: 'by-id',
+      writers: 'admins and creator',
       body: () => ({ metadata: { probe: String(++probe) } }),
     },
-    'POST /v1/vaults/:vault_id/credentials/:id/mcp_oauth_validate': { type: 'by-id' },
-    'POST /v1/vaults/:vault_id/credentials/:id/archive': { type: 'by-id', retires: true },
-    'DELETE /v1/vaults/:vault_id/credentials/:id': { type: 'by-id', retires: true },
+    'POST /v1/vaults/:vault_id/credentials/:id/mcp_oauth_validate': {
+      type: 'by-id',
+      writers: 'admins and creator',
+    },
+    'POST /v1/vaults/:vault_id/credentials/:id/archive': {
+      type: 'by-id',
+      retires: true,
+      writers: 'admins and creator',
+    },
+    'DELETE /v1/vaults/:vault_id/credentials/:id': {
+      type: 'by-id',
+      retires: true,
+      writers: 'admins and creator',
+    },
 
     'GET /v1/skills': { type: 'listing', lists: 'skill' },
     'POST /v1/skills': { type: 'create', body: () => skillUpload() as unknown as JsonObject },
@@ -376,7 +419,8 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       model: 'scripted/echo',
     });
     const environment = await must(admin.key, 'POST', '/v1/environments', { name: `${name}-environment` });
-    const vault = await must(admin.key, 'POST', '/v1/vaults', { display_name: `${name}-vault` });
+    // Made by a member: the whole tenant sees and uses it; admins and that member change it.
+    const vault = await must(members[0]!.key, 'POST', '/v1/vaults', { display_name: `${name}-vault` });
     // Uploaded by a member: skills are the whole tenant's, like agents.
     const skill = await must(members[0]!.key, 'POST', '/v1/skills', skillUpload());
     return {
@@ -452,10 +496,12 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       fresh.id = (await must(world.admin.key, 'POST', '/v1/environments', { name: 'throwaway' }))
         .id as string;
     } else if (resource.kind === 'vault') {
-      fresh.id = (await must(world.admin.key, 'POST', '/v1/vaults', { display_name: 'throwaway' }))
-        .id as string;
+      // Made by the same user, so the same callers may change it.
+      fresh.id = (
+        await must(partyOf(resource.creatorId!).key, 'POST', '/v1/vaults', { display_name: 'throwaway' })
+      ).id as string;
     } else if (resource.kind === 'credential') {
-      fresh.id = await credentialIn(world.admin.key, resource.parentId!, 'throwaway');
+      fresh.id = await credentialIn(partyOf(resource.creatorId!).key, resource.parentId!, 'throwaway');
     } else if (resource.kind === 'skill') {
       fresh.id = (await must(world.admin.key, 'POST', '/v1/skills', skillUpload())).id as string;
     } else {
@@ -597,15 +643,33 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
           ownerId: null,
           label: `${world.name} environment`,
         },
-        { ...tenant, kind: 'vault', id: world.vaultId, ownerId: null, label: `${world.name} vault` },
+        {
+          ...tenant,
+          kind: 'vault',
+          id: world.vaultId,
+          ownerId: null,
+          creatorId: world.members[0].userId,
+          label: `${world.name} vault`,
+        },
         { ...tenant, kind: 'skill', id: world.skillId, ownerId: null, label: `${world.name} skill` },
         {
           ...tenant,
           kind: 'credential',
-          // Made by a member: vaults and their credentials are the whole tenant's.
+          // Made by the vault's creator: the whole tenant sees it; admins and that member change it.
           id: await credentialIn(world.members[0].key, world.vaultId, `${world.name} credential`),
           ownerId: null,
+          creatorId: world.members[0].userId,
           label: `${world.name} credential`,
+          parentId: world.vaultId,
+        },
+        {
+          ...tenant,
+          kind: 'credential',
+          // Put in the member's vault by the admin: not the vault's creator's to change.
+          id: await credentialIn(world.admin.key, world.vaultId, `${world.name} admin's credential`),
+          ownerId: null,
+          creatorId: world.admin.userId,
+          label: `${world.name} admin's credential`,
           parentId: world.vaultId,
         },
       );
@@ -639,7 +703,16 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
       const kind = kindOfPath(path);
       for (const caller of parties) {
         for (const target of resources.filter((resource) => resource.kind === kind)) {
-          matrix.push({ caller, method, path, rule, target, visible: canSee(caller, target) });
+          const visible = canSee(caller, target);
+          matrix.push({
+            caller,
+            method,
+            path,
+            rule,
+            target,
+            visible,
+            allowed: visible && mayUse(caller, target, rule),
+          });
         }
       }
     }
@@ -783,13 +856,36 @@ describe.each(['sqlite', 'postgres'] as const)('tenant isolation (%s store)', (s
     expect(problems).toEqual([]);
   });
 
+  it('answers 403 permission_error to a member who sees a vault, credential or user but may not change it', async () => {
+    const cases = matrix.filter((entry) => entry.visible && !entry.allowed);
+    expect(cases.every((entry) => entry.caller.role === 'member')).toBe(true);
+    // The attack of issue 14 (another member re-points a member's credential), and the vault's
+    // creator re-pointing a credential an admin put in their vault.
+    const updates = cases.filter((entry) => entry.path === '/v1/vaults/:vault_id/credentials/:id');
+    const firstMember = (entry: MatrixCase) => worldOf(entry.caller.tenantId).members[0].userId;
+    expect(updates.some((entry) => entry.target.creatorId === firstMember(entry))).toBe(true);
+    expect(updates.some((entry) => entry.caller.userId === firstMember(entry))).toBe(true);
+    const problems: string[] = [];
+    for (const { caller, method, path, rule, target } of cases) {
+      const body = await rule.body?.(target);
+      const answer = await request(caller.key, method, fill(path, target.id, target.parentId), body);
+      const error = answer.body?.error as JsonObject | undefined;
+      if (answer.status !== 403 || answer.body?.type !== 'error' || error?.type !== 'permission_error') {
+        problems.push(
+          `${describeCase(caller, method, path, target)} → ${answer.status} ${JSON.stringify(answer.body).slice(0, 160)}`,
+        );
+      }
+    }
+    expect(problems).toEqual([]);
+  });
+
   it('leaves every session, event log, agent version, environment, user and key the refused requests named unchanged', async () => {
     expect(await snapshot()).toEqual(before);
   });
 
   it('lets owners and their tenant admins use every route on their own resources, streams included', async () => {
     const problems: string[] = [];
-    const allowed = matrix.filter((entry) => entry.visible);
+    const allowed = matrix.filter((entry) => entry.allowed);
     // Routes that retire their target run last, each on a fresh resource like the one it names.
     const ordered = [
       ...allowed.filter((entry) => !entry.rule.retires),

@@ -1,7 +1,7 @@
 import { type Context, Hono, type Next } from 'hono';
 import { bodyLimit } from 'hono/body-limit';
 import { BerthError, invalidRequest } from '../errors.js';
-import { loadSessionFor } from '../identity/access.js';
+import { authorizeVaultChange, loadSessionFor } from '../identity/access.js';
 import { MAX_SKILL_BYTES } from '../skills/skill-package.js';
 import { agentRoutes } from './agents.js';
 import { type ApiDependencies, type ApiEnvironment, presentedKey } from './context.js';
@@ -102,6 +102,23 @@ export function createApp(dependencies: ApiDependencies) {
   };
   app.use('/v1/sessions/:id', withSession);
   app.use('/v1/sessions/:id/*', withSession);
+  // The one check of every change to a vault or credential, present and future: anything but a
+  // read under /v1/vaults/:id runs only after `authorizeVaultChange` allowed it.
+  const vaultChange = async (context: Context<ApiEnvironment>, next: Next) => {
+    const { method } = context.req;
+    if (method !== 'GET' && method !== 'HEAD') {
+      const credential = /^\/v1\/vaults\/[^/]+\/credentials\/([^/]+)/.exec(context.req.path)?.[1];
+      await authorizeVaultChange(
+        dependencies.store,
+        context.get('principal'),
+        context.req.param('id')!,
+        credential === undefined ? undefined : decodeURIComponent(credential),
+      );
+    }
+    await next();
+  };
+  app.use('/v1/vaults/:id', vaultChange);
+  app.use('/v1/vaults/:id/*', vaultChange);
   if (dependencies.cluster) {
     const routing = clusterRouting(dependencies.cluster);
     app.use('/v1/sessions/:id', routing);

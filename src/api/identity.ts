@@ -4,7 +4,7 @@ import { issueApiKey, type Principal } from '../identity/api-keys.js';
 import { newId } from '../ids.js';
 import type { ApiKeyRecord, UserRecord } from '../store/resource-store.js';
 import { type ApiDependencies, type ApiEnvironment, nowIso, readBody } from './context.js';
-import { apiKeyCreate, userCreate } from './schemas.js';
+import { apiKeyCreate, userCreate, userUpdate } from './schemas.js';
 
 /** A user as the API shows it. */
 function presentUser(user: UserRecord) {
@@ -31,8 +31,8 @@ function requireAdmin(principal: Principal, what: string): void {
 
 /**
  * Berth's identity API (extensions, not in the official SDK): `/v1/me`, `/v1/users` and
- * `/v1/api_keys`, all within the caller's tenant. Admins manage users and every key of the
- * tenant; members see themselves and manage their own keys. A key or user of another tenant,
+ * `/v1/api_keys`, all within the caller's tenant. Admins manage users (and their roles) and
+ * every key of the tenant; members see themselves and manage their own keys. A key or user of another tenant,
  * or (for members) of another user, answers 404.
  */
 export function identityRoutes(dependencies: ApiDependencies) {
@@ -76,13 +76,35 @@ export function identityRoutes(dependencies: ApiDependencies) {
     return context.json(presentUser(user));
   });
 
-  app.get('/users/:id', async (context) => {
-    const principal = context.get('principal');
-    const id = context.req.param('id');
+  /** A user the caller may see: any of the tenant's for admins, themselves for members. */
+  async function loadUser(principal: Principal, id: string): Promise<UserRecord> {
     if (principal.role !== 'admin' && id !== principal.userId) throw notFound('user', id);
     const user = await resources.getUser(principal.tenantId, id);
     if (!user) throw notFound('user', id);
-    return context.json(presentUser(user));
+    return user;
+  }
+
+  app.get('/users/:id', async (context) => {
+    return context.json(presentUser(await loadUser(context.get('principal'), context.req.param('id'))));
+  });
+
+  // A role change applies at once: the user's keys carry the new role on their next request,
+  // on every node, and streams opened under the old role close.
+  app.post('/users/:id', async (context) => {
+    const principal = context.get('principal');
+    const user = await loadUser(principal, context.req.param('id'));
+    requireAdmin(principal, 'change roles');
+    const input = await readBody(context, userUpdate);
+    if (input.role === user.role) return context.json(presentUser(user));
+    if (user.id === principal.userId) {
+      throw invalidRequest(
+        'admins cannot change their own role (the tenant could be left without one); ask another admin',
+      );
+    }
+    const updated = await resources.setUserRole(principal.tenantId, user.id, input.role);
+    if (!updated) throw notFound('user', user.id);
+    authenticator.changed({ kind: 'user', tenantId: principal.tenantId, id: user.id });
+    return context.json(presentUser(updated));
   });
 
   app.get('/api_keys', async (context) => {

@@ -424,6 +424,9 @@ export const userCreate = z
   .object({ name: principalName, role: z.enum(['admin', 'member']).default('member') })
   .strict();
 
+/** `POST /v1/users/{id}` (admins): a user's new role. */
+export const userUpdate = z.object({ role: z.enum(['admin', 'member']) }).strict();
+
 /** `POST /v1/api_keys`: a key for the caller, or (admins) for a user of the tenant. */
 export const apiKeyCreate = z
   .object({

@@ -2,7 +2,14 @@ import { createHash, randomBytes } from 'node:crypto';
 import { chmod, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { newId } from '../ids.js';
-import type { ApiKeyRecord, ResourceStore, Role, TenantRecord, UserRecord } from '../store/resource-store.js';
+import type {
+  ApiKeyRecord,
+  PrincipalChange,
+  ResourceStore,
+  Role,
+  TenantRecord,
+  UserRecord,
+} from '../store/resource-store.js';
 
 /** Who is calling: resolved from the API key on every request. */
 export interface Principal {
@@ -27,26 +34,42 @@ export function generateApiKey(): string {
   return `berth_sk_${randomBytes(24).toString('base64url')}`;
 }
 
-/** Cached keys are re-read after this long, so a revocation made elsewhere applies within it. */
+/**
+ * Cached keys are re-read after this long. With several nodes, changes are also heard from the
+ * database at once (`changed`); this bounds how long a change whose notice was lost can go
+ * unseen.
+ */
 const CACHE_MAX_AGE_MS = 10_000;
+
+/** Something long-lived held under a key: the principal it was opened as, and how to end it. */
+interface Holder {
+  principal: Principal;
+  end: () => void;
+}
 
 /**
  * Authenticates keys with a per-process cache of keys already seen (by hash, with their
  * tenant, user and role), so a request does not pay a database round trip for its key.
  * Expiry is checked on every use. A revocation made through this process applies at once:
- * `revoked` drops the key and ends everything open under it (SSE streams); one made by
- * another process applies when the cached entry ages out (10 s).
+ * `revoked` drops the key and ends everything open under it (SSE streams). Changes made
+ * anywhere else (another node, the CLI on the store) arrive through `changed`, from the
+ * database's notices (PostgreSQL), and apply as soon as they are heard; without notices
+ * (SQLite, another process) a cached entry is re-read after 10 s.
  */
 export class Authenticator {
   readonly #resources: ResourceStore;
   readonly #known = new Map<string, { record: ApiKeyRecord; readAt: number }>();
-  /** What to end when a key is revoked: open streams, by key id. */
-  readonly #holders = new Map<string, Set<() => void>>();
+  /** What to end when a key stops working: open streams, by key id. */
+  readonly #holders = new Map<string, Set<Holder>>();
   /**
-   * Keys revoked through this process, so a stream whose request was authenticated just before
-   * the revocation, but registers after it, still ends.
+   * Keys revoked (through this process, or heard), so a stream or request whose key was read
+   * just before the revocation, but registers or answers after it, still ends.
    */
   readonly #revokedIds = new Set<string>();
+  /** Counts changes heard; a key read while one arrived is not cached (it may predate it). */
+  #generation = 0;
+  /** The generation each principal was authenticated in (see `hold`). */
+  readonly #authenticatedIn = new WeakMap<Principal, number>();
 
   constructor(resources: ResourceStore) {
     this.#resources = resources;
@@ -56,33 +79,43 @@ export class Authenticator {
   async authenticate(key: string, now = new Date()): Promise<Principal | undefined> {
     const hash = hashApiKey(key);
     let entry = this.#known.get(hash);
+    let generation = this.#generation;
     if (!entry || now.getTime() - entry.readAt > CACHE_MAX_AGE_MS) {
       const record = await this.#resources.findApiKeyByHash(hash);
       if (!record) {
         this.#known.delete(hash);
         return undefined;
       }
-      // Bounded: an attacker cannot grow it, only valid keys are cached.
-      if (this.#known.size >= 10_000) this.#known.clear();
       entry = { record, readAt: now.getTime() };
-      this.#known.set(hash, entry);
+      if (generation === this.#generation) {
+        // Bounded: an attacker cannot grow it, only valid keys are cached.
+        if (this.#known.size >= 10_000) this.#known.clear();
+        this.#known.set(hash, entry);
+      } else {
+        // A change was heard during the read: this record may predate it. Answer this request
+        // from it (it was read concurrently with the change), but remember nothing.
+        generation = -1;
+      }
       if (record.revokedAt) this.#end(record.id);
     }
     const { record } = entry;
-    if (record.revokedAt) return undefined;
+    if (record.revokedAt || this.#revokedIds.has(record.id)) return undefined;
     if (record.expiresAt && new Date(record.expiresAt) <= now) return undefined;
-    return {
+    const principal: Principal = {
       tenantId: record.tenantId,
       userId: record.userId,
       role: record.role,
       keyId: record.id,
       expiresAt: record.expiresAt,
     };
+    this.#authenticatedIn.set(principal, generation);
+    return principal;
   }
 
   /**
    * Ties something long-lived (an SSE stream) to the principal's key: `end` runs when the key
-   * is revoked through this process or when it expires. Returns the function that unties it.
+   * is revoked, when the user's role changes or the user or tenant is removed (on any node), or
+   * when the key expires. Returns the function that unties it.
    */
   hold(principal: Principal, end: () => void): () => void {
     if (this.#revokedIds.has(principal.keyId)) {
@@ -94,8 +127,10 @@ export class Authenticator {
       holders = new Set();
       this.#holders.set(principal.keyId, holders);
     }
-    const holder = () => end();
+    const holder: Holder = { principal, end: () => end() };
     holders.add(holder);
+    // A change heard between authenticating the request and now found nothing to end: look again.
+    if (this.#authenticatedIn.get(principal) !== this.#generation) this.#recheck([holder]);
     let timer: NodeJS.Timeout | undefined;
     if (principal.expiresAt !== null) {
       const arm = () => {
@@ -116,17 +151,77 @@ export class Authenticator {
 
   /** A key was revoked: forget it and end everything held under it. */
   revoked(record: ApiKeyRecord): void {
+    this.#generation++;
     this.#known.delete(record.hash);
+    this.#forgetRevoked(record.id);
+  }
+
+  /**
+   * A change heard from the database (any node's, or the CLI's; see `Store.watchPrincipals`),
+   * or made through this process (a role change): forgets what it may have made stale and
+   * ends what was held under rights that are gone. A revoked or deleted key ends at once; for a
+   * user or tenant, each held key is read again and ends if it no longer works or its role
+   * changed.
+   */
+  changed(change: PrincipalChange): void {
+    this.#generation++;
+    if (change.kind === 'key') {
+      for (const [hash, entry] of this.#known) {
+        if (entry.record.id === change.id && entry.record.tenantId === change.tenantId)
+          this.#known.delete(hash);
+      }
+      this.#forgetRevoked(change.id);
+      return;
+    }
+    const affected = (record: { tenantId: string; userId: string }) =>
+      change.kind === 'missed' ||
+      (record.tenantId === change.tenantId && (change.kind === 'tenant' || record.userId === change.id));
+    for (const [hash, entry] of this.#known) if (affected(entry.record)) this.#known.delete(hash);
+    const held: Holder[] = [];
+    for (const holders of this.#holders.values()) {
+      for (const holder of holders) if (affected(holder.principal)) held.push(holder);
+    }
+    this.#recheck(held);
+  }
+
+  /** Reads each holder's key again; ends those whose key no longer works as it did. */
+  #recheck(holders: readonly Holder[]): void {
+    for (const holder of holders) {
+      const { principal } = holder;
+      this.#resources.getApiKey(principal.tenantId, principal.keyId).then(
+        (record) => {
+          const gone =
+            !record ||
+            record.revokedAt !== null ||
+            this.#revokedIds.has(record.id) ||
+            record.userId !== principal.userId ||
+            record.role !== principal.role;
+          if (gone) this.#endHolder(holder);
+        },
+        // Unable to tell: end it (the client reconnects and is checked afresh).
+        () => this.#endHolder(holder),
+      );
+    }
+  }
+
+  #endHolder(holder: Holder): void {
+    const holders = this.#holders.get(holder.principal.keyId);
+    if (!holders?.delete(holder)) return;
+    if (holders.size === 0) this.#holders.delete(holder.principal.keyId);
+    holder.end();
+  }
+
+  #forgetRevoked(keyId: string): void {
     if (this.#revokedIds.size >= 10_000) this.#revokedIds.clear();
-    this.#revokedIds.add(record.id);
-    this.#end(record.id);
+    this.#revokedIds.add(keyId);
+    this.#end(keyId);
   }
 
   #end(keyId: string): void {
     const holders = this.#holders.get(keyId);
     if (!holders) return;
     this.#holders.delete(keyId);
-    for (const holder of holders) holder();
+    for (const holder of holders) holder.end();
   }
 }
 

@@ -183,6 +183,8 @@ export interface ResourceStore {
   createUser(record: UserRecord): Promise<void>;
   getUser(tenantId: string, id: string): Promise<UserRecord | undefined>;
   listUsers(tenantId: string): Promise<UserRecord[]>;
+  /** Changes a user's role (their keys carry it from then on). Returns the user, or undefined if unknown. */
+  setUserRole(tenantId: string, id: string, role: Role): Promise<UserRecord | undefined>;
 
   createApiKey(record: NewApiKey): Promise<void>;
   /** The key with this hash and its user's role, in any tenant: authentication only. */
@@ -195,6 +197,18 @@ export interface ResourceStore {
   /** Keys in all tenants (0 means first start). Cross-tenant. */
   countApiKeys(): Promise<number>;
 }
+
+/**
+ * A change that may take rights away, heard from the database (every node hears every node's,
+ * and the CLI's): a key revoked or deleted, a user's role changed or the user deleted, a tenant
+ * deleted; `missed` when notices may have been lost (the listening connection was reopened),
+ * so anything may have changed.
+ */
+export type PrincipalChange =
+  | { kind: 'key'; tenantId: string; id: string }
+  | { kind: 'user'; tenantId: string; id: string }
+  | { kind: 'tenant'; tenantId: string }
+  | { kind: 'missed' };
 
 /** Whether the database itself keeps tenants apart (PostgreSQL row-level security). */
 export interface RowLevelSecurity {
@@ -237,6 +251,11 @@ export interface Store {
    * dedupe by seq (the SSE stream and the harness do).
    */
   listenAcrossNodes?(): Promise<void>;
+  /**
+   * Calls `listener` on every principal change any process makes on the database, once
+   * `listenAcrossNodes` listens (PostgreSQL; absent on SQLite). Returns the function that stops.
+   */
+  watchPrincipals?(listener: (change: PrincipalChange) => void): () => void;
   /** Sandbox snapshots as archives every node can read (PostgreSQL only). */
   readonly snapshotArchives?: SnapshotArchiveStore;
   close(): Promise<void>;

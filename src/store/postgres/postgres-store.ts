@@ -32,9 +32,11 @@ import type {
   ListQuery,
   NewApiKey,
   Page,
+  PrincipalChange,
   ResourceKind,
   ResourceRecord,
   ResourceStore,
+  Role,
   RowLevelSecurity,
   SessionCreateOptions,
   SessionCreateResult,
@@ -47,7 +49,7 @@ import type {
 } from '../resource-store.js';
 import type { SkillRecord, SkillStore, SkillVersionRecord } from '../skill-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
-import { eventsChannel, migratePostgres, quoteSchemaName } from './schema.js';
+import { eventsChannel, migratePostgres, principalsChannel, quoteSchemaName } from './schema.js';
 
 /** Where the PostgreSQL store lives. */
 export interface PostgresStoreOptions {
@@ -149,6 +151,10 @@ class PostgresStore implements Store {
 
   listenAcrossNodes(): Promise<void> {
     return this.events.listenAcrossNodes();
+  }
+
+  watchPrincipals(listener: (change: PrincipalChange) => void): () => void {
+    return this.events.watchPrincipals(listener);
   }
 
   async close(): Promise<void> {
@@ -277,10 +283,28 @@ class PostgresEventStore implements EventStore {
   readonly #own = new Map<string, StoredEvent[]>();
   readonly #deliveries = new Map<string, Promise<void>>();
   #listener: { client: pg.Client | undefined; closed: boolean } | undefined;
+  /** Who hears principal changes (the same listening connection carries them). */
+  readonly #principalWatchers = new Set<(change: PrincipalChange) => void>();
 
   constructor(pool: pg.Pool, schema: string) {
     this.#pool = pool;
     this.#s = schema;
+  }
+
+  /** See `Store.watchPrincipals`. */
+  watchPrincipals(listener: (change: PrincipalChange) => void): () => void {
+    this.#principalWatchers.add(listener);
+    return () => this.#principalWatchers.delete(listener);
+  }
+
+  #principalChanged(change: PrincipalChange): void {
+    for (const watcher of this.#principalWatchers) {
+      try {
+        watcher(change);
+      } catch {
+        // One watcher failing must not keep the change from the others.
+      }
+    }
   }
 
   /**
@@ -298,6 +322,13 @@ class PostgresEventStore implements EventStore {
       const client = new pg.Client({ ...options });
       let ended = false;
       client.on('notification', (message) => {
+        if (message.channel === principalsChannel(this.#s)) {
+          const [kind, tenantId, id] = (message.payload ?? '').split(' ');
+          if (!tenantId) return;
+          if (kind === 'tenant') this.#principalChanged({ kind, tenantId });
+          else if ((kind === 'key' || kind === 'user') && id) this.#principalChanged({ kind, tenantId, id });
+          return;
+        }
         const [tenantId, sessionId, first, last] = (message.payload ?? '').split(' ');
         if (!tenantId || !sessionId) return;
         this.#heard({ tenantId, id: sessionId }, Number(first), Number(last));
@@ -311,7 +342,7 @@ class PostgresEventStore implements EventStore {
       state.client = client;
       try {
         await client.connect();
-        await client.query(`LISTEN "${eventsChannel(this.#s)}"`);
+        await client.query(`LISTEN "${eventsChannel(this.#s)}"; LISTEN "${principalsChannel(this.#s)}"`);
       } catch (error) {
         ended = true;
         await client.end().catch(() => undefined);
@@ -324,6 +355,8 @@ class PostgresEventStore implements EventStore {
         if (state.closed) return;
         connect().then(
           () => {
+            // Notices sent while the connection was down are lost: anything may have changed.
+            this.#principalChanged({ kind: 'missed' });
             for (const key of this.#delivered.keys()) {
               const [tenantId, id] = key.split('/') as [string, string];
               this.#heard({ tenantId, id }, Number.NaN, Number.NaN);
@@ -1041,6 +1074,16 @@ class PostgresResourceStore implements ResourceStore {
       tenantId,
       `SELECT * FROM ${this.#s}.users WHERE id = $1 AND tenant_id = $2`,
       [id, tenantId],
+    );
+    const row = result.rows[0];
+    return row === undefined ? undefined : userOf(row);
+  }
+
+  async setUserRole(tenantId: string, id: string, role: Role): Promise<UserRecord | undefined> {
+    const result = await this.#query<UserRow>(
+      tenantId,
+      `UPDATE ${this.#s}.users SET role = $1 WHERE id = $2 AND tenant_id = $3 RETURNING *`,
+      [role, id, tenantId],
     );
     const row = result.rows[0];
     return row === undefined ? undefined : userOf(row);

@@ -406,6 +406,41 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
   CREATE UNIQUE INDEX sessions_by_create_key ON ${s}.sessions (tenant_id, owner_id, create_key)
     WHERE create_key IS NOT NULL;
   `,
+  // 13: every change that takes rights away is announced (NOTIFY, delivered on commit) so every
+  // node forgets what it cached and closes streams at once, whoever made the change (any node's
+  // API, the CLI on the store, SQL): a key revoked or deleted ("key <tenant> <key id>"), a
+  // user's role changed or the user deleted ("user <tenant> <user id>"), a tenant deleted
+  // ("tenant <tenant>"), on the schema's principals channel.
+  (s) => `
+  CREATE FUNCTION ${s}.announce_principal_change() RETURNS trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$
+    DECLARE
+      changed record;
+    BEGIN
+      IF TG_OP = 'DELETE' THEN changed := OLD; ELSE changed := NEW; END IF;
+      IF TG_TABLE_NAME = 'api_keys' THEN
+        PERFORM pg_notify(${quoteLiteral(principalsChannel(s))}, 'key ' || changed.tenant_id || ' ' || changed.id);
+      ELSIF TG_TABLE_NAME = 'users' THEN
+        PERFORM pg_notify(${quoteLiteral(principalsChannel(s))}, 'user ' || changed.tenant_id || ' ' || changed.id);
+      ELSE
+        PERFORM pg_notify(${quoteLiteral(principalsChannel(s))}, 'tenant ' || changed.id);
+      END IF;
+      RETURN NULL;
+    END
+    $f$;
+  CREATE TRIGGER announce_key_revoked AFTER UPDATE OF revoked_at ON ${s}.api_keys
+    FOR EACH ROW WHEN (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at)
+    EXECUTE FUNCTION ${s}.announce_principal_change();
+  CREATE TRIGGER announce_key_deleted AFTER DELETE ON ${s}.api_keys
+    FOR EACH ROW EXECUTE FUNCTION ${s}.announce_principal_change();
+  CREATE TRIGGER announce_user_changed AFTER UPDATE OF role, tenant_id ON ${s}.users
+    FOR EACH ROW WHEN (NEW.role IS DISTINCT FROM OLD.role OR NEW.tenant_id IS DISTINCT FROM OLD.tenant_id)
+    EXECUTE FUNCTION ${s}.announce_principal_change();
+  CREATE TRIGGER announce_user_deleted AFTER DELETE ON ${s}.users
+    FOR EACH ROW EXECUTE FUNCTION ${s}.announce_principal_change();
+  CREATE TRIGGER announce_tenant_deleted AFTER DELETE ON ${s}.tenants
+    FOR EACH ROW EXECUTE FUNCTION ${s}.announce_principal_change();
+  `,
 ];
 
 /** Tenant tables of migration 10. */
@@ -421,6 +456,14 @@ const SKILL_TENANT_TABLES: readonly (readonly [table: string, tenantColumn: stri
 export function eventsChannel(quotedSchema: string): string {
   // Channel names are identifiers (at most 63 bytes).
   return `${quotedSchema.replace(/^"|"$/g, '').slice(0, 56)}_events`;
+}
+
+/**
+ * The NOTIFY channel of a (quoted) schema's principal changes (migration 12): "key <tenant>
+ * <key id>", "user <tenant> <user id>" or "tenant <tenant>".
+ */
+export function principalsChannel(quotedSchema: string): string {
+  return `${quotedSchema.replace(/^"|"$/g, '').slice(0, 52)}_principals`;
 }
 
 function quoteLiteral(text: string): string {

@@ -35,6 +35,7 @@ import type {
   ResourceKind,
   ResourceRecord,
   ResourceStore,
+  Role,
   SessionCreateOptions,
   SessionCreateResult,
   SessionListQuery,
@@ -885,6 +886,11 @@ class SqliteResourceStore implements ResourceStore {
       .get('SELECT * FROM users WHERE id = ? AND tenant_id = ?')
       .get(id, tenantId) as UserRow | undefined;
     return row === undefined ? undefined : userOf(row);
+  }
+
+  async setUserRole(tenantId: string, id: string, role: Role): Promise<UserRecord | undefined> {
+    this.#statements.get('UPDATE users SET role = ? WHERE id = ? AND tenant_id = ?').run(role, id, tenantId);
+    return this.getUser(tenantId, id);
   }
 
   async listUsers(tenantId: string): Promise<UserRecord[]> {
