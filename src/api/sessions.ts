@@ -7,6 +7,7 @@ import { emptyUsage } from '../metering/usage.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { SessionRecord, Store } from '../store/resource-store.js';
 import { extractTraceContext } from '../telemetry/tracing.js';
+import { presentAgent } from './agents.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
@@ -71,6 +72,7 @@ export async function presentSession(store: Store, session: SessionRecord) {
   const activeSeconds = Math.round(activeMilliseconds / 10) / 100;
   return {
     ...session.body,
+    agent: presentAgent(session.body.agent as Record<string, unknown>),
     status: session.status,
     stop_reason: session.status === 'idle' ? session.stopReason : null,
     usage: {
