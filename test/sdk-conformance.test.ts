@@ -188,4 +188,36 @@ describe('official Anthropic SDK against Berth', () => {
     ).toEqual({ j: 'w' });
     expect((await client.beta.agents.update(agent.id, { metadata: { a: null } })).metadata).toEqual({});
   });
+
+  it('filters sessions.list by created_at[gt|gte|lt|lte]', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({ name: 'timed', model: 'scripted/echo' });
+    const environment = await client.beta.environments.create({ name: 'timed-env' });
+    const sessions = [];
+    for (let index = 0; index < 3; index++) {
+      const previous = sessions[sessions.length - 1];
+      // Distinct creation times: wait for the clock to pass the previous session's millisecond.
+      while (previous && Date.now() <= Date.parse(previous.created_at)) await Promise.resolve();
+      sessions.push(await client.beta.sessions.create({ agent: agent.id, environment_id: environment.id }));
+    }
+    const [first, second, third] = sessions.map((session) => session!);
+    const idsOf = async (filters: Record<string, string>) => {
+      const ids = [];
+      for await (const session of client.beta.sessions.list({ agent_id: agent.id, order: 'asc', ...filters }))
+        ids.push(session.id);
+      return ids;
+    };
+    expect(await idsOf({})).toEqual([first!.id, second!.id, third!.id]);
+    expect(await idsOf({ 'created_at[gt]': first!.created_at })).toEqual([second!.id, third!.id]);
+    expect(await idsOf({ 'created_at[gte]': second!.created_at })).toEqual([second!.id, third!.id]);
+    expect(await idsOf({ 'created_at[lt]': second!.created_at })).toEqual([first!.id]);
+    expect(await idsOf({ 'created_at[lte]': second!.created_at })).toEqual([first!.id, second!.id]);
+    // Any RFC 3339 offset means the same instant.
+    const secondWithOffset = new Date(Date.parse(second!.created_at)).toISOString().replace('Z', '+00:00');
+    expect(await idsOf({ 'created_at[gt]': first!.created_at, 'created_at[lt]': third!.created_at })).toEqual(
+      [second!.id],
+    );
+    expect(await idsOf({ 'created_at[gte]': secondWithOffset })).toEqual([second!.id, third!.id]);
+    await expect(client.beta.sessions.list({ 'created_at[gt]': 'yesterday' })).rejects.toThrow(/RFC 3339/);
+  });
 });

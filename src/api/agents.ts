@@ -14,13 +14,36 @@ import {
   readPageQuery,
   readPositiveInteger,
 } from './context.js';
-import { type AgentCreate, type AgentUpdate, agentCreate, agentUpdate, builtinToolNames } from './schemas.js';
+import {
+  type AgentCreate,
+  type AgentUpdate,
+  agentCreate,
+  agentUpdate,
+  builtinToolNames,
+  type UrlSourcesParams,
+} from './schemas.js';
 import { checkSkillReferences } from './skills.js';
 
 type ToolParams = NonNullable<AgentCreate['tools']>[number];
 type Policy = { type: 'always_allow' | 'always_ask' | 'auto' };
 
-/** Fills in defaults the way the official API shows tools: every built-in tool listed. */
+/** `url_sources` as the official API shows it: every field present, shorthands expanded. */
+function resolveUrlSources(sources: UrlSourcesParams | null | undefined) {
+  if (!sources) return null;
+  const expand = <T>(value: T | 'all' | 'none' | null | undefined) =>
+    value === undefined || value === null ? null : typeof value === 'string' ? { type: value } : value;
+  return {
+    client_tool_results: expand(sources.client_tool_results),
+    server_tool_results: expand(sources.server_tool_results),
+    user_input: expand(sources.user_input),
+  };
+}
+
+/**
+ * Fills in defaults the way the official API shows tools: every built-in tool listed, with the
+ * fields the SDK's resolved config requires. `web_search` is listed as disabled: Berth has no
+ * search backend, so the model is never offered it (enabling it explicitly is refused).
+ */
 function normalizeTools(tools: readonly ToolParams[]) {
   return tools.map((tool) => {
     if (tool.type === 'agent_toolset_20260401') {
@@ -31,13 +54,19 @@ function normalizeTools(tools: readonly ToolParams[]) {
       const configs = builtinToolNames.map((name) => {
         const given = tool.configs?.find((config) => config.name === name);
         const { type: _type, enabled, permission_policy, ...rest } = given ?? { name };
-        return {
+        const resolved: Record<string, unknown> = {
           ...rest,
           name,
           type: name,
-          enabled: enabled ?? defaults.enabled,
+          enabled: name === 'web_search' ? false : (enabled ?? defaults.enabled),
           permission_policy: (permission_policy ?? defaults.permission_policy) as Policy,
         };
+        if (name === 'web_fetch') {
+          resolved.url_sources = resolveUrlSources(
+            (rest as { url_sources?: UrlSourcesParams | null }).url_sources,
+          );
+        }
+        return resolved;
       });
       return { type: tool.type, default_config: defaults, configs };
     }
@@ -59,6 +88,44 @@ function normalizeTools(tools: readonly ToolParams[]) {
     }
     return tool;
   });
+}
+
+/** Refuses tool settings Berth cannot honour (checked on input only, never on stored bodies). */
+function checkToolInput(tools: readonly ToolParams[] | null | undefined) {
+  for (const tool of tools ?? []) {
+    if (tool.type !== 'agent_toolset_20260401') continue;
+    if (tool.configs?.some((config) => config.name === 'web_search' && config.enabled === true)) {
+      throw invalidRequest(
+        'web_search is not supported by Berth yet (it has no search backend): leave it disabled',
+      );
+    }
+  }
+}
+
+/**
+ * An agent body as the API shows it. Bodies stored before a resolved field existed get it here
+ * (`web_fetch.url_sources`; `web_search` shown disabled, as the model was never offered it).
+ */
+export function presentAgent(body: Record<string, unknown>): Record<string, unknown> {
+  const tools = body.tools as { type: string; configs?: Record<string, unknown>[] }[] | undefined;
+  if (!tools?.some((tool) => tool.type === 'agent_toolset_20260401')) return body;
+  return {
+    ...body,
+    tools: tools.map((tool) =>
+      tool.type !== 'agent_toolset_20260401'
+        ? tool
+        : {
+            ...tool,
+            configs: tool.configs?.map((config) =>
+              config.name === 'web_fetch'
+                ? { ...config, url_sources: config.url_sources ?? null }
+                : config.name === 'web_search'
+                  ? { ...config, enabled: false }
+                  : config,
+            ),
+          },
+    ),
+  };
 }
 
 function normalizeModel(model: AgentCreate['model']) {
@@ -162,6 +229,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
   app.post('/', async (context) => {
     const principal = context.get('principal');
     const input = await readBody(context, agentCreate);
+    checkToolInput(input.tools);
     const now = nowIso();
     const id = newId('agent');
     const body = agentBody(id, 1, input, now, now);
@@ -171,7 +239,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     return context.json(body);
   });
 
-  app.get('/', (context) => listRecords(context, resources, 'agent'));
+  app.get('/', (context) => listRecords(context, resources, 'agent', presentAgent));
 
   app.get('/:id', async (context) => {
     const principal = context.get('principal');
@@ -182,13 +250,14 @@ export function agentRoutes(dependencies: ApiDependencies) {
         'agent',
         version ? `${context.req.param('id')} version ${version}` : context.req.param('id'),
       );
-    return context.json(record.body);
+    return context.json(presentAgent(record.body));
   });
 
   app.post('/:id', async (context) => {
     const principal = context.get('principal');
     const id = context.req.param('id');
     const update = await readBody(context, agentUpdate);
+    checkToolInput(update.tools);
     const current = await resources.getAgentVersion(principal.tenantId, id);
     if (!current) throw notFound('agent', id);
     if (current.archivedAt) throw invalidRequest(`agent ${id} is archived and cannot be updated`);
@@ -207,7 +276,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
       now,
     );
     // An update that changes nothing creates no version.
-    if (comparable(next) === comparable(current.body)) return context.json(current.body);
+    if (comparable(next) === comparable(current.body)) return context.json(presentAgent(current.body));
     if (update.skills)
       await checkSkillReferences(dependencies.store.skills, principal.tenantId, update.skills);
     const record: ResourceRecord = { ...current, updatedAt: now, body: next };
@@ -221,7 +290,10 @@ export function agentRoutes(dependencies: ApiDependencies) {
     if (!(await resources.getAgentVersion(principal.tenantId, id))) throw notFound('agent', id);
     const { limit, cursor } = readPageQuery(context);
     const page = await resources.listAgentVersions(principal.tenantId, id, { limit, cursor });
-    return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
+    return context.json({
+      data: page.items.map((record) => presentAgent(record.body)),
+      next_page: page.nextCursor,
+    });
   });
 
   app.post('/:id/archive', async (context) => {
@@ -229,7 +301,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const id = context.req.param('id');
     const record = await resources.get('agent', principal.tenantId, id);
     if (!record) throw notFound('agent', id);
-    return context.json(await archiveRecord(resources, 'agent', record));
+    return context.json(presentAgent(await archiveRecord(resources, 'agent', record)));
   });
 
   return app;

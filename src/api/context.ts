@@ -213,6 +213,8 @@ export async function listRecords(
   context: ApiContext,
   resources: ResourceStore,
   kind: 'agent' | 'environment',
+  /** How a stored body is shown (defaults to as stored). */
+  present: (body: Record<string, unknown>) => Record<string, unknown> = (body) => body,
 ) {
   const { limit, cursor } = readPageQuery(context);
   const page = await resources.list(kind, {
@@ -222,7 +224,7 @@ export async function listRecords(
     includeArchived: readFlag(context, 'include_archived'),
     order: readOrder(context, 'desc'),
   });
-  return context.json({ data: page.items.map((record) => record.body), next_page: page.nextCursor });
+  return context.json({ data: page.items.map((record) => present(record.body)), next_page: page.nextCursor });
 }
 
 /** The presented key: `x-api-key`, or `Authorization: Bearer <key>`. */

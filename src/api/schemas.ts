@@ -29,19 +29,82 @@ export const builtinToolNames = [
   'web_search',
 ] as const;
 
-const toolConfigParams = z
+const sandboxToolNames = ['bash', 'edit', 'read', 'write', 'glob', 'grep'] as const;
+
+/** Fields every built-in tool's config has. */
+const toolConfigBase = {
+  enabled: z.boolean().nullable().optional(),
+  permission_policy: permissionPolicy.nullable().optional(),
+};
+
+const urlSourceShorthand = z.enum(['all', 'none']);
+const urlSourceAll = z.object({ type: z.literal('all') }).strict();
+const urlSourceNone = z.object({ type: z.literal('none') }).strict();
+const toolReferences = z
+  .array(z.object({ type: z.literal('tool_reference'), name: z.string().min(1) }).strict())
+  .max(1024);
+const urlSourceToolFilter = z.union([
+  urlSourceShorthand,
+  z.discriminatedUnion('type', [
+    urlSourceAll,
+    urlSourceNone,
+    z.object({ type: z.literal('only'), tools: toolReferences }).strict(),
+    z.object({ type: z.literal('except'), tools: toolReferences }).strict(),
+  ]),
+]);
+
+/** `web_fetch`'s `url_sources` (official `BetaManagedAgentsWebFetchURLSourcesParams`). */
+const urlSources = z
   .object({
-    name: z.enum(builtinToolNames),
-    type: z.enum(builtinToolNames).optional(),
-    enabled: z.boolean().nullable().optional(),
-    permission_policy: permissionPolicy.nullable().optional(),
-    allowed_domains: z.array(z.string()).optional(),
-    blocked_domains: z.array(z.string()).optional(),
-    max_content_tokens: z.number().int().positive().nullable().optional(),
-    url_sources: z.unknown().optional(),
-    user_location: z.unknown().optional(),
+    client_tool_results: urlSourceToolFilter.nullable().optional(),
+    server_tool_results: urlSourceToolFilter.nullable().optional(),
+    user_input: z
+      .union([urlSourceShorthand, z.discriminatedUnion('type', [urlSourceAll, urlSourceNone])])
+      .nullable()
+      .optional(),
   })
   .strict();
+export type UrlSourcesParams = z.infer<typeof urlSources>;
+
+const domains = z.array(z.string().min(1)).max(1024).optional();
+
+/** A built-in tool's config: the fields the official SDK gives that tool, and no others. */
+const toolConfigParams = z.discriminatedUnion('name', [
+  z
+    .object({ name: z.enum(sandboxToolNames), type: z.enum(sandboxToolNames).optional(), ...toolConfigBase })
+    .strict(),
+  z
+    .object({
+      name: z.literal('web_fetch'),
+      type: z.literal('web_fetch').optional(),
+      ...toolConfigBase,
+      allowed_domains: domains,
+      blocked_domains: domains,
+      max_content_tokens: z.number().int().positive().nullable().optional(),
+      url_sources: urlSources.nullable().optional(),
+    })
+    .strict(),
+  z
+    .object({
+      name: z.literal('web_search'),
+      type: z.literal('web_search').optional(),
+      ...toolConfigBase,
+      allowed_domains: domains,
+      blocked_domains: domains,
+      user_location: z
+        .object({
+          type: z.literal('approximate'),
+          city: z.string().max(255).nullable().optional(),
+          country: z.string().max(255).nullable().optional(),
+          region: z.string().max(255).nullable().optional(),
+          timezone: z.string().max(255).nullable().optional(),
+        })
+        .strict()
+        .nullable()
+        .optional(),
+    })
+    .strict(),
+]);
 
 const defaultConfigParams = z
   .object({

@@ -5,8 +5,9 @@ import { newId } from '../ids.js';
 import { costOf, type PriceBook } from '../metering/price-books.js';
 import { emptyUsage } from '../metering/usage.js';
 import type { SessionStatus } from '../store/event-store.js';
-import type { SessionRecord, Store } from '../store/resource-store.js';
+import type { CreatedAtBounds, SessionRecord, Store } from '../store/resource-store.js';
 import { extractTraceContext } from '../telemetry/tracing.js';
+import { presentAgent } from './agents.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
@@ -72,6 +73,7 @@ export async function presentSession(store: Store, session: SessionRecord) {
   const activeSeconds = Math.round(activeMilliseconds / 10) / 100;
   return {
     ...session.body,
+    agent: presentAgent(session.body.agent as Record<string, unknown>),
     status: session.status,
     stop_reason: session.status === 'idle' ? session.stopReason : null,
     usage: {
@@ -111,6 +113,22 @@ function checkBudgetable(agent: Record<string, unknown>, book: PriceBook): void 
 }
 
 const statuses = new Set<SessionStatus>(['idle', 'running', 'rescheduling', 'terminated']);
+
+/** `created_at[gt|gte|lt|lte]` of a list request, as ISO strings the stores compare as text. */
+function readCreatedAtBounds(context: { req: { query(name: string): string | undefined } }): CreatedAtBounds {
+  const bounds: CreatedAtBounds = {};
+  for (const bound of ['gt', 'gte', 'lt', 'lte'] as const) {
+    const name = `created_at[${bound}]`;
+    const value = context.req.query(name);
+    if (value === undefined || value === '') continue;
+    const time = Date.parse(value);
+    const iso = Number.isNaN(time) ? '' : new Date(time).toISOString();
+    // Four-digit years only: the stores compare ISO strings as text.
+    if (!/^\d{4}-/.test(iso)) throw invalidRequest(`${name} must be an RFC 3339 timestamp`);
+    bounds[bound] = iso;
+  }
+  return bounds;
+}
 
 /** `/v1/sessions`: create (pinning an agent version), read, update, list, archive, delete. */
 export function sessionRoutes(dependencies: ApiDependencies) {
@@ -248,6 +266,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       agentId: context.req.query('agent_id') || undefined,
       agentVersion: readPositiveInteger(context, 'agent_version'),
       statuses: requested as SessionStatus[] | undefined,
+      createdAt: readCreatedAtBounds(context),
     });
     const data = await Promise.all(page.items.map((session) => presentSession(store, session)));
     return context.json({ data, next_page: page.nextCursor, prev_page: null });

@@ -24,9 +24,10 @@ import {
 /** Largest skill upload accepted, multipart overhead included. */
 export const MAX_SKILL_UPLOAD_BYTES = MAX_SKILL_BYTES + 1024 * 1024;
 
-/** The API body of a skill. */
+/** The API body of a skill (the official `BetaSkill`; `name` stays internal, as the SDK has none). */
 function skillBody(record: SkillRecord): Record<string, unknown> {
-  return { ...record.body, latest_version_id: record.latestVersion, updated_at: record.updatedAt };
+  const { name: _name, ...body } = record.body;
+  return { ...body, latest_version_id: record.latestVersion, updated_at: record.updatedAt };
 }
 
 /** A new version id: a decimal microsecond timestamp, above every earlier version of the skill. */
@@ -118,7 +119,7 @@ export function skillRoutes(dependencies: ApiDependencies) {
       throw invalidRequest('source must be custom or anthropic');
     }
     // Berth hosts only the tenant's own skills: there are no Anthropic-published ones here.
-    if (source === 'anthropic') return context.json({ data: [], has_more: false, next_page: null });
+    if (source === 'anthropic') return context.json({ data: [], next_page: null });
     const page = await skills.listSkills({
       tenantId: context.get('principal').tenantId,
       limit,
@@ -127,7 +128,6 @@ export function skillRoutes(dependencies: ApiDependencies) {
     });
     return context.json({
       data: page.items.map(skillBody),
-      has_more: page.nextCursor !== null,
       next_page: page.nextCursor,
     });
   });
@@ -187,7 +187,6 @@ export function skillRoutes(dependencies: ApiDependencies) {
     });
     return context.json({
       data: page.items.map((version) => version.body),
-      has_more: page.nextCursor !== null,
       next_page: page.nextCursor,
     });
   });

@@ -63,7 +63,25 @@ export interface SessionListQuery extends ListQuery {
   agentId?: string;
   agentVersion?: number;
   statuses?: readonly SessionStatus[];
+  /** Bounds on `created_at`, as `Date#toISOString()` strings (so they compare as text). */
+  createdAt?: CreatedAtBounds;
 }
+
+/** Exclusive (`gt`, `lt`) and inclusive (`gte`, `lte`) bounds on a creation time. */
+export interface CreatedAtBounds {
+  gt?: string;
+  gte?: string;
+  lt?: string;
+  lte?: string;
+}
+
+/** The SQL comparison of each bound. */
+export const CREATED_AT_OPERATORS: Readonly<Record<keyof CreatedAtBounds, string>> = {
+  gt: '>',
+  gte: '>=',
+  lt: '<',
+  lte: '<=',
+};
 
 export interface Page<T> {
   items: T[];

@@ -892,6 +892,28 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect([...paged.items.map((item) => item.id), ...rest]).toEqual([a1, a2]);
       });
 
+      it('filters sessions by creation time, each bound exclusive or inclusive', async () => {
+        const at = (second: number) => `2031-05-0${second}T10:00:00.000Z`;
+        const ids = [];
+        for (const second of [1, 2, 3]) {
+          ids.push((await newSession({ createdAt: at(second), agentId: 'agent_timed' })).id);
+        }
+        const idsOf = async (createdAt: Record<string, string>) =>
+          (
+            await store.resources.listSessions({
+              tenantId: TENANT,
+              limit: 10,
+              agentId: 'agent_timed',
+              createdAt,
+            })
+          ).items.map((item) => item.id);
+        expect(await idsOf({ gt: at(1) })).toEqual([ids[1], ids[2]]);
+        expect(await idsOf({ gte: at(2) })).toEqual([ids[1], ids[2]]);
+        expect(await idsOf({ lt: at(2) })).toEqual([ids[0]]);
+        expect(await idsOf({ lte: at(2) })).toEqual([ids[0], ids[1]]);
+        expect(await idsOf({ gt: at(1), lt: at(3) })).toEqual([ids[1]]);
+      });
+
       it('finds sessions by status across tenants for crash recovery', async () => {
         const running = await newSession({ status: 'running' });
         const rescheduling = await newSession({ status: 'rescheduling', tenantId: OTHER_TENANT });

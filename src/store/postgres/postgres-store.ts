@@ -27,25 +27,24 @@ import type {
   WriterToken,
 } from '../event-store.js';
 import { sessionKeyString } from '../event-store.js';
-import type {
-  ApiKeyRecord,
-  ListQuery,
-  NewApiKey,
-  Page,
-  PrincipalChange,
-  ResourceKind,
-  ResourceRecord,
-  ResourceStore,
-  Role,
-  RowLevelSecurity,
-  SessionCreateOptions,
-  SessionCreateResult,
-  SessionListQuery,
-  SessionRecord,
-  SnapshotArchiveStore,
-  Store,
-  TenantRecord,
-  UserRecord,
+import {
+  type ApiKeyRecord,
+  CREATED_AT_OPERATORS,
+  type CreatedAtBounds,
+  type ListQuery,
+  type NewApiKey,
+  type Page,
+  type ResourceKind,
+  type ResourceRecord,
+  type ResourceStore,
+  type Role,
+  type SessionCreateOptions,
+  type SessionCreateResult,
+  type SessionListQuery,
+  type SessionRecord,
+  type Store,
+  type TenantRecord,
+  type UserRecord,
 } from '../resource-store.js';
 import type { SkillRecord, SkillStore, SkillVersionRecord } from '../skill-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
@@ -1010,6 +1009,13 @@ class PostgresResourceStore implements ResourceStore {
     if (query.statuses !== undefined) {
       parameters.push([...query.statuses]);
       conditions.push(`session_heads.status = ANY($${parameters.length + 1}::text[])`);
+    }
+    for (const [bound, value] of Object.entries(query.createdAt ?? {})) {
+      if (value === undefined) continue;
+      parameters.push(value);
+      conditions.push(
+        `sessions.created_at ${CREATED_AT_OPERATORS[bound as keyof CreatedAtBounds]} $${parameters.length + 1}`,
+      );
     }
     const list = listSql(sessionsFrom(this.#s), SESSION_COLUMNS, query, conditions, parameters, 'sessions.');
     const result = await this.#query<SessionRow>(query.tenantId, list.sql, list.parameters);

@@ -27,22 +27,24 @@ import type {
   WriterToken,
 } from '../event-store.js';
 import { sessionKeyString } from '../event-store.js';
-import type {
-  ApiKeyRecord,
-  ListQuery,
-  NewApiKey,
-  Page,
-  ResourceKind,
-  ResourceRecord,
-  ResourceStore,
-  Role,
-  SessionCreateOptions,
-  SessionCreateResult,
-  SessionListQuery,
-  SessionRecord,
-  Store,
-  TenantRecord,
-  UserRecord,
+import {
+  type ApiKeyRecord,
+  CREATED_AT_OPERATORS,
+  type CreatedAtBounds,
+  type ListQuery,
+  type NewApiKey,
+  type Page,
+  type ResourceKind,
+  type ResourceRecord,
+  type ResourceStore,
+  type Role,
+  type SessionCreateOptions,
+  type SessionCreateResult,
+  type SessionListQuery,
+  type SessionRecord,
+  type Store,
+  type TenantRecord,
+  type UserRecord,
 } from '../resource-store.js';
 import type { SkillRecord, SkillStore, SkillVersionRecord } from '../skill-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
@@ -815,6 +817,11 @@ class SqliteResourceStore implements ResourceStore {
     if (query.statuses !== undefined) {
       conditions.push('session_heads.status IN (SELECT value FROM json_each(?))');
       parameters.push(JSON.stringify(query.statuses));
+    }
+    for (const [bound, value] of Object.entries(query.createdAt ?? {})) {
+      if (value === undefined) continue;
+      conditions.push(`sessions.created_at ${CREATED_AT_OPERATORS[bound as keyof CreatedAtBounds]} ?`);
+      parameters.push(value);
     }
     const list = listSql(SESSIONS_FROM, SESSION_COLUMNS, query, conditions, parameters, 'sessions.');
     return pageOf(
