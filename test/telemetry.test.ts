@@ -158,6 +158,9 @@ describe('OpenTelemetry traces', () => {
         'gen_ai.operation.name': 'chat',
         'gen_ai.provider.name': 'scripted',
         'gen_ai.request.model': 'scripted/traced',
+        // A model request names its session like the turn and tool spans do.
+        'gen_ai.conversation.id': session.id,
+        'berth.session.id': session.id,
       });
       expect(chat.attributes['gen_ai.usage.input_tokens']).toBeGreaterThan(0);
       expect(chat.attributes['gen_ai.usage.output_tokens']).toBeGreaterThan(0);
@@ -179,6 +182,8 @@ describe('OpenTelemetry traces', () => {
     const toolUses = seen.filter((event) => event.type === 'agent.tool_use');
     expect(bash[0]!.attributes).toMatchObject({
       'gen_ai.operation.name': 'execute_tool',
+      'gen_ai.conversation.id': session.id,
+      'berth.session.id': session.id,
       'gen_ai.tool.name': 'bash',
       'gen_ai.tool.call.id': toolUses[0]!.id,
     });
@@ -228,7 +233,24 @@ describe('OpenTelemetry traces', () => {
     expect(stopped.status).toBe(200);
     await say('cat one.txt');
     await berth.supervisor.settled(berth.keyOf(session.id));
-    await berth.telemetry.forceFlush();
+    // The second turn's spans may still be open or in flight after the idle: wait for its turn span.
+    const turnOf = (all: readonly ReceivedSpan[], traceId: string) =>
+      all.some(
+        (span) =>
+          span.traceId === traceId &&
+          span.name === 'invoke_agent' &&
+          span.attributes['gen_ai.conversation.id'] === session.id,
+      );
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      (all) =>
+        all.some(
+          (span) =>
+            span.name === 'sandbox.resume' &&
+            span.attributes['berth.session.id'] === session.id &&
+            turnOf(all, span.traceId),
+        ),
+    );
     const ofSession = receiver.spans.filter((span) => span.attributes['berth.session.id'] === session.id);
     const stop = ofSession.filter((span) => span.name === 'sandbox.stop');
     const resume = ofSession.filter((span) => span.name === 'sandbox.resume');
@@ -263,7 +285,13 @@ describe('OpenTelemetry traces', () => {
     await say('one');
     await say('two');
     await berth.supervisor.settled(berth.keyOf(session.id));
-    await berth.telemetry.forceFlush();
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      (all) =>
+        all.filter(
+          (span) => span.name === 'invoke_agent' && span.attributes['gen_ai.conversation.id'] === session.id,
+        ).length >= 2,
+    );
     const turns = receiver.spans.filter(
       (span) => span.name === 'invoke_agent' && span.attributes['gen_ai.conversation.id'] === session.id,
     );

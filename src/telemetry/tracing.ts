@@ -171,14 +171,21 @@ export function tracedHarness(harness: Harness, tracer: Tracer, contexts: TraceC
           parent: control.trace ?? ROOT_CONTEXT,
           attributes: {
             'gen_ai.operation.name': 'invoke_agent',
-            'gen_ai.conversation.id': session.id,
-            'berth.session.id': session.id,
+            ...sessionAttributes(session.id),
             'berth.tenant.id': session.tenantId,
           },
         },
         (_span, turn) => contexts.within(session, 'turn', turn, () => harness.wake(session, control)),
       ),
   };
+}
+
+/**
+ * The attributes naming a session on every span of its work: the GenAI conventions' conversation
+ * id and Berth's own session id, so a backend can find all of a session's spans by either.
+ */
+export function sessionAttributes(sessionId: string): Attributes {
+  return { 'gen_ai.conversation.id': sessionId, 'berth.session.id': sessionId };
 }
 
 /** Model calls as `chat <model>` client spans with GenAI request, usage and finish attributes. */
@@ -203,6 +210,7 @@ export function tracedModels(models: ModelRegistry, tracer: Tracer, contexts: Tr
                 'gen_ai.operation.name': 'chat',
                 'gen_ai.provider.name': modelId.split('/')[0] ?? model.provider,
                 'gen_ai.request.model': modelId,
+                ...(resolveContext ? sessionAttributes(resolveContext.session.id) : {}),
                 ...(options.maxOutputTokens === undefined
                   ? {}
                   : { 'gen_ai.request.max_tokens': options.maxOutputTokens }),
@@ -295,7 +303,7 @@ export function tracedToolbox(
             'gen_ai.tool.type': tool?.kind === 'custom' ? 'extension' : 'function',
             ...(options.toolUseId ? { 'gen_ai.tool.call.id': options.toolUseId } : {}),
             ...(tool?.mcp ? { 'berth.mcp.server': tool.mcp.serverName } : {}),
-            'berth.session.id': session.id,
+            ...sessionAttributes(session.id),
           },
         },
         async (span, tool) => {
