@@ -10,9 +10,8 @@ import {
   trace,
 } from '@opentelemetry/api';
 import { W3CTraceContextPropagator } from '@opentelemetry/core';
-import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http';
 import { resourceFromAttributes } from '@opentelemetry/resources';
-import { BasicTracerProvider, BatchSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { BasicTracerProvider, BatchSpanProcessor, type SpanExporter } from '@opentelemetry/sdk-trace-base';
 import type { TelemetryConfig } from '../config/config.js';
 import type { Harness, SessionToolbox, WakeControl } from '../harness/harness.js';
 import type { ModelRegistry } from '../models/model-registry.js';
@@ -93,8 +92,46 @@ export class TraceContexts {
   }
 }
 
+/**
+ * The official OTLP span exporter for the configured protocol. Each is imported only when
+ * chosen, so a server that exports JSON or protobuf over HTTP never loads gRPC.
+ */
+export async function createSpanExporter(
+  config: TelemetryConfig & { tracesEndpoint: string },
+): Promise<SpanExporter> {
+  type ExporterOptions = NonNullable<
+    ConstructorParameters<typeof import('@opentelemetry/exporter-trace-otlp-proto').OTLPTraceExporter>[0]
+  >;
+  const common = {
+    url: config.tracesEndpoint,
+    timeoutMillis: config.timeoutMs,
+    // The exporters' CompressionAlgorithm is a string enum of these same two values.
+    compression: config.compression as ExporterOptions['compression'],
+  };
+  switch (config.protocol) {
+    case 'http/protobuf': {
+      const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-proto');
+      return new OTLPTraceExporter({ ...common, headers: config.headers });
+    }
+    case 'http/json': {
+      const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http');
+      return new OTLPTraceExporter({ ...common, headers: config.headers });
+    }
+    case 'grpc': {
+      const [{ OTLPTraceExporter }, { Metadata }] = await Promise.all([
+        import('@opentelemetry/exporter-trace-otlp-grpc'),
+        import('@grpc/grpc-js'),
+      ]);
+      const metadata = new Metadata();
+      for (const [key, value] of Object.entries(config.headers)) metadata.set(key, value);
+      // The scheme of the URL says whether to use TLS (`http` means a plaintext channel).
+      return new OTLPTraceExporter({ ...common, metadata });
+    }
+  }
+}
+
 /** Starts tracing when an OTLP endpoint is configured; otherwise returns the no-op telemetry. */
-export function createTelemetry(config: TelemetryConfig): Telemetry {
+export async function createTelemetry(config: TelemetryConfig): Promise<Telemetry> {
   const contexts = new TraceContexts();
   if (!config.tracesEndpoint) {
     return {
@@ -105,13 +142,10 @@ export function createTelemetry(config: TelemetryConfig): Telemetry {
       shutdown: async () => undefined,
     };
   }
+  const exporter = await createSpanExporter({ ...config, tracesEndpoint: config.tracesEndpoint });
   const provider = new BasicTracerProvider({
     resource: resourceFromAttributes({ 'service.name': config.serviceName }),
-    spanProcessors: [
-      new BatchSpanProcessor(new OTLPTraceExporter({ url: config.tracesEndpoint, headers: config.headers }), {
-        scheduledDelayMillis: config.exportDelayMs,
-      }),
-    ],
+    spanProcessors: [new BatchSpanProcessor(exporter, { scheduledDelayMillis: config.exportDelayMs })],
   });
   return {
     enabled: true,
