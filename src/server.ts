@@ -139,7 +139,7 @@ export async function startBerth(
 
   // Tracing wraps the ports (models, toolboxes, drivers, event store, harness) when it is on;
   // when off, nothing is wrapped.
-  const telemetry = createTelemetry(config.telemetry);
+  const telemetry = await createTelemetry(config.telemetry);
   const tracer = telemetry.tracer;
   // Metrics read sandbox counts from the manager, made just below.
   let sandboxes: SandboxManager | undefined;

@@ -5,7 +5,9 @@ import { McpServer } from '@modelcontextprotocol/sdk/server/mcp.js';
 import { StreamableHTTPServerTransport } from '@modelcontextprotocol/sdk/server/streamableHttp.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { z } from 'zod';
+import { loadConfig } from '../src/config/config.js';
 import { createModelRegistry } from '../src/models/provider-registry.js';
+import { createTelemetry } from '../src/telemetry/tracing.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 import { type ReceivedSpan, startOtlpReceiver } from './support/otlp-receiver.js';
 import { sendAndWaitIdle } from './support/session-stream.js';
@@ -158,6 +160,9 @@ describe('OpenTelemetry traces', () => {
         'gen_ai.operation.name': 'chat',
         'gen_ai.provider.name': 'scripted',
         'gen_ai.request.model': 'scripted/traced',
+        // A model request names its session like the turn and tool spans do.
+        'gen_ai.conversation.id': session.id,
+        'berth.session.id': session.id,
       });
       expect(chat.attributes['gen_ai.usage.input_tokens']).toBeGreaterThan(0);
       expect(chat.attributes['gen_ai.usage.output_tokens']).toBeGreaterThan(0);
@@ -179,6 +184,8 @@ describe('OpenTelemetry traces', () => {
     const toolUses = seen.filter((event) => event.type === 'agent.tool_use');
     expect(bash[0]!.attributes).toMatchObject({
       'gen_ai.operation.name': 'execute_tool',
+      'gen_ai.conversation.id': session.id,
+      'berth.session.id': session.id,
       'gen_ai.tool.name': 'bash',
       'gen_ai.tool.call.id': toolUses[0]!.id,
     });
@@ -197,6 +204,12 @@ describe('OpenTelemetry traces', () => {
     const call = probe.calls.at(-1)!;
     expect(call.traceparentHeader).toMatch(new RegExp(`^00-${clientTraceId}-${mcp[0]!.spanId}-01$`));
     expect(call.metaTraceparent).toBe(call.traceparentHeader);
+
+    // The default transport is the specification's: protobuf over HTTP, to <endpoint>/v1/traces.
+    expect(receiver.exports.length).toBeGreaterThan(0);
+    for (const received of receiver.exports) {
+      expect(received).toMatchObject({ protocol: 'http/protobuf', path: '/v1/traces' });
+    }
 
     // Nothing secret anywhere in what was exported.
     const exported = receiver.rawBodies.join('\n');
@@ -228,7 +241,24 @@ describe('OpenTelemetry traces', () => {
     expect(stopped.status).toBe(200);
     await say('cat one.txt');
     await berth.supervisor.settled(berth.keyOf(session.id));
-    await berth.telemetry.forceFlush();
+    // The second turn's spans may still be open or in flight after the idle: wait for its turn span.
+    const turnOf = (all: readonly ReceivedSpan[], traceId: string) =>
+      all.some(
+        (span) =>
+          span.traceId === traceId &&
+          span.name === 'invoke_agent' &&
+          span.attributes['gen_ai.conversation.id'] === session.id,
+      );
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      (all) =>
+        all.some(
+          (span) =>
+            span.name === 'sandbox.resume' &&
+            span.attributes['berth.session.id'] === session.id &&
+            turnOf(all, span.traceId),
+        ),
+    );
     const ofSession = receiver.spans.filter((span) => span.attributes['berth.session.id'] === session.id);
     const stop = ofSession.filter((span) => span.name === 'sandbox.stop');
     const resume = ofSession.filter((span) => span.name === 'sandbox.resume');
@@ -263,12 +293,91 @@ describe('OpenTelemetry traces', () => {
     await say('one');
     await say('two');
     await berth.supervisor.settled(berth.keyOf(session.id));
-    await berth.telemetry.forceFlush();
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      (all) =>
+        all.filter(
+          (span) => span.name === 'invoke_agent' && span.attributes['gen_ai.conversation.id'] === session.id,
+        ).length >= 2,
+    );
     const turns = receiver.spans.filter(
       (span) => span.name === 'invoke_agent' && span.attributes['gen_ai.conversation.id'] === session.id,
     );
     expect(turns).toHaveLength(2);
     expect(turns.every((span) => span.parentSpanId === undefined)).toBe(true);
     expect(new Set(turns.map((span) => span.traceId)).size).toBe(2);
+  });
+});
+
+/**
+ * The standard `OTEL_EXPORTER_OTLP_*` variables choose the transport, the URL and the headers
+ * of trace exports, as the OpenTelemetry specification defines them; each case sends one span
+ * through the exporter Berth builds from its configuration and reads what the collector got.
+ */
+describe('OTLP export settings', () => {
+  let receiver: Awaited<ReturnType<typeof startOtlpReceiver>>;
+  beforeAll(async () => {
+    receiver = await startOtlpReceiver({ grpc: true });
+  });
+  afterAll(async () => {
+    await receiver?.close();
+  });
+
+  /** Exports one span named `name` with the configuration `environment` gives; returns its export. */
+  const exportOneSpan = async (environment: Record<string, string>) => {
+    const name = `probe-${randomUUID()}`;
+    const telemetry = await createTelemetry(loadConfig({ environment }).telemetry);
+    expect(telemetry.enabled).toBe(true);
+    const before = receiver.exports.length;
+    telemetry.tracer.startSpan(name, { attributes: { 'probe.value': 42 } }).end();
+    await receiver.waitForSpans(
+      () => telemetry.forceFlush(),
+      (all) => all.some((span) => span.name === name),
+    );
+    await telemetry.shutdown();
+    const span = receiver.spans.find((candidate) => candidate.name === name);
+    expect(span?.attributes['probe.value']).toBe(42);
+    expect(span?.traceId).toMatch(/^[0-9a-f]{32}$/);
+    return receiver.exports.slice(before).at(-1)!;
+  };
+
+  it('sends protobuf over HTTP by default, to the generic endpoint plus /v1/traces, with merged headers', async () => {
+    const received = await exportOneSpan({
+      OTEL_EXPORTER_OTLP_ENDPOINT: `${receiver.endpoint}/collector/`,
+      OTEL_EXPORTER_OTLP_HEADERS: 'x-tenant=acme,x-shared=generic',
+      OTEL_EXPORTER_OTLP_TRACES_HEADERS: 'x-shared=traces%20only',
+    });
+    expect(received.protocol).toBe('http/protobuf');
+    expect(received.path).toBe('/collector/v1/traces');
+    expect(received.headers).toMatchObject({ 'x-tenant': 'acme', 'x-shared': 'traces only' });
+  });
+
+  it('sends JSON when OTEL_EXPORTER_OTLP_PROTOCOL is http/json', async () => {
+    const received = await exportOneSpan({
+      OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
+      OTEL_EXPORTER_OTLP_PROTOCOL: 'http/json',
+    });
+    expect(received).toMatchObject({ protocol: 'http/json', path: '/v1/traces' });
+  });
+
+  it('lets the traces-specific protocol and endpoint win, using that endpoint as is', async () => {
+    const received = await exportOneSpan({
+      OTEL_EXPORTER_OTLP_ENDPOINT: receiver.grpcEndpoint!,
+      OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc',
+      OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json',
+      OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: `${receiver.endpoint}/exactly/here`,
+    });
+    expect(received).toMatchObject({ protocol: 'http/json', path: '/exactly/here' });
+  });
+
+  it('exports over gRPC when the protocol is grpc, the generic endpoint used as is and headers as metadata', async () => {
+    const received = await exportOneSpan({
+      OTEL_EXPORTER_OTLP_ENDPOINT: receiver.grpcEndpoint!,
+      OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc',
+      OTEL_EXPORTER_OTLP_HEADERS: 'x-tenant=acme',
+    });
+    expect(received.protocol).toBe('grpc');
+    expect(received.path).toBe('/opentelemetry.proto.collector.trace.v1.TraceService/Export');
+    expect(received.headers['x-tenant']).toBe('acme');
   });
 });

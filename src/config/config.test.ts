@@ -23,3 +23,70 @@ describe('config: egress settings', () => {
     }
   });
 });
+
+describe('config: OpenTelemetry export', () => {
+  const telemetryOf = (environment: Record<string, string>) => loadConfig({ environment }).telemetry;
+
+  it('defaults to the specification: http/protobuf to the generic endpoint plus /v1/traces', () => {
+    expect(telemetryOf({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://collector:4318' })).toMatchObject({
+      protocol: 'http/protobuf',
+      tracesEndpoint: 'http://collector:4318/v1/traces',
+      timeoutMs: 10_000,
+      compression: 'none',
+    });
+  });
+
+  it('lets the traces-specific variables win and treats empty values as unset', () => {
+    expect(
+      telemetryOf({
+        OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc',
+        OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'http/json',
+        OTEL_EXPORTER_OTLP_ENDPOINT: 'http://collector:4318/base/',
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: '',
+        OTEL_EXPORTER_OTLP_TIMEOUT: '3000',
+        OTEL_EXPORTER_OTLP_TRACES_COMPRESSION: 'gzip',
+      }),
+    ).toMatchObject({
+      protocol: 'http/json',
+      tracesEndpoint: 'http://collector:4318/base/v1/traces',
+      timeoutMs: 3000,
+      compression: 'gzip',
+    });
+  });
+
+  it('uses a gRPC endpoint as is; without a scheme it is TLS unless INSECURE is true', () => {
+    const grpc = { OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' };
+    expect(
+      telemetryOf({ ...grpc, OTEL_EXPORTER_OTLP_ENDPOINT: 'http://collector:4317' }).tracesEndpoint,
+    ).toBe('http://collector:4317');
+    expect(telemetryOf({ ...grpc, OTEL_EXPORTER_OTLP_ENDPOINT: 'collector:4317' }).tracesEndpoint).toBe(
+      'https://collector:4317',
+    );
+    expect(
+      telemetryOf({
+        ...grpc,
+        OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: 'collector:4317',
+        OTEL_EXPORTER_OTLP_TRACES_INSECURE: 'true',
+      }).tracesEndpoint,
+    ).toBe('http://collector:4317');
+  });
+
+  it('refuses an unknown protocol, timeout or compression at start-up, naming the variable', () => {
+    const cases: [Record<string, string>, string][] = [
+      [{ OTEL_EXPORTER_OTLP_PROTOCOL: 'http/xml' }, 'OTEL_EXPORTER_OTLP_PROTOCOL must be one of'],
+      [{ OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: 'GRPC' }, 'OTEL_EXPORTER_OTLP_TRACES_PROTOCOL must be one of'],
+      [{ OTEL_EXPORTER_OTLP_TRACES_TIMEOUT: 'soon' }, 'OTEL_EXPORTER_OTLP_TRACES_TIMEOUT must be'],
+      [{ OTEL_EXPORTER_OTLP_COMPRESSION: 'brotli' }, 'OTEL_EXPORTER_OTLP_COMPRESSION must be gzip or none'],
+    ];
+    for (const [environment, message] of cases) {
+      let thrown: unknown;
+      try {
+        telemetryOf({ OTEL_EXPORTER_OTLP_ENDPOINT: 'http://collector:4318', ...environment });
+      } catch (error) {
+        thrown = error;
+      }
+      expect(isBerthError(thrown, 'invalid_request'), message).toBe(true);
+      expect((thrown as Error).message).toContain(message);
+    }
+  });
+});

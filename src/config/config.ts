@@ -104,11 +104,27 @@ export interface LimitsConfig {
   user: LimitSettings;
 }
 
+/** The OTLP transports the OpenTelemetry specification names (`OTEL_EXPORTER_OTLP_PROTOCOL`). */
+export const otlpProtocols = ['http/protobuf', 'http/json', 'grpc'] as const;
+
+/** One OTLP transport: protobuf or JSON over HTTP, or gRPC. */
+export type OtlpProtocol = (typeof otlpProtocols)[number];
+
 /** Where traces go; no endpoint means tracing is off (and costs nothing). */
 export interface TelemetryConfig {
-  /** OTLP/HTTP traces URL (`…/v1/traces`), or undefined when tracing is off. */
+  /**
+   * The traces endpoint, or undefined when tracing is off: for HTTP the full URL
+   * (`…/v1/traces`), for gRPC the collector's `http(s)://host:port` (`http` means no TLS).
+   */
   tracesEndpoint: string | undefined;
+  /** How spans travel (`OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`, default `http/protobuf`). */
+  protocol: OtlpProtocol;
+  /** HTTP headers, or gRPC metadata, sent with every export. */
   headers: Record<string, string>;
+  /** How long one export may take, in ms (`OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`, default 10000). */
+  timeoutMs: number;
+  /** Export payload compression (`OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION`, default none). */
+  compression: 'gzip' | 'none';
   serviceName: string;
   /** Batch export delay in ms (`OTEL_BSP_SCHEDULE_DELAY`, default 5000). */
   exportDelayMs: number;
@@ -117,41 +133,98 @@ export interface TelemetryConfig {
 }
 
 /**
- * The standard OpenTelemetry variables Berth honours: `OTEL_SDK_DISABLED`,
- * `OTEL_TRACES_EXPORTER` (`otlp` or `none`), `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or
- * `OTEL_EXPORTER_OTLP_ENDPOINT` (+ `/v1/traces`), `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`
- * (`k=v,k2=v2`), `OTEL_SERVICE_NAME`, `OTEL_BSP_SCHEDULE_DELAY`.
+ * The standard OpenTelemetry variables Berth honours, as the specification defines them
+ * (an empty value counts as unset; a signal-specific `OTEL_EXPORTER_OTLP_TRACES_*` variable
+ * wins over its generic `OTEL_EXPORTER_OTLP_*` one): `OTEL_SDK_DISABLED`,
+ * `OTEL_TRACES_EXPORTER` (`otlp` or `none`), `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`
+ * (`http/protobuf`, the default, `http/json` or `grpc`), `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`
+ * (used as is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (for HTTP, `v1/traces` is appended to its
+ * path; for gRPC it is used as is), `OTEL_EXPORTER_OTLP_[TRACES_]INSECURE` (gRPC endpoints
+ * without a scheme), `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` (`k=v,k2=v2`, URL-encoded; the
+ * signal's headers win key by key), `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`,
+ * `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION`, `OTEL_SERVICE_NAME`, `OTEL_BSP_SCHEDULE_DELAY`.
+ * A value Berth cannot use stops start-up with an error naming the variable.
  */
 function telemetryConfig(environment: Readonly<Record<string, string | undefined>>): TelemetryConfig {
+  // The specification: an empty value is the same as an unset one.
+  const read = (name: string): string | undefined => {
+    const value = environment[name]?.trim();
+    return value === undefined || value === '' ? undefined : value;
+  };
+  /** The signal-specific variable if set, else the generic one: `[value, the variable's name]`. */
+  const readTraces = (suffix: string): [string | undefined, string] => {
+    const specific = `OTEL_EXPORTER_OTLP_TRACES_${suffix}`;
+    const generic = `OTEL_EXPORTER_OTLP_${suffix}`;
+    const value = read(specific);
+    return value !== undefined ? [value, specific] : [read(generic), generic];
+  };
   const disabled =
-    environment.OTEL_SDK_DISABLED === 'true' ||
-    (environment.OTEL_TRACES_EXPORTER ?? 'otlp').split(',').includes('none');
-  const base = environment.OTEL_EXPORTER_OTLP_ENDPOINT;
-  const endpoint =
-    environment.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT ||
-    (base ? `${base.replace(/\/+$/, '')}/v1/traces` : undefined);
-  if (endpoint !== undefined && !/^https?:\/\//.test(endpoint)) {
-    throw invalidRequest(`the OTLP traces endpoint must be an http(s) URL, got "${endpoint}"`);
-  }
-  const headers: Record<string, string> = {};
-  for (const pair of (
-    environment.OTEL_EXPORTER_OTLP_TRACES_HEADERS ??
-    environment.OTEL_EXPORTER_OTLP_HEADERS ??
-    ''
-  )
-    .split(',')
-    .filter((entry) => entry.includes('='))) {
-    const index = pair.indexOf('=');
-    headers[decodeURIComponent(pair.slice(0, index).trim())] = decodeURIComponent(
-      pair.slice(index + 1).trim(),
+    read('OTEL_SDK_DISABLED')?.toLowerCase() === 'true' ||
+    (read('OTEL_TRACES_EXPORTER') ?? 'otlp')
+      .split(',')
+      .map((exporter) => exporter.trim())
+      .includes('none');
+
+  const [protocolValue, protocolVariable] = readTraces('PROTOCOL');
+  const protocol = (protocolValue ?? 'http/protobuf') as OtlpProtocol;
+  if (!otlpProtocols.includes(protocol)) {
+    throw invalidRequest(
+      `${protocolVariable} must be one of ${otlpProtocols.join(', ')}, got "${protocolValue}"`,
     );
   }
+
+  const specificEndpoint = read('OTEL_EXPORTER_OTLP_TRACES_ENDPOINT');
+  const baseEndpoint = read('OTEL_EXPORTER_OTLP_ENDPOINT');
+  let endpoint: string | undefined;
+  let endpointVariable = 'OTEL_EXPORTER_OTLP_TRACES_ENDPOINT';
+  if (specificEndpoint !== undefined) endpoint = specificEndpoint;
+  else if (baseEndpoint !== undefined) {
+    endpointVariable = 'OTEL_EXPORTER_OTLP_ENDPOINT';
+    // For HTTP the generic endpoint is a base URL: `v1/traces` goes after its path.
+    endpoint = protocol === 'grpc' ? baseEndpoint : `${baseEndpoint.replace(/\/+$/, '')}/v1/traces`;
+  }
+  if (endpoint !== undefined && protocol === 'grpc' && !/^[a-z][a-z0-9+.-]*:\/\//i.test(endpoint)) {
+    // A gRPC endpoint without a scheme: TLS unless the INSECURE variable says otherwise.
+    const [insecure] = readTraces('INSECURE');
+    endpoint = `${insecure?.toLowerCase() === 'true' ? 'http' : 'https'}://${endpoint}`;
+  }
+  if (endpoint !== undefined && !/^https?:\/\/[^/]/i.test(endpoint)) {
+    throw invalidRequest(`${endpointVariable} must be an http(s) URL, got "${endpoint}"`);
+  }
+
+  // Generic headers first, then the signal's, key by key (as the official exporters merge them).
+  const headers: Record<string, string> = {};
+  for (const variable of ['OTEL_EXPORTER_OTLP_HEADERS', 'OTEL_EXPORTER_OTLP_TRACES_HEADERS']) {
+    for (const pair of (read(variable) ?? '').split(',').filter((entry) => entry.includes('='))) {
+      const index = pair.indexOf('=');
+      headers[decodeURIComponent(pair.slice(0, index).trim())] = decodeURIComponent(
+        pair.slice(index + 1).trim(),
+      );
+    }
+  }
+
+  const [timeoutValue, timeoutVariable] = readTraces('TIMEOUT');
+  const timeoutMs = Number(timeoutValue ?? 10_000);
+  if (!Number.isInteger(timeoutMs) || timeoutMs <= 0) {
+    throw invalidRequest(
+      `${timeoutVariable} must be a positive number of milliseconds, got "${timeoutValue}"`,
+    );
+  }
+  const [compressionValue, compressionVariable] = readTraces('COMPRESSION');
+  const compression = compressionValue ?? 'none';
+  if (compression !== 'gzip' && compression !== 'none') {
+    throw invalidRequest(`${compressionVariable} must be gzip or none, got "${compressionValue}"`);
+  }
+
   const delay = Number(environment.OTEL_BSP_SCHEDULE_DELAY ?? 5000);
   const slow = Number(environment.BERTH_TRACE_SLOW_APPEND_MS ?? 100);
   return {
     tracesEndpoint: disabled ? undefined : endpoint,
+    protocol,
     headers,
-    serviceName: environment.OTEL_SERVICE_NAME || 'berth',
+    timeoutMs,
+    compression,
+    serviceName: read('OTEL_SERVICE_NAME') ?? 'berth',
     exportDelayMs: Number.isFinite(delay) && delay >= 0 ? delay : 5000,
     slowAppendMs: Number.isFinite(slow) && slow >= 0 ? slow : 100,
   };

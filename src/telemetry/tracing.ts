@@ -10,9 +10,8 @@ import {
   trace,
 } from '@opentelemetry/api';
 import { W3CTraceContextPropagator } from '@opentelemetry/core';
-import { OTLPTraceExporter } from '@opentelemetry/exporter-trace-otlp-http';
 import { resourceFromAttributes } from '@opentelemetry/resources';
-import { BasicTracerProvider, BatchSpanProcessor } from '@opentelemetry/sdk-trace-base';
+import { BasicTracerProvider, BatchSpanProcessor, type SpanExporter } from '@opentelemetry/sdk-trace-base';
 import type { TelemetryConfig } from '../config/config.js';
 import type { Harness, SessionToolbox, WakeControl } from '../harness/harness.js';
 import type { ModelRegistry } from '../models/model-registry.js';
@@ -93,8 +92,46 @@ export class TraceContexts {
   }
 }
 
+/**
+ * The official OTLP span exporter for the configured protocol. Each is imported only when
+ * chosen, so a server that exports JSON or protobuf over HTTP never loads gRPC.
+ */
+export async function createSpanExporter(
+  config: TelemetryConfig & { tracesEndpoint: string },
+): Promise<SpanExporter> {
+  type ExporterOptions = NonNullable<
+    ConstructorParameters<typeof import('@opentelemetry/exporter-trace-otlp-proto').OTLPTraceExporter>[0]
+  >;
+  const common = {
+    url: config.tracesEndpoint,
+    timeoutMillis: config.timeoutMs,
+    // The exporters' CompressionAlgorithm is a string enum of these same two values.
+    compression: config.compression as ExporterOptions['compression'],
+  };
+  switch (config.protocol) {
+    case 'http/protobuf': {
+      const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-proto');
+      return new OTLPTraceExporter({ ...common, headers: config.headers });
+    }
+    case 'http/json': {
+      const { OTLPTraceExporter } = await import('@opentelemetry/exporter-trace-otlp-http');
+      return new OTLPTraceExporter({ ...common, headers: config.headers });
+    }
+    case 'grpc': {
+      const [{ OTLPTraceExporter }, { Metadata }] = await Promise.all([
+        import('@opentelemetry/exporter-trace-otlp-grpc'),
+        import('@grpc/grpc-js'),
+      ]);
+      const metadata = new Metadata();
+      for (const [key, value] of Object.entries(config.headers)) metadata.set(key, value);
+      // The scheme of the URL says whether to use TLS (`http` means a plaintext channel).
+      return new OTLPTraceExporter({ ...common, metadata });
+    }
+  }
+}
+
 /** Starts tracing when an OTLP endpoint is configured; otherwise returns the no-op telemetry. */
-export function createTelemetry(config: TelemetryConfig): Telemetry {
+export async function createTelemetry(config: TelemetryConfig): Promise<Telemetry> {
   const contexts = new TraceContexts();
   if (!config.tracesEndpoint) {
     return {
@@ -105,13 +142,10 @@ export function createTelemetry(config: TelemetryConfig): Telemetry {
       shutdown: async () => undefined,
     };
   }
+  const exporter = await createSpanExporter({ ...config, tracesEndpoint: config.tracesEndpoint });
   const provider = new BasicTracerProvider({
     resource: resourceFromAttributes({ 'service.name': config.serviceName }),
-    spanProcessors: [
-      new BatchSpanProcessor(new OTLPTraceExporter({ url: config.tracesEndpoint, headers: config.headers }), {
-        scheduledDelayMillis: config.exportDelayMs,
-      }),
-    ],
+    spanProcessors: [new BatchSpanProcessor(exporter, { scheduledDelayMillis: config.exportDelayMs })],
   });
   return {
     enabled: true,
@@ -171,14 +205,21 @@ export function tracedHarness(harness: Harness, tracer: Tracer, contexts: TraceC
           parent: control.trace ?? ROOT_CONTEXT,
           attributes: {
             'gen_ai.operation.name': 'invoke_agent',
-            'gen_ai.conversation.id': session.id,
-            'berth.session.id': session.id,
+            ...sessionAttributes(session.id),
             'berth.tenant.id': session.tenantId,
           },
         },
         (_span, turn) => contexts.within(session, 'turn', turn, () => harness.wake(session, control)),
       ),
   };
+}
+
+/**
+ * The attributes naming a session on every span of its work: the GenAI conventions' conversation
+ * id and Berth's own session id, so a backend can find all of a session's spans by either.
+ */
+export function sessionAttributes(sessionId: string): Attributes {
+  return { 'gen_ai.conversation.id': sessionId, 'berth.session.id': sessionId };
 }
 
 /** Model calls as `chat <model>` client spans with GenAI request, usage and finish attributes. */
@@ -203,6 +244,7 @@ export function tracedModels(models: ModelRegistry, tracer: Tracer, contexts: Tr
                 'gen_ai.operation.name': 'chat',
                 'gen_ai.provider.name': modelId.split('/')[0] ?? model.provider,
                 'gen_ai.request.model': modelId,
+                ...(resolveContext ? sessionAttributes(resolveContext.session.id) : {}),
                 ...(options.maxOutputTokens === undefined
                   ? {}
                   : { 'gen_ai.request.max_tokens': options.maxOutputTokens }),
@@ -295,7 +337,7 @@ export function tracedToolbox(
             'gen_ai.tool.type': tool?.kind === 'custom' ? 'extension' : 'function',
             ...(options.toolUseId ? { 'gen_ai.tool.call.id': options.toolUseId } : {}),
             ...(tool?.mcp ? { 'berth.mcp.server': tool.mcp.serverName } : {}),
-            'berth.session.id': session.id,
+            ...sessionAttributes(session.id),
           },
         },
         async (span, tool) => {
