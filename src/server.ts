@@ -19,7 +19,7 @@ import { SessionEgress } from './egress/session-egress.js';
 import { invalidRequest } from './errors.js';
 import { DeltaBus } from './harness/delta-bus.js';
 import { createHarness } from './harness/harness.js';
-import { Authenticator, ensureAdminKey } from './identity/api-keys.js';
+import { type AdminKeyStatus, Authenticator, ensureAdminKey } from './identity/api-keys.js';
 import { Limits } from './identity/limits.js';
 import { loadPriceBook } from './metering/price-books.js';
 import type { ModelRegistry } from './models/model-registry.js';
@@ -58,6 +58,8 @@ export interface RunningBerth {
   sandboxes: SandboxManager;
   /** Path of the admin key file when this start created it. */
   adminKeyFile: string | undefined;
+  /** The admin key as the first-start bootstrap left it: here, created by another node, or unknown. */
+  adminKey: AdminKeyStatus;
   /** Tracing (a no-op when no OTLP endpoint is configured). */
   telemetry: Telemetry;
   /** The vault: credentials of sessions (for the egress proxy and MCP clients), key rotation. */
@@ -349,8 +351,20 @@ export async function startBerth(
   const authenticator = new Authenticator(store.resources);
   // Several nodes: revocations, role changes and removals made anywhere apply here at once.
   if (cluster) rawStore.watchPrincipals?.((change) => authenticator.changed(change));
-  const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
+  const adminKey = await ensureAdminKey(store.resources, config.dataDir, {
+    label: `admin.key in ${config.dataDir} on ${hostname()}${cluster ? ` (node ${cluster.nodeId})` : ''}`,
+  });
+  const adminKeyFile = adminKey.created ? adminKey.file : undefined;
   if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
+  else if (adminKey.unknownFile) {
+    logger.warn('admin.key in the data directory holds a key this database does not know', {
+      file: adminKey.unknownFile,
+    });
+  } else if (!adminKey.file) {
+    logger.info('the admin API key was created by another start', {
+      where: adminKey.createdElsewhere ?? 'unknown',
+    });
+  }
 
   const app = createApp({
     store,
@@ -406,6 +420,7 @@ export async function startBerth(
     supervisor,
     sandboxes,
     adminKeyFile,
+    adminKey,
     telemetry,
     vault,
     // Middleware registrations show up as method ALL; only handlers are routes.

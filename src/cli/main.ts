@@ -68,7 +68,14 @@ program
       const berth = await start(options);
       if (options.cluster) console.error(`Berth node ${berth.nodeId} joined the cluster`);
       console.error(`Berth is serving on ${berth.url} (data in ${resolve(options.dataDir)})`);
-      console.error(`API key: ${join(resolve(options.dataDir), 'admin.key')}`);
+      const { adminKey } = berth;
+      if (adminKey.file) console.error(`API key: ${adminKey.file}`);
+      else if (!adminKey.unknownFile) {
+        // Nodes started together: one created the key; only its data directory holds it.
+        console.error(
+          `API key: created by another node, not in this data directory (${adminKey.createdElsewhere ?? 'its label is gone'})`,
+        );
+      }
       stopOnSignals(berth);
     },
   );

@@ -90,3 +90,20 @@ describe('config: OpenTelemetry export', () => {
     }
   });
 });
+
+describe('config: cluster database', () => {
+  it('refuses a BERTH_DATABASE_URL that --cluster would silently ignore, saying where each role goes', () => {
+    const environment = { BERTH_DATABASE_URL: 'postgres://berth_app@db/berth' };
+    let thrown: unknown;
+    try {
+      loadConfig({ flags: { cluster: 'postgres://berth_owner@db/berth' }, environment });
+    } catch (error) {
+      thrown = error;
+    }
+    expect(isBerthError(thrown, 'invalid_request')).toBe(true);
+    expect((thrown as Error).message).toMatch(/BERTH_DATABASE_MIGRATION_URL/);
+    // The same URL in both is fine.
+    const config = loadConfig({ flags: { cluster: 'postgres://berth_app@db/berth' }, environment });
+    expect(config.store).toMatchObject({ kind: 'postgres', url: 'postgres://berth_app@db/berth' });
+  });
+});

@@ -258,6 +258,13 @@ export function loadConfig(sources: ConfigSources): BerthConfig {
   if (clusterUrl && flags.database && flags.database !== clusterUrl) {
     throw invalidRequest('--cluster names the database; do not also give --database');
   }
+  // BERTH_DATABASE_URL is not used with --cluster; one naming another database (an operator
+  // who put the app role there and the owner in --cluster) must not be silently ignored.
+  if (clusterUrl && environment.BERTH_DATABASE_URL && environment.BERTH_DATABASE_URL !== clusterUrl) {
+    throw invalidRequest(
+      'with --cluster, the cluster URL is the database (connect as the app role there; the owner goes in BERTH_DATABASE_MIGRATION_URL): unset BERTH_DATABASE_URL or give it the same URL',
+    );
+  }
   if (clusterUrl && !/^postgres(ql)?:\/\//.test(clusterUrl)) {
     throw invalidRequest('--cluster takes the postgres:// URL every node shares');
   }

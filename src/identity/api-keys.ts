@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { chmod, writeFile } from 'node:fs/promises';
+import { open, readFile, rename, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { newId } from '../ids.js';
 import type {
@@ -274,28 +274,106 @@ export async function createTenantWithAdmin(
   return { tenant, admin, key, keyRecord: record };
 }
 
+/** What the first-start bootstrap found or did about the admin key (`ensureAdminKey`). */
+export interface AdminKeyStatus {
+  /** This start created the admin key and wrote it to `file`. */
+  created: boolean;
+  /** `<dataDir>/admin.key` when it holds a key the store knows, else undefined. */
+  file: string | undefined;
+  /**
+   * When this data directory has no admin key: where the node that created it wrote it (the
+   * label that node stored on the key), or undefined when no record says.
+   */
+  createdElsewhere: string | undefined;
+  /** `<dataDir>/admin.key` when it holds a key the store does not know (another database's). */
+  unknownFile: string | undefined;
+}
+
 /**
- * On first start with an empty key table, creates the default tenant, its admin user and
- * key, stores only the key's hash and writes the key to `<dataDir>/admin.key` with mode 0600.
- * Returns the file path when it did.
+ * On first start with an empty key table, creates the default tenant, its admin user and key,
+ * stores only the key's hash and writes the key to `<dataDir>/admin.key` with mode 0600.
+ *
+ * Safe when several processes start at once on one database (the nodes of a cluster): the key
+ * is written to `admin.key.new` (synced) first, then offered to the store, which takes it only
+ * while no key exists (`createFirstApiKey`, one serialized transaction). Only the process whose
+ * key was taken renames its file to `admin.key`; the others delete theirs and report where the
+ * creator wrote it (`label`, stored as the key's name). A crash between the commit and the
+ * rename leaves `admin.key.new` holding the stored key: the next start finishes the rename. A
+ * crash before the commit leaves a file the next start reuses or deletes, never a stored key
+ * that nobody has.
  */
-export async function ensureAdminKey(resources: ResourceStore, dataDir: string): Promise<string | undefined> {
-  if ((await resources.countApiKeys()) > 0) return undefined;
-  // The file first: a crash before the key is stored leaves a file that the next start
-  // overwrites, never a stored key that nobody has.
-  const key = generateApiKey();
-  const path = join(dataDir, 'admin.key');
-  await writeFile(path, `${key}\n`, { mode: 0o600 });
-  await chmod(path, 0o600);
-  const now = new Date().toISOString();
-  if (!(await resources.getTenant(DEFAULT_TENANT_ID))) {
-    await resources.createTenant({ id: DEFAULT_TENANT_ID, name: 'default', createdAt: now, limits: null });
+export async function ensureAdminKey(
+  resources: ResourceStore,
+  dataDir: string,
+  options: { label?: string } = {},
+): Promise<AdminKeyStatus> {
+  const file = join(dataDir, 'admin.key');
+  const pending = `${file}.new`;
+  const status: AdminKeyStatus = {
+    created: false,
+    file: undefined,
+    createdElsewhere: undefined,
+    unknownFile: undefined,
+  };
+  let candidate = await readKeyFile(pending);
+  if (candidate !== undefined && (await resources.findApiKeyByHash(hashApiKey(candidate)))) {
+    await rename(pending, file);
+    candidate = undefined;
+  } else if ((await resources.countApiKeys()) === 0) {
+    if (candidate === undefined) {
+      candidate = generateApiKey();
+      await writeKeyFile(pending, candidate);
+    }
+    const now = new Date().toISOString();
+    const created = await resources.createFirstApiKey({
+      tenant: { id: DEFAULT_TENANT_ID, name: 'default', createdAt: now, limits: null },
+      user: { id: 'user_admin', tenantId: DEFAULT_TENANT_ID, name: 'admin', role: 'admin', createdAt: now },
+      key: {
+        id: newId('key'),
+        tenantId: DEFAULT_TENANT_ID,
+        userId: 'user_admin',
+        hash: hashApiKey(candidate),
+        name: options.label ?? `admin.key in ${dataDir}`,
+        createdAt: now,
+        expiresAt: null,
+        revokedAt: null,
+      },
+    });
+    if (created) {
+      await rename(pending, file);
+      return { ...status, created: true, file };
+    }
   }
-  let admin = await resources.getUser(DEFAULT_TENANT_ID, 'user_admin');
-  if (!admin) {
-    admin = { id: 'user_admin', tenantId: DEFAULT_TENANT_ID, name: 'admin', role: 'admin', createdAt: now };
-    await resources.createUser(admin);
+  if (candidate !== undefined) await rm(pending, { force: true });
+  const held = await readKeyFile(file);
+  if (held !== undefined) {
+    const record = await resources.findApiKeyByHash(hashApiKey(held));
+    if (record) return { ...status, file };
+    return { ...status, unknownFile: file };
   }
-  await issueApiKey(resources, admin, { name: 'admin', key });
-  return path;
+  const first = (await resources.listApiKeys(DEFAULT_TENANT_ID, 'user_admin')).at(-1);
+  return { ...status, createdElsewhere: first?.name };
+}
+
+/** The key in a key file, or undefined when the file is missing or empty. */
+async function readKeyFile(path: string): Promise<string | undefined> {
+  try {
+    const key = (await readFile(path, 'utf8')).trim();
+    return key === '' ? undefined : key;
+  } catch (error) {
+    if ((error as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw error;
+  }
+}
+
+/** Writes a key file with mode 0600 and syncs it, so a stored key never outlives its file. */
+async function writeKeyFile(path: string, key: string): Promise<void> {
+  const handle = await open(path, 'w', 0o600);
+  try {
+    await handle.writeFile(`${key}\n`);
+    await handle.chmod(0o600);
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
 }

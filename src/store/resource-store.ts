@@ -214,6 +214,13 @@ export interface ResourceStore {
   revokeApiKey(tenantId: string, id: string, at: string): Promise<ApiKeyRecord | undefined>;
   /** Keys in all tenants (0 means first start). Cross-tenant. */
   countApiKeys(): Promise<number>;
+  /**
+   * The first start's admin key: when no key exists in any tenant, inserts the tenant and the
+   * user (each unless it exists) and the key, in one transaction that concurrent callers (nodes
+   * of a cluster starting together) serialize on, and returns true. When a key exists already,
+   * writes nothing and returns false. Cross-tenant.
+   */
+  createFirstApiKey(first: { tenant: TenantRecord; user: UserRecord; key: NewApiKey }): Promise<boolean>;
 }
 
 /**

@@ -1036,6 +1036,52 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
         expect((await store.resources.findApiKeyByHash(key.hash))?.revokedAt).toBe(revokedAt);
       });
 
+      it('takes the first API key from one of several starts racing for it, and none after', async () => {
+        // Three connections to one database, as three nodes starting at the same moment.
+        const others = [await openStore(database.options), await openStore(database.options)];
+        try {
+          const first = (index: number) => ({
+            tenant: { id: 'tnt_default', name: 'default', createdAt: nextTimestamp(), limits: null },
+            user: {
+              id: 'user_admin',
+              tenantId: 'tnt_default',
+              name: 'admin',
+              role: 'admin' as const,
+              createdAt: nextTimestamp(),
+            },
+            key: {
+              id: newId('key'),
+              tenantId: 'tnt_default',
+              userId: 'user_admin',
+              hash: String(index).repeat(64),
+              name: `start ${index}`,
+              createdAt: nextTimestamp(),
+              expiresAt: null,
+              revokedAt: null,
+            },
+          });
+          const outcomes = await Promise.all(
+            [store, ...others].map((each, index) => each.resources.createFirstApiKey(first(index))),
+          );
+          expect(outcomes.filter(Boolean)).toHaveLength(1);
+          const winner = outcomes.indexOf(true);
+          expect(await store.resources.countApiKeys()).toBe(1);
+          expect(await store.resources.findApiKeyByHash(String(winner).repeat(64))).toMatchObject({
+            name: `start ${winner}`,
+            role: 'admin',
+          });
+          expect((await store.resources.listTenants()).map((tenant) => tenant.name)).toEqual(['default']);
+          expect((await store.resources.listUsers('tnt_default')).map((user) => user.name)).toEqual([
+            'admin',
+          ]);
+          // Later starts find the key and write nothing.
+          expect(await others[0]!.resources.createFirstApiKey(first(7))).toBe(false);
+          expect(await store.resources.countApiKeys()).toBe(1);
+        } finally {
+          for (const other of others) await other.close();
+        }
+      });
+
       it('stores vaults, updates and archives them, and pages through them in creation order', async () => {
         const vaults: ResourceRecord[] = [];
         for (let index = 0; index < 3; index++) {

@@ -50,6 +50,8 @@ export async function startBerthProcess(options: {
   host?: string;
   /** A command the server runs under (e.g. `ip netns exec <name>`). */
   prefix?: string[];
+  /** How long to wait for `/health` (default 20 s; more for several servers starting at once). */
+  healthTimeoutMs?: number;
 }): Promise<BerthProcess> {
   const port = options.port ?? (await findFreePort());
   const host = options.host ?? '127.0.0.1';
@@ -86,7 +88,8 @@ export async function startBerthProcess(options: {
     else child.once('exit', () => done());
   });
   const url = `http://${host}:${port}`;
-  const deadline = Date.now() + HEALTH_TIMEOUT_MS;
+  const healthTimeoutMs = options.healthTimeoutMs ?? HEALTH_TIMEOUT_MS;
+  const deadline = Date.now() + healthTimeoutMs;
   for (;;) {
     if (child.exitCode !== null || child.signalCode !== null) {
       throw new Error(`berth serve exited during start (${child.exitCode ?? child.signalCode}): ${stderr}`);
@@ -99,7 +102,7 @@ export async function startBerthProcess(options: {
     }
     if (Date.now() > deadline) {
       child.kill('SIGKILL');
-      throw new Error(`berth serve did not answer /health within ${HEALTH_TIMEOUT_MS} ms: ${stderr}`);
+      throw new Error(`berth serve did not answer /health within ${healthTimeoutMs} ms: ${stderr}`);
     }
     await new Promise((done) => setTimeout(done, 25));
   }

@@ -34,14 +34,17 @@ import {
   type ListQuery,
   type NewApiKey,
   type Page,
+  type PrincipalChange,
   type ResourceKind,
   type ResourceRecord,
   type ResourceStore,
   type Role,
+  type RowLevelSecurity,
   type SessionCreateOptions,
   type SessionCreateResult,
   type SessionListQuery,
   type SessionRecord,
+  type SnapshotArchiveStore,
   type Store,
   type TenantRecord,
   type UserRecord,
@@ -1167,6 +1170,37 @@ class PostgresResourceStore implements ResourceStore {
       [],
     );
     return Number(result.rows[0]?.count ?? 0);
+  }
+
+  async createFirstApiKey(first: {
+    tenant: TenantRecord;
+    user: UserRecord;
+    key: NewApiKey;
+  }): Promise<boolean> {
+    const { tenant, user, key } = first;
+    return inTenant(this.#pool, tenant.id, async (client) => {
+      // Nodes starting together queue here; each statement after the lock sees what the
+      // previous holder committed (READ COMMITTED), so only the first one inserts.
+      await client.query("SELECT pg_advisory_xact_lock(hashtext('berth.first-api-key.' || $1))", [this.#s]);
+      const count = await client.query<{ count: string }>(`SELECT ${this.#s}.count_api_keys() AS count`);
+      if (Number(count.rows[0]?.count ?? 0) > 0) return false;
+      await client.query(
+        `INSERT INTO ${this.#s}.tenants (id, name, created_at, limits) VALUES ($1, $2, $3, $4::jsonb)
+         ON CONFLICT DO NOTHING`,
+        [tenant.id, tenant.name, tenant.createdAt, tenant.limits === null ? null : toJsonb(tenant.limits)],
+      );
+      await client.query(
+        `INSERT INTO ${this.#s}.users (id, tenant_id, name, role, created_at) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT DO NOTHING`,
+        [user.id, user.tenantId, user.name, user.role, user.createdAt],
+      );
+      await client.query(
+        `INSERT INTO ${this.#s}.api_keys (id, tenant_id, user_id, hash, name, created_at, expires_at, revoked_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)`,
+        [key.id, key.tenantId, key.userId, key.hash, key.name, key.createdAt, key.expiresAt, key.revokedAt],
+      );
+      return true;
+    });
   }
 
   async #insertRow(

@@ -966,6 +966,52 @@ class SqliteResourceStore implements ResourceStore {
     return (this.#statements.get('SELECT count(*) AS count FROM api_keys').get() as { count: number }).count;
   }
 
+  async createFirstApiKey(first: {
+    tenant: TenantRecord;
+    user: UserRecord;
+    key: NewApiKey;
+  }): Promise<boolean> {
+    const { tenant, user, key } = first;
+    // IMMEDIATE takes the write lock before the count, so two processes on one file cannot both
+    // see an empty key table.
+    return this.#database
+      .transaction(() => {
+        if (
+          (this.#statements.get('SELECT count(*) AS count FROM api_keys').get() as { count: number }).count >
+          0
+        )
+          return false;
+        this.#statements
+          .get('INSERT OR IGNORE INTO tenants (id, name, created_at, limits) VALUES (?, ?, ?, ?)')
+          .run(
+            tenant.id,
+            tenant.name,
+            tenant.createdAt,
+            tenant.limits === null ? null : JSON.stringify(tenant.limits),
+          );
+        this.#statements
+          .get('INSERT OR IGNORE INTO users (id, tenant_id, name, role, created_at) VALUES (?, ?, ?, ?, ?)')
+          .run(user.id, user.tenantId, user.name, user.role, user.createdAt);
+        this.#statements
+          .get(
+            `INSERT INTO api_keys (id, tenant_id, user_id, hash, name, created_at, expires_at, revoked_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+          )
+          .run(
+            key.id,
+            key.tenantId,
+            key.userId,
+            key.hash,
+            key.name,
+            key.createdAt,
+            key.expiresAt,
+            key.revokedAt,
+          );
+        return true;
+      })
+      .immediate();
+  }
+
   #insertRow(table: string, record: ResourceRecord, extra: Record<string, unknown>): void {
     const columns = [
       'id',
