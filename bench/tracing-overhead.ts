@@ -12,7 +12,12 @@ async function startCollectorProcess(): Promise<{ endpoint: string; close(): Pro
     let count = 0;
     const server = http.createServer((request, response) => {
       request.resume();
-      request.on('end', () => { count++; response.writeHead(200, { 'content-type': 'application/json' }).end('{}'); });
+      // An empty export response in the request's encoding (protobuf by default, or JSON).
+      request.on('end', () => {
+        count++;
+        const json = String(request.headers['content-type']).includes('json');
+        response.writeHead(200, { 'content-type': json ? 'application/json' : 'application/x-protobuf' }).end(json ? '{}' : '');
+      });
     });
     server.listen(0, '127.0.0.1', () => process.stdout.write(server.address().port + '\\n'));
     process.on('message', () => { process.send(count, () => process.exit(0)); });

@@ -2,23 +2,43 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createModelRegistry } from '../src/models/provider-registry.js';
 import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 import { type StreamEvent, sendAndWaitIdle } from './support/session-stream.js';
 
-/** A price book that makes scripted models expensive: one cent per input or output token. */
+/**
+ * A price book that makes the scripted models the tests use expensive: one cent per input or
+ * output token. It has no price for `scripted/unpriced`.
+ */
 const EXPENSIVE_BOOK = `
 name: Expensive test book
 currency: USD
 rates:
   active_session_hour: 0
 tokens:
-  scripted/*:
+  scripted/bash-once: &cent
     input_per_million: 10000
     output_per_million: 10000
     cache_read_per_million: 0
     cache_write_per_million: 0
+  scripted/echo: *cent
 `;
+
+/** A book that prices no scripted model at all. */
+const NO_SCRIPTED_BOOK = `
+name: No scripted models
+currency: USD
+tokens:
+  anthropic/claude-sonnet-4-5: { input_per_million: 3, output_per_million: 15, cache_read_per_million: 0.3, cache_write_per_million: 3.75 }
+`;
+
+/** The built-in scripted models plus `scripted/unpriced`, which answers without tools. */
+const models = () =>
+  createModelRegistry({
+    environment: {},
+    scriptedScripts: { unpriced: { name: 'unpriced', steps: [{ text: 'an answer with no list price' }] } },
+  });
 
 type Usage = {
   usage: {
@@ -54,7 +74,7 @@ describe('usage and budgets', () => {
     directory = await mkdtemp(join(tmpdir(), 'berth-usage-'));
     const book = join(directory, 'expensive.yaml');
     await writeFile(book, EXPENSIVE_BOOK);
-    berth = await startTestBerth({ environment: { BERTH_BUDGET_PRICE_BOOK: book } });
+    berth = await startTestBerth({ environment: { BERTH_BUDGET_PRICE_BOOK: book }, models: models() });
     environmentId = (await berth.client.beta.environments.create({ name: 'usage' })).id;
     for (const model of ['scripted/bash-once', 'scripted/echo']) {
       agents[model] = (
@@ -192,6 +212,70 @@ describe('usage and budgets', () => {
     expect((await berth.client.beta.sessions.list({ limit: 100 })).data.length).toBe(before);
   });
 
+  it('shows a session on a model the price book cannot price as unpriced everywhere, never as free', async () => {
+    const agent = await berth.client.beta.agents.create({ name: 'unpriced-run', model: 'scripted/unpriced' });
+    const sessionId = (
+      await berth.client.beta.sessions.create({ agent: agent.id, environment_id: environmentId })
+    ).id;
+    const seen = await sendAndWaitIdle(berth.client, sessionId, message('what does this cost?'));
+    expect(seen.at(-1)!.stop_reason).toEqual({ type: 'end_turn' });
+
+    // The session.usage event: tokens, but no list cost, and the model named as unpriced.
+    const snapshot = usageEvents(seen)[0] as unknown as {
+      usage: Record<string, unknown> & { output_tokens: number };
+      berth: { unpriced_models: string[] };
+    };
+    expect(snapshot.usage.output_tokens).toBeGreaterThan(0);
+    expect(snapshot.usage).not.toHaveProperty('list_cost');
+    expect(snapshot.berth.unpriced_models).toEqual(['scripted/unpriced']);
+    // A priced session says it has nothing unpriced.
+    const priced = await sendAndWaitIdle(berth.client, await newSession('scripted/echo'), message('hi'));
+    expect((usageEvents(priced)[0]!.berth as { unpriced_models?: string[] }).unpriced_models).toEqual([]);
+
+    // The session's usage: list_cost null (the SDK's "no cost tracked"), not "0".
+    const session = (await berth.client.beta.sessions.retrieve(sessionId)) as unknown as {
+      usage: { list_cost: unknown; berth: { unpriced_models: string[] } };
+    };
+    expect(session.usage.list_cost).toBeNull();
+    expect(session.usage.berth.unpriced_models).toEqual(['scripted/unpriced']);
+
+    // The usage report under the budget book: JSON with no amount, CSV with an empty cell.
+    const report = (await (
+      await fetch(`${berth.url}/v1/usage?by=session`, { headers: { 'x-api-key': berth.apiKey } })
+    ).json()) as {
+      rows: { group: string; costs: Record<string, { total: number | null; unpriced_models: string[] }> }[];
+      total: { costs: Record<string, { total: number | null }> };
+    };
+    const row = report.rows.find((candidate) => candidate.group === sessionId)!;
+    expect(row.costs.expensive).toMatchObject({ total: null, unpriced_models: ['scripted/unpriced'] });
+    expect(report.total.costs.expensive!.total).toBeNull();
+    const csv = (
+      await (
+        await fetch(`${berth.url}/v1/usage?by=session&format=csv`, { headers: { 'x-api-key': berth.apiKey } })
+      ).text()
+    ).split('\r\n');
+    const header = csv[0]!.split(',');
+    const fields = csv.find((line) => line.startsWith(`${sessionId},`))!.split(',');
+    expect(fields[header.indexOf('expensive_usd')]).toBe('');
+    expect(fields[header.indexOf('expensive_unpriced_models')]).toBe('scripted/unpriced');
+
+    // The operator's CLI table over the store, with the same book file.
+    const cli = await berthCli([
+      'usage',
+      '--store',
+      '--data-dir',
+      berth.dataDir,
+      '--by',
+      'session',
+      '--price-book',
+      join(directory, 'expensive.yaml'),
+    ]);
+    expect(cli.code, cli.stderr).toBe(0);
+    const lines = cli.stdout.split('\n');
+    expect(lines.find((line) => line.startsWith(sessionId))).toMatch(/ unpriced$/);
+    expect(cli.stdout).toContain('expensive: no price for scripted/unpriced');
+  });
+
   it('reports usage per session and per agent over the API (JSON and CSV) and in the CLI, priced side by side', async () => {
     const report = (await (
       await fetch(`${berth.url}/v1/usage?by=agent&price_book=anthropic,cloudflare`, {
@@ -235,5 +319,46 @@ describe('usage and budgets', () => {
     expect(cli.code, cli.stderr).toBe(0);
     expect(cli.stdout).toMatch(/anthropic \$.*aws-agentcore \$.*google-agent-engine \$.*cloudflare \$/);
     expect(cli.stdout).toMatch(/tnt_default/);
+  });
+});
+
+/**
+ * A budget is never enforced against a cost Berth cannot compute: a session whose model the
+ * budget book cannot price is refused a budget up front (above), and one already running with a
+ * budget when the operator switches to such a book stops before its next model call.
+ */
+describe('budgets when the price book changes', () => {
+  it('stops a budgeted session whose model the new book cannot price before any model call', async () => {
+    const directory = await mkdtemp(join(tmpdir(), 'berth-budget-book-'));
+    const dataDir = join(directory, 'data');
+    const pricing = join(directory, 'expensive.yaml');
+    const notPricing = join(directory, 'no-scripted.yaml');
+    await writeFile(pricing, EXPENSIVE_BOOK);
+    await writeFile(notPricing, NO_SCRIPTED_BOOK);
+    let berth = await startTestBerth({ dataDir, environment: { BERTH_BUDGET_PRICE_BOOK: pricing } });
+    try {
+      const environment = await berth.client.beta.environments.create({ name: 'book-change' });
+      const agent = await berth.client.beta.agents.create({ name: 'echo', model: 'scripted/echo' });
+      const sessionId = (
+        await berth.client.beta.sessions.create({
+          agent: agent.id,
+          environment_id: environment.id,
+          budget: { type: 'limit', max_list_cost: { amount: '100000', currency: 'USD' } },
+        })
+      ).id;
+      await berth.dispose();
+      berth = await startTestBerth({ dataDir, environment: { BERTH_BUDGET_PRICE_BOOK: notPricing } });
+
+      const seen = await sendAndWaitIdle(berth.client, sessionId, message('hello'));
+      expect(seen.some((event) => event.type === 'span.model_request_start')).toBe(false);
+      expect(seen.at(-1)!.stop_reason).toEqual({ type: 'budget_reached' });
+      const snapshot = seen.find((event) => event.type === 'session.usage') as unknown as {
+        usage: Record<string, unknown>;
+      };
+      expect(snapshot.usage).not.toHaveProperty('list_cost');
+    } finally {
+      await berth.dispose();
+      await rm(directory, { recursive: true, force: true });
+    }
   });
 });

@@ -82,8 +82,9 @@ export async function presentSession(store: Store, session: SessionRecord) {
       cache_read_input_tokens: usage.cache_read_input_tokens,
       cache_creation: { ephemeral_5m_input_tokens: usage.cache_creation_input_tokens },
       active_seconds: activeSeconds,
-      // As of the newest `session.usage` snapshot (taken at every idle).
-      ...(snapshot ? { list_cost: snapshot.usage.list_cost, berth: snapshot.berth } : {}),
+      // As of the newest `session.usage` snapshot (taken at every idle); null when the price
+      // book cannot price a model of the session (`berth.unpriced_models` names it).
+      ...(snapshot ? { list_cost: snapshot.usage.list_cost ?? null, berth: snapshot.berth } : {}),
     },
     stats: {
       active_seconds: activeSeconds,

@@ -14,11 +14,11 @@ import { isPresetPriceBookId, loadPriceBook, presetPriceBookIds } from '../meter
 import {
   buildUsageReport,
   formatUsageCsv,
+  formatUsageJsonTable,
   formatUsageTable,
   type UsageGroupKey,
   type UsageReport,
   type UsageReportJson,
-  type UsageReportRowJson,
   usageReportToJson,
 } from '../metering/report.js';
 import type { UsageRecord } from '../metering/usage.js';
@@ -586,39 +586,6 @@ program
       });
     },
   );
-
-/** A terminal table of a report the API returned (same columns as the local one). */
-function formatUsageJsonTable(report: UsageReportJson): string {
-  const header = [
-    'group',
-    'sessions',
-    'active h',
-    'idle h',
-    'cpu s',
-    'GB·s',
-    'events',
-    ...report.books.map((book) => `${book.id} $`),
-  ];
-  const line = (row: UsageReportRowJson) => [
-    row.group,
-    String(row.sessions),
-    (row.usage.active_seconds / 3600).toFixed(3),
-    (row.usage.idle_seconds / 3600).toFixed(3),
-    row.usage.sandbox_cpu_seconds.toFixed(1),
-    row.usage.sandbox_memory_gb_seconds.toFixed(1),
-    String(row.usage.events),
-    ...report.books.map((book) => (row.costs[book.id]?.total ?? 0).toFixed(4)),
-  ];
-  const rows = [header, ...report.rows.map(line), line({ ...report.total, group: 'total' })];
-  const widths = header.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
-  return rows
-    .map((row) =>
-      row
-        .map((cell, column) => (column === 0 ? cell.padEnd(widths[column]!) : cell.padStart(widths[column]!)))
-        .join('  '),
-    )
-    .join('\n');
-}
 
 interface StoreOptions {
   dataDir: string;

@@ -284,8 +284,10 @@ export function createHarness(dependencies: HarnessDependencies) {
       if (max === undefined || !metering) return false;
       const usage = usageFromLog(session, log, Date.now());
       const spent = costOf(usage, metering.book);
-      // A model without a list price cannot be measured against a budget.
-      if (spent.unpricedModels.length > 0) return true;
+      // A model without a list price cannot be measured against a budget: the session stops
+      // rather than spend without a limit (a budget is refused for such a model up front, but
+      // the budget book may change under a running session).
+      if (spent.total === null) return true;
       // The next prompt holds at least the last one's input: that much is certain to be spent.
       const lastEnd = log.findLast((stored) => stored.event.type === 'span.model_request_end');
       const lastInput =
@@ -297,6 +299,8 @@ export function createHarness(dependencies: HarnessDependencies) {
         },
         metering.book,
       ).total;
+      // Before its first call a session has spent no tokens yet: its model is probed here.
+      if (floor === null) return true;
       return spent.total + floor >= max;
     };
     const agent = session.body.agent as PinnedAgent;

@@ -140,11 +140,26 @@ describe('unknown models', () => {
     },
   };
 
-  it('are listed as unpriced instead of silently costing nothing', () => {
+  it('are listed as unpriced and leave the usage without a cost, instead of silently costing nothing', () => {
     const cost = costOf(usage, loadPresetPriceBook('cloudflare'));
     expect(cost.unpricedModels).toEqual(['acme/house-model']);
-    expect(cost.tokens['acme/house-model']).toEqual({ amount: 0, pricedBy: null });
-    expect(cost.total).toBeCloseTo(3, 10);
+    expect(cost.tokens['acme/house-model']).toEqual({ amount: null, pricedBy: null });
+    expect(cost.tokensTotal).toBeNull();
+    expect(cost.total).toBeNull();
+    // What the book could price is kept apart: the Sonnet tokens.
+    expect(cost.pricedTotal).toBeCloseTo(3, 10);
+  });
+
+  it('count as unpriced even with no tokens yet (a model called once for nothing is still unpriced)', () => {
+    const cost = costOf(
+      {
+        ...emptyUsage(),
+        tokens: { 'acme/house-model': { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 } },
+      },
+      loadPresetPriceBook('anthropic'),
+    );
+    expect(cost.total).toBeNull();
+    expect(cost.unpricedModels).toEqual(['acme/house-model']);
   });
 
   it('take the price of a default entry when the book has one', () => {
@@ -201,8 +216,10 @@ tokens:
     expect(book.id).toBe('on-premises');
     expect(book.name).toBe('On premises');
     const cost = costOf(workload, book);
-    // 0.75 vCPU-hours × $0.04 + 1.5 GB-hours × $0.005 + Sonnet tokens; Haiku has no price here.
-    expect(cost.total).toBeCloseTo(0.04 * 0.75 + 0.005 * 1.5 + sonnetTokens, 10);
+    // 0.75 vCPU-hours × $0.04 + 1.5 GB-hours × $0.005 + Sonnet tokens; Haiku has no price here,
+    // so the workload has no total under this book, only what it could price.
+    expect(cost.pricedTotal).toBeCloseTo(0.04 * 0.75 + 0.005 * 1.5 + sonnetTokens, 10);
+    expect(cost.total).toBeNull();
     expect(cost.unpricedModels).toEqual(['anthropic/claude-haiku-4-5']);
   });
 

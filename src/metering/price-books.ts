@@ -32,8 +32,10 @@ import type { TokenCounts, UsageTotals } from './usage.js';
  *
  * Compute is billed per second of measured usage: rates apply to the unrounded seconds. Token
  * `input` is the count billed at the full input rate; cache reads and writes are priced apart.
- * A model no entry matches costs nothing in the total and is listed in `unpricedModels`, so a
- * missing price shows up instead of passing as free.
+ * A model no entry matches is unpriced: it is listed in `unpricedModels`, its amount is null and
+ * so are the token total and the total (a cost that leaves out some tokens is no cost at all),
+ * so a missing price shows up instead of passing as free. `pricedTotal` keeps the sum of what
+ * the book could price.
  */
 
 /** The ids of the books shipped in `price-books/`. */
@@ -80,9 +82,9 @@ export interface PriceBook {
 
 /** What one model's tokens cost under a book. */
 export interface ModelCost {
-  /** USD. */
-  amount: number;
-  /** The book's `tokens` key that priced the model, or null when none did (then `amount` is 0). */
+  /** USD, or null when the book has no price for the model. */
+  amount: number | null;
+  /** The book's `tokens` key that priced the model, or null when none did (then `amount` is null too). */
   pricedBy: string | null;
 }
 
@@ -100,9 +102,12 @@ export interface CostBreakdown {
   events: number;
   /** Per model id of the usage. */
   tokens: Record<string, ModelCost>;
-  /** Sum of `tokens`. */
-  tokensTotal: number;
-  total: number;
+  /** Sum of `tokens`, or null when some model is unpriced. */
+  tokensTotal: number | null;
+  /** Every component, or null when some model is unpriced: the usage has no cost under this book. */
+  total: number | null;
+  /** The sum of what the book could price (equal to `total` when nothing is unpriced). */
+  pricedTotal: number;
   /** Model ids the usage has tokens for that the book has no price for, sorted. */
   unpricedModels: string[];
 }
@@ -247,14 +252,16 @@ export function costOf(usage: UsageTotals, book: PriceBook): CostBreakdown {
 
   const tokens: Record<string, ModelCost> = {};
   const unpricedModels: string[] = [];
-  let tokensTotal = 0;
+  let tokensPriced = 0;
   for (const [model, counts] of Object.entries(usage.tokens)) {
     const pricedBy = priceKeyFor(model, book);
-    const amount = pricedBy === null ? 0 : tokenCost(counts, book.tokens[pricedBy]!);
-    if (pricedBy === null) unpricedModels.push(model);
+    const amount = pricedBy === null ? null : tokenCost(counts, book.tokens[pricedBy]!);
+    if (amount === null) unpricedModels.push(model);
+    else tokensPriced += amount;
     tokens[model] = { amount, pricedBy };
-    tokensTotal += amount;
   }
+  const pricedTotal = runtime + computeCpu + computeMemory + events + tokensPriced;
+  const complete = unpricedModels.length === 0;
   return {
     bookId: book.id,
     currency: book.currency,
@@ -263,8 +270,9 @@ export function costOf(usage: UsageTotals, book: PriceBook): CostBreakdown {
     computeMemory,
     events,
     tokens,
-    tokensTotal,
-    total: runtime + computeCpu + computeMemory + events + tokensTotal,
+    tokensTotal: complete ? tokensPriced : null,
+    total: complete ? pricedTotal : null,
+    pricedTotal,
     unpricedModels: unpricedModels.sort(),
   };
 }

@@ -4,6 +4,7 @@ import { loadPresetPriceBook, loadPresetPriceBooks } from './price-books.js';
 import {
   buildUsageReport,
   formatUsageCsv,
+  formatUsageJsonTable,
   formatUsageTable,
   groupUsage,
   usageReportToJson,
@@ -195,7 +196,7 @@ describe('usage report', () => {
     expect(Object.keys(usageReportToJson(report).total.costs)).toEqual(['anthropic', 'cloudflare']);
   });
 
-  it('notes each model a book has no price for under the table', () => {
+  it('shows a group with a model the book cannot price as unpriced, with no amount, in every format', () => {
     const withUnknown: UsageRecord[] = [
       ...records,
       {
@@ -205,13 +206,43 @@ describe('usage report', () => {
       },
     ];
     const report = buildUsageReport(withUnknown, { by: 'tenant', books: [loadPresetPriceBook('anthropic')] });
-    expect(formatUsageTable(report)).toContain(
-      'anthropic: no price for acme/house-model; those tokens are not in its costs.',
+    const table = formatUsageTable(report).split('\n');
+    // acme has the unpriced model: its cost cell and the total's say so; globex is priced.
+    expect(table.find((line) => line.startsWith('acme'))).toMatch(/ unpriced$/);
+    expect(table.find((line) => line.startsWith('total'))).toMatch(/ unpriced$/);
+    expect(table.find((line) => line.startsWith('globex'))).toMatch(/ \$\d+\.\d{4}$/);
+    expect(table).toContain(
+      'anthropic: no price for acme/house-model; rows with its tokens show "unpriced".',
     );
+
     const csv = formatUsageCsv(report).split('\r\n');
     expect(csv[0]!.endsWith(',anthropic_usd,anthropic_unpriced_models')).toBe(true);
-    expect(csv[1]!.endsWith(',acme/house-model')).toBe(true);
-    expect(usageReportToJson(report).rows[1]!.costs.anthropic!.unpriced_models).toEqual([]);
+    expect(csv[1]!.endsWith(',,acme/house-model')).toBe(true);
+    expect(csv[2]!).toMatch(/,\d+\.\d+,$/);
+
+    const json = usageReportToJson(report);
+    expect(json.rows[0]!.costs.anthropic).toMatchObject({
+      total: null,
+      tokens_total: null,
+      unpriced_models: ['acme/house-model'],
+    });
+    expect(json.rows[0]!.costs.anthropic!.tokens['acme/house-model']).toEqual({
+      amount: null,
+      priced_by: null,
+    });
+    expect(json.rows[0]!.costs.anthropic!.priced_total).toBeGreaterThan(0);
+    expect(json.rows[1]!.costs.anthropic!.unpriced_models).toEqual([]);
+    expect(json.rows[1]!.costs.anthropic!.total).toBe(json.rows[1]!.costs.anthropic!.priced_total);
+    expect(json.total.costs.anthropic!.total).toBeNull();
+
+    // The CLI's table of the API's JSON says the same.
+    const fromJson = formatUsageJsonTable(json).split('\n');
+    expect(fromJson.find((line) => line.startsWith('acme'))).toMatch(/ unpriced$/);
+    expect(fromJson.find((line) => line.startsWith('total'))).toMatch(/ unpriced$/);
+    expect(fromJson.find((line) => line.startsWith('globex'))).toMatch(/ \d+\.\d{4}$/);
+    expect(fromJson).toContain(
+      'anthropic: no price for acme/house-model; rows with its tokens show "unpriced".',
+    );
   });
 
   it('exports CSV with commas, quotes and line breaks in a group quoted as RFC 4180 says', () => {

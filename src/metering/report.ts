@@ -107,7 +107,8 @@ export function buildUsageReport(
 
 /**
  * The report as an aligned text table for a terminal: one row per group, a total row, one cost
- * column per book, then a note for each book that has no price for some model.
+ * column per book (`unpriced` where the book has no price for a model of the row), then a note
+ * for each book that has no price for some model.
  */
 export function formatUsageTable(report: UsageReport): string {
   const header = [
@@ -134,7 +135,7 @@ export function formatUsageTable(report: UsageReport): string {
       formatCount(tokens.in),
       formatCount(tokens.out),
       formatCount(row.usage.events),
-      ...row.costs.map((cost) => `$${formatDecimal(cost.total, 4)}`),
+      ...row.costs.map((cost) => formatCost(cost.total)),
     ];
   };
   const body = report.rows.map(cells);
@@ -151,20 +152,70 @@ export function formatUsageTable(report: UsageReport): string {
   const rule = widths.map((width) => '-'.repeat(width)).join('  ');
   const lines = [line(header), rule, ...body.map(line), rule, line(total), ''];
   lines.push('Costs in USD. tokens in counts input, cache read and cache write tokens.');
-  report.total.costs.forEach((cost, index) => {
-    if (cost.unpricedModels.length === 0) return;
-    const book = report.books[index]!;
-    lines.push(
-      `${book.id}: no price for ${cost.unpricedModels.join(', ')}; those tokens are not in its costs.`,
-    );
+  report.books.forEach((book, index) => {
+    lines.push(...unpricedNote(book.id, report.total.costs[index]!.unpricedModels));
   });
   return `${lines.join('\n')}\n`;
+}
+
+/** A cost cell: dollars, or `unpriced` when the book cannot price the row. */
+function formatCost(total: number | null): string {
+  return total === null ? 'unpriced' : `$${formatDecimal(total, 4)}`;
+}
+
+/** The line under a table naming the models a book has no price for, if any. */
+function unpricedNote(bookId: string, models: readonly string[]): string[] {
+  if (models.length === 0) return [];
+  return [`${bookId}: no price for ${models.join(', ')}; rows with its tokens show "unpriced".`];
+}
+
+/**
+ * A report the API returned (`UsageReportJson`) as a terminal table, the way `berth usage`
+ * shows it without `--store`: one cost column per book, `unpriced` where a book cannot price
+ * a row, and the same notes as `formatUsageTable`.
+ */
+export function formatUsageJsonTable(report: UsageReportJson): string {
+  const header = [
+    'group',
+    'sessions',
+    'active h',
+    'idle h',
+    'cpu s',
+    'GB·s',
+    'events',
+    ...report.books.map((book) => `${book.id} $`),
+  ];
+  const line = (row: UsageReportRowJson) => [
+    row.group,
+    String(row.sessions),
+    (row.usage.active_seconds / 3600).toFixed(3),
+    (row.usage.idle_seconds / 3600).toFixed(3),
+    row.usage.sandbox_cpu_seconds.toFixed(1),
+    row.usage.sandbox_memory_gb_seconds.toFixed(1),
+    String(row.usage.events),
+    ...report.books.map((book) => {
+      const total = row.costs[book.id]?.total;
+      return total === null || total === undefined ? 'unpriced' : total.toFixed(4);
+    }),
+  ];
+  const rows = [header, ...report.rows.map(line), line({ ...report.total, group: 'total' })];
+  const widths = header.map((_, column) => Math.max(...rows.map((row) => row[column]!.length)));
+  const table = rows.map((row) =>
+    row
+      .map((cell, column) => (column === 0 ? cell.padEnd(widths[column]!) : cell.padStart(widths[column]!)))
+      .join('  '),
+  );
+  const notes = report.books.flatMap((book) =>
+    unpricedNote(book.id, report.total.costs[book.id]?.unpriced_models ?? []),
+  );
+  return [...table, ...(notes.length > 0 ? ['', ...notes] : [])].join('\n');
 }
 
 /**
  * The report as CSV (RFC 4180: CRLF line ends, fields with a comma, quote or line break quoted):
  * a header, then one line per group with raw, unrounded numbers; no total line, a spreadsheet
- * sums. Per book, `<id>_usd` and `<id>_unpriced_models` (space-separated model ids).
+ * sums. Per book, `<id>_usd` (empty when the book cannot price the row) and
+ * `<id>_unpriced_models` (space-separated model ids).
  */
 export function formatUsageCsv(report: UsageReport): string {
   const header = [
@@ -199,7 +250,7 @@ export function formatUsageCsv(report: UsageReport): string {
         tokens.cacheWrite,
         row.usage.egressBytes,
         row.usage.events,
-        ...row.costs.flatMap((cost) => [cost.total, cost.unpricedModels.join(' ')]),
+        ...row.costs.flatMap((cost) => [cost.total ?? '', cost.unpricedModels.join(' ')]),
       ].map(String),
     );
   }
@@ -219,7 +270,11 @@ export interface UsageReportRowJson {
     egress_bytes: number;
     events: number;
   };
-  /** Keyed by book id; amounts in USD, unrounded. */
+  /**
+   * Keyed by book id; amounts in USD, unrounded. A model the book has no price for has a null
+   * amount and makes `tokens_total` and `total` null (the row has no cost under that book);
+   * `priced_total` is what the book could price.
+   */
   costs: Record<
     string,
     {
@@ -227,9 +282,10 @@ export interface UsageReportRowJson {
       compute_cpu: number;
       compute_memory: number;
       events: number;
-      tokens: Record<string, { amount: number; priced_by: string | null }>;
-      tokens_total: number;
-      total: number;
+      tokens: Record<string, { amount: number | null; priced_by: string | null }>;
+      tokens_total: number | null;
+      total: number | null;
+      priced_total: number;
       unpriced_models: string[];
     }
   >;
@@ -295,6 +351,7 @@ function rowToJson(row: UsageReportRow): UsageReportRowJson {
           ),
           tokens_total: cost.tokensTotal,
           total: cost.total,
+          priced_total: cost.pricedTotal,
           unpriced_models: cost.unpricedModels,
         },
       ]),

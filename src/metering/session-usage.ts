@@ -17,10 +17,10 @@ export function modelOfSession(session: SessionRecord): string {
 
 /**
  * A session's usage, read from its log (the truth): active seconds from its status changes,
- * idle seconds as the rest of its life, tokens from `span.model_request_end` as the provider
- * reported them, egress bytes from `berth.egress_request` audits (sent and received), events by
- * count. Sandbox CPU and memory come from the newest `session.usage` snapshot plus what was
- * measured since (`sandboxSince`).
+ * idle seconds as the rest of its life, tokens of the session's model (listed even at zero)
+ * from `span.model_request_end` as the provider reported them, egress bytes from
+ * `berth.egress_request` audits (sent and received), events by count. Sandbox CPU and memory
+ * come from the newest `session.usage` snapshot plus what was measured since (`sandboxSince`).
  */
 export function usageFromLog(
   session: SessionRecord,
@@ -30,6 +30,9 @@ export function usageFromLog(
 ): UsageTotals {
   const usage = emptyUsage();
   const model = modelOfSession(session);
+  // The session's model is listed from the start, so a book that cannot price it reports the
+  // session as unpriced even before its first model call, rather than as free.
+  usage.tokens[model] = { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 };
   let runningSince: number | undefined;
   let activeMilliseconds = 0;
   let endedAt: number | undefined;
@@ -51,8 +54,7 @@ export function usageFromLog(
         const reported = event.model_usage as Partial<Record<string, number>> | undefined;
         const cacheRead = reported?.cache_read_input_tokens ?? 0;
         const cacheWrite = reported?.cache_creation_input_tokens ?? 0;
-        const counts = usage.tokens[model] ?? { input: 0, output: 0, cacheRead: 0, cacheWrite: 0 };
-        usage.tokens[model] = counts;
+        const counts = usage.tokens[model]!;
         // Providers report input including cache reads and writes; price books bill them apart.
         counts.input += Math.max(0, (reported?.input_tokens ?? 0) - cacheRead - cacheWrite);
         counts.output += reported?.output_tokens ?? 0;
@@ -89,6 +91,11 @@ export interface SessionUsageBerth {
   tokens_by_model: Record<string, { input: number; output: number; cache_read: number; cache_write: number }>;
   /** The price book `list_cost` was computed with. */
   price_book: string;
+  /**
+   * Models of the session that price book has no price for, sorted. When any is listed the
+   * session has no list cost: `list_cost` is absent, not zero.
+   */
+  unpriced_models: string[];
 }
 
 /** USD as the API's monetary amount: minor units (cents) as an integer string. */
@@ -107,7 +114,8 @@ export function budgetOf(session: SessionRecord): number | undefined {
 
 /**
  * A `session.usage` event: the official snapshot fields (cumulative tokens, active seconds,
- * list cost under the budget price book) plus Berth's measured extras.
+ * list cost under the budget price book, absent when that book cannot price a model of the
+ * session) plus Berth's measured extras (with the unpriced models).
  */
 export function usageEvent(
   session: SessionRecord,
@@ -140,6 +148,7 @@ export function usageEvent(
     events: usage.events,
     tokens_by_model: byModel,
     price_book: book.id,
+    unpriced_models: cost.unpricedModels,
   };
   return {
     type: 'session.usage',
@@ -149,7 +158,8 @@ export function usageEvent(
       output_tokens: output,
       cache_read_input_tokens: cacheRead,
       cache_creation: { ephemeral_5m_input_tokens: cacheWrite },
-      list_cost: monetaryAmount(cost.total),
+      // An unpriced model leaves the cost unknown: no amount at all, never a zero that reads as free.
+      ...(cost.total === null ? {} : { list_cost: monetaryAmount(cost.total) }),
     },
     budget: (session.body.budget as unknown) ?? null,
     berth,
