@@ -637,7 +637,11 @@ async function withStore(
   if (config.store.kind === 'sqlite') {
     await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   }
-  const store = await openStore(config.store);
+  // Operator commands migrate only when told how (BERTH_DATABASE_MIGRATION_URL): --database is
+  // usually the app role, which may not (and should not) change the schema.
+  const store = await openStore(
+    config.store.kind === 'postgres' ? { ...config.store, migrateAsApp: false } : config.store,
+  );
   try {
     await action(store, config);
   } finally {
