@@ -2,6 +2,7 @@ import { resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { findFreePort } from './support/berth-process.js';
 import { createTestDatabase } from './support/postgres-database.js';
 
 const _root = resolve(import.meta.dirname, '..');
@@ -140,4 +141,16 @@ describe('berth tenants on PostgreSQL as the app role', () => {
     const second = await berthCli(['tenants', 'create', 'initech', ...app]);
     expect(second.code, second.stderr).toBe(0);
   }, 240_000);
+});
+
+describe('a client command that cannot reach its server', () => {
+  it('names the URL it tried and why it failed', async () => {
+    const url = `http://127.0.0.1:${await findFreePort()}`;
+    const result = await berthCli(['sessions', 'list', '--url', url, '--api-key', 'berth_sk_unused']);
+    expect(result.code).not.toBe(0);
+    expect(result.stderr.trim()).toBe(
+      `berth: could not reach the Berth server at ${url}: connection refused: is \`berth serve\` running there? (ECONNREFUSED)`,
+    );
+    expect(result.stderr).not.toMatch(/undefined/);
+  }, 120_000);
 });

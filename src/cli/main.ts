@@ -761,9 +761,39 @@ async function withClient(options: ClientOptions, action: (client: Anthropic) =>
   const client = new Anthropic({ apiKey, baseURL: url, maxRetries: 0 });
   try {
     await action(client);
+  } catch (error) {
+    if (error instanceof Anthropic.APIConnectionError) {
+      throw new UsageError(`could not reach the Berth server at ${url}: ${connectionFailure(error)}`);
+    }
+    throw error;
   } finally {
     await berth?.close();
   }
+}
+
+/** Why a request never got an answer, from the error's causes (e.g. `connection refused (ECONNREFUSED)`). */
+function connectionFailure(error: InstanceType<typeof Anthropic.APIConnectionError>): string {
+  if (error instanceof Anthropic.APIConnectionTimeoutError) return 'the request timed out';
+  const known: Record<string, string> = {
+    ECONNREFUSED: 'connection refused: is `berth serve` running there?',
+    ENOTFOUND: 'no such host',
+    EAI_AGAIN: 'the host name could not be resolved',
+    ECONNRESET: 'the connection was reset',
+    ETIMEDOUT: 'the connection timed out',
+    EHOSTUNREACH: 'the host is unreachable',
+    ENETUNREACH: 'the network is unreachable',
+  };
+  // fetch wraps the socket error: APIConnectionError → TypeError('fetch failed') → the cause.
+  let cause: unknown = error.cause;
+  let last = error.message;
+  for (let depth = 0; cause !== undefined && cause !== null && depth < 5; depth++) {
+    const { code, message } = cause as { code?: unknown; message?: unknown };
+    if (typeof code === 'string')
+      return `${known[code] ?? (typeof message === 'string' ? message : code)} (${code})`;
+    if (typeof message === 'string' && message !== '') last = message;
+    cause = (cause as { cause?: unknown }).cause;
+  }
+  return last;
 }
 
 /** Creates agent, environment and session, sends the prompt, and prints events until idle. */
@@ -799,6 +829,8 @@ class UsageError extends Error {}
 program.parseAsync(process.argv).catch((error: unknown) => {
   if (error instanceof UsageError || isBerthError(error)) {
     console.error(`berth: ${(error as Error).message}`);
+  } else if (error instanceof Anthropic.APIConnectionError) {
+    console.error(`berth: no answer from the server: ${connectionFailure(error)}`);
   } else if (error instanceof Anthropic.APIError) {
     console.error(`berth: the server answered ${error.status}: ${error.message}`);
   } else {
