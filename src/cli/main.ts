@@ -146,6 +146,7 @@ program
       return;
     }
     const { value, skills } = result;
+    printProblems(dir, result.warnings, console.log, 'warning: ');
     const model = typeof value.model === 'string' ? value.model : value.model.id;
     const tools = enabledToolNames(value.tools ?? []);
     const count = (n: number, noun: string) => `${n} ${noun}${n === 1 ? '' : 's'}`;
@@ -730,17 +731,20 @@ async function readAgentFolderWithSkills(
   dir: string,
 ): Promise<{ value: AgentCreate; skills: SkillSummary[] }> {
   const result = await loadAgentFolder(resolve(dir));
-  if (result.ok) return { value: result.value, skills: result.skills };
+  if (result.ok) {
+    printProblems(dir, result.warnings, console.error, 'warning: ');
+    return { value: result.value, skills: result.skills };
+  }
   printProblems(dir, result.problems, console.error);
   const count = result.problems.length;
   throw new UsageError(`${dir} has ${count} problem${count === 1 ? '' : 's'}`);
 }
 
 /** Prints problems as `file:line: message`, with paths relative to the working directory. */
-function printProblems(dir: string, problems: readonly Problem[], write = console.log) {
+function printProblems(dir: string, problems: readonly Problem[], write = console.log, prefix = '') {
   for (const problem of problems) {
     const file = relative(process.cwd(), join(resolve(dir), problem.file)) || '.';
-    write(`${file}${problem.line ? `:${problem.line}` : ''}: ${problem.message}`);
+    write(`${file}${problem.line ? `:${problem.line}` : ''}: ${prefix}${problem.message}`);
   }
 }
 
