@@ -1,4 +1,4 @@
-import { cp, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { cp, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -179,6 +179,46 @@ describe('berth validate', () => {
         'examples/file-helper: OK: agent "file-helper", model scripted/files-overview, 4 tools (bash, read, glob, grep), 1 skill (summarize-files)\n',
     });
   });
+
+  it("warns about an MCP server no mcp_toolset uses, fails on a toolset naming a missing one, and passes the README's example", async () => {
+    const readme = await readFile(join(root, 'README.md'), 'utf8');
+    const example = /### Agents as files[\s\S]*?```markdown\n([\s\S]*?)```/.exec(readme)?.[1];
+    expect(example).toContain('mcp_servers:');
+    const dir = join(workDir, 'readme-example');
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(dir, 'AGENTS.md'), example!);
+    const clean = await berthCli(['validate', 'readme-example'], workDir);
+    expect(clean).toMatchObject({ code: 0, stderr: '' });
+    expect(clean.stdout).toMatch(/^readme-example: OK: agent "file-helper", .*mcp:docs/);
+    expect(clean.stdout).not.toMatch(/warning/);
+
+    // The server declared, no toolset for it: loads, but says the agent gets none of its tools.
+    const unused = [
+      '---',
+      'name: unused',
+      'model: scripted/echo',
+      'tools: [bash]',
+      'mcp_servers: [{name: docs, type: url, url: "https://example.com/mcp"}]',
+      '---',
+    ].join('\n');
+    await writeFile(join(dir, 'AGENTS.md'), unused);
+    const warned = await berthCli(['validate', 'readme-example'], workDir);
+    expect(warned.code).toBe(0);
+    expect(warned.stdout.trim().split('\n')).toEqual([
+      'readme-example/AGENTS.md:5: warning: MCP server "docs" is declared but no mcp_toolset uses it, so the agent gets none of its tools; add {type: mcp_toolset, mcp_server_name: docs} to tools',
+      expect.stringMatching(/^readme-example: OK: /),
+    ]);
+
+    await writeFile(
+      join(dir, 'AGENTS.md'),
+      unused.replace('tools: [bash]', 'tools: [bash, {type: mcp_toolset, mcp_server_name: dcos}]'),
+    );
+    const missing = await berthCli(['validate', 'readme-example'], workDir);
+    expect(missing.code).toBe(1);
+    expect(missing.stdout).toContain(
+      'readme-example/AGENTS.md:4: mcp_toolset uses MCP server "dcos", which mcp_servers does not declare',
+    );
+  }, 120_000);
 
   it('exits 1 and prints every problem as file:line: message, relative to the working directory', async () => {
     const dir = join(workDir, 'broken');

@@ -1,7 +1,9 @@
 import { resolve } from 'node:path';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, inject, it } from 'vitest';
 import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { findFreePort } from './support/berth-process.js';
+import { createTestDatabase } from './support/postgres-database.js';
 
 const _root = resolve(import.meta.dirname, '..');
 
@@ -100,4 +102,55 @@ describe('berth tenants, users and keys', () => {
     expect(denied.code).not.toBe(0);
     expect(denied.stderr).toMatch(/admins/);
   });
+});
+
+/**
+ * Operators run `berth tenants` against PostgreSQL with the app role's URL, the one the servers
+ * use. That role may not change the schema, so the command must not try; when a migration is
+ * needed it says what to set instead of printing PostgreSQL's `permission denied` stack.
+ */
+describe('berth tenants on PostgreSQL as the app role', () => {
+  it('says to set BERTH_DATABASE_MIGRATION_URL when the schema is missing, and works once migrated', async () => {
+    const database = await createTestDatabase(inject('postgresUrl'));
+    const app = ['--database', database.url, '--data-dir', berth.dataDir];
+
+    const refused = await berthCli(['tenants', 'list', ...app]);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toMatch(
+      /^berth: the database has no Berth schema "berth" yet: set BERTH_DATABASE_MIGRATION_URL/,
+    );
+    expect(refused.stderr).not.toMatch(/permission denied|\n\s+at /);
+
+    // A server given only the app role cannot migrate either, and says what to set.
+    const serve = await berthCli(['serve', '--port', '0', ...app]);
+    expect(serve.code).not.toBe(0);
+    expect(serve.stderr).toMatch(/^berth: role berth_app may not migrate the database \(permission denied/m);
+    expect(serve.stderr).toMatch(/set BERTH_DATABASE_MIGRATION_URL/);
+
+    // Told how, the command migrates as the owner; afterwards the app role alone is enough.
+    const created = await berthCli(['tenants', 'create', 'globex', ...app], undefined, {
+      BERTH_DATABASE_MIGRATION_URL: database.migrationUrl,
+    });
+    expect(created.code, created.stderr).toBe(0);
+    expect(created.stdout.trim()).toMatch(/^berth_sk_/);
+    const listed = await berthCli(['tenants', 'list', '--json', ...app]);
+    expect(listed.code, listed.stderr).toBe(0);
+    expect((JSON.parse(listed.stdout) as { name: string }[]).map((tenant) => tenant.name)).toEqual([
+      'globex',
+    ]);
+    const second = await berthCli(['tenants', 'create', 'initech', ...app]);
+    expect(second.code, second.stderr).toBe(0);
+  }, 240_000);
+});
+
+describe('a client command that cannot reach its server', () => {
+  it('names the URL it tried and why it failed', async () => {
+    const url = `http://127.0.0.1:${await findFreePort()}`;
+    const result = await berthCli(['sessions', 'list', '--url', url, '--api-key', 'berth_sk_unused']);
+    expect(result.code).not.toBe(0);
+    expect(result.stderr.trim()).toBe(
+      `berth: could not reach the Berth server at ${url}: connection refused: is \`berth serve\` running there? (ECONNREFUSED)`,
+    );
+    expect(result.stderr).not.toMatch(/undefined/);
+  }, 120_000);
 });

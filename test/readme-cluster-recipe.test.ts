@@ -5,6 +5,7 @@ import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { killProcessesUsing } from './support/berth-process.js';
 import { startPostgres, type TestPostgres } from './support/postgres-server.js';
 
 const root = resolve(import.meta.dirname, '..');
@@ -71,7 +72,11 @@ describe.skipIf(Boolean(process.env.BERTH_TEST_POSTGRES_URL))(
       while (pids.some(alive) && Date.now() < deadline) await new Promise((done) => setTimeout(done, 100));
       for (const pid of pids) if (alive(pid)) process.kill(pid, 'SIGKILL');
       await postgres?.stop();
-      if (directory) await rm(directory, { recursive: true, force: true });
+      if (directory) {
+        // As stopCluster does: anything a killed node left using the data directories.
+        killProcessesUsing(directory);
+        await rm(directory, { recursive: true, force: true });
+      }
     }, 90_000);
 
     it('creates the roles and database, starts three nodes under row-level security, and each serves the admin key', async () => {

@@ -146,6 +146,7 @@ program
       return;
     }
     const { value, skills } = result;
+    printProblems(dir, result.warnings, console.log, 'warning: ');
     const model = typeof value.model === 'string' ? value.model : value.model.id;
     const tools = enabledToolNames(value.tools ?? []);
     const count = (n: number, noun: string) => `${n} ${noun}${n === 1 ? '' : 's'}`;
@@ -604,7 +605,11 @@ async function withStore(
   if (config.store.kind === 'sqlite') {
     await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   }
-  const store = await openStore(config.store);
+  // Operator commands migrate only when told how (BERTH_DATABASE_MIGRATION_URL): --database is
+  // usually the app role, which may not (and should not) change the schema.
+  const store = await openStore(
+    config.store.kind === 'postgres' ? { ...config.store, migrateAsApp: false } : config.store,
+  );
   try {
     await action(store, config);
   } finally {
@@ -693,17 +698,20 @@ async function readAgentFolderWithSkills(
   dir: string,
 ): Promise<{ value: AgentCreate; skills: SkillSummary[] }> {
   const result = await loadAgentFolder(resolve(dir));
-  if (result.ok) return { value: result.value, skills: result.skills };
+  if (result.ok) {
+    printProblems(dir, result.warnings, console.error, 'warning: ');
+    return { value: result.value, skills: result.skills };
+  }
   printProblems(dir, result.problems, console.error);
   const count = result.problems.length;
   throw new UsageError(`${dir} has ${count} problem${count === 1 ? '' : 's'}`);
 }
 
 /** Prints problems as `file:line: message`, with paths relative to the working directory. */
-function printProblems(dir: string, problems: readonly Problem[], write = console.log) {
+function printProblems(dir: string, problems: readonly Problem[], write = console.log, prefix = '') {
   for (const problem of problems) {
     const file = relative(process.cwd(), join(resolve(dir), problem.file)) || '.';
-    write(`${file}${problem.line ? `:${problem.line}` : ''}: ${problem.message}`);
+    write(`${file}${problem.line ? `:${problem.line}` : ''}: ${prefix}${problem.message}`);
   }
 }
 
@@ -724,9 +732,39 @@ async function withClient(options: ClientOptions, action: (client: Anthropic) =>
   const client = new Anthropic({ apiKey, baseURL: url, maxRetries: 0 });
   try {
     await action(client);
+  } catch (error) {
+    if (error instanceof Anthropic.APIConnectionError) {
+      throw new UsageError(`could not reach the Berth server at ${url}: ${connectionFailure(error)}`);
+    }
+    throw error;
   } finally {
     await berth?.close();
   }
+}
+
+/** Why a request never got an answer, from the error's causes (e.g. `connection refused (ECONNREFUSED)`). */
+function connectionFailure(error: InstanceType<typeof Anthropic.APIConnectionError>): string {
+  if (error instanceof Anthropic.APIConnectionTimeoutError) return 'the request timed out';
+  const known: Record<string, string> = {
+    ECONNREFUSED: 'connection refused: is `berth serve` running there?',
+    ENOTFOUND: 'no such host',
+    EAI_AGAIN: 'the host name could not be resolved',
+    ECONNRESET: 'the connection was reset',
+    ETIMEDOUT: 'the connection timed out',
+    EHOSTUNREACH: 'the host is unreachable',
+    ENETUNREACH: 'the network is unreachable',
+  };
+  // fetch wraps the socket error: APIConnectionError → TypeError('fetch failed') → the cause.
+  let cause: unknown = error.cause;
+  let last = error.message;
+  for (let depth = 0; cause !== undefined && cause !== null && depth < 5; depth++) {
+    const { code, message } = cause as { code?: unknown; message?: unknown };
+    if (typeof code === 'string')
+      return `${known[code] ?? (typeof message === 'string' ? message : code)} (${code})`;
+    if (typeof message === 'string' && message !== '') last = message;
+    cause = (cause as { cause?: unknown }).cause;
+  }
+  return last;
 }
 
 /** Creates agent, environment and session, sends the prompt, and prints events until idle. */
@@ -762,6 +800,8 @@ class UsageError extends Error {}
 program.parseAsync(process.argv).catch((error: unknown) => {
   if (error instanceof UsageError || isBerthError(error)) {
     console.error(`berth: ${(error as Error).message}`);
+  } else if (error instanceof Anthropic.APIConnectionError) {
+    console.error(`berth: no answer from the server: ${connectionFailure(error)}`);
   } else if (error instanceof Anthropic.APIError) {
     console.error(`berth: the server answered ${error.status}: ${error.message}`);
   } else {

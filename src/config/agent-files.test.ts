@@ -191,6 +191,31 @@ describe('loadAgentFolder', () => {
     expect(problems[0]!.message).toMatch(/^unknown built-in tool "grpe"; built-in tools are bash, edit/);
   });
 
+  it('warns, with its line, about an MCP server that no mcp_toolset uses', async () => {
+    const dir = await agentFolder({
+      'AGENTS.md': [
+        '---',
+        'name: x',
+        'model: scripted/echo',
+        'mcp_servers:',
+        '  - {name: docs, type: url, url: "https://example.com/mcp"}',
+        '  - {name: search, type: url, url: "https://example.com/search"}',
+        'tools: [bash, {type: mcp_toolset, mcp_server_name: search}]',
+        '---',
+      ].join('\n'),
+    });
+    const result = await loadAgentFolder(dir);
+    if (!result.ok) throw new Error(JSON.stringify(result.problems));
+    expect(result.warnings).toEqual([
+      {
+        file: 'AGENTS.md',
+        line: 5,
+        message:
+          'MCP server "docs" is declared but no mcp_toolset uses it, so the agent gets none of its tools; add {type: mcp_toolset, mcp_server_name: docs} to tools',
+      },
+    ]);
+  });
+
   it('reports an mcp_toolset whose server mcp_servers does not declare', async () => {
     const dir = await agentFolder({
       'AGENTS.md': [

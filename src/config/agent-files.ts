@@ -26,9 +26,12 @@ export interface SkillSummary {
   file: string;
 }
 
-/** What `loadAgentFolder` returns: the params and skills, or every problem found. */
+/**
+ * What `loadAgentFolder` returns: the params and skills with warnings (things that load but
+ * are probably mistakes, such as an MCP server no toolset uses), or every problem found.
+ */
 export type AgentFolderResult =
-  | { ok: true; value: AgentCreate; skills: SkillSummary[] }
+  | { ok: true; value: AgentCreate; skills: SkillSummary[]; warnings: Problem[] }
   | { ok: false; problems: Problem[] };
 
 /** The file that makes a folder an agent folder. */
@@ -86,13 +89,14 @@ export async function loadAgentFolder(dir: string): Promise<AgentFolderResult> {
     return { ok: false, problems };
   }
   const agentProblems: Problem[] = [];
-  const value = assembleAgent(readFileSync(agentPath, 'utf8'), agentProblems);
+  const warnings: Problem[] = [];
+  const value = assembleAgent(readFileSync(agentPath, 'utf8'), agentProblems, warnings);
   problems.unshift(...agentProblems.sort((a, b) => (a.line ?? 0) - (b.line ?? 0)));
   if (problems.length > 0 || !value) return { ok: false, problems };
-  return { ok: true, value, skills };
+  return { ok: true, value, skills, warnings };
 }
 
-function assembleAgent(text: string, problems: Problem[]): AgentCreate | undefined {
+function assembleAgent(text: string, problems: Problem[], warnings: Problem[]): AgentCreate | undefined {
   const file = agentFileName;
   const frontMatter = readFrontMatter(text, file, problems);
   if (!frontMatter) return undefined;
@@ -209,6 +213,24 @@ function assembleAgent(text: string, problems: Problem[]): AgentCreate | undefin
   } else if (data.tools !== undefined) {
     report(['tools'], 'tools must be a list, e.g. [bash, read] or [{type: agent_toolset_20260401}]');
     reported.add('tools');
+  }
+  // A declared server that no toolset enables gives the agent nothing: almost always a mistake.
+  const usedServers = new Set(
+    (Array.isArray(data.tools) ? data.tools : []).flatMap((tool) =>
+      isPlainObject(tool) && tool.type === 'mcp_toolset' && typeof tool.mcp_server_name === 'string'
+        ? [tool.mcp_server_name]
+        : [],
+    ),
+  );
+  if (Array.isArray(data.mcp_servers)) {
+    data.mcp_servers.forEach((server, index) => {
+      if (!isPlainObject(server) || typeof server.name !== 'string' || usedServers.has(server.name)) return;
+      warnings.push({
+        file,
+        line: lineOf(['mcp_servers', index, 'name']),
+        message: `MCP server "${server.name}" is declared but no mcp_toolset uses it, so the agent gets none of its tools; add {type: mcp_toolset, mcp_server_name: ${server.name}} to tools`,
+      });
+    });
   }
 
   if (data.environment !== undefined) {

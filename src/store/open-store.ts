@@ -14,6 +14,8 @@ export type OpenStoreOptions =
       schema?: string;
       /** Most pooled connections; default 10. */
       maxConnections?: number;
+      /** Without `migrationUrl`, migrate as `url`'s role (default) or only check the version (false). */
+      migrateAsApp?: boolean;
     };
 
 /** Opens the configured store, applying pending migrations first. */

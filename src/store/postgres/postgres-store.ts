@@ -51,7 +51,13 @@ import {
 } from '../resource-store.js';
 import type { SkillRecord, SkillStore, SkillVersionRecord } from '../skill-store.js';
 import type { CredentialRecord, CredentialUpdate, SealedSecret, VaultStore } from '../vault-store.js';
-import { eventsChannel, migratePostgres, principalsChannel, quoteSchemaName } from './schema.js';
+import {
+  eventsChannel,
+  migratePostgres,
+  postgresSchemaVersion,
+  principalsChannel,
+  quoteSchemaName,
+} from './schema.js';
 
 /** Where the PostgreSQL store lives. */
 export interface PostgresStoreOptions {
@@ -70,6 +76,12 @@ export interface PostgresStoreOptions {
   schema?: string;
   /** Most pooled connections (default 10). */
   maxConnections?: number;
+  /**
+   * Without `migrationUrl`, whether to migrate as `url`'s role (default true: a single-role
+   * server). Operator commands pass false: they only check that no migration is pending and
+   * say what to set when one is, since `url` is usually the app role, which may not migrate.
+   */
+  migrateAsApp?: boolean;
 }
 
 /**
@@ -99,8 +111,39 @@ export async function openPostgresStore(options: PostgresStoreOptions): Promise<
       } finally {
         await owner.end();
       }
+    } else if (options.migrateAsApp === false && options.migrationUrl === undefined) {
+      const { applied, needed } = await postgresSchemaVersion(pool, schema);
+      const fix = `set BERTH_DATABASE_MIGRATION_URL to the URL of the role that owns the database (this command connects as ${app.name})`;
+      if (applied === undefined) {
+        throw new BerthError(
+          'store_unavailable',
+          `role ${app.name} may not read Berth's schema "${schema}" (not granted yet?): ${fix}, or start a server that has it`,
+        );
+      }
+      if (applied === 0) {
+        throw new BerthError('store_unavailable', `the database has no Berth schema "${schema}" yet: ${fix}`);
+      }
+      if (applied < needed) {
+        throw new BerthError(
+          'store_unavailable',
+          `the database schema is at version ${applied} and this Berth needs ${needed}: ${fix}`,
+        );
+      }
+      if (applied > needed) {
+        throw new BerthError(
+          'store_unavailable',
+          `the database schema version ${applied} is newer than this Berth (${needed}): use a newer berth`,
+        );
+      }
     } else {
-      await migratePostgres(pool, schema);
+      await migratePostgres(pool, schema).catch((error: unknown) => {
+        if ((error as { code?: unknown }).code !== '42501') throw error;
+        throw new BerthError(
+          'store_unavailable',
+          `role ${app.name} may not migrate the database (${(error as Error).message}): set BERTH_DATABASE_MIGRATION_URL to the URL of the role that owns the database`,
+          { cause: error },
+        );
+      });
     }
     // Owning the tables, or being a member of the owner role (which can SET ROLE to it and is
     // covered by the owner's own policy), makes row-level security no wall.

@@ -531,6 +531,8 @@ async function grantToAppRole(client: pg.PoolClient, s: string, appRole: string)
   await client.query(`GRANT USAGE ON SCHEMA ${s} TO ${role}`);
   await client.query(`GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA ${s} TO ${role}`);
   await client.query(`REVOKE ALL ON ${s}.schema_version FROM ${role}`);
+  // Read-only, so commands connecting as the app role can tell whether migrations are pending.
+  await client.query(`GRANT SELECT ON ${s}.schema_version TO ${role}`);
   await client.query(`GRANT USAGE ON ALL SEQUENCES IN SCHEMA ${s} TO ${role}`);
   await client.query(`GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ${s} TO ${role}`);
 }
@@ -577,5 +579,29 @@ export async function migratePostgres(pool: pg.Pool, schema: string, appRole?: s
     throw error;
   } finally {
     client.release();
+  }
+}
+
+/**
+ * How far the schema is, read without changing anything (for connections that must not
+ * migrate): the applied version and the one this Berth needs; `applied` is 0 when there is no
+ * schema yet, and undefined when this role may not read it.
+ */
+export async function postgresSchemaVersion(
+  pool: pg.Pool,
+  schema: string,
+): Promise<{ applied: number | undefined; needed: number }> {
+  const needed = POSTGRES_MIGRATIONS.length;
+  try {
+    const result = await pool.query<{ version: number }>(
+      `SELECT coalesce(max(version), 0)::int AS version FROM ${quoteSchemaName(schema)}.schema_version`,
+    );
+    return { applied: result.rows[0]?.version ?? 0, needed };
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    // undefined_table, invalid_schema_name: nothing migrated yet.
+    if (code === '42P01' || code === '3F000') return { applied: 0, needed };
+    if (code === '42501') return { applied: undefined, needed };
+    throw error;
   }
 }
