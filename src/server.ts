@@ -348,7 +348,8 @@ export async function startBerth(
   });
   const authenticator = new Authenticator(store.resources);
   // Several nodes: revocations, role changes and removals made anywhere apply here at once.
-  if (cluster) rawStore.watchPrincipals?.((change) => authenticator.changed(change));
+  if (cluster && rawStore.watchPrincipals)
+    authenticator.listen((listener) => rawStore.watchPrincipals!(listener));
   const adminKeyFile = await ensureAdminKey(store.resources, config.dataDir);
   if (adminKeyFile) logger.info('created the admin API key', { file: adminKeyFile });
 

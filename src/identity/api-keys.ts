@@ -70,9 +70,49 @@ export class Authenticator {
   #generation = 0;
   /** The generation each principal was authenticated in (see `hold`). */
   readonly #authenticatedIn = new WeakMap<Principal, number>();
+  /** Whether changes are heard from the database (`listen`). */
+  #listening = false;
+  /** Changes this process made and waits to hear back (`heard`). */
+  readonly #awaited = new Set<{ change: PrincipalChange; resolve: () => void }>();
 
   constructor(resources: ResourceStore) {
     this.#resources = resources;
+  }
+
+  /**
+   * Hears principal changes from the database from now on (`Store.watchPrincipals`: every
+   * node's and the CLI's); returns the function that stops.
+   */
+  listen(watch: (listener: (change: PrincipalChange) => void) => () => void): () => void {
+    this.#listening = true;
+    const stop = watch((change) => this.changed(change));
+    return () => {
+      this.#listening = false;
+      stop();
+    };
+  }
+
+  /**
+   * A wait for `change` to come back from the database, to be made before the change is
+   * written: `wait()` resolves once this process hears it (so the other nodes, which hear the
+   * same notice, have been told) or after a second; at once when nothing is heard (one node).
+   * An API answer that takes rights away waits on it, so the next request anywhere is refused.
+   */
+  heard(change: PrincipalChange): { wait(): Promise<void> } {
+    if (!this.#listening) return { wait: async () => undefined };
+    let entry: { change: PrincipalChange; resolve: () => void } | undefined;
+    const heard = new Promise<void>((resolve) => {
+      entry = { change, resolve };
+      this.#awaited.add(entry);
+    });
+    return {
+      wait: async () => {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([heard, new Promise<void>((resolve) => (timer = setTimeout(resolve, 1_000)))]);
+        clearTimeout(timer);
+        this.#awaited.delete(entry!);
+      },
+    };
   }
 
   /** The principal behind a presented key, or undefined (unknown, revoked or expired). */
@@ -165,6 +205,18 @@ export class Authenticator {
    */
   changed(change: PrincipalChange): void {
     this.#generation++;
+    for (const awaited of this.#awaited) {
+      const wanted = awaited.change;
+      if (
+        change.kind === 'missed' ||
+        (wanted.kind === change.kind &&
+          wanted.tenantId === change.tenantId &&
+          (!('id' in wanted) || !('id' in change) || wanted.id === change.id))
+      ) {
+        this.#awaited.delete(awaited);
+        awaited.resolve();
+      }
+    }
     if (change.kind === 'key') {
       for (const [hash, entry] of this.#known) {
         if (entry.record.id === change.id && entry.record.tenantId === change.tenantId)
