@@ -105,6 +105,8 @@ export class Authenticator {
       entry = { change, resolve };
       this.#awaited.add(entry);
     });
+    // Forgotten after the longest wait even if nobody waits (the write failed, say).
+    setTimeout(() => this.#awaited.delete(entry!), 1_000).unref();
     return {
       wait: async () => {
         let timer: NodeJS.Timeout | undefined;
