@@ -41,6 +41,18 @@ export function generateApiKey(): string {
  */
 const CACHE_MAX_AGE_MS = 10_000;
 
+/** Where an Authenticator hears principal changes made anywhere (a cluster's database). */
+export interface PrincipalChangeSource {
+  /** Calls the listener on every change (`Store.watchPrincipals`); returns the function that stops. */
+  watch(listener: (change: PrincipalChange) => void): () => void;
+  /** See `Store.principalAcknowledgements`. */
+  acknowledgements(change: Exclude<PrincipalChange, { kind: 'missed' }>): {
+    wait(others: number, timeoutMs: number): Promise<void>;
+  };
+  /** How many other nodes are live (each must acknowledge a change). */
+  otherNodes(): Promise<number>;
+}
+
 /** Something long-lived held under a key: the principal it was opened as, and how to end it. */
 interface Holder {
   principal: Principal;
@@ -70,49 +82,41 @@ export class Authenticator {
   #generation = 0;
   /** The generation each principal was authenticated in (see `hold`). */
   readonly #authenticatedIn = new WeakMap<Principal, number>();
-  /** Whether changes are heard from the database (`listen`). */
-  #listening = false;
-  /** Changes this process made and waits to hear back (`heard`). */
-  readonly #awaited = new Set<{ change: PrincipalChange; resolve: () => void }>();
+  /** Where changes are heard from, and how to know the other nodes applied one (`listen`). */
+  #source: PrincipalChangeSource | undefined;
 
   constructor(resources: ResourceStore) {
     this.#resources = resources;
   }
 
   /**
-   * Hears principal changes from the database from now on (`Store.watchPrincipals`: every
-   * node's and the CLI's); returns the function that stops.
+   * Hears principal changes from the database from now on (every node's and the CLI's); returns
+   * the function that stops.
    */
-  listen(watch: (listener: (change: PrincipalChange) => void) => () => void): () => void {
-    this.#listening = true;
-    const stop = watch((change) => this.changed(change));
+  listen(source: PrincipalChangeSource): () => void {
+    this.#source = source;
+    const stop = source.watch((change) => this.changed(change));
     return () => {
-      this.#listening = false;
+      this.#source = undefined;
       stop();
     };
   }
 
   /**
-   * A wait for `change` to come back from the database, to be made before the change is
-   * written: `wait()` resolves once this process hears it (so the other nodes, which hear the
-   * same notice, have been told) or after a second; at once when nothing is heard (one node).
-   * An API answer that takes rights away waits on it, so the next request anywhere is refused.
+   * A wait for the other nodes to apply `change`, to be made before the change is written:
+   * `wait()` resolves once every other live node said it applied it, or after a second; at
+   * once on a single node. An API answer that takes rights away waits on it, so the caller's
+   * next request is refused on every node.
    */
-  heard(change: PrincipalChange): { wait(): Promise<void> } {
-    if (!this.#listening) return { wait: async () => undefined };
-    let entry: { change: PrincipalChange; resolve: () => void } | undefined;
-    const heard = new Promise<void>((resolve) => {
-      entry = { change, resolve };
-      this.#awaited.add(entry);
-    });
-    // Forgotten after the longest wait even if nobody waits (the write failed, say).
-    setTimeout(() => this.#awaited.delete(entry!), 1_000).unref();
+  heard(change: Exclude<PrincipalChange, { kind: 'missed' }>): { wait(): Promise<void> } {
+    const source = this.#source;
+    if (!source) return { wait: async () => undefined };
+    const acknowledgements = source.acknowledgements(change);
     return {
       wait: async () => {
-        let timer: NodeJS.Timeout | undefined;
-        await Promise.race([heard, new Promise<void>((resolve) => (timer = setTimeout(resolve, 1_000)))]);
-        clearTimeout(timer);
-        this.#awaited.delete(entry!);
+        const deadline = Date.now() + 1_000;
+        const others = await source.otherNodes().catch(() => 0);
+        await acknowledgements.wait(others, Math.max(0, deadline - Date.now()));
       },
     };
   }
@@ -207,18 +211,6 @@ export class Authenticator {
    */
   changed(change: PrincipalChange): void {
     this.#generation++;
-    for (const awaited of this.#awaited) {
-      const wanted = awaited.change;
-      if (
-        change.kind === 'missed' ||
-        (wanted.kind === change.kind &&
-          wanted.tenantId === change.tenantId &&
-          (!('id' in wanted) || !('id' in change) || wanted.id === change.id))
-      ) {
-        this.#awaited.delete(awaited);
-        awaited.resolve();
-      }
-    }
     if (change.kind === 'key') {
       for (const [hash, entry] of this.#known) {
         if (entry.record.id === change.id && entry.record.tenantId === change.tenantId)
