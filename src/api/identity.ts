@@ -106,7 +106,7 @@ export function identityRoutes(dependencies: ApiDependencies) {
     const updated = await resources.setUserRole(principal.tenantId, user.id, input.role);
     if (!updated) throw notFound('user', user.id);
     authenticator.changed(change);
-    // Answered once every node has been told (a cluster hears it back from the database).
+    // Answered once every other live node said it applied the change (at once on one node).
     await heard.wait();
     return context.json(presentUser(updated));
   });
@@ -163,7 +163,7 @@ export function identityRoutes(dependencies: ApiDependencies) {
     const revoked = (await resources.revokeApiKey(principal.tenantId, key.id, nowIso())) ?? key;
     // At once on this node: the cache forgets it and streams opened with it close.
     authenticator.revoked(revoked);
-    // Answered once every node has been told (a cluster hears it back from the database).
+    // Answered once every other live node said it applied the change (at once on one node).
     await heard?.wait();
     return context.json(presentKey(revoked));
   });
