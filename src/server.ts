@@ -349,8 +349,19 @@ export async function startBerth(
     liveSessions: (tenantId, userId) => supervisor.liveCount(tenantId, userId),
   });
   const authenticator = new Authenticator(store.resources);
-  // Several nodes: revocations, role changes and removals made anywhere apply here at once.
-  if (cluster) rawStore.watchPrincipals?.((change) => authenticator.changed(change));
+  // Several nodes: revocations, role changes and removals made anywhere apply here at once, and
+  // one made here is answered once the other live nodes said they applied it.
+  if (cluster && clusterLeases && rawStore.watchPrincipals && rawStore.principalAcknowledgements) {
+    const source = rawStore as Required<Pick<Store, 'watchPrincipals' | 'principalAcknowledgements'>>;
+    authenticator.listen({
+      watch: (listener) => source.watchPrincipals(listener),
+      acknowledgements: (change) => source.principalAcknowledgements(change),
+      otherNodes: async () => {
+        const nodes = await clusterLeases.liveNodes();
+        return nodes.filter((node) => node.nodeId !== clusterLeases.nodeId).length;
+      },
+    });
+  }
   const adminKey = await ensureAdminKey(store.resources, config.dataDir, {
     label: `admin.key in ${config.dataDir} on ${hostname()}${cluster ? ` (node ${cluster.nodeId})` : ''}`,
   });

@@ -247,6 +247,56 @@ describe('revocation across a two-node cluster', () => {
     expect((await request(nodeB, member.key, 'GET', `/v1/sessions/${memberSession}`)).status).toBe(200);
   }, 60_000);
 
+  it('closes the streams of a key revoked while the nodes could not hear the database, once they hear it again', async () => {
+    const member = await newUser(nodes[0]!, 'unheard-member', 'member');
+    const sessionId = await newSession(nodes[1]!, member.key);
+    for (const node of nodes) expect((await request(node, member.key, 'GET', '/v1/me')).status).toBe(200);
+    const streams = await openLiveStreams(member.key, sessionId, 'before the outage');
+
+    // Cut every node's listening connection, and revoke while none is listening: the notice is
+    // lost. A node that reconnects must assume anything changed (streams checked, cache dropped).
+    // Other roles' backends are visible to a superuser only: the test server's own role, in
+    // this test's database.
+    const superuser = new URL(serverUrl);
+    superuser.pathname = new URL(database.url).pathname;
+    const inspector = new pg.Client({ connectionString: superuser.toString() });
+    await inspector.connect();
+    const listening = `FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN %'`;
+    let cut = false;
+    try {
+      expect((await inspector.query(`SELECT pid ${listening}`)).rows).toHaveLength(2);
+      await inspector.query(`SELECT pg_terminate_backend(pid) ${listening}`);
+      // Until both are gone (each node reconnects 200 ms after losing its connection).
+      const deadline = Date.now() + 150;
+      while (!cut && Date.now() < deadline) {
+        cut = (await inspector.query(`SELECT pid ${listening}`)).rows.length === 0;
+      }
+    } finally {
+      await inspector.end();
+    }
+    console.log(`revoking while ${cut ? 'no node listens' : 'a node may already listen again'}`);
+    await owner.query('UPDATE berth.api_keys SET revoked_at = $1 WHERE id = $2', [
+      new Date().toISOString(),
+      member.keyId,
+    ]);
+    const committedAt = Date.now();
+    const [refused, closed] = await Promise.all([
+      refusedAfter(member.key, committedAt),
+      closedAfter(streams, committedAt),
+    ]);
+    console.log(
+      `after an outage: refused ${refused.join(' / ')} ms, streams closed ${closed.join(' / ')} ms`,
+    );
+    expect(
+      refused.every((after) => after !== null && after <= 1_000),
+      `refused after: ${refused}`,
+    ).toBe(true);
+    expect(
+      closed.every((after) => after !== null && after <= 1_000),
+      `closed after: ${closed}`,
+    ).toBe(true);
+  }, 60_000);
+
   it("stops a removed user's keys on every node at once, and closes their streams", async () => {
     const member = await newUser(nodes[0]!, 'removed-member', 'member');
     const sessionId = await newSession(nodes[1]!, member.key);

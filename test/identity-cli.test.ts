@@ -102,6 +102,30 @@ describe('berth tenants, users and keys', () => {
     expect(denied.code).not.toBe(0);
     expect(denied.stderr).toMatch(/admins/);
   });
+
+  it("lets an admin change a user's role, which their key carries on its next request", async () => {
+    const options = ['--url', berth.url, '--api-key', berth.apiKey];
+    const call = async (key: string, method: string, path: string, body?: unknown) =>
+      fetch(`${berth.url}${path}`, {
+        method,
+        headers: { 'x-api-key': key, 'content-type': 'application/json' },
+        body: body === undefined ? undefined : JSON.stringify(body),
+      });
+    const user = (await (await call(berth.apiKey, 'POST', '/v1/users', { name: 'dave' })).json()) as {
+      id: string;
+    };
+    const { key } = (await (
+      await call(berth.apiKey, 'POST', '/v1/api_keys', { name: 'dave', user_id: user.id })
+    ).json()) as { key: string };
+    expect((await call(key, 'GET', '/v1/users')).status).toBe(403);
+
+    const promoted = await berthCli(['users', 'set-role', user.id, 'admin', ...options]);
+    expect(promoted.code, promoted.stderr).toBe(0);
+    expect(promoted.stderr).toContain('dave');
+    expect((await call(key, 'GET', '/v1/users')).status).toBe(200);
+    const invalid = await berthCli(['users', 'set-role', user.id, 'owner', ...options]);
+    expect(invalid.code).not.toBe(0);
+  });
 });
 
 /**

@@ -3,6 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createTenantWithAdmin } from '../src/identity/api-keys.js';
 import { berthCli } from './support/berth-cli.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { type OpenStream, openSseStream } from './support/sse-stream.js';
 
 const _root = resolve(import.meta.dirname, '..');
 
@@ -11,15 +12,6 @@ interface IssuedKey {
   id: string;
   key: string;
   expires_at: string | null;
-}
-
-/** An SSE stream read with fetch: the text so far, and whether the server ended it. */
-interface OpenStream {
-  /** Resolves once `text` appears in the stream (or rejects after the timeout). */
-  waitForText(text: string, timeoutMs?: number): Promise<void>;
-  /** Resolves with the time the server ended the stream, or undefined if it did not within the timeout. */
-  endedWithin(timeoutMs: number): Promise<number | undefined>;
-  cancel(): Promise<void>;
 }
 
 /** Revoked and expired keys stop working at once on every path, open streams included. */
@@ -64,53 +56,7 @@ describe('key revocation and expiry', () => {
   }
 
   async function openStream(key: string, sessionId: string): Promise<OpenStream> {
-    const response = await fetch(`${berth.url}/v1/sessions/${sessionId}/events/stream`, {
-      headers: { 'x-api-key': key },
-    });
-    expect(response.status).toBe(200);
-    const reader = response.body!.getReader();
-    const decoder = new TextDecoder();
-    let text = '';
-    let endedAt: number | undefined;
-    let changed: () => void = () => undefined;
-    const reading = (async () => {
-      try {
-        for (;;) {
-          const { done, value } = await reader.read();
-          if (done) break;
-          text += decoder.decode(value, { stream: true });
-          changed();
-        }
-        endedAt = Date.now();
-      } catch {
-        // Cancelled by the test.
-      }
-      changed();
-    })();
-    const until = async (condition: () => boolean, timeoutMs: number) => {
-      const deadline = Date.now() + timeoutMs;
-      while (!condition() && Date.now() < deadline) {
-        await new Promise<void>((resolve) => {
-          changed = resolve;
-          setTimeout(resolve, Math.max(1, deadline - Date.now()));
-        });
-      }
-      return condition();
-    };
-    return {
-      async waitForText(wanted, timeoutMs = 5_000) {
-        if (!(await until(() => text.includes(wanted), timeoutMs)))
-          throw new Error(`stream never showed ${wanted}; got: ${text}`);
-      },
-      async endedWithin(timeoutMs) {
-        await until(() => endedAt !== undefined, timeoutMs);
-        return endedAt;
-      },
-      async cancel() {
-        await reader.cancel().catch(() => undefined);
-        await reading;
-      },
-    };
+    return openSseStream(`${berth.url}/v1/sessions/${sessionId}/events/stream`, key);
   }
 
   /** Opens a stream with `key` and proves it delivers events before anything is revoked. */
@@ -268,5 +214,43 @@ describe('key revocation and expiry', () => {
     expect(endedAt, 'the stream stayed open after `berth keys revoke`').toBeDefined();
     expect((await request(member.key, 'GET', '/v1/me')).status).toBe(401);
     expect((await request(member.key, 'GET', `/v1/sessions/${sessionId}/events/stream`)).status).toBe(401);
+  });
+
+  it("applies a role change at once: a demoted admin's admin routes and admin-opened streams are gone", async () => {
+    const member = await newMember(berth.apiKey, 'watched');
+    const memberSession = await newSession(member.key);
+    const user = await json<{ id: string }>(
+      await request(berth.apiKey, 'POST', '/v1/users', { name: 'demoted-admin', role: 'admin' }),
+    );
+    const key = await json<IssuedKey>(
+      await request(berth.apiKey, 'POST', '/v1/api_keys', { name: 'demoted', user_id: user.id }),
+    );
+    expect((await request(key.key, 'GET', '/v1/users')).status).toBe(200);
+    const stream = await openLiveStream(key.key, memberSession, 'watched by an admin');
+
+    // Members may not change roles (403, they see themselves); admins not their own (400).
+    const byMember = await request(member.key, 'POST', `/v1/users/${member.userId}`, { role: 'admin' });
+    expect(byMember.status).toBe(403);
+    expect(((await byMember.json()) as { error: { type: string } }).error.type).toBe('permission_error');
+    const own = await request(key.key, 'POST', `/v1/users/${user.id}`, { role: 'member' });
+    expect(own.status).toBe(400);
+    expect(((await own.json()) as { error: { type: string } }).error.type).toBe('invalid_request_error');
+    const bad = await request(berth.apiKey, 'POST', `/v1/users/${user.id}`, { role: 'owner' });
+    expect(bad.status).toBe(400);
+
+    const changed = await json<{ role: string }>(
+      await request(berth.apiKey, 'POST', `/v1/users/${user.id}`, { role: 'member' }),
+    );
+    const answeredAt = Date.now();
+    expect(changed.role).toBe('member');
+    expect((await request(key.key, 'GET', '/v1/users')).status).toBe(403);
+    expect((await request(key.key, 'GET', `/v1/sessions/${memberSession}`)).status).toBe(404);
+    const endedAt = await stream.endedWithin(1_000);
+    await stream.cancel();
+    expect(endedAt, 'the admin-opened stream stayed open after the demotion').toBeDefined();
+    console.log(`stream closed ${endedAt! - answeredAt} ms after the role change's answer`);
+    expect(
+      (await json<{ role: string }>(await request(berth.apiKey, 'GET', `/v1/users/${user.id}`))).role,
+    ).toBe('member');
   });
 });

@@ -101,9 +101,13 @@ export function identityRoutes(dependencies: ApiDependencies) {
         'admins cannot change their own role (the tenant could be left without one); ask another admin',
       );
     }
+    const change = { kind: 'user', tenantId: principal.tenantId, id: user.id } as const;
+    const heard = authenticator.heard(change);
     const updated = await resources.setUserRole(principal.tenantId, user.id, input.role);
     if (!updated) throw notFound('user', user.id);
-    authenticator.changed({ kind: 'user', tenantId: principal.tenantId, id: user.id });
+    authenticator.changed(change);
+    // Answered once every other live node said it applied the change (at once on one node).
+    await heard.wait();
     return context.json(presentUser(updated));
   });
 
@@ -153,9 +157,14 @@ export function identityRoutes(dependencies: ApiDependencies) {
   app.post('/api_keys/:id/revoke', async (context) => {
     const principal = context.get('principal');
     const key = await loadKey(principal, context.req.param('id'));
+    const heard = key.revokedAt
+      ? undefined
+      : authenticator.heard({ kind: 'key', tenantId: key.tenantId, id: key.id });
     const revoked = (await resources.revokeApiKey(principal.tenantId, key.id, nowIso())) ?? key;
     // At once on this node: the cache forgets it and streams opened with it close.
     authenticator.revoked(revoked);
+    // Answered once every other live node said it applied the change (at once on one node).
+    await heard?.wait();
     return context.json(presentKey(revoked));
   });
 

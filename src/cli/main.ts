@@ -3,7 +3,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import { mkdir } from 'node:fs/promises';
 import { join, relative, resolve } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
-import { Command, Option } from 'commander';
+import { Argument, Command, Option } from 'commander';
 import { type AgentCreate, principalName } from '../api/schemas.js';
 import { agentFileName, loadAgentFolder, type Problem, type SkillSummary } from '../config/agent-files.js';
 import { type BerthConfig, loadConfig } from '../config/config.js';
@@ -435,6 +435,21 @@ clientCommand(users.command('list').description('list the users of your tenant')
     });
   },
 );
+clientCommand(
+  users
+    .command('set-role')
+    .description(
+      "change a user's role; applies at once on every node (their streams under the old role close)",
+    )
+    .argument('<user id>', 'the user')
+    .addArgument(new Argument('<role>', 'admin or member').choices(['admin', 'member'])),
+).action(async (id: string, role: string, options: ClientOptions & { json?: boolean }) => {
+  await withClient(options, async (client) => {
+    const user = await client.post<ApiUser>(`/v1/users/${encodeURIComponent(id)}`, { body: { role } });
+    if (options.json) return print(user);
+    console.error(`${user.name} (${user.id}) is now ${user.role}.`);
+  });
+});
 
 const keys = program
   .command('keys')

@@ -41,6 +41,18 @@ export function generateApiKey(): string {
  */
 const CACHE_MAX_AGE_MS = 10_000;
 
+/** Where an Authenticator hears principal changes made anywhere (a cluster's database). */
+export interface PrincipalChangeSource {
+  /** Calls the listener on every change (`Store.watchPrincipals`); returns the function that stops. */
+  watch(listener: (change: PrincipalChange) => void): () => void;
+  /** See `Store.principalAcknowledgements`. */
+  acknowledgements(change: Exclude<PrincipalChange, { kind: 'missed' }>): {
+    wait(others: number, timeoutMs: number): Promise<void>;
+  };
+  /** How many other nodes are live (each must acknowledge a change). */
+  otherNodes(): Promise<number>;
+}
+
 /** Something long-lived held under a key: the principal it was opened as, and how to end it. */
 interface Holder {
   principal: Principal;
@@ -70,9 +82,43 @@ export class Authenticator {
   #generation = 0;
   /** The generation each principal was authenticated in (see `hold`). */
   readonly #authenticatedIn = new WeakMap<Principal, number>();
+  /** Where changes are heard from, and how to know the other nodes applied one (`listen`). */
+  #source: PrincipalChangeSource | undefined;
 
   constructor(resources: ResourceStore) {
     this.#resources = resources;
+  }
+
+  /**
+   * Hears principal changes from the database from now on (every node's and the CLI's); returns
+   * the function that stops.
+   */
+  listen(source: PrincipalChangeSource): () => void {
+    this.#source = source;
+    const stop = source.watch((change) => this.changed(change));
+    return () => {
+      this.#source = undefined;
+      stop();
+    };
+  }
+
+  /**
+   * A wait for the other nodes to apply `change`, to be made before the change is written:
+   * `wait()` resolves once every other live node said it applied it, or after a second; at
+   * once on a single node. An API answer that takes rights away waits on it, so the caller's
+   * next request is refused on every node.
+   */
+  heard(change: Exclude<PrincipalChange, { kind: 'missed' }>): { wait(): Promise<void> } {
+    const source = this.#source;
+    if (!source) return { wait: async () => undefined };
+    const acknowledgements = source.acknowledgements(change);
+    return {
+      wait: async () => {
+        const deadline = Date.now() + 1_000;
+        const others = await source.otherNodes().catch(() => 0);
+        await acknowledgements.wait(others, Math.max(0, deadline - Date.now()));
+      },
+    };
   }
 
   /** The principal behind a presented key, or undefined (unknown, revoked or expired). */

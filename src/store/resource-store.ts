@@ -281,6 +281,14 @@ export interface Store {
    * `listenAcrossNodes` listens (PostgreSQL; absent on SQLite). Returns the function that stops.
    */
   watchPrincipals?(listener: (change: PrincipalChange) => void): () => void;
+  /**
+   * A wait, registered before making `change`, for the other listening processes to say they
+   * have applied it (each acknowledges once its watchers ran): `wait(others, timeoutMs)`
+   * resolves when `others` of them did, or after the timeout. PostgreSQL only.
+   */
+  principalAcknowledgements?(change: Exclude<PrincipalChange, { kind: 'missed' }>): {
+    wait(others: number, timeoutMs: number): Promise<void>;
+  };
   /** Sandbox snapshots as archives every node can read (PostgreSQL only). */
   readonly snapshotArchives?: SnapshotArchiveStore;
   close(): Promise<void>;

@@ -1011,6 +1011,15 @@ export function runStoreContract(adapterName: string, createDatabase: () => Prom
           role: 'member',
         });
         expect(await store.resources.findApiKeyByHash('c'.repeat(64))).toBeUndefined();
+        // A role change: the user's keys carry it; another tenant cannot make it.
+        expect(await store.resources.setUserRole(OTHER_TENANT, 'user_bob', 'admin')).toBeUndefined();
+        expect(await store.resources.setUserRole(TENANT, 'user_bob', 'admin')).toEqual({
+          ...bob,
+          role: 'admin',
+        });
+        expect((await store.resources.findApiKeyByHash(memberKey.hash))?.role).toBe('admin');
+        expect(await store.resources.setUserRole(TENANT, 'user_bob', 'member')).toEqual(bob);
+        expect(await store.resources.setUserRole(TENANT, 'user_nobody', 'admin')).toBeUndefined();
         expect(await store.resources.countApiKeys()).toBe(2);
         expect(await rejectionCode(store.resources.createApiKey({ ...key, id: newId('key') }))).toBe(
           'conflict',

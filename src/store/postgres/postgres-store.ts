@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { BerthError, conflict, invalidRequest, isBerthError, notFound } from '../../errors.js';
 import {
@@ -202,6 +203,10 @@ class PostgresStore implements Store {
     return this.events.watchPrincipals(listener);
   }
 
+  principalAcknowledgements(change: Exclude<PrincipalChange, { kind: 'missed' }>) {
+    return this.events.principalAcknowledgements(change);
+  }
+
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
@@ -312,6 +317,13 @@ function storedEventOf(row: EventRow): StoredEvent {
   return { sessionId: row.session_id, seq: Number(row.seq), event: { id, type, processed_at, ...fields } };
 }
 
+/** A principal change as migration 12's trigger announces it. */
+function principalPayload(change: Exclude<PrincipalChange, { kind: 'missed' }>): string {
+  return change.kind === 'tenant'
+    ? `tenant ${change.tenantId}`
+    : `${change.kind} ${change.tenantId} ${change.id}`;
+}
+
 class PostgresEventStore implements EventStore {
   readonly #pool: pg.Pool;
   readonly #s: string;
@@ -330,6 +342,10 @@ class PostgresEventStore implements EventStore {
   #listener: { client: pg.Client | undefined; closed: boolean } | undefined;
   /** Who hears principal changes (the same listening connection carries them). */
   readonly #principalWatchers = new Set<(change: PrincipalChange) => void>();
+  /** This process among the listeners, in its acknowledgements of principal changes. */
+  readonly #listenerId = randomUUID();
+  /** Waits for other processes' acknowledgements, by notice payload. */
+  readonly #acknowledgements = new Map<string, Set<{ from: Set<string>; heard: () => void }>>();
 
   constructor(pool: pg.Pool, schema: string) {
     this.#pool = pool;
@@ -340,6 +356,54 @@ class PostgresEventStore implements EventStore {
   watchPrincipals(listener: (change: PrincipalChange) => void): () => void {
     this.#principalWatchers.add(listener);
     return () => this.#principalWatchers.delete(listener);
+  }
+
+  /**
+   * See `Store.principalAcknowledgements`: acknowledgements are notices on the same channel,
+   * "ack <listener id> <the change's notice>", sent by each listener once its watchers ran.
+   */
+  principalAcknowledgements(change: Exclude<PrincipalChange, { kind: 'missed' }>): {
+    wait(others: number, timeoutMs: number): Promise<void>;
+  } {
+    const payload = principalPayload(change);
+    const entry: { from: Set<string>; heard: () => void } = { from: new Set(), heard: () => undefined };
+    let waiters = this.#acknowledgements.get(payload);
+    if (!waiters) {
+      waiters = new Set();
+      this.#acknowledgements.set(payload, waiters);
+    }
+    waiters.add(entry);
+    const forget = () => {
+      waiters.delete(entry);
+      if (waiters.size === 0 && this.#acknowledgements.get(payload) === waiters) {
+        this.#acknowledgements.delete(payload);
+      }
+    };
+    // Forgotten after a while even if nobody waits (the write failed, say).
+    setTimeout(forget, 5_000).unref();
+    return {
+      wait: async (others, timeoutMs) => {
+        if (entry.from.size < others) {
+          let timer: NodeJS.Timeout | undefined;
+          await new Promise<void>((resolve) => {
+            entry.heard = () => {
+              if (entry.from.size >= others) resolve();
+            };
+            timer = setTimeout(resolve, timeoutMs);
+          });
+          clearTimeout(timer);
+        }
+        forget();
+      },
+    };
+  }
+
+  #acknowledged(listenerId: string, payload: string): void {
+    if (listenerId === this.#listenerId) return;
+    for (const waiter of this.#acknowledgements.get(payload) ?? []) {
+      waiter.from.add(listenerId);
+      waiter.heard();
+    }
   }
 
   #principalChanged(change: PrincipalChange): void {
@@ -368,10 +432,25 @@ class PostgresEventStore implements EventStore {
       let ended = false;
       client.on('notification', (message) => {
         if (message.channel === principalsChannel(this.#s)) {
-          const [kind, tenantId, id] = (message.payload ?? '').split(' ');
+          const payload = message.payload ?? '';
+          const [kind, tenantId, id] = payload.split(' ');
+          if (kind === 'ack') {
+            // "ack <listener id> <notice>"
+            const listenerId = tenantId;
+            if (listenerId) this.#acknowledged(listenerId, payload.slice(`ack ${listenerId} `.length));
+            return;
+          }
           if (!tenantId) return;
           if (kind === 'tenant') this.#principalChanged({ kind, tenantId });
           else if ((kind === 'key' || kind === 'user') && id) this.#principalChanged({ kind, tenantId, id });
+          else return;
+          // Told: the process that made the change may answer its caller now.
+          this.#pool
+            .query('SELECT pg_notify($1, $2)', [
+              principalsChannel(this.#s),
+              `ack ${this.#listenerId} ${payload}`,
+            ])
+            .catch(() => undefined);
           return;
         }
         const [tenantId, sessionId, first, last] = (message.payload ?? '').split(' ');

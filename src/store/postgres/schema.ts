@@ -429,7 +429,7 @@ export const POSTGRES_MIGRATIONS: readonly ((s: string) => string)[] = [
     END
     $f$;
   CREATE TRIGGER announce_key_revoked AFTER UPDATE OF revoked_at ON ${s}.api_keys
-    FOR EACH ROW WHEN (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at)
+    FOR EACH ROW WHEN (OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL)
     EXECUTE FUNCTION ${s}.announce_principal_change();
   CREATE TRIGGER announce_key_deleted AFTER DELETE ON ${s}.api_keys
     FOR EACH ROW EXECUTE FUNCTION ${s}.announce_principal_change();
