@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { startOtlpReceiver } from './support/otlp-receiver.js';
 import { type StreamEvent, sendAndWaitIdle } from './support/session-stream.js';
 
 const PAGE = `<!doctype html><html><head><title>Berth  field guide</title>
@@ -52,9 +53,11 @@ describe('web_fetch', () => {
   let site: Awaited<ReturnType<typeof startSite>>;
   let hidden: Awaited<ReturnType<typeof startSite>>;
   let openEnvironment: string;
+  let receiver: Awaited<ReturnType<typeof startOtlpReceiver>>;
   const urls: string[] = [];
 
   beforeAll(async () => {
+    receiver = await startOtlpReceiver();
     hidden = await startSite(() => 'http://unused.invalid/');
     site = await startSite(() => `http://127.0.0.1:${hidden.port}/page`);
     berth = await startTestBerth({
@@ -62,6 +65,8 @@ describe('web_fetch', () => {
         // docs.example.test is the loopback site; only its port is an operator exception.
         BERTH_EGRESS_HOSTS: 'docs.example.test=127.0.0.1',
         BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${site.port}`,
+        OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY: '50',
       },
       models: createModelRegistry({
         environment: {},
@@ -93,6 +98,7 @@ describe('web_fetch', () => {
     await berth?.dispose();
     await site?.close();
     await hidden?.close();
+    await receiver?.close();
   });
 
   async function fetchOnce(
@@ -194,5 +200,41 @@ describe('web_fetch', () => {
     const text = textOf(result);
     expect(text).toContain('[content truncated to 20 characters]');
     expect(text).not.toContain('durable log');
+  });
+  it('traces each request under its tool call and counts refused ones as denials', async () => {
+    await fetchOnce(`http://docs.example.test:${site.port}/data.json`);
+    await fetchOnce(`http://127.0.0.1:${hidden.port}/secret-path`);
+    const spans = () =>
+      receiver.spans.filter((span) => span.attributes['berth.egress.purpose'] === 'web_fetch');
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      () => spans().some((span) => span.attributes['berth.egress.decision'] === 'denied'),
+    );
+    // The JSON answer's span (earlier tests fetched other pages of the same site).
+    const allowed = spans().find(
+      (span) =>
+        span.attributes['server.address'] === 'docs.example.test' &&
+        span.attributes['berth.egress.bytes_received'] === Buffer.byteLength('{"answer":42}'),
+    )!;
+    expect(allowed).toMatchObject({ name: 'egress GET', kind: 3 });
+    expect(allowed.attributes['http.response.status_code']).toBe(200);
+    expect(receiver.spans.find((span) => span.spanId === allowed.parentSpanId)?.name).toBe(
+      'execute_tool web_fetch',
+    );
+    const denied = spans().find((span) => span.attributes['berth.egress.decision'] === 'denied')!;
+    expect(denied.status.code).toBe(2);
+    expect(JSON.stringify(receiver.spans)).not.toContain('/secret-path');
+    const metrics = await (await fetch(`${berth.url}/metrics`)).text();
+    const sample = (series: string) =>
+      Number(
+        metrics
+          .split('\n')
+          .find((line) => line.startsWith(`${series} `))
+          ?.split(' ')[1] ?? Number.NaN,
+      );
+    expect(
+      sample('berth_egress_requests_total{source="web_fetch",decision="allowed"}'),
+    ).toBeGreaterThanOrEqual(1);
+    expect(sample('berth_egress_denied_total{source="web_fetch",status="403"}')).toBeGreaterThanOrEqual(1);
   });
 });

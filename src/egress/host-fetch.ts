@@ -270,3 +270,95 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
     },
   };
 }
+
+/**
+ * `fetch` that reports each request to `onRequest` as an audit record with `purpose`, once its
+ * answer's body is over (read, failed or cancelled), with the body bytes read (after any
+ * decoding `fetch` does). For requests Berth makes outside a session's policy (the vault's
+ * OAuth token and validation requests), so they have spans and metrics like the others.
+ * Nothing is checked or refused here.
+ */
+export function observedFetch(
+  fetchFunction: typeof fetch,
+  purpose: string,
+  onRequest: (record: EgressAuditRecord) => void,
+): typeof fetch {
+  return async (input, init) => {
+    const started = performance.now();
+    const url = new URL(input instanceof Request ? input.url : String(input));
+    const method = (init?.method ?? (input instanceof Request ? input.method : 'GET')).toUpperCase();
+    const sent = init?.body;
+    const record = (fields: Partial<EgressAuditRecord>): EgressAuditRecord => ({
+      method,
+      host: canonicalHost(url.hostname) ?? url.hostname,
+      port: Number(url.port) || (url.protocol === 'https:' ? 443 : 80),
+      path: url.pathname,
+      status: null,
+      bytesSent:
+        typeof sent === 'string' ? Buffer.byteLength(sent) : sent instanceof Uint8Array ? sent.byteLength : 0,
+      bytesReceived: 0,
+      credentials: [],
+      decision: 'allowed',
+      tls: url.protocol === 'https:' ? 'passthrough' : 'none',
+      durationMs: performance.now() - started,
+      purpose,
+      ...fields,
+    });
+    const report = (entry: EgressAuditRecord) => {
+      try {
+        onRequest(entry);
+      } catch {
+        // An observer that throws must not break the request.
+      }
+    };
+    let response: Response;
+    try {
+      response = await fetchFunction(input, init);
+    } catch (error) {
+      const code = (error as { cause?: { code?: string } }).cause?.code ?? (error as Error).name;
+      report(record({ reason: `the request failed (${code})` }));
+      throw error;
+    }
+    const body = response.body;
+    if (body === null) {
+      report(record({ status: response.status }));
+      return response;
+    }
+    let received = 0;
+    let reported = false;
+    const finish = () => {
+      if (reported) return;
+      reported = true;
+      report(record({ status: response.status, bytesReceived: received }));
+    };
+    const reader = body.getReader();
+    const counted = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        try {
+          const { done, value } = await reader.read();
+          if (done) {
+            finish();
+            controller.close();
+            return;
+          }
+          received += value.byteLength;
+          controller.enqueue(value);
+        } catch (error) {
+          finish();
+          controller.error(error);
+        }
+      },
+      cancel(reason) {
+        finish();
+        return reader.cancel(reason);
+      },
+    });
+    const observed = new Response(counted, {
+      status: response.status,
+      statusText: response.statusText,
+      headers: response.headers,
+    });
+    Object.defineProperty(observed, 'url', { value: response.url });
+    return observed;
+  };
+}
