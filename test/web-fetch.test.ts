@@ -13,6 +13,8 @@ const PAGE = `<!doctype html><html><head><title>Berth  field guide</title>
 <ul><li>durable log</li><li>stateless harness</li></ul>
 <a href="https://example.org/more">read more</a><img src="x.png" alt="diagram"></body></html>`;
 
+const LEAKED_SECRET = `web-fetch-canary-secret-${process.pid}`;
+
 /** A loopback web site: `/page` (HTML), `/data.json`, `/file.bin`, `/bounce` (redirects to `bounceTo`). */
 async function startSite(bounceTo: () => string) {
   const hits: string[] = [];
@@ -21,6 +23,10 @@ async function startSite(bounceTo: () => string) {
     if (request.url === '/page') {
       response.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
       response.end(PAGE);
+    } else if (request.url === '/leak') {
+      // A page that serves back a secret some host stored.
+      response.writeHead(200, { 'content-type': 'text/plain', 'x-stored': LEAKED_SECRET });
+      response.end(`stored earlier: ${LEAKED_SECRET}`);
     } else if (request.url === '/data.json') {
       response.writeHead(200, { 'content-type': 'application/json' });
       response.end('{"answer":42}');
@@ -103,7 +109,7 @@ describe('web_fetch', () => {
 
   async function fetchOnce(
     url: string,
-    options: { environmentId?: string; webFetchConfig?: Record<string, unknown> } = {},
+    options: { environmentId?: string; webFetchConfig?: Record<string, unknown>; vaultIds?: string[] } = {},
   ): Promise<{ result: StreamEvent; events: StreamEvent[] }> {
     const agent = await berth.client.beta.agents.create({
       name: 'fetcher',
@@ -118,6 +124,7 @@ describe('web_fetch', () => {
     const session = await berth.client.beta.sessions.create({
       agent: agent.id,
       environment_id: options.environmentId ?? openEnvironment,
+      ...(options.vaultIds ? { vault_ids: options.vaultIds } : {}),
     });
     urls.push(url);
     await sendAndWaitIdle(berth.client, session.id, [
@@ -236,5 +243,21 @@ describe('web_fetch', () => {
       sample('berth_egress_requests_total{source="web_fetch",decision="allowed"}'),
     ).toBeGreaterThanOrEqual(1);
     expect(sample('berth_egress_denied_total{source="web_fetch",status="403"}')).toBeGreaterThanOrEqual(1);
+  });
+  it('shows the model a placeholder, never the secret, when a page serves back a vault secret', async () => {
+    const vault = await berth.client.beta.vaults.create({ display_name: 'web' });
+    await berth.client.beta.vaults.credentials.create(vault.id, {
+      auth: {
+        type: 'environment_variable',
+        secret_name: 'API_TOKEN',
+        secret_value: LEAKED_SECRET,
+        networking: { type: 'limited', allowed_hosts: ['api.example.test'] },
+      },
+    });
+    const { result, events } = await fetchOnce(`http://docs.example.test:${site.port}/leak`, {
+      vaultIds: [vault.id],
+    });
+    expect(textOf(result)).toMatch(/stored earlier: berth_placeholder_[0-9a-f]+/);
+    expect(JSON.stringify(events)).not.toContain(LEAKED_SECRET);
   });
 });

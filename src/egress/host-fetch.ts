@@ -10,12 +10,14 @@
  * is attached only on hops whose host it is for, so a redirect elsewhere never carries it.
  */
 import { isIP } from 'node:net';
+import { Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
 import { Agent, buildConnector, type Dispatcher, fetch as undiciFetch } from 'undici';
 import { canonicalHost } from './addresses.js';
 import { type DestinationRule, Refusal } from './destinations.js';
 import type { CompiledPolicy } from './policy.js';
 import type { EgressAuditRecord } from './proxy.js';
+import { type Replacement, replaceAll, replacingStream } from './replace-stream.js';
 
 export { Refusal } from './destinations.js';
 
@@ -32,6 +34,12 @@ export interface HostFetchOptions {
   connectTimeoutMs?: number;
   /** Redirects followed per request (default 5). */
   maxRedirects?: number;
+  /**
+   * Secrets of the session to replace in every answer (headers and body) before the caller
+   * sees it: what Berth fetches goes to the model and the session's log, which must never hold
+   * a secret a host stored and serves again.
+   */
+  responseSwaps?: readonly Replacement[];
 }
 
 /** A credential for one request hop: the header value and the name audits use. */
@@ -118,6 +126,35 @@ function countingDispatcher(dispatcher: Dispatcher): { dispatcher: Dispatcher; r
       }),
   );
   return { dispatcher: counting, received };
+}
+
+/**
+ * `response` with `swaps` applied to its header values and its body (streamed; a secret split
+ * across chunks is still found), or `response` itself when there is nothing to swap.
+ */
+function scanned(response: Response, swaps: readonly Replacement[]): Response {
+  if (swaps.length === 0) return response;
+  const headers = new Headers();
+  for (const [name, value] of response.headers) {
+    // The body's length may change; fetch has already undone any content-encoding.
+    if (name === 'content-length') continue;
+    headers.append(name, replaceAll(Buffer.from(value, 'latin1'), swaps).toString('latin1'));
+  }
+  const body =
+    response.body === null
+      ? null
+      : (Readable.toWeb(
+          Readable.fromWeb(response.body as import('node:stream/web').ReadableStream).pipe(
+            replacingStream(swaps),
+          ),
+        ) as ReadableStream<Uint8Array>);
+  const result = new Response(body, {
+    status: response.status,
+    statusText: replaceAll(Buffer.from(response.statusText, 'latin1'), swaps).toString('latin1'),
+    headers,
+  });
+  Object.defineProperty(result, 'url', { value: response.url });
+  return result;
 }
 
 /** Creates the host-side client of one session (one connection pool, closed with `close`). */
@@ -249,7 +286,7 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
         );
         const location = response.headers.get('location');
         if (init.redirect === 'manual' || !REDIRECT_STATUSES.has(status) || location === null) {
-          return response;
+          return scanned(response, options.responseSwaps ?? []);
         }
         await response.body?.cancel().catch(() => undefined);
         await audited;
