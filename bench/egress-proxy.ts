@@ -1,7 +1,8 @@
 /**
  * Added latency of the egress proxy (issue 4), on loopback: the same request timed directly and
- * through a session's proxy, for plain HTTP, HTTPS passed through (CONNECT tunnel, the proxy
- * never opens it) and HTTPS intercepted with a credential's placeholder swapped in. Each sample
+ * through a session's proxy, for plain HTTP (a 2-byte and a 1 MiB answer, both scanned for the
+ * session's secret although the host has no credential), HTTPS passed through (CONNECT tunnel,
+ * the proxy never opens it) and HTTPS intercepted with a credential's placeholder swapped in. Each sample
  * is one request on a fresh connection (what a sandboxed `curl` does); direct and proxied
  * requests alternate so both see the same machine load.
  */
@@ -69,8 +70,18 @@ export interface EgressBenchRow {
 const PLACEHOLDER = 'berth_placeholder_bench';
 const SECRET = 'bench-secret-value';
 
+/** The body of `/large`: 1 MiB of text, to show what scanning a response costs per byte. */
+const LARGE_BODY = Buffer.from(
+  'lorem ipsum dolor sit amet, consectetur adipiscing elit. '.repeat(18_400),
+).subarray(0, 1024 * 1024);
+
 function answer(server: Server): void {
-  server.on('request', (_request, response) => {
+  server.on('request', (request, response) => {
+    if (request.url === '/large') {
+      response.writeHead(200, { 'content-type': 'text/plain', 'content-length': String(LARGE_BODY.length) });
+      response.end(LARGE_BODY);
+      return;
+    }
     response.writeHead(200, { 'content-type': 'text/plain', 'content-length': '2' });
     response.end('ok');
   });
@@ -128,21 +139,20 @@ export async function runEgressBench(requests = 300): Promise<EgressBenchResults
   });
   const roots = [ca.certificatePem, proxy.caCertificatePem];
 
-  const directPlain = () =>
+  const directPlain = (path: string) => () =>
     new Promise<void>((resolve, reject) => {
-      const request = httpRequest(
-        { host: '127.0.0.1', port: plainPort, path: '/', agent: false },
-        (response) => drain(response).then(resolve, reject),
+      const request = httpRequest({ host: '127.0.0.1', port: plainPort, path, agent: false }, (response) =>
+        drain(response).then(resolve, reject),
       );
       request.on('error', reject);
       request.end();
     });
-  const proxiedPlain = () =>
+  const proxiedPlain = (path: string) => () =>
     new Promise<void>((resolve, reject) => {
       const request = httpRequest(
         {
           socketPath: proxy.socketPath,
-          path: `http://open.test:${plainPort}/`,
+          path: `http://open.test:${plainPort}${path}`,
           headers: { host: `open.test:${plainPort}` },
           agent: false,
         },
@@ -247,7 +257,8 @@ export async function runEgressBench(requests = 300): Promise<EgressBenchResults
   };
   try {
     const rows = [
-      await compare('plain HTTP (absolute-form)', directPlain, proxiedPlain),
+      await compare('plain HTTP (absolute-form)', directPlain('/'), proxiedPlain('/')),
+      await compare('plain HTTP, 1 MiB answer', directPlain('/large'), proxiedPlain('/large')),
       await compare('HTTPS passed through (CONNECT tunnel)', directTls, proxiedTls('open.test')),
       await compare('HTTPS intercepted, placeholder → secret', directTls, proxiedTls('api.test')),
       await compare(

@@ -15,6 +15,8 @@ import { LifetimeReaper } from './control/lifecycle.js';
 import { SandboxManager } from './control/sandbox-manager.js';
 import { type Logger, Supervisor } from './control/supervisor.js';
 import { Toolboxes } from './control/toolbox.js';
+import { observedFetch } from './egress/host-fetch.js';
+import type { EgressAuditRecord } from './egress/proxy.js';
 import { SessionEgress } from './egress/session-egress.js';
 import { invalidRequest } from './errors.js';
 import { DeltaBus } from './harness/delta-bus.js';
@@ -38,6 +40,7 @@ import type { SessionRecord, Store } from './store/resource-store.js';
 import { Metrics } from './telemetry/metrics.js';
 import {
   createTelemetry,
+  egressSpanRecorder,
   type Telemetry,
   tracedDriver,
   tracedEventStore,
@@ -204,7 +207,20 @@ export async function startBerth(
       }),
     );
   };
-  const vault = new VaultService({ store, keyring: keys.keyring });
+  // Egress requests of every kind (the sandboxes', Berth's own for sessions, the vault's OAuth
+  // requests) become spans and metrics when those are on.
+  const egressSpan = telemetry.enabled ? egressSpanRecorder(tracer, telemetry.contexts) : undefined;
+  const observeEgress = (session: SessionKey | undefined, record: EgressAuditRecord) => {
+    egressSpan?.(session, record);
+    metrics?.egress(record);
+  };
+  const vault = new VaultService({
+    store,
+    keyring: keys.keyring,
+    ...(egressSpan || metrics
+      ? { fetch: observedFetch(fetch, 'oauth', (record) => observeEgress(undefined, record)) }
+      : {}),
+  });
   // The sandboxes' only way out: a proxy per session with its environment's networking and its
   // vaults' credentials; every request is logged on the session.
   const egress = new SessionEgress({
@@ -214,7 +230,8 @@ export async function startBerth(
       ? [readFileSync(config.egress.upstreamCaFile, 'utf8')]
       : undefined,
     hosts: config.egress.hosts,
-    onRequest: (session, record) =>
+    onRequest: (session, record) => {
+      observeEgress(session, record);
       void logSandboxEvent(session, {
         type: 'berth.egress_request',
         method: record.method,
@@ -230,7 +247,8 @@ export async function startBerth(
         bytes_received: record.bytesReceived,
         credentials: record.credentials,
         duration_ms: Math.round(record.durationMs),
-      }),
+      });
+    },
   });
   const toolboxes = new Toolboxes({
     sandboxes,

@@ -10,6 +10,7 @@ import type Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createCertificateAuthority } from '../src/egress/certificates.js';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
+import { startOtlpReceiver } from './support/otlp-receiver.js';
 import { sendAndWaitIdle } from './support/session-stream.js';
 
 const SECRET = `canary-vault-secret-${process.pid}-${Date.now()}`;
@@ -62,6 +63,7 @@ describe('egress: credentials never enter the sandbox', () => {
   let secure: Upstream;
   let plain: Upstream;
   let notes: Upstream;
+  let receiver: Awaited<ReturnType<typeof startOtlpReceiver>>;
   /** What the notes upstream stored (`/store`) and serves again (`/read`). */
   let stored = '';
   let bearerId: string;
@@ -97,9 +99,12 @@ describe('egress: credentials never enter the sandbox', () => {
       }),
       [],
     );
+    receiver = await startOtlpReceiver();
     berth = await startTestBerth({
       environment: {
         ...UNLIMITED_LIMITS,
+        OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY: '50',
         BERTH_EGRESS_HOSTS: 'api.test=127.0.0.1,other.test=127.0.0.1,control.test=127.0.0.1',
         BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${secure.port},127.0.0.1:${plain.port},127.0.0.1:${notes.port}`,
         BERTH_EGRESS_CA_FILE: join(directory, 'upstream-ca.pem'),
@@ -153,6 +158,7 @@ describe('egress: credentials never enter the sandbox', () => {
     secure?.server.close();
     plain?.server.close();
     notes?.server.close();
+    await receiver?.close();
     await rm(directory, { recursive: true, force: true });
   });
 
@@ -304,6 +310,65 @@ describe('egress: credentials never enter the sandbox', () => {
         .filter((event) => event.type === 'berth.egress_request' && event.decision === 'denied').length;
     await expect.poll(denied).toBeGreaterThanOrEqual(5);
   }, 60_000);
+
+  it('traces every request of the sandbox under its tool call and counts the denials', async () => {
+    // After the tests above: allowed requests (intercepted and plain) and refused ones.
+    const spans = () => receiver.spans.filter((span) => span.name.startsWith('egress '));
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      () =>
+        spans().some((span) => span.attributes['berth.egress.decision'] === 'denied') &&
+        spans().some((span) => span.attributes['berth.egress.tls'] === 'intercepted'),
+    );
+    const intercepted = spans().find(
+      (span) => span.attributes['berth.egress.tls'] === 'intercepted' && span.name === 'egress GET',
+    )!;
+    expect(intercepted).toBeDefined();
+    expect(intercepted.kind).toBe(3); // CLIENT
+    expect(intercepted.attributes).toMatchObject({
+      'http.request.method': 'GET',
+      'server.address': 'api.test',
+      'http.response.status_code': 200,
+      'berth.egress.decision': 'allowed',
+      'berth.egress.purpose': 'sandbox',
+      'berth.egress.credentials': 1,
+      'berth.session.id': sessionId,
+    });
+    // Under the bash tool call that ran curl.
+    const parent = receiver.spans.find((span) => span.spanId === intercepted.parentSpanId);
+    expect(parent?.name).toBe('execute_tool bash');
+    const denied = spans().find(
+      (span) =>
+        span.attributes['berth.egress.decision'] === 'denied' &&
+        span.attributes['server.address'] === 'example.com',
+    )!;
+    expect(denied).toBeDefined();
+    expect(denied.status.code).toBe(2); // ERROR
+    expect(denied.attributes['http.response.status_code']).toBe(403);
+    // No span carries a secret, a placeholder or a path.
+    const exported = receiver.rawBodies.join('\n');
+    expect(exported).not.toContain(SECRET);
+    expect(exported).not.toContain(placeholder);
+    expect(spans().some((span) => JSON.stringify(span.attributes).includes('/store'))).toBe(false);
+
+    const metrics = await (await fetch(`${berth.url}/metrics`)).text();
+    const sample = (series: string) =>
+      Number(
+        metrics
+          .split('\n')
+          .find((line) => line.startsWith(`${series} `))
+          ?.split(' ')[1] ?? Number.NaN,
+      );
+    const deniedAudits = (await berth.store.events.read(berth.keyOf(sessionId))).filter(
+      (stored) => stored.event.type === 'berth.egress_request' && stored.event.decision === 'denied',
+    ).length;
+    expect(sample('berth_egress_denied_total{source="sandbox",status="403"}')).toBe(deniedAudits);
+    expect(sample('berth_egress_requests_total{source="sandbox",decision="allowed"}')).toBeGreaterThanOrEqual(
+      4,
+    );
+    expect(sample('berth_egress_bytes_total{source="sandbox",direction="received"}')).toBeGreaterThan(0);
+    expect(metrics).not.toContain('api.test');
+  });
 
   it('keeps the vault file and the server environment out of reach', () => {
     // The server's own environment had the canary the whole time (checked from inside above).

@@ -199,6 +199,18 @@ describe('remote MCP servers with vault credentials', () => {
     const events = await allEvents(sessionId);
     expect(JSON.stringify(events)).not.toContain(issued);
     expect(JSON.stringify(events)).not.toContain(STALE_ACCESS);
+    // The MCP requests and the vault's token request are egress in the metrics too.
+    const metrics = await (await fetch(`${berth.url}/metrics`)).text();
+    const sample = (series: string) =>
+      Number(
+        metrics
+          .split('\n')
+          .find((line) => line.startsWith(`${series} `))
+          ?.split(' ')[1] ?? Number.NaN,
+      );
+    expect(sample('berth_egress_requests_total{source="oauth",decision="allowed"}')).toBe(1);
+    expect(sample('berth_egress_requests_total{source="mcp",decision="allowed"}')).toBeGreaterThanOrEqual(2);
+    expect(sample('berth_egress_bytes_total{source="oauth",direction="received"}')).toBeGreaterThan(0);
   });
 
   it('refuses a server on a private address the operator did not allow, naming the rule', async () => {

@@ -3,6 +3,7 @@ import type { AddressInfo } from 'node:net';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
+import { startOtlpReceiver } from './support/otlp-receiver.js';
 import { type StreamEvent, sendAndWaitIdle } from './support/session-stream.js';
 
 const PAGE = `<!doctype html><html><head><title>Berth  field guide</title>
@@ -12,6 +13,8 @@ const PAGE = `<!doctype html><html><head><title>Berth  field guide</title>
 <ul><li>durable log</li><li>stateless harness</li></ul>
 <a href="https://example.org/more">read more</a><img src="x.png" alt="diagram"></body></html>`;
 
+const LEAKED_SECRET = `web-fetch-canary-secret-${process.pid}`;
+
 /** A loopback web site: `/page` (HTML), `/data.json`, `/file.bin`, `/bounce` (redirects to `bounceTo`). */
 async function startSite(bounceTo: () => string) {
   const hits: string[] = [];
@@ -20,6 +23,10 @@ async function startSite(bounceTo: () => string) {
     if (request.url === '/page') {
       response.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
       response.end(PAGE);
+    } else if (request.url === '/leak') {
+      // A page that serves back a secret some host stored.
+      response.writeHead(200, { 'content-type': 'text/plain', 'x-stored': LEAKED_SECRET });
+      response.end(`stored earlier: ${LEAKED_SECRET}`);
     } else if (request.url === '/data.json') {
       response.writeHead(200, { 'content-type': 'application/json' });
       response.end('{"answer":42}');
@@ -52,9 +59,11 @@ describe('web_fetch', () => {
   let site: Awaited<ReturnType<typeof startSite>>;
   let hidden: Awaited<ReturnType<typeof startSite>>;
   let openEnvironment: string;
+  let receiver: Awaited<ReturnType<typeof startOtlpReceiver>>;
   const urls: string[] = [];
 
   beforeAll(async () => {
+    receiver = await startOtlpReceiver();
     hidden = await startSite(() => 'http://unused.invalid/');
     site = await startSite(() => `http://127.0.0.1:${hidden.port}/page`);
     berth = await startTestBerth({
@@ -62,6 +71,8 @@ describe('web_fetch', () => {
         // docs.example.test is the loopback site; only its port is an operator exception.
         BERTH_EGRESS_HOSTS: 'docs.example.test=127.0.0.1',
         BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${site.port}`,
+        OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
+        OTEL_BSP_SCHEDULE_DELAY: '50',
       },
       models: createModelRegistry({
         environment: {},
@@ -93,11 +104,12 @@ describe('web_fetch', () => {
     await berth?.dispose();
     await site?.close();
     await hidden?.close();
+    await receiver?.close();
   });
 
   async function fetchOnce(
     url: string,
-    options: { environmentId?: string; webFetchConfig?: Record<string, unknown> } = {},
+    options: { environmentId?: string; webFetchConfig?: Record<string, unknown>; vaultIds?: string[] } = {},
   ): Promise<{ result: StreamEvent; events: StreamEvent[] }> {
     const agent = await berth.client.beta.agents.create({
       name: 'fetcher',
@@ -112,6 +124,7 @@ describe('web_fetch', () => {
     const session = await berth.client.beta.sessions.create({
       agent: agent.id,
       environment_id: options.environmentId ?? openEnvironment,
+      ...(options.vaultIds ? { vault_ids: options.vaultIds } : {}),
     });
     urls.push(url);
     await sendAndWaitIdle(berth.client, session.id, [
@@ -194,5 +207,57 @@ describe('web_fetch', () => {
     const text = textOf(result);
     expect(text).toContain('[content truncated to 20 characters]');
     expect(text).not.toContain('durable log');
+  });
+  it('traces each request under its tool call and counts refused ones as denials', async () => {
+    await fetchOnce(`http://docs.example.test:${site.port}/data.json`);
+    await fetchOnce(`http://127.0.0.1:${hidden.port}/secret-path`);
+    const spans = () =>
+      receiver.spans.filter((span) => span.attributes['berth.egress.purpose'] === 'web_fetch');
+    await receiver.waitForSpans(
+      () => berth.telemetry.forceFlush(),
+      () => spans().some((span) => span.attributes['berth.egress.decision'] === 'denied'),
+    );
+    // The JSON answer's span (earlier tests fetched other pages of the same site).
+    const allowed = spans().find(
+      (span) =>
+        span.attributes['server.address'] === 'docs.example.test' &&
+        span.attributes['berth.egress.bytes_received'] === Buffer.byteLength('{"answer":42}'),
+    )!;
+    expect(allowed).toMatchObject({ name: 'egress GET', kind: 3 });
+    expect(allowed.attributes['http.response.status_code']).toBe(200);
+    expect(receiver.spans.find((span) => span.spanId === allowed.parentSpanId)?.name).toBe(
+      'execute_tool web_fetch',
+    );
+    const denied = spans().find((span) => span.attributes['berth.egress.decision'] === 'denied')!;
+    expect(denied.status.code).toBe(2);
+    expect(JSON.stringify(receiver.spans)).not.toContain('/secret-path');
+    const metrics = await (await fetch(`${berth.url}/metrics`)).text();
+    const sample = (series: string) =>
+      Number(
+        metrics
+          .split('\n')
+          .find((line) => line.startsWith(`${series} `))
+          ?.split(' ')[1] ?? Number.NaN,
+      );
+    expect(
+      sample('berth_egress_requests_total{source="web_fetch",decision="allowed"}'),
+    ).toBeGreaterThanOrEqual(1);
+    expect(sample('berth_egress_denied_total{source="web_fetch",status="403"}')).toBeGreaterThanOrEqual(1);
+  });
+  it('shows the model a placeholder, never the secret, when a page serves back a vault secret', async () => {
+    const vault = await berth.client.beta.vaults.create({ display_name: 'web' });
+    await berth.client.beta.vaults.credentials.create(vault.id, {
+      auth: {
+        type: 'environment_variable',
+        secret_name: 'API_TOKEN',
+        secret_value: LEAKED_SECRET,
+        networking: { type: 'limited', allowed_hosts: ['api.example.test'] },
+      },
+    });
+    const { result, events } = await fetchOnce(`http://docs.example.test:${site.port}/leak`, {
+      vaultIds: [vault.id],
+    });
+    expect(textOf(result)).toMatch(/stored earlier: berth_placeholder_[0-9a-f]+/);
+    expect(JSON.stringify(events)).not.toContain(LEAKED_SECRET);
   });
 });

@@ -10,12 +10,14 @@
  * is attached only on hops whose host it is for, so a redirect elsewhere never carries it.
  */
 import { isIP } from 'node:net';
+import { Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
 import { Agent, buildConnector, type Dispatcher, fetch as undiciFetch } from 'undici';
 import { canonicalHost } from './addresses.js';
 import { type DestinationRule, Refusal } from './destinations.js';
 import type { CompiledPolicy } from './policy.js';
 import type { EgressAuditRecord } from './proxy.js';
+import { type Replacement, replaceAll, replacingStream } from './replace-stream.js';
 
 export { Refusal } from './destinations.js';
 
@@ -32,6 +34,12 @@ export interface HostFetchOptions {
   connectTimeoutMs?: number;
   /** Redirects followed per request (default 5). */
   maxRedirects?: number;
+  /**
+   * Secrets of the session to replace in every answer (headers and body) before the caller
+   * sees it: what Berth fetches goes to the model and the session's log, which must never hold
+   * a secret a host stored and serves again.
+   */
+  responseSwaps?: readonly Replacement[];
 }
 
 /** A credential for one request hop: the header value and the name audits use. */
@@ -118,6 +126,35 @@ function countingDispatcher(dispatcher: Dispatcher): { dispatcher: Dispatcher; r
       }),
   );
   return { dispatcher: counting, received };
+}
+
+/**
+ * `response` with `swaps` applied to its header values and its body (streamed; a secret split
+ * across chunks is still found), or `response` itself when there is nothing to swap.
+ */
+function scanned(response: Response, swaps: readonly Replacement[]): Response {
+  if (swaps.length === 0) return response;
+  const headers = new Headers();
+  for (const [name, value] of response.headers) {
+    // The body's length may change; fetch has already undone any content-encoding.
+    if (name === 'content-length') continue;
+    headers.append(name, replaceAll(Buffer.from(value, 'latin1'), swaps).toString('latin1'));
+  }
+  const body =
+    response.body === null
+      ? null
+      : (Readable.toWeb(
+          Readable.fromWeb(response.body as import('node:stream/web').ReadableStream).pipe(
+            replacingStream(swaps),
+          ),
+        ) as ReadableStream<Uint8Array>);
+  const result = new Response(body, {
+    status: response.status,
+    statusText: replaceAll(Buffer.from(response.statusText, 'latin1'), swaps).toString('latin1'),
+    headers,
+  });
+  Object.defineProperty(result, 'url', { value: response.url });
+  return result;
 }
 
 /** Creates the host-side client of one session (one connection pool, closed with `close`). */
@@ -249,7 +286,7 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
         );
         const location = response.headers.get('location');
         if (init.redirect === 'manual' || !REDIRECT_STATUSES.has(status) || location === null) {
-          return response;
+          return scanned(response, options.responseSwaps ?? []);
         }
         await response.body?.cancel().catch(() => undefined);
         await audited;
@@ -268,5 +305,97 @@ export function createHostFetch(options: HostFetchOptions): HostFetch {
     async close() {
       await dispatcher.close().catch(() => undefined);
     },
+  };
+}
+
+/**
+ * `fetch` that reports each request to `onRequest` as an audit record with `purpose`, once its
+ * answer's body is over (read, failed or cancelled), with the body bytes read (after any
+ * decoding `fetch` does). For requests Berth makes outside a session's policy (the vault's
+ * OAuth token and validation requests), so they have spans and metrics like the others.
+ * Nothing is checked or refused here.
+ */
+export function observedFetch(
+  fetchFunction: typeof fetch,
+  purpose: string,
+  onRequest: (record: EgressAuditRecord) => void,
+): typeof fetch {
+  return async (input, init) => {
+    const started = performance.now();
+    const url = new URL(input instanceof Request ? input.url : String(input));
+    const method = (init?.method ?? (input instanceof Request ? input.method : 'GET')).toUpperCase();
+    const sent = init?.body;
+    const record = (fields: Partial<EgressAuditRecord>): EgressAuditRecord => ({
+      method,
+      host: canonicalHost(url.hostname) ?? url.hostname,
+      port: Number(url.port) || (url.protocol === 'https:' ? 443 : 80),
+      path: url.pathname,
+      status: null,
+      bytesSent:
+        typeof sent === 'string' ? Buffer.byteLength(sent) : sent instanceof Uint8Array ? sent.byteLength : 0,
+      bytesReceived: 0,
+      credentials: [],
+      decision: 'allowed',
+      tls: url.protocol === 'https:' ? 'passthrough' : 'none',
+      durationMs: performance.now() - started,
+      purpose,
+      ...fields,
+    });
+    const report = (entry: EgressAuditRecord) => {
+      try {
+        onRequest(entry);
+      } catch {
+        // An observer that throws must not break the request.
+      }
+    };
+    let response: Response;
+    try {
+      response = await fetchFunction(input, init);
+    } catch (error) {
+      const code = (error as { cause?: { code?: string } }).cause?.code ?? (error as Error).name;
+      report(record({ reason: `the request failed (${code})` }));
+      throw error;
+    }
+    const body = response.body;
+    if (body === null) {
+      report(record({ status: response.status }));
+      return response;
+    }
+    let received = 0;
+    let reported = false;
+    const finish = () => {
+      if (reported) return;
+      reported = true;
+      report(record({ status: response.status, bytesReceived: received }));
+    };
+    const reader = body.getReader();
+    const counted = new ReadableStream<Uint8Array>({
+      async pull(controller) {
+        try {
+          const { done, value } = await reader.read();
+          if (done) {
+            finish();
+            controller.close();
+            return;
+          }
+          received += value.byteLength;
+          controller.enqueue(value);
+        } catch (error) {
+          finish();
+          controller.error(error);
+        }
+      },
+      cancel(reason) {
+        finish();
+        return reader.cancel(reason);
+      },
+    });
+    const observed = new Response(counted, {
+      status: response.status,
+      statusText: response.statusText,
+      headers: response.headers,
+    });
+    Object.defineProperty(observed, 'url', { value: response.url });
+    return observed;
   };
 }

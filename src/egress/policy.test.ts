@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { isBerthError } from '../errors.js';
-import { compilePolicy, type EgressCredential, PACKAGE_MANAGER_HOSTS } from './policy.js';
+import { compilePolicy, type EgressCredential, isCredentialHeader, PACKAGE_MANAGER_HOSTS } from './policy.js';
 
 const credential = (overrides: Partial<EgressCredential> = {}): EgressCredential => ({
   id: 'vcrd_1',
@@ -116,5 +116,35 @@ describe('egress policy', () => {
       expect(isBerthError(thrown, 'invalid_request')).toBe(true);
       expect(String((thrown as Error).message)).not.toContain(bad.secret || 'never');
     }
+  });
+  it('swaps placeholders only into headers that carry credentials', () => {
+    for (const name of ['authorization', 'cookie', 'x-api-key', 'api-key', 'private-token', 'x-auth-token'])
+      expect(isCredentialHeader(name), name).toBe(true);
+    for (const name of ['x-note', 'user-agent', 'referer', 'x-comment', 'content-type'])
+      expect(isCredentialHeader(name), name).toBe(false);
+  });
+
+  it('scans every host for secrets of 8 bytes or more, and shorter ones only on credential hosts', () => {
+    const compiled = compilePolicy({
+      networking: { type: 'unrestricted' },
+      credentials: [
+        credential(),
+        credential({ id: 'vcrd_2', placeholder: 'berth_placeholder_short', secret: 'abc' }),
+      ],
+      withheld: [
+        { id: 'vcrd_3', secret: 'mcp-token-value' },
+        { id: 'vcrd_4', secret: 'pw' },
+      ],
+    });
+    expect(compiled.responseSwaps.map((swap) => swap.to)).toEqual([
+      'berth_placeholder_abc',
+      'berth_placeholder_short',
+      'berth_withheld_vcrd_3',
+      'berth_withheld_vcrd_4',
+    ]);
+    expect(compiled.responseSwapsEverywhere.map((swap) => swap.to)).toEqual([
+      'berth_placeholder_abc',
+      'berth_withheld_vcrd_3',
+    ]);
   });
 });

@@ -158,11 +158,19 @@ export interface CompiledPolicy {
   credentialsFor(host: string): readonly EgressCredential[];
   /**
    * Every secret of the session (its credentials' and the withheld ones) to what replaces it
-   * in responses: a credential's placeholder, or `berth_withheld_<id>`. Every response the
-   * proxy can read is scanned with it, whatever its host.
+   * in responses: a credential's placeholder, or `berth_withheld_<id>`. Responses of hosts
+   * where a credential applies are scanned with it.
    */
   readonly responseSwaps: readonly Replacement[];
+  /**
+   * The same without secrets shorter than `MIN_SCANNED_EVERYWHERE` bytes: responses of every
+   * other host are scanned with it (a few common bytes cannot be told from a download's own).
+   */
+  readonly responseSwapsEverywhere: readonly Replacement[];
 }
+
+/** Secrets at least this long are scanned for in every response, not only a credential host's. */
+export const MIN_SCANNED_EVERYWHERE = 8;
 
 /**
  * Checks and compiles a policy. Throws `invalid_request` for a credential the proxy could not
@@ -215,6 +223,9 @@ export function compilePolicy(policy: EgressPolicy): CompiledPolicy {
     policy,
     reachable,
     responseSwaps,
+    responseSwapsEverywhere: responseSwaps.filter(
+      (swap) => Buffer.byteLength(swap.from) >= MIN_SCANNED_EVERYWHERE,
+    ),
     credentialsFor: (host) => {
       if (matchers.length === 0) return none;
       return matchers.filter((entry) => entry.applies(host)).map((entry) => entry.credential);

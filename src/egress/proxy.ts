@@ -385,7 +385,7 @@ export async function createEgressProxy(options: EgressProxyOptions): Promise<Eg
     const bodyCredentials = applying.filter((credential) => credential.injection.body);
     // Every secret of the session is turned back into its placeholder in any response the
     // proxy reads, whatever its host: a secret stored by one host can be served by another.
-    const toPlaceholder = policy.responseSwaps;
+    const toPlaceholder = applying.length > 0 ? policy.responseSwaps : policy.responseSwapsEverywhere;
     const scanning = toPlaceholder.length > 0;
     const headers: OutgoingHttpHeaders = {};
     const onMatch = injecting(headerCredentials);

@@ -208,10 +208,17 @@ export class SessionEgress {
    * A client for Berth's own requests on the session's behalf (`web_fetch`, remote MCP servers):
    * the same networking rules, address rules and audit as the session's proxy, without a sandbox.
    */
-  hostFetch(session: SessionRecord, environmentConfig: unknown): HostFetch {
+  async hostFetch(session: SessionRecord, environmentConfig: unknown): Promise<HostFetch> {
     const key: SessionKey = { tenantId: session.tenantId, id: session.id };
+    // Answers are scanned for the session's secrets, like the proxy scans the sandbox's.
+    const secrets = compilePolicy({
+      networking: { type: 'unrestricted' },
+      credentials: await this.#credentials(session),
+      withheld: await this.#withheld(session),
+    });
     return createHostFetch({
       policy: compilePolicy({ networking: networkingOf(environmentConfig, session), credentials: [] }),
+      responseSwaps: secrets.responseSwapsEverywhere,
       destinations: this.#destinations,
       upstreamCaCertificates: this.#options.upstreamCaCertificates,
       onRequest: (record) => this.#options.onRequest(key, record),

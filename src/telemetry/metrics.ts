@@ -1,4 +1,5 @@
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { EgressAuditRecord } from '../egress/proxy.js';
 import type { Harness, SessionToolbox } from '../harness/harness.js';
 import type { SandboxDriver } from '../sandbox/driver.js';
 import type { EventStore, SessionStatus } from '../store/event-store.js';
@@ -12,6 +13,47 @@ export interface MetricsSources {
 }
 
 const STATUSES: readonly SessionStatus[] = ['idle', 'running', 'rescheduling', 'terminated'];
+
+interface EgressCounters {
+  requests: Counter<'source' | 'decision'>;
+  denied: Counter<'source' | 'status'>;
+  bytes: Counter<'source' | 'direction'>;
+}
+
+/**
+ * Egress counters, by source: `sandbox` (its proxy), `web_fetch`, `mcp` (Berth's own requests
+ * for a session) and `oauth` (the vault's token and validation requests). No host label: hosts
+ * are the sandbox's choice and would make the series unbounded.
+ */
+function egressCounters(registry: Registry): EgressCounters {
+  return {
+    requests: new Counter({
+      name: 'berth_egress_requests_total',
+      help: 'Egress requests and CONNECT tunnels by source and decision (allowed, denied).',
+      labelNames: ['source', 'decision'],
+      registers: [registry],
+    }),
+    denied: new Counter({
+      name: 'berth_egress_denied_total',
+      help: 'Egress requests a rule or limit refused, by source and the status the refusal answered.',
+      labelNames: ['source', 'status'],
+      registers: [registry],
+    }),
+    bytes: new Counter({
+      name: 'berth_egress_bytes_total',
+      help: 'Body bytes of egress requests (tunnels: every byte), by source and direction (sent, received).',
+      labelNames: ['source', 'direction'],
+      registers: [registry],
+    }),
+  };
+}
+
+/** The source label of an audit record's `purpose` (`mcp:<server>` is `mcp`: no server names). */
+function egressSource(purpose: string | undefined): string {
+  if (purpose === undefined) return 'sandbox';
+  if (purpose.startsWith('mcp:')) return 'mcp';
+  return purpose === 'web_fetch' || purpose === 'oauth' ? purpose : 'other';
+}
 
 /**
  * Prometheus metrics for one Berth process, served at `/metrics`: counters and histograms fed
@@ -27,9 +69,11 @@ export class Metrics {
   readonly #coldStartSeconds: Histogram<'driver' | 'kind'>;
   readonly #appendedEvents: Counter;
   readonly #appends: Counter;
+  readonly #egress: EgressCounters;
 
   constructor(sources: MetricsSources) {
     const registry = this.registry;
+    this.#egress = egressCounters(registry);
     this.#turnSeconds = new Histogram({
       name: 'berth_turn_duration_seconds',
       help: 'Duration of harness wakes (a turn, or the part of one a process ran).',
@@ -88,6 +132,19 @@ export class Metrics {
           this.set({ driver }, count);
       },
     });
+  }
+
+  /** Counts one egress request or tunnel (see `egressCounters`). */
+  egress(
+    record: Pick<EgressAuditRecord, 'decision' | 'status' | 'bytesSent' | 'bytesReceived' | 'purpose'>,
+  ): void {
+    const source = egressSource(record.purpose);
+    this.#egress.requests.inc({ source, decision: record.decision });
+    if (record.decision === 'denied')
+      this.#egress.denied.inc({ source, status: String(record.status ?? 'none') });
+    if (record.bytesSent > 0) this.#egress.bytes.inc({ source, direction: 'sent' }, record.bytesSent);
+    if (record.bytesReceived > 0)
+      this.#egress.bytes.inc({ source, direction: 'received' }, record.bytesReceived);
   }
 
   /** The text exposition format and its content type. */

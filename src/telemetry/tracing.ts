@@ -13,6 +13,7 @@ import { W3CTraceContextPropagator } from '@opentelemetry/core';
 import { resourceFromAttributes } from '@opentelemetry/resources';
 import { BasicTracerProvider, BatchSpanProcessor, type SpanExporter } from '@opentelemetry/sdk-trace-base';
 import type { TelemetryConfig } from '../config/config.js';
+import type { EgressAuditRecord } from '../egress/proxy.js';
 import type { Harness, SessionToolbox, WakeControl } from '../harness/harness.js';
 import type { ModelRegistry } from '../models/model-registry.js';
 import type { SandboxDriver } from '../sandbox/driver.js';
@@ -449,4 +450,63 @@ export function tracedEventStore(
       return typeof value === 'function' ? value.bind(target) : value;
     },
   });
+}
+
+/** What an egress span is made from: an audit record (`egress/proxy.ts`), ended just now. */
+export type EgressSpanRecord = Pick<
+  EgressAuditRecord,
+  | 'method'
+  | 'host'
+  | 'port'
+  | 'status'
+  | 'bytesSent'
+  | 'bytesReceived'
+  | 'credentials'
+  | 'decision'
+  | 'reason'
+  | 'tls'
+  | 'durationMs'
+  | 'purpose'
+>;
+
+/**
+ * Egress requests as client spans `egress <METHOD>`: the sandbox's through its proxy (and its
+ * CONNECT tunnels), Berth's own for a session (`web_fetch`, `mcp:<server>`) and the vault's
+ * OAuth requests (no session: a root span). Each is reported when it ends, so the span is
+ * back-dated by its duration, under the session's current span (its running tool's, else its
+ * turn's). Attributes: method, host, port, status, decision, TLS mode, bytes, purpose and how
+ * many credentials were used; never the path or query (they can carry tokens), nor a value.
+ */
+export function egressSpanRecorder(
+  tracer: Tracer,
+  contexts: TraceContexts,
+): (session: SessionKey | undefined, record: EgressSpanRecord) => void {
+  return (session, record) => {
+    const ended = Date.now();
+    const span = tracer.startSpan(
+      `egress ${record.method}`,
+      {
+        kind: SpanKind.CLIENT,
+        startTime: ended - record.durationMs,
+        attributes: {
+          'http.request.method': record.method,
+          'server.address': record.host,
+          'server.port': record.port,
+          ...(record.status === null ? {} : { 'http.response.status_code': record.status }),
+          'berth.egress.decision': record.decision,
+          'berth.egress.tls': record.tls,
+          'berth.egress.purpose': record.purpose ?? 'sandbox',
+          'berth.egress.bytes_sent': record.bytesSent,
+          'berth.egress.bytes_received': record.bytesReceived,
+          'berth.egress.credentials': record.credentials.length,
+          ...(session ? { 'berth.session.id': session.id } : {}),
+        },
+      },
+      session ? contexts.parentOf(session) : ROOT_CONTEXT,
+    );
+    if (record.decision === 'denied' || record.status === null || record.status >= 500) {
+      span.setStatus({ code: SpanStatusCode.ERROR, message: record.reason ?? 'no answer' });
+    }
+    span.end(ended);
+  };
 }
