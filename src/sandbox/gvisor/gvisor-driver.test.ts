@@ -1,8 +1,10 @@
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sandboxCgroupName } from '../bwrap/cgroups.js';
 import type { SandboxHandle } from '../driver.js';
 import { describeSandboxDriverContract } from '../driver-contract.test-suite.js';
 import { createGvisorDriver, type GvisorDriver } from './gvisor-driver.js';
@@ -171,4 +173,19 @@ describe.skipIf(!availability.ok)(`gvisor sandbox isolation${unavailableNote}`, 
       await new Promise((resolve) => after.close(resolve));
     }
   }, 60_000);
+
+  it("reaps a dead server's services directories and leaves a live one's", async () => {
+    const stateDirectory = join(scratch, 'reap-state');
+    const servicesDirectory = join(scratch, 'reap-services');
+    mkdirSync(join(stateDirectory, 'runsc'), { recursive: true });
+    // A pid that has exited (its start time cannot match) and this live process.
+    const exited = spawnSync('true').pid;
+    const dead = join(servicesDirectory, `sbx_dead.${exited}.1`);
+    const live = join(servicesDirectory, sandboxCgroupName('sbx_live'));
+    for (const directory of [dead, live]) mkdirSync(directory, { recursive: true });
+    writeFileSync(join(dead, 'egress-ca.pem'), 'left behind');
+    await createGvisorDriver({ stateDirectory, servicesDirectory }).reapOrphans();
+    expect(existsSync(dead)).toBe(false);
+    expect(existsSync(live)).toBe(true);
+  });
 });
