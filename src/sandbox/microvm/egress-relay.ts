@@ -19,12 +19,16 @@ const HEADER_BYTES = 9;
 const EGRESS_WINDOW = 256 * 1024;
 /** Proxy bytes per DATA frame. */
 const CHUNK_BYTES = 32 * 1024;
+/** Connections relayed at once per VM (as in berth-agent.c); more are refused. */
+const MAX_CONNECTIONS = 64;
 
 /** One relayed connection: the proxy side, and what the guest has not acknowledged yet. */
 interface Relayed {
   proxy: Socket;
   /** Proxy bytes sent to the guest and not acknowledged. */
   inFlight: number;
+  /** Guest bytes received and not yet handed on to the proxy (acknowledged when they are). */
+  fromGuest: number;
   /** Proxy bytes read but beyond the guest's credit, sent as acknowledgements come. */
   waiting: Buffer[];
   /** The proxy sent all it will (ended or closed): END follows the waiting bytes. */
@@ -114,9 +118,11 @@ export class EgressRelay {
   }
 
   #frame(type: number, id: number, payload: Buffer): void {
+    // The guest is not trusted to keep the protocol: a broken rule costs it the connection.
     if (type === OPEN) {
       if (this.#connections.has(id)) return;
-      this.#open(id);
+      if (this.#connections.size >= MAX_CONNECTIONS) this.#send(CLOSE, id);
+      else this.#open(id);
       return;
     }
     const relayed = this.#connections.get(id);
@@ -124,11 +130,17 @@ export class EgressRelay {
     if (type === DATA && relayed.proxyGone) {
       this.#forget(id, true);
     } else if (type === DATA) {
-      // Acknowledged once the bytes are handed to the kernel, so the guest's credit tracks what
-      // this process holds for the proxy.
+      // Acknowledged once the bytes are handed to the kernel, so the guest's credit bounds what
+      // this process holds for the proxy; a guest that sends past its credit is cut off.
       const length = payload.length;
+      relayed.fromGuest += length;
+      if (relayed.fromGuest > EGRESS_WINDOW) {
+        this.#forget(id, true);
+        return;
+      }
       relayed.proxy.write(Buffer.from(payload), () => {
         // (After an error too: the guest learns of a closed proxy from END and CLOSE, not credit.)
+        relayed.fromGuest -= length;
         if (!relayed.closed) this.#send(ACK, id, uint32(length));
       });
     } else if (type === END) {
@@ -148,6 +160,7 @@ export class EgressRelay {
     const relayed: Relayed = {
       proxy,
       inFlight: 0,
+      fromGuest: 0,
       waiting: [],
       ended: false,
       endSent: false,
