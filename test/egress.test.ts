@@ -57,6 +57,8 @@ function hostAddress(): string | undefined {
 const DRIVERS: Record<string, () => SandboxDriver> = {
   bwrap: () => createBwrapDriver(),
   gvisor: () => createGvisorDriver(),
+  // Not microvm: these tests go through the agent's bash tool, and the microvm guest is busybox
+  // (no bash, curl or python). Its way out is tested in src/sandbox/microvm/microvm-driver.test.ts.
 };
 
 /**
@@ -250,6 +252,18 @@ describe.each(Object.keys(DRIVERS))('egress on %s: credentials never enter the s
         .filter((event) => event.type === 'berth.egress_request' && event.decision === 'denied').length;
     await expect.poll(denied).toBeGreaterThanOrEqual(5);
   }, 60_000);
+
+  it('swaps the placeholder for the secret in plain HTTP to the allowed host (wget this time)', async (context) => {
+    requireDriver(context);
+    const output = await run(
+      berth.client,
+      sessionId,
+      `wget -q -O - --header "Authorization: Bearer $API_TOKEN" http://api.test:${plain.port}/`,
+    );
+    expect(plain.seen.at(-1)?.authorization).toBe(`Bearer ${SECRET}`);
+    expect(output).toContain(`upstream saw: Bearer ${placeholder}`);
+    expect(output).not.toContain(SECRET);
+  });
 
   it('keeps the vault file and the server environment out of reach', (context) => {
     requireDriver(context);
