@@ -542,8 +542,9 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
         return [];
       }
     });
-    if (changed.length === 0) return live.servicesCopy ?? Promise.resolve();
-    const previous = live.servicesCopy ?? Promise.resolve();
+    if (changed.length === 0) return (live.servicesCopy ?? Promise.resolve()).catch(() => undefined);
+    // A failed copy fails its command only; the next command tries again.
+    const previous = (live.servicesCopy ?? Promise.resolve()).catch(() => undefined);
     live.servicesCopy = previous.then(async () => {
       for (const { name, version } of changed) {
         const result = await runOnAgent(live.agent, {
