@@ -11,6 +11,7 @@ import { createCertificateAuthority } from '../src/egress/certificates.js';
 import { createBwrapDriver } from '../src/sandbox/bwrap/bwrap-driver.js';
 import type { SandboxDriver } from '../src/sandbox/driver.js';
 import { createGvisorDriver, type GvisorDriver } from '../src/sandbox/gvisor/gvisor-driver.js';
+import { createMicrovmDriver, type MicrovmDriver } from '../src/sandbox/microvm/microvm-driver.js';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { sendAndWaitIdle } from './support/session-stream.js';
 
@@ -58,7 +59,7 @@ const DRIVERS: Record<string, () => SandboxDriver> = {
   bwrap: () => createBwrapDriver(),
   gvisor: () => createGvisorDriver(),
   // Not microvm: these tests go through the agent's bash tool, and the microvm guest is busybox
-  // (no bash, curl or python). Its way out is tested in src/sandbox/microvm/microvm-driver.test.ts.
+  // (no bash, curl or python). It has its own suite below, commands sent through the driver.
 };
 
 /**
@@ -271,4 +272,124 @@ describe.each(Object.keys(DRIVERS))('egress on %s: credentials never enter the s
     expect(process.env.BERTH_TEST_SERVER_CANARY).toBe(SERVER_CANARY);
     expect(readFileSync(join(berth.dataDir, 'vault.key'), 'utf8')).not.toContain(SECRET);
   });
+});
+
+/**
+ * The same way out on the microvm driver, whose busybox guest has no bash for the agent's bash
+ * tool: a real server and session (vault, networking, egress proxy started by the sandbox
+ * manager), with commands run through the session's sandbox driver and busybox `wget`.
+ */
+describe('egress on microvm: credentials never enter the sandbox', () => {
+  let unavailable: string | undefined;
+  let berth: TestBerth;
+  let plain: Upstream;
+  let sessionId: string;
+  let shell: (command: string) => Promise<string>;
+
+  beforeAll(async () => {
+    const probe = createMicrovmDriver();
+    const availability = await probe.checkAvailability();
+    await (probe as MicrovmDriver).destroyAll();
+    if (!availability.ok) {
+      unavailable = availability.reason;
+      return;
+    }
+    process.env.BERTH_TEST_SERVER_CANARY = SERVER_CANARY;
+    const plainSeen: Upstream['seen'] = [];
+    plain = await listen(createHttpServer(echo(plainSeen)), plainSeen);
+    berth = await startTestBerth({
+      environment: {
+        ...UNLIMITED_LIMITS,
+        BERTH_SANDBOX_DRIVERS: 'microvm',
+        BERTH_EGRESS_HOSTS: 'api.test=127.0.0.1,other.test=127.0.0.1',
+        BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${plain.port}`,
+      },
+    });
+    const client = berth.client;
+    const vault = await client.beta.vaults.create({ display_name: 'e2e' });
+    await client.beta.vaults.credentials.create(vault.id, {
+      display_name: 'api token',
+      auth: {
+        type: 'environment_variable',
+        secret_name: 'API_TOKEN',
+        secret_value: SECRET,
+        networking: { type: 'limited', allowed_hosts: ['api.test'] },
+      },
+    });
+    const agent = await client.beta.agents.create({ name: 'egress', model: 'scripted/echo' });
+    const environment = await client.beta.environments.create({
+      name: 'egress',
+      config: { type: 'cloud', networking: { type: 'limited', allowed_hosts: ['api.test', 'other.test'] } },
+    });
+    const created = await client.beta.sessions.create({
+      agent: agent.id,
+      environment_id: environment.id,
+      vault_ids: [vault.id],
+    });
+    sessionId = created.id;
+    const session = (await berth.store.resources.getSession('tnt_default', created.id))!;
+    const handle = await berth.sandboxes.access(session).get();
+    const driver = berth.sandboxes.driverOf(berth.keyOf(created.id))!;
+    shell = async (command) => {
+      const result = await driver.exec(handle, ['sh', '-c', `exec 2>&1; ${command}`], { timeoutMs: 60_000 });
+      return result.stdout;
+    };
+  }, 180_000);
+
+  afterAll(async () => {
+    delete process.env.BERTH_TEST_SERVER_CANARY;
+    await berth?.dispose();
+    plain?.server.close();
+  });
+
+  it('sends the secret to the allowed host only, shows the sandbox the placeholder, and lets nothing else out', async (context) => {
+    if (unavailable !== undefined) context.skip(`microvm is unavailable here: ${unavailable}`);
+    const placeholder = (await shell('printf %s "$API_TOKEN"')).trim();
+    expect(placeholder).toMatch(/^berth_placeholder_[0-9a-f]+$/);
+    const allowed = await shell(
+      `wget -q -O - --header "Authorization: Bearer $API_TOKEN" http://api.test:${plain.port}/`,
+    );
+    expect(plain.seen.at(-1)?.authorization).toBe(`Bearer ${SECRET}`);
+    expect(allowed).toContain(`upstream saw: Bearer ${placeholder}`);
+    // A host the credential does not name gets the placeholder; a host outside allowed_hosts,
+    // an address and the host's loopback are refused by the proxy; nothing leaves without it.
+    await shell(`wget -q -O - --header "Authorization: Bearer $API_TOKEN" http://other.test:${plain.port}/`);
+    expect(plain.seen.at(-1)?.authorization).toBe(`Bearer ${placeholder}`);
+    const before = plain.seen.length;
+    const refused = await shell(
+      [
+        'wget -q -O - http://example.com/ || echo refused-1',
+        `wget -q -O - http://127.0.0.1:${plain.port}/ || echo refused-2`,
+        `http_proxy= wget -q -T 3 -O - http://127.0.0.1:${plain.port}/ || echo refused-3`,
+        'nslookup example.com >/dev/null 2>&1 || echo refused-4',
+      ].join('; '),
+    );
+    for (const mark of ['refused-1', 'refused-2', 'refused-3', 'refused-4']) expect(refused).toContain(mark);
+    expect(plain.seen.length).toBe(before);
+    // No canary anywhere inside (the control is found, so the search works), and the trust
+    // files are where the environment says.
+    const search = await shell(
+      [
+        `echo control-${process.pid}-found > /tmp/control.txt;`,
+        `for needle in ${SECRET} ${SERVER_CANARY} control-${process.pid}-found; do`,
+        '  env | grep -c "$needle";',
+        '  cat /proc/*/environ 2>/dev/null | tr "\\0" "\\n" | grep -c "$needle";',
+        '  grep -rl "$needle" /workspace /tmp /home /run /etc 2>/dev/null | wc -l;',
+        'done;',
+        'test -s "$SSL_CERT_FILE" && grep -c "BEGIN CERTIFICATE" "$NODE_EXTRA_CA_CERTS"',
+      ].join(' '),
+    );
+    expect(search.trim().split(/\s+/)).toEqual(['0', '0', '0', '0', '0', '0', '0', '0', '1', '1']);
+    // Audited like any session's requests: the swap by credential name, the refusals.
+    const audit = async () =>
+      (await berth.store.events.read(berth.keyOf(sessionId)))
+        .map((stored) => stored.event as unknown as Record<string, unknown>)
+        .filter((event) => event.type === 'berth.egress_request');
+    await expect
+      .poll(async () =>
+        (await audit()).some((event) => event.host === 'api.test' && event.decision === 'allowed'),
+      )
+      .toBe(true);
+    expect((await audit()).some((event) => event.decision === 'denied')).toBe(true);
+  }, 180_000);
 });
