@@ -227,11 +227,18 @@ describe.skipIf(!availability.ok)(`microvm sandbox isolation${unavailableNote}`,
           // Nothing else: no other address, no name resolution, no host files.
           'nc -w 2 10.0.2.2 80 </dev/null 2>&1 || echo no-route',
           'nslookup example.com 2>&1 | tail -n 1',
+          // The sandbox user can neither speak on the ports itself nor stop the relay.
+          'echo "ports: $(ls /dev/vport* | wc -l)"',
+          'for port in /dev/vport*; do echo x 2>/dev/null > "$port" && echo PORT-WRITTEN; done',
+          'kill -9 $(pidof berth-agent) 2>/dev/null || echo relay-kept',
         ].join('; '),
       );
       const lines = view.stdout.split('\n');
       expect(lines.slice(0, 3)).toEqual(['3145728', 'uploaded 2000000', 'session CA']);
       expect(view.stdout).toContain('no-route');
+      expect(view.stdout).toContain('ports: 2');
+      expect(view.stdout).not.toContain('PORT-WRITTEN');
+      expect(view.stdout).toContain('relay-kept');
       expect(view.stdout).not.toMatch(/Address: \d/);
       // The way out comes back with a resumed VM, to the new sandbox's own services directory.
       await driver.suspend(first, saved);
