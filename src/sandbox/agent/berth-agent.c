@@ -813,6 +813,11 @@ static int egress(const char *port_name, int port) {
         if (connection->used && connection->fd == fd && (fds[index].events & POLLIN) &&
             (fds[index].revents & (POLLIN | POLLHUP | POLLERR)))
           egress_read_client(connection);
+        /* A client that ended its side and then failed or vanished: nothing can reach it now
+         * (and poll would report it again at once, for ever). */
+        else if (connection->used && connection->fd == fd && connection->client_done &&
+                 (fds[index].revents & (POLLHUP | POLLERR)))
+          egress_drop(connection, 1);
       }
     }
   }
