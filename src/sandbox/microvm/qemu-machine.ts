@@ -1,7 +1,8 @@
 /**
  * One QEMU `microvm` process: a fixed device set (one vCPU per core of the limit, RAM, the
- * workspace disk on virtio-blk, the agent's virtio-serial port, a serial console to a log file,
- * and no network device at all), booted from a kernel or resumed from a migration file, and
+ * workspace disk on virtio-blk, the agent's virtio-serial port, the egress port (connections to
+ * the session's egress proxy, see `egress-relay.ts`), a serial console to a log file, and no
+ * network device at all), booted from a kernel or resumed from a migration file, and
  * saved to one with QMP `migrate`. The device set and its order never vary with anything but
  * `MachineConfig`, because a migration file only loads into an identical machine.
  */
@@ -68,15 +69,18 @@ export function hostTscKhz(): number | undefined {
 /** A running (or resuming) QEMU. */
 export class QemuMachine {
   readonly agentSocketPath: string;
+  /** QEMU's socket for the guest's egress port (`egress-relay.ts` connects to it). */
+  readonly egressSocketPath: string;
   readonly #process: ChildProcess;
   readonly exited: Promise<void>;
   #qmp: QmpClient | undefined;
   #stderr = '';
   #gone = false;
 
-  private constructor(child: ChildProcess, agentSocketPath: string) {
+  private constructor(child: ChildProcess, agentSocketPath: string, egressSocketPath: string) {
     this.#process = child;
     this.agentSocketPath = agentSocketPath;
+    this.egressSocketPath = egressSocketPath;
     child.stderr?.setEncoding('utf8');
     child.stderr?.on('data', (chunk: string) => {
       if (this.#stderr.length < 8192) this.#stderr += chunk;
@@ -117,6 +121,7 @@ export class QemuMachine {
     const { config, runtimeDirectory } = options;
     const qmpPath = join(runtimeDirectory, 'qmp.sock');
     const agentPath = join(runtimeDirectory, 'agent.sock');
+    const egressPath = join(runtimeDirectory, 'egress-port.sock');
     const kernelArguments = [
       'console=ttyS0',
       'quiet',
@@ -162,11 +167,15 @@ export class QemuMachine {
       '-device',
       'virtio-blk-device,drive=workspace',
       '-device',
-      'virtio-serial-device,max_ports=2',
+      'virtio-serial-device,max_ports=3',
       '-chardev',
       `socket,id=agent,path=${optionValue(agentPath)},server=on,wait=off`,
       '-device',
       'virtserialport,chardev=agent,name=berth.agent',
+      '-chardev',
+      `socket,id=egress,path=${optionValue(egressPath)},server=on,wait=off`,
+      '-device',
+      'virtserialport,chardev=egress,name=berth.egress',
       '-qmp',
       `unix:${optionValue(qmpPath)},server=on,wait=off`,
       ...(options.incomingPath ? ['-incoming', `exec:cat ${shellQuote(options.incomingPath)}`] : []),
@@ -178,7 +187,7 @@ export class QemuMachine {
       stdio: ['ignore', 'ignore', 'pipe'],
       env: { PATH: '/usr/bin:/bin' },
     });
-    const machine = new QemuMachine(child, agentPath);
+    const machine = new QemuMachine(child, agentPath, egressPath);
     try {
       machine.#qmp = await machine.#connectQmp(qmpPath, 10_000);
       if (options.incomingPath) {
