@@ -2,6 +2,7 @@ import Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
+import { sendAndWaitIdle } from './support/session-stream.js';
 
 type StreamEvent = { type: string; id?: string; [field: string]: unknown };
 
@@ -219,5 +220,73 @@ describe('official Anthropic SDK against Berth', () => {
     );
     expect(await idsOf({ 'created_at[gte]': secondWithOffset })).toEqual([second!.id, third!.id]);
     await expect(client.beta.sessions.list({ 'created_at[gt]': 'yesterday' })).rejects.toThrow(/RFC 3339/);
+  });
+
+  it('creates a session from agent_with_overrides: the session runs the replaced fields, the agent is unchanged', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({
+      name: 'overridable',
+      model: 'scripted/echo',
+      system: 'Original prompt.',
+      tools: [{ type: 'agent_toolset_20260401' }],
+      metadata: { team: 'a' },
+    });
+    const environment = await client.beta.environments.create({ name: 'override-env' });
+    const session = await client.beta.sessions.create({
+      agent: {
+        type: 'agent_with_overrides',
+        id: agent.id,
+        version: 1,
+        model: 'scripted/bash-once',
+        system: 'Overridden prompt.',
+        tools: [
+          {
+            type: 'agent_toolset_20260401',
+            configs: [{ name: 'bash', permission_policy: { type: 'always_allow' } }],
+          },
+        ],
+      },
+      environment_id: environment.id,
+    });
+    expect(session.agent).toMatchObject({
+      id: agent.id,
+      version: 1,
+      model: { id: 'scripted/bash-once' },
+      system: 'Overridden prompt.',
+      name: 'overridable',
+    });
+    expect(session.agent.tools[0]).toMatchObject({ type: 'agent_toolset_20260401' });
+    // The agent itself did not change (no new version either).
+    const unchanged = await client.beta.agents.retrieve(agent.id);
+    expect(unchanged).toMatchObject({
+      version: 1,
+      system: 'Original prompt.',
+      model: { id: 'scripted/echo' },
+    });
+
+    // The turn runs the overriding model (bash-once runs the message; echo would repeat it).
+    const seen = await sendAndWaitIdle(client, session.id, [
+      { type: 'user.message', content: [{ type: 'text', text: 'echo overridden-$((6*7))' }] },
+    ]);
+    const message = seen.find((event) => event.type === 'agent.message')!;
+    expect(JSON.stringify(message.content)).toContain('overridden-42');
+
+    // Only the documented fields may be replaced, and references are checked as for agents.
+    await expect(
+      client.beta.sessions.create({
+        agent: { type: 'agent_with_overrides', id: agent.id, name: 'renamed' } as never,
+        environment_id: environment.id,
+      }),
+    ).rejects.toThrow(/name/);
+    await expect(
+      client.beta.sessions.create({
+        agent: {
+          type: 'agent_with_overrides',
+          id: agent.id,
+          tools: [{ type: 'mcp_toolset', mcp_server_name: 'missing' }],
+        },
+        environment_id: environment.id,
+      }),
+    ).rejects.toThrow(/unknown MCP server/);
   });
 });

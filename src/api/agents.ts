@@ -17,6 +17,7 @@ import {
 import {
   type AgentCreate,
   type AgentUpdate,
+  type AgentWithOverrides,
   agentCreate,
   agentUpdate,
   builtinToolNames,
@@ -216,6 +217,31 @@ function applyUpdate(current: AgentCreate, update: AgentUpdate): AgentCreate {
   if (update.execution_identity !== undefined) next.execution_identity = update.execution_identity;
   if (update.metadata !== undefined) next.metadata = mergeMetadata(current.metadata, update.metadata);
   return next;
+}
+
+/**
+ * The agent a session created with `agent_with_overrides` runs: the stored version with each
+ * given field replaced, normalised and checked like an agent update (same id and version).
+ */
+export function agentWithOverrides(
+  body: Record<string, unknown>,
+  overrides: AgentWithOverrides,
+): Record<string, unknown> {
+  checkToolInput(overrides.tools);
+  const input = asInput(body);
+  if (overrides.model !== undefined) input.model = overrides.model;
+  if (overrides.system !== undefined) input.system = overrides.system;
+  if (overrides.tools !== undefined) input.tools = overrides.tools;
+  if (overrides.mcp_servers !== undefined) input.mcp_servers = overrides.mcp_servers;
+  if (overrides.skills !== undefined) input.skills = overrides.skills;
+  const resolved = agentBody(
+    body.id as string,
+    body.version as number,
+    input,
+    body.created_at as string,
+    body.updated_at as string,
+  );
+  return { ...resolved, multiagent: body.multiagent ?? null, archived_at: body.archived_at ?? null };
 }
 
 const comparable = (body: Record<string, unknown>) =>

@@ -394,6 +394,25 @@ const budget = z
   })
   .strict();
 
+/**
+ * An agent plus replacements for this session only (official
+ * `BetaManagedAgentsAgentWithOverridesParams`): each given field replaces the agent's whole
+ * value; the agent itself is unchanged.
+ */
+const agentWithOverrides = z
+  .object({
+    type: z.literal('agent_with_overrides'),
+    id: z.string().min(1),
+    version: z.number().int().positive().optional(),
+    model: modelConfig.optional(),
+    system: z.string().max(100_000).nullable().optional(),
+    tools: z.array(tool).max(1024).optional(),
+    mcp_servers: z.array(mcpServer).max(32).optional(),
+    skills: z.array(skill).max(64).optional(),
+  })
+  .strict();
+export type AgentWithOverrides = z.infer<typeof agentWithOverrides>;
+
 export const sessionCreate = z
   .object({
     agent: z.union([
@@ -405,6 +424,7 @@ export const sessionCreate = z
           version: z.number().int().positive().optional(),
         })
         .strict(),
+      agentWithOverrides,
     ]),
     environment_id: z.string().min(1),
     budget: budget.optional(),

@@ -7,7 +7,7 @@ import { emptyUsage } from '../metering/usage.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { CreatedAtBounds, SessionRecord, Store } from '../store/resource-store.js';
 import { extractTraceContext } from '../telemetry/tracing.js';
-import { presentAgent } from './agents.js';
+import { agentWithOverrides, presentAgent } from './agents.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
@@ -143,7 +143,13 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const agent = await resources.getAgentVersion(principal.tenantId, agentId, version);
     if (!agent) throw notFound('agent', version ? `${agentId} version ${version}` : agentId);
     if (agent.archivedAt) throw invalidRequest(`agent ${agentId} is archived`);
-    if (input.budget) checkBudgetable(agent.body, dependencies.budgetBook);
+    // The agent this session runs: the version, or (agent_with_overrides) the version with the
+    // given fields replaced for this session only.
+    const agentBody =
+      typeof input.agent !== 'string' && input.agent.type === 'agent_with_overrides'
+        ? agentWithOverrides(agent.body, input.agent)
+        : agent.body;
+    if (input.budget) checkBudgetable(agentBody, dependencies.budgetBook);
     const environment = await resources.get('environment', principal.tenantId, input.environment_id);
     if (!environment) throw notFound('environment', input.environment_id);
     if (environment.archivedAt) throw invalidRequest(`environment ${input.environment_id} is archived`);
@@ -158,7 +164,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const skills = await checkSkillReferences(
       store.skills,
       principal.tenantId,
-      (agent.body.skills as SkillReference[] | undefined) ?? [],
+      (agentBody.skills as SkillReference[] | undefined) ?? [],
       { resolve: true, field: 'agent.skills' },
     );
     // Limits are charged after validation and before the first write: a refused request
@@ -183,7 +189,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       archived_at: _archived,
       metadata: _metadata,
       ...pinned
-    } = agent.body;
+    } = agentBody;
     const body = {
       id,
       type: 'session',
