@@ -4,6 +4,7 @@ import { sessionOwnerFilter } from '../identity/access.js';
 import { newId } from '../ids.js';
 import { costOf, type PriceBook } from '../metering/price-books.js';
 import { emptyUsage } from '../metering/usage.js';
+import { canonicalModelId } from '../models/provider-registry.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { CreatedAtBounds, SessionRecord, Store } from '../store/resource-store.js';
 import { extractTraceContext } from '../telemetry/tracing.js';
@@ -99,7 +100,9 @@ export async function presentSession(store: Store, session: SessionRecord) {
  */
 function checkBudgetable(agent: Record<string, unknown>, book: PriceBook): void {
   const model = agent.model as string | { id?: string } | undefined;
-  const modelId = (typeof model === 'string' ? model : model?.id) ?? 'unknown';
+  const given = typeof model === 'string' ? model : model?.id;
+  // A bare claude-* id is anthropic/claude-*, as everywhere else in the API.
+  const modelId = given === undefined ? 'unknown' : canonicalModelId(given);
   const probe = {
     ...emptyUsage(),
     tokens: { [modelId]: { input: 1, output: 1, cacheRead: 0, cacheWrite: 0 } },
