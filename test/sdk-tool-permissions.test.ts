@@ -99,6 +99,23 @@ describe('tool permission policies through the official SDK', () => {
     ).rejects.toThrow(/not waiting/);
   });
 
+  it('refuses a deny_message on an allow, and runs nothing until a valid answer', async () => {
+    const { sessionId, toolUse, proof } = await pausedSession();
+    await expect(
+      berth.client.beta.sessions.events.send(sessionId, {
+        events: [
+          { type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow', deny_message: 'why?' },
+        ],
+      }),
+    ).rejects.toThrow(/deny_message: only allowed when result is \W*deny/);
+    expect(existsSync(proof)).toBe(false);
+    const seen = await run(sessionId, [
+      { type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow', deny_message: null },
+    ]);
+    expect(seen.find((event) => event.type === 'agent.tool_result')?.is_error).toBe(false);
+    expect(existsSync(proof)).toBe(true);
+  });
+
   it('never runs a denied tool and shows the model the denial message', async () => {
     const { sessionId, toolUse, proof } = await pausedSession();
     const seen = await run(sessionId, [

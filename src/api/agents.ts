@@ -91,6 +91,15 @@ function normalizeTools(tools: readonly ToolParams[]) {
   });
 }
 
+/** Refuses a multi-agent configuration: Berth runs one agent per session so far. */
+function checkMultiagent(multiagent: unknown) {
+  if (multiagent !== undefined && multiagent !== null) {
+    throw invalidRequest(
+      'multiagent: multi-agent sessions are not supported by Berth yet; omit multiagent (or send null)',
+    );
+  }
+}
+
 /** Refuses tool settings Berth cannot honour (checked on input only, never on stored bodies). */
 function checkToolInput(tools: readonly ToolParams[] | null | undefined) {
   for (const tool of tools ?? []) {
@@ -256,6 +265,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const principal = context.get('principal');
     const input = await readBody(context, agentCreate);
     checkToolInput(input.tools);
+    checkMultiagent(input.multiagent);
     const now = nowIso();
     const id = newId('agent');
     const body = agentBody(id, 1, input, now, now);
@@ -284,6 +294,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const id = context.req.param('id');
     const update = await readBody(context, agentUpdate);
     checkToolInput(update.tools);
+    checkMultiagent(update.multiagent);
     const current = await resources.getAgentVersion(principal.tenantId, id);
     if (!current) throw notFound('agent', id);
     if (current.archivedAt) throw invalidRequest(`agent ${id} is archived and cannot be updated`);

@@ -385,6 +385,18 @@ export const unsupportedClientEventTypes: Record<string, string> = {
 
 export const eventSend = z.object({ events: z.array(z.unknown()).min(1).max(100), ...sdkExtras }).strict();
 
+/**
+ * An event of `sessions.create`'s `initial_events`: a `user.message`. A `user.define_outcome`
+ * (which the SDK allows there too) is refused with its reason, in one clear message.
+ */
+const initialEvent = z.discriminatedUnion('type', [
+  userMessageEvent,
+  z
+    .object({ type: z.literal('user.define_outcome') })
+    .passthrough()
+    .refine(() => false, { message: unsupportedClientEventTypes['user.define_outcome']! }),
+]);
+
 const budget = z
   .object({
     type: z.literal('limit'),
@@ -428,7 +440,7 @@ export const sessionCreate = z
     ]),
     environment_id: z.string().min(1),
     budget: budget.optional(),
-    initial_events: z.array(userMessageEvent).max(100).optional(),
+    initial_events: z.array(initialEvent).max(100).optional(),
     metadata: metadata.optional(),
     resources: z.array(z.unknown()).max(0, 'session resources are not supported by Berth yet').optional(),
     title: z.string().max(512).nullable().optional(),

@@ -256,6 +256,14 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     return context.json({ data, next_page: page.nextCursor, prev_page: null });
   });
 
+  // Session resources (files, repositories, memory stores mounted into the session) are the
+  // SDK's `sessions.resources`; Berth has none yet, so every such call gets a clear 400.
+  const noResources = () => {
+    throw invalidRequest('session resources are not supported by Berth yet');
+  };
+  app.all('/:id/resources', noResources);
+  app.all('/:id/resources/*', noResources);
+
   app.get('/:id', async (context) => {
     return context.json(await presentSession(store, context.get('session')));
   });
