@@ -289,4 +289,41 @@ describe('official Anthropic SDK against Berth', () => {
       }),
     ).rejects.toThrow(/unknown MCP server/);
   });
+
+  it('shows web_search disabled, as the model is never offered it, and refuses to enable it', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({
+      name: 'no-search',
+      model: 'openai-compatible/fake-model',
+      tools: [{ type: 'agent_toolset_20260401', default_config: { enabled: true } }],
+    });
+    const toolset = agent.tools[0] as { configs: { name: string; enabled: boolean }[] };
+    expect(toolset.configs.find((config) => config.name === 'web_search')?.enabled).toBe(false);
+    expect(toolset.configs.find((config) => config.name === 'web_fetch')?.enabled).toBe(true);
+
+    const environment = await client.beta.environments.create({ name: 'no-search-env' });
+    const session = await client.beta.sessions.create({ agent: agent.id, environment_id: environment.id });
+    const pinned = session.agent.tools[0] as { configs: { name: string; enabled: boolean }[] };
+    expect(pinned.configs.find((config) => config.name === 'web_search')?.enabled).toBe(false);
+    const before = model.requests.length;
+    await sendAndWaitIdle(client, session.id, [
+      { type: 'user.message', content: [{ type: 'text', text: 'hi' }] },
+    ]);
+    const offered = model.requests[before]!.body.tools?.map((tool) => tool.function.name) ?? [];
+    expect(offered).toContain('web_fetch');
+    expect(offered).not.toContain('web_search');
+
+    await expect(
+      client.beta.agents.create({
+        name: 'search',
+        model: 'scripted/echo',
+        tools: [{ type: 'agent_toolset_20260401', configs: [{ name: 'web_search', enabled: true }] }],
+      }),
+    ).rejects.toThrow(/web_search is not supported by Berth yet/);
+    await expect(
+      client.beta.agents.update(agent.id, {
+        tools: [{ type: 'agent_toolset_20260401', configs: [{ name: 'web_search', enabled: true }] }],
+      }),
+    ).rejects.toThrow(/web_search is not supported by Berth yet/);
+  });
 });
