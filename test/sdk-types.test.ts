@@ -1,3 +1,5 @@
+import { rmSync } from 'node:fs';
+import { dirname } from 'node:path';
 import Anthropic, { toFile } from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
@@ -43,6 +45,8 @@ describe('Berth answers conform to the official SDK types', () => {
   beforeAll(async () => {
     berth = await startTestBerth({
       models: createModelRegistry({ environment: {}, scriptedScripts: scripts }),
+      // A one-second max lifetime, to see a session terminated.
+      environment: { BERTH_MIN_LIFECYCLE_S: '1' },
     });
   });
   afterAll(async () => berth?.dispose());
@@ -207,7 +211,9 @@ describe('Berth answers conform to the official SDK types', () => {
       }),
     );
     const streamed: unknown[] = [];
-    const stream = await beta.sessions.events.stream(session.id);
+    const stream = await beta.sessions.events.stream(session.id, {
+      event_deltas: ['agent.message', 'agent.thinking'],
+    });
     const collecting = (async () => {
       for await (const event of stream) streamed.push(event);
     })();
@@ -264,6 +270,8 @@ describe('Berth answers conform to the official SDK types', () => {
     );
     stream.controller.abort();
     await collecting.catch(() => undefined);
+    const streamedTypes = streamed.map((event) => (event as { type: string }).type);
+    expect(streamedTypes).toEqual(expect.arrayContaining(['event_start', 'event_delta', 'agent.thinking']));
     for (const event of streamed) record('sessions.events.stream', 'stream', event);
     await page('sessions.events.list', beta.sessions.events.list(session.id, { limit: 1000 }));
 
@@ -281,6 +289,31 @@ describe('Berth answers conform to the official SDK types', () => {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await page('sessions.events.list', beta.sessions.events.list(failed.id));
+
+    // A session terminated at its max lifetime.
+    const shortLived = await beta.environments.create({
+      name: 'short-lived',
+      config: { type: 'cloud', berth: { lifecycle: { idle_timeout_s: 1, max_lifetime_s: 1 } } } as never,
+    });
+    const bashAgent = await beta.agents.create({
+      name: 'bash',
+      model: 'scripted/bash-once',
+      tools: [{ type: 'agent_toolset_20260401' }],
+    });
+    const ending = await beta.sessions.create({ agent: bashAgent.id, environment_id: shortLived.id });
+    await beta.sessions.events.send(ending.id, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'echo hi' }] }],
+    });
+    const endBy = Date.now() + 30_000;
+    while ((await beta.sessions.retrieve(ending.id)).status !== 'terminated') {
+      if (Date.now() > endBy) throw new Error('the short-lived session was never terminated');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    await value('sessions.retrieve', beta.sessions.retrieve(ending.id));
+    const endingEvents = await page('sessions.events.list', beta.sessions.events.list(ending.id));
+    expect(endingEvents.map((event) => (event as { type: string }).type)).toContain(
+      'session.status_terminated',
+    );
 
     await value('sessions.retrieve', beta.sessions.retrieve(session.id));
     await value('sessions.retrieve', beta.sessions.retrieve(failed.id));
@@ -318,16 +351,17 @@ describe('Berth answers conform to the official SDK types', () => {
       { method: 'vaults.delete', kind: 'value', value: { ...good, extra: true } },
       { method: 'vaults.delete', kind: 'value', value: { ...good, type: 'vault_gone' } },
     ];
-    const { diagnostics } = checkAnswers(broken);
+    const { diagnostics, file } = checkAnswers(broken);
+    rmSync(dirname(file), { recursive: true, force: true });
     expect(diagnostics).toMatch(/vaults\.delete \(answer 0[^\n]*\n\s*Property 'type' is missing/);
     expect(diagnostics).toMatch(/extra\W* does not exist/);
     expect(diagnostics).toMatch(/"vault_gone"/);
   });
 
   it('fails on a method the SDK does not have', () => {
-    expect(checkAnswers([{ method: 'agents.explode', kind: 'value', value: {} }]).diagnostics).toMatch(
-      /explode/,
-    );
+    const { diagnostics, file } = checkAnswers([{ method: 'agents.explode', kind: 'value', value: {} }]);
+    rmSync(dirname(file), { recursive: true, force: true });
+    expect(diagnostics).toMatch(/explode/);
   });
 });
 
