@@ -1,6 +1,6 @@
 import { rmSync } from 'node:fs';
 import { dirname } from 'node:path';
-import Anthropic, { toFile } from '@anthropic-ai/sdk';
+import { toFile } from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import type { Script } from '../src/models/scripted/script.js';
@@ -122,7 +122,12 @@ describe('Berth answers conform to the official SDK types', () => {
             description: 'Looks something up on the client',
             input_schema: { type: 'object', properties: { query: { type: 'string' } } },
           },
-          { type: 'mcp_toolset', mcp_server_name: 'docs' },
+          {
+            type: 'mcp_toolset',
+            mcp_server_name: 'docs',
+            configs: [{ name: 'search', enabled: false }],
+            default_config: { permission_policy: { type: 'always_allow' } },
+          },
         ],
         mcp_servers: [{ type: 'url', name: 'docs', url: 'https://mcp.example.com/mcp' }],
         skills: [{ type: 'custom', skill_id: skill.id }],
@@ -131,6 +136,31 @@ describe('Berth answers conform to the official SDK types', () => {
     );
     await value('agents.retrieve', beta.agents.retrieve(agent.id));
     await value('agents.update', beta.agents.update(agent.id, { description: 'v2', version: agent.version }));
+    // The model as a config object, and web_fetch's url_sources in shorthand and full form.
+    await value(
+      'agents.update',
+      beta.agents.update(agent.id, {
+        model: { id: 'scripted/tour', effort: 'high', speed: 'standard' },
+        tools: [
+          {
+            type: 'agent_toolset_20260401',
+            configs: [
+              { name: 'bash', permission_policy: { type: 'always_ask' } },
+              {
+                name: 'web_fetch',
+                allowed_domains: ['example.com'],
+                max_content_tokens: 1000,
+                url_sources: {
+                  user_input: 'all',
+                  client_tool_results: { type: 'only', tools: [{ type: 'tool_reference', name: 'lookup' }] },
+                },
+              },
+            ],
+          },
+          ...agent.tools.slice(1),
+        ] as never,
+      }),
+    );
     await page('agents.list', beta.agents.list());
     await page('agents.versions.list', beta.agents.versions.list(agent.id));
 
@@ -364,5 +394,3 @@ describe('Berth answers conform to the official SDK types', () => {
     expect(diagnostics).toMatch(/explode/);
   });
 });
-
-void Anthropic;
