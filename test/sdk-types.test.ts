@@ -1,5 +1,7 @@
+import { type ChildProcess, spawn } from 'node:child_process';
 import { rmSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { createServer } from 'node:net';
+import { dirname, join, resolve } from 'node:path';
 import { toFile } from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
@@ -23,7 +25,46 @@ const scripts: Record<string, Script> = {
     ],
   },
   failing: { name: 'failing', steps: [{ error: 'upstream is down' }] },
+  'mcp-echo': {
+    name: 'mcp-echo',
+    steps: [
+      { toolCalls: [{ toolName: 'everything__echo', input: { message: 'typed' } }] },
+      { text: '{{last_tool_result}}' },
+    ],
+  },
 };
+
+const projectRoot = resolve(import.meta.dirname, '..');
+
+/** A free loopback port (the MCP reference server takes its port from the environment). */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+  const { port } = server.address() as { port: number };
+  await new Promise((done) => server.close(done));
+  return port;
+}
+
+/** The MCP reference server `server-everything` over streamable HTTP, once it listens. */
+async function startMcpServer(port: number): Promise<ChildProcess> {
+  const child = spawn(
+    process.execPath,
+    [
+      join(projectRoot, 'node_modules/@modelcontextprotocol/server-everything/dist/index.js'),
+      'streamableHttp',
+    ],
+    { env: { PATH: process.env.PATH, PORT: String(port) }, stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  await new Promise<void>((done, fail) => {
+    let stderr = '';
+    child.stderr!.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString('utf8');
+      if (stderr.includes('listening on port')) done();
+    });
+    child.once('exit', () => fail(new Error(`server-everything exited: ${stderr}`)));
+  });
+  return child;
+}
 
 const SKILL_MD = `---
 name: typed-skill
@@ -40,16 +81,25 @@ description: Checks types. Use in tests.
  */
 describe('Berth answers conform to the official SDK types', () => {
   let berth: TestBerth;
+  let mcpServer: ChildProcess;
+  let mcpUrl: string;
   const answers: RecordedAnswer[] = [];
 
   beforeAll(async () => {
+    const port = await freePort();
+    mcpServer = await startMcpServer(port);
+    mcpUrl = `http://127.0.0.1:${port}/mcp`;
     berth = await startTestBerth({
       models: createModelRegistry({ environment: {}, scriptedScripts: scripts }),
       // A one-second max lifetime, to see a session terminated.
-      environment: { BERTH_MIN_LIFECYCLE_S: '1' },
+      // The MCP server is on loopback, which Berth reaches only as an operator exception.
+      environment: { BERTH_MIN_LIFECYCLE_S: '1', BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${port}` },
     });
   });
-  afterAll(async () => berth?.dispose());
+  afterAll(async () => {
+    await berth?.dispose();
+    mcpServer?.kill('SIGKILL');
+  });
 
   const record = (method: string, kind: AnswerKind, value: unknown) => {
     answers.push({ method, kind, value });
@@ -319,6 +369,51 @@ describe('Berth answers conform to the official SDK types', () => {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await page('sessions.events.list', beta.sessions.events.list(failed.id));
+
+    // MCP tool use and result, confirmed first.
+    const mcpAgent = await beta.agents.create({
+      name: 'mcp',
+      model: 'scripted/mcp-echo',
+      mcp_servers: [{ type: 'url', name: 'everything', url: mcpUrl }],
+      tools: [{ type: 'mcp_toolset', mcp_server_name: 'everything' }],
+    });
+    const open = await beta.environments.create({ name: 'unrestricted' });
+    const mcpSession = await beta.sessions.create({ agent: mcpAgent.id, environment_id: open.id });
+    await beta.sessions.events.send(mcpSession.id, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'echo' }] }],
+    });
+    const idleOf = async (sessionId: string) => {
+      const stopBy = Date.now() + 20_000;
+      for (;;) {
+        const current = (await beta.sessions.retrieve(sessionId)) as {
+          status: string;
+          stop_reason?: unknown;
+        };
+        if (current.status === 'idle' && current.stop_reason)
+          return current.stop_reason as { type: string; event_ids?: string[] };
+        if (Date.now() > stopBy) throw new Error(`session ${sessionId} never went idle`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    };
+    const asked = await idleOf(mcpSession.id);
+    expect(asked.type).toBe('requires_action');
+    await beta.sessions.events.send(mcpSession.id, {
+      events: [{ type: 'user.tool_confirmation', tool_use_id: asked.event_ids![0]!, result: 'allow' }],
+    });
+    const mcpEvents = async () =>
+      (await beta.sessions.events.list(mcpSession.id, { limit: 1000 })).data.map((event) => event.type);
+    const mcpBy = Date.now() + 20_000;
+    while (!(await mcpEvents()).includes('agent.message')) {
+      if (Date.now() > mcpBy) throw new Error(`no MCP answer: ${(await mcpEvents()).join(', ')}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const mcpLog = await page(
+      'sessions.events.list',
+      beta.sessions.events.list(mcpSession.id, { limit: 1000 }),
+    );
+    expect(mcpLog.map((event) => (event as { type: string }).type)).toEqual(
+      expect.arrayContaining(['agent.mcp_tool_use', 'agent.mcp_tool_result']),
+    );
 
     // A session terminated at its max lifetime.
     const shortLived = await beta.environments.create({
