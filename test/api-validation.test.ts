@@ -87,6 +87,87 @@ describe('bad input is refused and changes nothing', () => {
     expect(await eventCount()).toBe(0);
   });
 
+  it('refuses multiagent with a clear 400 until multi-agent sessions exist, and stores nothing', async () => {
+    const agentCount = async () =>
+      ((await (await request('GET', '/v1/agents?limit=1000')).json()) as { data: unknown[] }).data.length;
+    const before = await agentCount();
+    const multiagent = { type: 'coordinator', agents: [{ type: 'agent', id: agentId }] };
+    await expectError(
+      await request('POST', '/v1/agents', { name: 'team', model: 'scripted/echo', multiagent }),
+      400,
+      'invalid_request_error',
+      /multiagent.*not supported by Berth yet/,
+    );
+    expect(await agentCount()).toBe(before);
+    await expectError(
+      await request('POST', `/v1/agents/${agentId}`, { multiagent }),
+      400,
+      'invalid_request_error',
+      /multiagent.*not supported by Berth yet/,
+    );
+    const unchanged = (await (await request('GET', `/v1/agents/${agentId}`)).json()) as { version: number };
+    expect(unchanged.version).toBe(1);
+    // null (no multi-agent configuration) is what Berth has anyway.
+    const plain = await request('POST', `/v1/agents/${agentId}`, { multiagent: null });
+    expect(plain.status).toBe(200);
+    expect(((await plain.json()) as { multiagent: unknown; version: number }).multiagent).toBeNull();
+  });
+
+  it('refuses user.define_outcome in initial_events with one clear reason, and creates no session', async () => {
+    const sessionCount = async () =>
+      ((await (await request('GET', '/v1/sessions?limit=1000')).json()) as { data: unknown[] }).data.length;
+    const before = await sessionCount();
+    const outcome = {
+      type: 'user.define_outcome',
+      description: 'Write a report',
+      rubric: { type: 'text', content: 'It is complete.' },
+    };
+    for (const initial_events of [
+      [outcome],
+      [{ type: 'user.message', content: [{ type: 'text', text: 'go' }] }, outcome],
+    ]) {
+      const response = await request('POST', '/v1/sessions', {
+        agent: agentId,
+        environment_id: environmentId,
+        initial_events,
+      });
+      expect(response.status).toBe(400);
+      const body = (await response.json()) as { error: { type: string; message: string } };
+      expect(body.error.type).toBe('invalid_request_error');
+      expect(body.error.message).toBe(
+        `initial_events.${initial_events.length - 1}: outcomes are not supported by Berth yet`,
+      );
+    }
+    expect(await sessionCount()).toBe(before);
+  });
+
+  it('answers session resources with a clear 400, not a missing route', async () => {
+    for (const [method, path, body] of [
+      ['GET', `/v1/sessions/${sessionId}/resources`, undefined],
+      ['POST', `/v1/sessions/${sessionId}/resources`, { type: 'file', file_id: 'file_1' }],
+      ['GET', `/v1/sessions/${sessionId}/resources/sesrsc_1`, undefined],
+      ['POST', `/v1/sessions/${sessionId}/resources/sesrsc_1`, { authorization_token: 'x' }],
+      ['DELETE', `/v1/sessions/${sessionId}/resources/sesrsc_1`, undefined],
+    ] as const) {
+      await expectError(
+        await request(method, path, body),
+        400,
+        'invalid_request_error',
+        /session resources are not supported by Berth yet/,
+      );
+    }
+    // Through the official SDK too; another session id is still a 404.
+    await expect(berth.client.beta.sessions.resources.list(sessionId)).rejects.toThrow(
+      /session resources are not supported/,
+    );
+    await expectError(
+      await request('GET', '/v1/sessions/sesn_missing/resources'),
+      404,
+      'not_found_error',
+      /sesn_missing/,
+    );
+  });
+
   it('answers unknown ids with 404 not_found_error', async () => {
     await expectError(
       await request('POST', '/v1/sessions/sesn_doesnotexist/events', {

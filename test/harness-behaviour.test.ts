@@ -200,10 +200,15 @@ describe('harness turn behaviour', () => {
       sessionId,
       (log) => log.length > paused.length + 1 && lastIs('session.status_idle')(log),
     );
+    // Closed with the event the SDK pairs with custom tools, never an agent.tool_result.
     const closing = cancelled.find(
-      (stored) => stored.event.type === 'agent.tool_result' && stored.event.tool_use_id === toolUse.event.id,
+      (stored) =>
+        stored.event.type === 'user.custom_tool_result' &&
+        stored.event.custom_tool_use_id === toolUse.event.id,
     )!;
     expect(closing.event.is_error).toBe(true);
+    expect(JSON.stringify(closing.event.content)).toMatch(/Interrupted/);
+    expect(cancelled.some((stored) => stored.event.type === 'agent.tool_result')).toBe(false);
     expect(cancelled[cancelled.length - 1]!.event.stop_reason).toEqual({ type: 'end_turn' });
     // The session is usable again.
     await say(sessionId, 'again');

@@ -2,6 +2,7 @@ import Anthropic from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestBerth, type TestBerth } from './support/berth-instance.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
+import { sendAndWaitIdle } from './support/session-stream.js';
 
 type StreamEvent = { type: string; id?: string; [field: string]: unknown };
 
@@ -219,5 +220,110 @@ describe('official Anthropic SDK against Berth', () => {
     );
     expect(await idsOf({ 'created_at[gte]': secondWithOffset })).toEqual([second!.id, third!.id]);
     await expect(client.beta.sessions.list({ 'created_at[gt]': 'yesterday' })).rejects.toThrow(/RFC 3339/);
+  });
+
+  it('creates a session from agent_with_overrides: the session runs the replaced fields, the agent is unchanged', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({
+      name: 'overridable',
+      model: 'scripted/echo',
+      system: 'Original prompt.',
+      tools: [{ type: 'agent_toolset_20260401' }],
+      metadata: { team: 'a' },
+    });
+    const environment = await client.beta.environments.create({ name: 'override-env' });
+    const session = await client.beta.sessions.create({
+      agent: {
+        type: 'agent_with_overrides',
+        id: agent.id,
+        version: 1,
+        model: 'scripted/bash-once',
+        system: 'Overridden prompt.',
+        tools: [
+          {
+            type: 'agent_toolset_20260401',
+            configs: [{ name: 'bash', permission_policy: { type: 'always_allow' } }],
+          },
+        ],
+      },
+      environment_id: environment.id,
+    });
+    expect(session.agent).toMatchObject({
+      id: agent.id,
+      version: 1,
+      model: { id: 'scripted/bash-once' },
+      system: 'Overridden prompt.',
+      name: 'overridable',
+    });
+    expect(session.agent.tools[0]).toMatchObject({ type: 'agent_toolset_20260401' });
+    // The agent itself did not change (no new version either).
+    const unchanged = await client.beta.agents.retrieve(agent.id);
+    expect(unchanged).toMatchObject({
+      version: 1,
+      system: 'Original prompt.',
+      model: { id: 'scripted/echo' },
+    });
+
+    // The turn runs the overriding model (bash-once runs the message; echo would repeat it).
+    const seen = await sendAndWaitIdle(client, session.id, [
+      { type: 'user.message', content: [{ type: 'text', text: 'echo overridden-$((6*7))' }] },
+    ]);
+    const message = seen.find((event) => event.type === 'agent.message')!;
+    expect(JSON.stringify(message.content)).toContain('overridden-42');
+
+    // Only the documented fields may be replaced, and references are checked as for agents.
+    await expect(
+      client.beta.sessions.create({
+        agent: { type: 'agent_with_overrides', id: agent.id, name: 'renamed' } as never,
+        environment_id: environment.id,
+      }),
+    ).rejects.toThrow(/name/);
+    await expect(
+      client.beta.sessions.create({
+        agent: {
+          type: 'agent_with_overrides',
+          id: agent.id,
+          tools: [{ type: 'mcp_toolset', mcp_server_name: 'missing' }],
+        },
+        environment_id: environment.id,
+      }),
+    ).rejects.toThrow(/unknown MCP server/);
+  });
+
+  it('shows web_search disabled, as the model is never offered it, and refuses to enable it', async () => {
+    const { client } = berth;
+    const agent = await client.beta.agents.create({
+      name: 'no-search',
+      model: 'openai-compatible/fake-model',
+      tools: [{ type: 'agent_toolset_20260401', default_config: { enabled: true } }],
+    });
+    const toolset = agent.tools[0] as { configs: { name: string; enabled: boolean }[] };
+    expect(toolset.configs.find((config) => config.name === 'web_search')?.enabled).toBe(false);
+    expect(toolset.configs.find((config) => config.name === 'web_fetch')?.enabled).toBe(true);
+
+    const environment = await client.beta.environments.create({ name: 'no-search-env' });
+    const session = await client.beta.sessions.create({ agent: agent.id, environment_id: environment.id });
+    const pinned = session.agent.tools[0] as { configs: { name: string; enabled: boolean }[] };
+    expect(pinned.configs.find((config) => config.name === 'web_search')?.enabled).toBe(false);
+    const before = model.requests.length;
+    await sendAndWaitIdle(client, session.id, [
+      { type: 'user.message', content: [{ type: 'text', text: 'hi' }] },
+    ]);
+    const offered = model.requests[before]!.body.tools?.map((tool) => tool.function.name) ?? [];
+    expect(offered).toContain('web_fetch');
+    expect(offered).not.toContain('web_search');
+
+    await expect(
+      client.beta.agents.create({
+        name: 'search',
+        model: 'scripted/echo',
+        tools: [{ type: 'agent_toolset_20260401', configs: [{ name: 'web_search', enabled: true }] }],
+      }),
+    ).rejects.toThrow(/web_search is not supported by Berth yet/);
+    await expect(
+      client.beta.agents.update(agent.id, {
+        tools: [{ type: 'agent_toolset_20260401', configs: [{ name: 'web_search', enabled: true }] }],
+      }),
+    ).rejects.toThrow(/web_search is not supported by Berth yet/);
   });
 });

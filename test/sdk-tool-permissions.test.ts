@@ -16,6 +16,18 @@ describe('tool permission policies through the official SDK', () => {
       models: createModelRegistry({
         environment: {},
         scriptedScripts: {
+          'ask-bash-twice': {
+            name: 'ask-bash-twice',
+            steps: [
+              {
+                toolCalls: [
+                  { toolName: 'bash', input: { command: 'echo one > one.txt' } },
+                  { toolName: 'bash', input: { command: 'echo two > two.txt' } },
+                ],
+              },
+              { text: 'both ran' },
+            ],
+          },
           'ask-bash': {
             name: 'ask-bash',
             steps: [
@@ -97,6 +109,71 @@ describe('tool permission policies through the official SDK', () => {
         events: [{ type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow' }],
       }),
     ).rejects.toThrow(/not waiting/);
+  });
+
+  it('refuses a deny_message on an allow, and runs nothing until a valid answer', async () => {
+    const { sessionId, toolUse, proof } = await pausedSession();
+    await expect(
+      berth.client.beta.sessions.events.send(sessionId, {
+        events: [
+          { type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow', deny_message: 'why?' },
+        ],
+      }),
+    ).rejects.toThrow(/deny_message: only allowed when result is \W*deny/);
+    expect(existsSync(proof)).toBe(false);
+    const seen = await run(sessionId, [
+      { type: 'user.tool_confirmation', tool_use_id: toolUse.id, result: 'allow', deny_message: null },
+    ]);
+    expect(seen.find((event) => event.type === 'agent.tool_result')?.is_error).toBe(false);
+    expect(existsSync(proof)).toBe(true);
+  });
+
+  it('re-emits session.status_idle with the remaining event_ids when only some confirmations are answered', async () => {
+    const agent = await berth.client.beta.agents.create({
+      name: 'careful twice',
+      model: 'scripted/ask-bash-twice',
+      tools: [
+        {
+          type: 'agent_toolset_20260401',
+          configs: [{ name: 'bash', permission_policy: { type: 'always_ask' } }],
+        },
+      ],
+    });
+    const session = await berth.client.beta.sessions.create({
+      agent: agent.id,
+      environment_id: environmentId,
+    });
+    const workspace = join(berth.dataDir, 'sessions', session.id, 'workspace');
+    const paused = await run(session.id, [{ type: 'user.message', content: [{ type: 'text', text: 'go' }] }]);
+    const [first, second] = paused.filter((event) => event.type === 'agent.tool_use');
+    expect(paused.at(-1)!.stop_reason).toEqual({
+      type: 'requires_action',
+      event_ids: [first!.id, second!.id],
+    });
+
+    // One of two answered: the session stays idle and says what it still waits for.
+    const partial = await run(session.id, [
+      { type: 'user.tool_confirmation', tool_use_id: first!.id, result: 'allow' },
+    ]);
+    expect(partial.map((event) => event.type)).toEqual([
+      'user.tool_confirmation',
+      'session.usage',
+      'session.status_idle',
+    ]);
+    expect(partial.at(-1)!.stop_reason).toEqual({ type: 'requires_action', event_ids: [second!.id] });
+    expect(existsSync(join(workspace, 'one.txt'))).toBe(false);
+    expect((await berth.client.beta.sessions.retrieve(session.id)).status).toBe('idle');
+
+    // The last answer resumes the turn: both tools run.
+    const done = await run(session.id, [
+      { type: 'user.tool_confirmation', tool_use_id: second!.id, result: 'allow' },
+    ]);
+    expect(
+      done.filter((event) => event.type === 'agent.tool_result').map((event) => event.tool_use_id),
+    ).toEqual([first!.id, second!.id]);
+    expect(done.at(-1)!.stop_reason).toEqual({ type: 'end_turn' });
+    expect(existsSync(join(workspace, 'one.txt'))).toBe(true);
+    expect(existsSync(join(workspace, 'two.txt'))).toBe(true);
   });
 
   it('never runs a denied tool and shows the model the denial message', async () => {

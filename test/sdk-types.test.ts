@@ -1,4 +1,8 @@
-import Anthropic, { toFile } from '@anthropic-ai/sdk';
+import { type ChildProcess, spawn } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { dirname, join, resolve } from 'node:path';
+import { toFile } from '@anthropic-ai/sdk';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createModelRegistry } from '../src/models/provider-registry.js';
 import type { Script } from '../src/models/scripted/script.js';
@@ -21,7 +25,46 @@ const scripts: Record<string, Script> = {
     ],
   },
   failing: { name: 'failing', steps: [{ error: 'upstream is down' }] },
+  'mcp-echo': {
+    name: 'mcp-echo',
+    steps: [
+      { toolCalls: [{ toolName: 'everything__echo', input: { message: 'typed' } }] },
+      { text: '{{last_tool_result}}' },
+    ],
+  },
 };
+
+const projectRoot = resolve(import.meta.dirname, '..');
+
+/** A free loopback port (the MCP reference server takes its port from the environment). */
+async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((done) => server.listen(0, '127.0.0.1', done));
+  const { port } = server.address() as { port: number };
+  await new Promise((done) => server.close(done));
+  return port;
+}
+
+/** The MCP reference server `server-everything` over streamable HTTP, once it listens. */
+async function startMcpServer(port: number): Promise<ChildProcess> {
+  const child = spawn(
+    process.execPath,
+    [
+      join(projectRoot, 'node_modules/@modelcontextprotocol/server-everything/dist/index.js'),
+      'streamableHttp',
+    ],
+    { env: { PATH: process.env.PATH, PORT: String(port) }, stdio: ['ignore', 'ignore', 'pipe'] },
+  );
+  await new Promise<void>((done, fail) => {
+    let stderr = '';
+    child.stderr!.on('data', (chunk: Buffer) => {
+      stderr += chunk.toString('utf8');
+      if (stderr.includes('listening on port')) done();
+    });
+    child.once('exit', () => fail(new Error(`server-everything exited: ${stderr}`)));
+  });
+  return child;
+}
 
 const SKILL_MD = `---
 name: typed-skill
@@ -38,14 +81,25 @@ description: Checks types. Use in tests.
  */
 describe('Berth answers conform to the official SDK types', () => {
   let berth: TestBerth;
+  let mcpServer: ChildProcess;
+  let mcpUrl: string;
   const answers: RecordedAnswer[] = [];
 
   beforeAll(async () => {
+    const port = await freePort();
+    mcpServer = await startMcpServer(port);
+    mcpUrl = `http://127.0.0.1:${port}/mcp`;
     berth = await startTestBerth({
       models: createModelRegistry({ environment: {}, scriptedScripts: scripts }),
+      // A one-second max lifetime, to see a session terminated.
+      // The MCP server is on loopback, which Berth reaches only as an operator exception.
+      environment: { BERTH_MIN_LIFECYCLE_S: '1', BERTH_EGRESS_ALLOW_PRIVATE: `127.0.0.1:${port}` },
     });
   });
-  afterAll(async () => berth?.dispose());
+  afterAll(async () => {
+    await berth?.dispose();
+    mcpServer?.kill('SIGKILL');
+  });
 
   const record = (method: string, kind: AnswerKind, value: unknown) => {
     answers.push({ method, kind, value });
@@ -118,7 +172,12 @@ describe('Berth answers conform to the official SDK types', () => {
             description: 'Looks something up on the client',
             input_schema: { type: 'object', properties: { query: { type: 'string' } } },
           },
-          { type: 'mcp_toolset', mcp_server_name: 'docs' },
+          {
+            type: 'mcp_toolset',
+            mcp_server_name: 'docs',
+            configs: [{ name: 'search', enabled: false }],
+            default_config: { permission_policy: { type: 'always_allow' } },
+          },
         ],
         mcp_servers: [{ type: 'url', name: 'docs', url: 'https://mcp.example.com/mcp' }],
         skills: [{ type: 'custom', skill_id: skill.id }],
@@ -127,6 +186,31 @@ describe('Berth answers conform to the official SDK types', () => {
     );
     await value('agents.retrieve', beta.agents.retrieve(agent.id));
     await value('agents.update', beta.agents.update(agent.id, { description: 'v2', version: agent.version }));
+    // The model as a config object, and web_fetch's url_sources in shorthand and full form.
+    await value(
+      'agents.update',
+      beta.agents.update(agent.id, {
+        model: { id: 'scripted/tour', effort: 'high', speed: 'standard' },
+        tools: [
+          {
+            type: 'agent_toolset_20260401',
+            configs: [
+              { name: 'bash', permission_policy: { type: 'always_ask' } },
+              {
+                name: 'web_fetch',
+                allowed_domains: ['example.com'],
+                max_content_tokens: 1000,
+                url_sources: {
+                  user_input: 'all',
+                  client_tool_results: { type: 'only', tools: [{ type: 'tool_reference', name: 'lookup' }] },
+                },
+              },
+            ],
+          },
+          ...agent.tools.slice(1),
+        ] as never,
+      }),
+    );
     await page('agents.list', beta.agents.list());
     await page('agents.versions.list', beta.agents.versions.list(agent.id));
 
@@ -207,7 +291,9 @@ describe('Berth answers conform to the official SDK types', () => {
       }),
     );
     const streamed: unknown[] = [];
-    const stream = await beta.sessions.events.stream(session.id);
+    const stream = await beta.sessions.events.stream(session.id, {
+      event_deltas: ['agent.message', 'agent.thinking'],
+    });
     const collecting = (async () => {
       for await (const event of stream) streamed.push(event);
     })();
@@ -264,6 +350,8 @@ describe('Berth answers conform to the official SDK types', () => {
     );
     stream.controller.abort();
     await collecting.catch(() => undefined);
+    const streamedTypes = streamed.map((event) => (event as { type: string }).type);
+    expect(streamedTypes).toEqual(expect.arrayContaining(['event_start', 'event_delta', 'agent.thinking']));
     for (const event of streamed) record('sessions.events.stream', 'stream', event);
     await page('sessions.events.list', beta.sessions.events.list(session.id, { limit: 1000 }));
 
@@ -281,6 +369,76 @@ describe('Berth answers conform to the official SDK types', () => {
       await new Promise((resolve) => setTimeout(resolve, 20));
     }
     await page('sessions.events.list', beta.sessions.events.list(failed.id));
+
+    // MCP tool use and result, confirmed first.
+    const mcpAgent = await beta.agents.create({
+      name: 'mcp',
+      model: 'scripted/mcp-echo',
+      mcp_servers: [{ type: 'url', name: 'everything', url: mcpUrl }],
+      tools: [{ type: 'mcp_toolset', mcp_server_name: 'everything' }],
+    });
+    const open = await beta.environments.create({ name: 'unrestricted' });
+    const mcpSession = await beta.sessions.create({ agent: mcpAgent.id, environment_id: open.id });
+    await beta.sessions.events.send(mcpSession.id, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'echo' }] }],
+    });
+    const idleOf = async (sessionId: string) => {
+      const stopBy = Date.now() + 20_000;
+      for (;;) {
+        const current = (await beta.sessions.retrieve(sessionId)) as {
+          status: string;
+          stop_reason?: unknown;
+        };
+        if (current.status === 'idle' && current.stop_reason)
+          return current.stop_reason as { type: string; event_ids?: string[] };
+        if (Date.now() > stopBy) throw new Error(`session ${sessionId} never went idle`);
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+    };
+    const asked = await idleOf(mcpSession.id);
+    expect(asked.type).toBe('requires_action');
+    await beta.sessions.events.send(mcpSession.id, {
+      events: [{ type: 'user.tool_confirmation', tool_use_id: asked.event_ids![0]!, result: 'allow' }],
+    });
+    const mcpEvents = async () =>
+      (await beta.sessions.events.list(mcpSession.id, { limit: 1000 })).data.map((event) => event.type);
+    const mcpBy = Date.now() + 20_000;
+    while (!(await mcpEvents()).includes('agent.message')) {
+      if (Date.now() > mcpBy) throw new Error(`no MCP answer: ${(await mcpEvents()).join(', ')}`);
+      await new Promise((resolve) => setTimeout(resolve, 20));
+    }
+    const mcpLog = await page(
+      'sessions.events.list',
+      beta.sessions.events.list(mcpSession.id, { limit: 1000 }),
+    );
+    expect(mcpLog.map((event) => (event as { type: string }).type)).toEqual(
+      expect.arrayContaining(['agent.mcp_tool_use', 'agent.mcp_tool_result']),
+    );
+
+    // A session terminated at its max lifetime.
+    const shortLived = await beta.environments.create({
+      name: 'short-lived',
+      config: { type: 'cloud', berth: { lifecycle: { idle_timeout_s: 1, max_lifetime_s: 1 } } } as never,
+    });
+    const bashAgent = await beta.agents.create({
+      name: 'bash',
+      model: 'scripted/bash-once',
+      tools: [{ type: 'agent_toolset_20260401' }],
+    });
+    const ending = await beta.sessions.create({ agent: bashAgent.id, environment_id: shortLived.id });
+    await beta.sessions.events.send(ending.id, {
+      events: [{ type: 'user.message', content: [{ type: 'text', text: 'echo hi' }] }],
+    });
+    const endBy = Date.now() + 30_000;
+    while ((await beta.sessions.retrieve(ending.id)).status !== 'terminated') {
+      if (Date.now() > endBy) throw new Error('the short-lived session was never terminated');
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    await value('sessions.retrieve', beta.sessions.retrieve(ending.id));
+    const endingEvents = await page('sessions.events.list', beta.sessions.events.list(ending.id));
+    expect(endingEvents.map((event) => (event as { type: string }).type)).toContain(
+      'session.status_terminated',
+    );
 
     await value('sessions.retrieve', beta.sessions.retrieve(session.id));
     await value('sessions.retrieve', beta.sessions.retrieve(failed.id));
@@ -318,17 +476,16 @@ describe('Berth answers conform to the official SDK types', () => {
       { method: 'vaults.delete', kind: 'value', value: { ...good, extra: true } },
       { method: 'vaults.delete', kind: 'value', value: { ...good, type: 'vault_gone' } },
     ];
-    const { diagnostics } = checkAnswers(broken);
+    const { diagnostics, file } = checkAnswers(broken);
+    rmSync(dirname(file), { recursive: true, force: true });
     expect(diagnostics).toMatch(/vaults\.delete \(answer 0[^\n]*\n\s*Property 'type' is missing/);
     expect(diagnostics).toMatch(/extra\W* does not exist/);
     expect(diagnostics).toMatch(/"vault_gone"/);
   });
 
   it('fails on a method the SDK does not have', () => {
-    expect(checkAnswers([{ method: 'agents.explode', kind: 'value', value: {} }]).diagnostics).toMatch(
-      /explode/,
-    );
+    const { diagnostics, file } = checkAnswers([{ method: 'agents.explode', kind: 'value', value: {} }]);
+    rmSync(dirname(file), { recursive: true, force: true });
+    expect(diagnostics).toMatch(/explode/);
   });
 });
-
-void Anthropic;

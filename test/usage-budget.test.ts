@@ -23,6 +23,11 @@ tokens:
     cache_read_per_million: 0
     cache_write_per_million: 0
   scripted/echo: *cent
+  anthropic/claude-*:
+    input_per_million: 3
+    output_per_million: 15
+    cache_read_per_million: 0
+    cache_write_per_million: 0
 `;
 
 /** A book that prices no scripted model at all. */
@@ -274,6 +279,27 @@ describe('usage and budgets', () => {
     const lines = cli.stdout.split('\n');
     expect(lines.find((line) => line.startsWith(sessionId))).toMatch(/ unpriced$/);
     expect(cli.stdout).toContain('expensive: no price for scripted/unpriced');
+  });
+
+  it('accepts a budget for a bare claude-* model id, priced as anthropic/claude-*', async () => {
+    for (const model of ['claude-sonnet-4-5', 'anthropic/claude-sonnet-4-5']) {
+      const agent = await berth.client.beta.agents.create({ name: `bare ${model}`, model });
+      const session = await berth.client.beta.sessions.create({
+        agent: agent.id,
+        environment_id: environmentId,
+        budget: { type: 'limit', max_list_cost: { amount: '5', currency: 'USD' } },
+      });
+      expect(session.budget).toEqual({ type: 'limit', max_list_cost: { amount: '5', currency: 'USD' } });
+      // A budget added later is checked the same way.
+      const plain = await berth.client.beta.sessions.create({
+        agent: agent.id,
+        environment_id: environmentId,
+      });
+      const updated = await berth.client.beta.sessions.update(plain.id, {
+        budget: { type: 'limit', max_list_cost: { amount: '5', currency: 'USD' } },
+      });
+      expect(updated.budget).not.toBeNull();
+    }
   });
 
   it('reports usage per session and per agent over the API (JSON and CSV) and in the CLI, priced side by side', async () => {

@@ -17,6 +17,7 @@ import {
 import {
   type AgentCreate,
   type AgentUpdate,
+  type AgentWithOverrides,
   agentCreate,
   agentUpdate,
   builtinToolNames,
@@ -88,6 +89,15 @@ function normalizeTools(tools: readonly ToolParams[]) {
     }
     return tool;
   });
+}
+
+/** Refuses a multi-agent configuration: Berth runs one agent per session so far. */
+function checkMultiagent(multiagent: unknown) {
+  if (multiagent !== undefined && multiagent !== null) {
+    throw invalidRequest(
+      'multiagent: multi-agent sessions are not supported by Berth yet; omit multiagent (or send null)',
+    );
+  }
 }
 
 /** Refuses tool settings Berth cannot honour (checked on input only, never on stored bodies). */
@@ -218,6 +228,31 @@ function applyUpdate(current: AgentCreate, update: AgentUpdate): AgentCreate {
   return next;
 }
 
+/**
+ * The agent a session created with `agent_with_overrides` runs: the stored version with each
+ * given field replaced, normalised and checked like an agent update (same id and version).
+ */
+export function agentWithOverrides(
+  body: Record<string, unknown>,
+  overrides: AgentWithOverrides,
+): Record<string, unknown> {
+  checkToolInput(overrides.tools);
+  const input = asInput(body);
+  if (overrides.model !== undefined) input.model = overrides.model;
+  if (overrides.system !== undefined) input.system = overrides.system;
+  if (overrides.tools !== undefined) input.tools = overrides.tools;
+  if (overrides.mcp_servers !== undefined) input.mcp_servers = overrides.mcp_servers;
+  if (overrides.skills !== undefined) input.skills = overrides.skills;
+  const resolved = agentBody(
+    body.id as string,
+    body.version as number,
+    input,
+    body.created_at as string,
+    body.updated_at as string,
+  );
+  return { ...resolved, multiagent: body.multiagent ?? null, archived_at: body.archived_at ?? null };
+}
+
 const comparable = (body: Record<string, unknown>) =>
   JSON.stringify({ ...body, version: 0, created_at: '', updated_at: '', archived_at: null });
 
@@ -230,6 +265,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const principal = context.get('principal');
     const input = await readBody(context, agentCreate);
     checkToolInput(input.tools);
+    checkMultiagent(input.multiagent);
     const now = nowIso();
     const id = newId('agent');
     const body = agentBody(id, 1, input, now, now);
@@ -258,6 +294,7 @@ export function agentRoutes(dependencies: ApiDependencies) {
     const id = context.req.param('id');
     const update = await readBody(context, agentUpdate);
     checkToolInput(update.tools);
+    checkMultiagent(update.multiagent);
     const current = await resources.getAgentVersion(principal.tenantId, id);
     if (!current) throw notFound('agent', id);
     if (current.archivedAt) throw invalidRequest(`agent ${id} is archived and cannot be updated`);

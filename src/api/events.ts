@@ -50,7 +50,12 @@ function parseClientEvents(events: unknown[]): ClientEvent[] {
       }
       throw invalidRequest(`events.${index}: ${describeZodError(parsed.error)}`);
     }
-    return parsed.data;
+    const event = parsed.data;
+    // As the official API: a deny_message explains a deny, and only a deny.
+    if (event.type === 'user.tool_confirmation' && event.result === 'allow' && event.deny_message != null) {
+      throw invalidRequest(`events.${index}.deny_message: only allowed when result is "deny"`);
+    }
+    return event;
   });
 }
 

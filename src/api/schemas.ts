@@ -385,6 +385,18 @@ export const unsupportedClientEventTypes: Record<string, string> = {
 
 export const eventSend = z.object({ events: z.array(z.unknown()).min(1).max(100), ...sdkExtras }).strict();
 
+/**
+ * An event of `sessions.create`'s `initial_events`: a `user.message`. A `user.define_outcome`
+ * (which the SDK allows there too) is refused with its reason, in one clear message.
+ */
+const initialEvent = z.discriminatedUnion('type', [
+  userMessageEvent,
+  z
+    .object({ type: z.literal('user.define_outcome') })
+    .passthrough()
+    .refine(() => false, { message: unsupportedClientEventTypes['user.define_outcome']! }),
+]);
+
 const budget = z
   .object({
     type: z.literal('limit'),
@@ -393,6 +405,25 @@ const budget = z
       .passthrough(),
   })
   .strict();
+
+/**
+ * An agent plus replacements for this session only (official
+ * `BetaManagedAgentsAgentWithOverridesParams`): each given field replaces the agent's whole
+ * value; the agent itself is unchanged.
+ */
+const agentWithOverrides = z
+  .object({
+    type: z.literal('agent_with_overrides'),
+    id: z.string().min(1),
+    version: z.number().int().positive().optional(),
+    model: modelConfig.optional(),
+    system: z.string().max(100_000).nullable().optional(),
+    tools: z.array(tool).max(1024).optional(),
+    mcp_servers: z.array(mcpServer).max(32).optional(),
+    skills: z.array(skill).max(64).optional(),
+  })
+  .strict();
+export type AgentWithOverrides = z.infer<typeof agentWithOverrides>;
 
 export const sessionCreate = z
   .object({
@@ -405,10 +436,11 @@ export const sessionCreate = z
           version: z.number().int().positive().optional(),
         })
         .strict(),
+      agentWithOverrides,
     ]),
     environment_id: z.string().min(1),
     budget: budget.optional(),
-    initial_events: z.array(userMessageEvent).max(100).optional(),
+    initial_events: z.array(initialEvent).max(100).optional(),
     metadata: metadata.optional(),
     resources: z.array(z.unknown()).max(0, 'session resources are not supported by Berth yet').optional(),
     title: z.string().max(512).nullable().optional(),

@@ -4,10 +4,11 @@ import { sessionOwnerFilter } from '../identity/access.js';
 import { newId } from '../ids.js';
 import { costOf, type PriceBook } from '../metering/price-books.js';
 import { emptyUsage } from '../metering/usage.js';
+import { canonicalModelId } from '../models/provider-registry.js';
 import type { SessionStatus } from '../store/event-store.js';
 import type { CreatedAtBounds, SessionRecord, Store } from '../store/resource-store.js';
 import { extractTraceContext } from '../telemetry/tracing.js';
-import { presentAgent } from './agents.js';
+import { agentWithOverrides, presentAgent } from './agents.js';
 import {
   type ApiDependencies,
   type ApiEnvironment,
@@ -101,7 +102,9 @@ export async function presentSession(store: Store, session: SessionRecord) {
  */
 function checkBudgetable(agent: Record<string, unknown>, book: PriceBook): void {
   const model = agent.model as string | { id?: string } | undefined;
-  const modelId = (typeof model === 'string' ? model : model?.id) ?? 'unknown';
+  const given = typeof model === 'string' ? model : model?.id;
+  // A bare claude-* id is anthropic/claude-*, as everywhere else in the API.
+  const modelId = given === undefined ? 'unknown' : canonicalModelId(given);
   const probe = {
     ...emptyUsage(),
     tokens: { [modelId]: { input: 1, output: 1, cacheRead: 0, cacheWrite: 0 } },
@@ -156,7 +159,13 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const agent = await resources.getAgentVersion(principal.tenantId, agentId, version);
     if (!agent) throw notFound('agent', version ? `${agentId} version ${version}` : agentId);
     if (agent.archivedAt) throw invalidRequest(`agent ${agentId} is archived`);
-    if (input.budget) checkBudgetable(agent.body, dependencies.budgetBook);
+    // The agent this session runs: the version, or (agent_with_overrides) the version with the
+    // given fields replaced for this session only.
+    const agentBody =
+      typeof input.agent !== 'string' && input.agent.type === 'agent_with_overrides'
+        ? agentWithOverrides(agent.body, input.agent)
+        : agent.body;
+    if (input.budget) checkBudgetable(agentBody, dependencies.budgetBook);
     const environment = await resources.get('environment', principal.tenantId, input.environment_id);
     if (!environment) throw notFound('environment', input.environment_id);
     if (environment.archivedAt) throw invalidRequest(`environment ${input.environment_id} is archived`);
@@ -171,7 +180,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const skills = await checkSkillReferences(
       store.skills,
       principal.tenantId,
-      (agent.body.skills as SkillReference[] | undefined) ?? [],
+      (agentBody.skills as SkillReference[] | undefined) ?? [],
       { resolve: true, field: 'agent.skills' },
     );
     // Limits are charged after validation and before the first write: a refused request
@@ -196,7 +205,7 @@ export function sessionRoutes(dependencies: ApiDependencies) {
       archived_at: _archived,
       metadata: _metadata,
       ...pinned
-    } = agent.body;
+    } = agentBody;
     const body = {
       id,
       type: 'session',
@@ -272,6 +281,14 @@ export function sessionRoutes(dependencies: ApiDependencies) {
     const data = await Promise.all(page.items.map((session) => presentSession(store, session)));
     return context.json({ data, next_page: page.nextCursor, prev_page: null });
   });
+
+  // Session resources (files, repositories, memory stores mounted into the session) are the
+  // SDK's `sessions.resources`; Berth has none yet, so every such call gets a clear 400.
+  const noResources = () => {
+    throw invalidRequest('session resources are not supported by Berth yet');
+  };
+  app.all('/:id/resources', noResources);
+  app.all('/:id/resources/*', noResources);
 
   app.get('/:id', async (context) => {
     return context.json(await presentSession(store, context.get('session')));

@@ -659,6 +659,16 @@ function idleEvent(stopReason: Record<string, unknown>): NewEvent {
 }
 
 function resultEvent(toolUse: StoredEvent, outcome: ToolOutcome): NewEvent {
+  // A custom tool use is answered by the event the SDK pairs with it, even when the runtime
+  // closes it (an interrupt cancelled the wait for the client's result).
+  if (toolUse.event.type === 'agent.custom_tool_use') {
+    return {
+      type: 'user.custom_tool_result',
+      custom_tool_use_id: toolUse.event.id,
+      content: [{ type: 'text', text: outcome.content }],
+      is_error: outcome.isError,
+    };
+  }
   if (toolUse.event.type === 'agent.mcp_tool_use') {
     return {
       type: 'agent.mcp_tool_result',

@@ -96,7 +96,7 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
     expect(step).toEqual({ kind: 'call_model', failures: 2 });
   });
 
-  it('waits for the client on custom tool uses, and resumes only when every result is in', () => {
+  it('waits for the client on custom tool uses, re-emits the wait for the rest after a partial answer, and resumes only when every result is in', () => {
     const waiting = log(
       message,
       ['session.status_running'],
@@ -114,7 +114,13 @@ describe('decideNextStep: what a wake does next, from the log alone', () => {
         event: { ...stored.event, id: `x${index}` },
       })),
     ];
-    expect(decideNextStep(oneAnswered).kind).toBe('none');
+    // An answer to some re-emits the idle with the rest; once it is written, nothing to do.
+    expect(decideNextStep(oneAnswered)).toEqual({ kind: 'await_client', eventIds: ['e5'] });
+    const reEmitted = [
+      ...oneAnswered,
+      { sessionId: 's', seq: 98, event: { id: 'x8', type: 'session.status_idle', processed_at: '' } },
+    ];
+    expect(decideNextStep(reEmitted).kind).toBe('none');
     const bothAnswered = [
       ...oneAnswered,
       {

@@ -13,7 +13,10 @@ export type NextStep =
   | { kind: 'run_tools'; toolUses: StoredEvent[] }
   /** The client denied an `always_ask` tool use: its result is the denial, the tool never runs. */
   | { kind: 'deny_tool'; toolUse: StoredEvent; message: string | null }
-  /** Custom tool results or `always_ask` confirmations are awaited from the client. */
+  /**
+   * Custom tool results or `always_ask` confirmations are awaited from the client (also after
+   * an answer to only some of them: the idle is re-emitted with the rest).
+   */
   | { kind: 'await_client'; eventIds: string[] }
   /** The model must be called with the log so far; `failures` counts failed calls in a row. */
   | { kind: 'call_model'; failures: number }
@@ -152,8 +155,11 @@ export function decideNextStep(log: readonly StoredEvent[]): NextStep {
   }
 
   if (!running) {
-    // A turn waiting on several client answers starts only when all have arrived.
-    if (waiting.length > 0 || firstInput < 0) return { kind: 'none' };
+    if (firstInput < 0) return { kind: 'none' };
+    // A turn waiting on several client answers starts only when all have arrived; an answer
+    // to some of them re-emits the idle with the rest (the SDK's requires_action contract).
+    if (waiting.length > 0)
+      return { kind: 'await_client', eventIds: waiting.map((stored) => stored.event.id) };
     return { kind: 'start_turn' };
   }
 

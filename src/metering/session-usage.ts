@@ -1,3 +1,4 @@
+import { canonicalModelId } from '../models/provider-registry.js';
 import type { NewEvent, StoredEvent } from '../store/event-store.js';
 import type { SessionRecord } from '../store/resource-store.js';
 import type { CostBreakdown, PriceBook } from './price-books.js';
@@ -9,10 +10,11 @@ export interface SandboxUsageDelta {
   memoryGbSeconds: number;
 }
 
-/** The model a session's pinned agent uses (`provider/model`). */
+/** The model a session's pinned agent uses (`provider/model`, also for a bare `claude-*` id). */
 export function modelOfSession(session: SessionRecord): string {
   const model = (session.body.agent as { model?: string | { id?: string } } | undefined)?.model;
-  return (typeof model === 'string' ? model : model?.id) ?? 'unknown';
+  const id = typeof model === 'string' ? model : model?.id;
+  return id === undefined ? 'unknown' : canonicalModelId(id);
 }
 
 /**

@@ -99,6 +99,12 @@ export function createModelRegistry(options: ModelRegistryOptions): ModelRegistr
   };
 }
 
+/** A model id with its provider spelled out: a bare `claude-*` id becomes `anthropic/claude-*`. */
+export function canonicalModelId(modelId: string): string {
+  const trimmed = modelId.trim();
+  return trimmed.startsWith('claude-') ? `anthropic/${trimmed}` : trimmed;
+}
+
 /**
  * Splits a Berth model id into provider and model name (the model name may itself contain
  * slashes, as in `openai-compatible/meta-llama/Llama-3.1-8B`). Throws `invalid_request`.

@@ -25,15 +25,20 @@ const isBerthEvent = (value: unknown) =>
 
 /**
  * Removes Berth's documented additions to the official shapes, which the SDK's types do not
- * declare: `berth` fields (`config.berth`, `usage.berth`), `berth.*` events and a session's
- * `stop_reason`. Everything else must be exactly what the SDK declares.
+ * declare: `berth` fields (`config.berth`, `usage.berth`), `berth.*` events, a session's
+ * `stop_reason` and a terminated event's `reason`. Everything else must be exactly what the SDK
+ * declares.
  */
 function withoutBerthExtensions(value: unknown, isSession = false): unknown {
   if (Array.isArray(value))
     return value.filter((item) => !isBerthEvent(item)).map((item) => withoutBerthExtensions(item, isSession));
   if (typeof value !== 'object' || value === null) return value;
+  const type = (value as { type?: unknown }).type;
   const entries = Object.entries(value).filter(
-    ([key]) => key !== 'berth' && !(isSession && key === 'stop_reason' && 'status' in value),
+    ([key]) =>
+      key !== 'berth' &&
+      !(isSession && key === 'stop_reason' && 'status' in value) &&
+      !(type === 'session.status_terminated' && key === 'reason'),
   );
   return Object.fromEntries(entries.map(([key, item]) => [key, withoutBerthExtensions(item, false)]));
 }
@@ -107,8 +112,8 @@ export function answersModule(answers: readonly RecordedAnswer[]): { source: str
  * Compiles the answers against the installed `@anthropic-ai/sdk` declaration files with strict
  * settings. Object literals get TypeScript's excess property checks and literal (enum) checks, so
  * a missing required field, a wrong type, an unknown enum value and an unknown field all fail.
- * Returns the formatted diagnostics ('' when every answer conforms) and where the file was
- * written for inspection.
+ * Returns the formatted diagnostics ('' when every answer conforms) and, when there are any, where
+ * the generated file was written for inspection.
  */
 export function checkAnswers(recorded: readonly RecordedAnswer[]): { diagnostics: string; file: string } {
   const answers = comparable(recorded);
@@ -147,8 +152,10 @@ export function checkAnswers(recorded: readonly RecordedAnswer[]): { diagnostics
   const program = ts.createProgram([virtualPath], options, host, previousProgram);
   previousProgram = program;
   const diagnostics = ts.getPreEmitDiagnostics(program);
-  const file = join(mkdtempSync(join(tmpdir(), 'berth-sdk-answers-')), 'answers.ts');
-  writeFileSync(file, source);
+  // Written out only when something is wrong, for a human to read next to the diagnostics.
+  const file =
+    diagnostics.length === 0 ? '' : join(mkdtempSync(join(tmpdir(), 'berth-sdk-answers-')), 'answers.ts');
+  if (file) writeFileSync(file, source);
   const text = diagnostics.map((diagnostic) => {
     const message = ts.flattenDiagnosticMessageText(diagnostic.messageText, '\n  ');
     if (diagnostic.file?.fileName !== virtualPath || diagnostic.start === undefined) return message;
