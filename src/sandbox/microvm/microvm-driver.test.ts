@@ -3,6 +3,7 @@ import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'nod
 import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { isBerthError } from '../../errors.js';
 import type { SandboxHandle } from '../driver.js';
 import { describeSandboxDriverContract, hostProcessesMatching } from '../driver-contract.test-suite.js';
@@ -20,8 +21,12 @@ describeSandboxDriverContract('microvm', {
 
 const availability = await createMicrovmDriver({ runtimeDirectory }).checkAvailability();
 const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
+const driverMissing = skipUnlessPresent(
+  'the microvm sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
 
-describe.skipIf(!availability.ok)(`microvm sandbox isolation${unavailableNote}`, () => {
+describe.skipIf(driverMissing)(`microvm sandbox isolation${unavailableNote}`, () => {
   let driver: MicrovmDriver;
   let scratch: string;
   let handle: SandboxHandle;
