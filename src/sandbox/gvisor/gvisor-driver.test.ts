@@ -5,12 +5,13 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import type { SandboxHandle } from '../driver.js';
-import { describeSandboxDriverContract } from '../driver-contract.test-suite.js';
+import { describeSandboxDriverContract, gvisorHostView } from '../driver-contract.test-suite.js';
 import { createGvisorDriver, type GvisorDriver } from './gvisor-driver.js';
 
 describeSandboxDriverContract('gvisor', {
   createDriver: () => createGvisorDriver(),
   cleanup: (driver) => (driver as GvisorDriver).destroyAll(),
+  hostView: gvisorHostView,
 });
 
 const availability = await createGvisorDriver().checkAvailability();

@@ -6,7 +6,11 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { isBerthError } from '../../errors.js';
 import type { SandboxHandle } from '../driver.js';
-import { describeSandboxDriverContract, hostProcessesMatching } from '../driver-contract.test-suite.js';
+import {
+  describeSandboxDriverContract,
+  hostProcessesMatching,
+  microvmHostView,
+} from '../driver-contract.test-suite.js';
 import { createMicrovmDriver, type MicrovmDriver, WORKSPACE_DISK } from './microvm-driver.js';
 import { MACHINE_NAME_PREFIX } from './qemu-machine.js';
 
@@ -17,6 +21,7 @@ afterAll(() => rmSync(runtimeDirectory, { recursive: true, force: true }));
 describeSandboxDriverContract('microvm', {
   createDriver: () => createMicrovmDriver({ runtimeDirectory }),
   cleanup: (driver) => (driver as MicrovmDriver).destroyAll(),
+  hostView: microvmHostView,
 });
 
 const availability = await createMicrovmDriver({ runtimeDirectory }).checkAvailability();
