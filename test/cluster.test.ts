@@ -285,8 +285,20 @@ describe('a three-node cluster', () => {
           ),
         ),
       );
-      // Let the turns get going, then kill the node holding the most of them.
-      await sleep(300);
+      // Once every turn is going (its session.status_running committed), kill the node holding
+      // the most of them.
+      await expect
+        .poll(
+          async () =>
+            (
+              await owner.query(
+                `SELECT DISTINCT session_id FROM berth.events WHERE session_id = ANY($1) AND type = 'session.status_running'`,
+                [sessionIds],
+              )
+            ).rowCount,
+          { timeout: 30_000, interval: 50 },
+        )
+        .toBe(sessionIds.length);
       const held = await owner.query<{ node_id: string; count: string }>(
         `SELECT node_id, count(*) FROM berth.session_leases WHERE session_id = ANY($1) GROUP BY node_id ORDER BY count(*) DESC`,
         [sessionIds],

@@ -130,9 +130,18 @@ describe('sandbox lifecycle', () => {
       session.id,
       'sleep 3.5 && echo "$(cat /proc/1/cmdline | tr "\\0" " ")" && echo survived',
     );
-    // While it runs, a client cannot stop the sandbox under it either.
-    await new Promise((resolve) => setTimeout(resolve, 1500));
-    expect(await sandboxState(berth.url, berth.apiKey, session.id)).toBe('busy');
+    // Past the idle timeout (1 s, and a reaper pass of 500 ms) since the command started, while it
+    // still runs; meanwhile a client cannot stop the sandbox under it either.
+    const started = timeOf(await waitForEvent(berth.client, session.id, 'agent.tool_use'));
+    await expect
+      .poll(
+        async () => Date.now() > started + 1500 && (await sandboxState(berth.url, berth.apiKey, session.id)),
+        {
+          timeout: 10_000,
+          interval: 100,
+        },
+      )
+      .toBe('busy');
     const refused = await stopSandbox(berth.url, berth.apiKey, session.id);
     expect(refused.status).toBe(409);
     expect(((await refused.json()) as { error: { message: string } }).error.message).toMatch(

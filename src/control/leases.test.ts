@@ -26,12 +26,15 @@ describe('cluster leases', () => {
   let schema: string;
   let store: Store;
   const pools: pg.Pool[] = [];
+  /** A node that only reads leases (see `leaseExpired`). */
+  let observer: ClusterLeases | undefined;
 
   beforeEach(async () => {
     schema = `berth_test_${randomBytes(6).toString('hex')}`;
     store = await openStore({ kind: 'postgres', ...testRoleUrls(serverUrl), schema, maxConnections: 4 });
   });
   afterEach(async () => {
+    observer = undefined;
     for (const pool of pools.splice(0)) await pool.end();
     await store.close();
     await admin.query(`DROP SCHEMA IF EXISTS "${schema}" CASCADE`);
@@ -47,6 +50,13 @@ describe('cluster leases', () => {
       leaseMs,
       acquireWriter: (session) => store.events.acquireWriter(session),
     });
+  }
+
+  /** Resolves once no lease on `session` is live (its holder stopped renewing it), as PostgreSQL's clock says. */
+  async function leaseExpired(session: SessionKey): Promise<void> {
+    observer ??= node('observer');
+    const watching = observer;
+    await expect.poll(() => watching.holderOf(session), { timeout: 10_000, interval: 20 }).toBeUndefined();
   }
 
   async function newSession(): Promise<SessionKey> {
@@ -92,7 +102,7 @@ describe('cluster leases', () => {
     // While a's lease is live, b cannot take it.
     expect(await b.claim(session)).toEqual({ held: false, holder: 'node-a' });
     // a is "paused" (no heartbeat) past its lease.
-    await sleep(1100);
+    await leaseExpired(session);
     const second = await b.claim(session);
     if (!second.held) throw new Error('node-b should take the expired lease');
     expect(second.writer.token).toBeGreaterThan(first.writer.token);
@@ -118,7 +128,7 @@ describe('cluster leases', () => {
     const first = await a.claim(session);
     if (!first.held) throw new Error('node-a should hold the session');
     // a's event loop stalls past its lease; nobody claims meanwhile.
-    await sleep(400);
+    await leaseExpired(session);
     expect(await a.heartbeat()).toEqual([]);
     expect(a.holds(session)).toBe(true);
     expect(await a.writerFor(session)).toBe(first.writer);
@@ -126,7 +136,7 @@ describe('cluster leases', () => {
     expect(await b.claim(session)).toEqual({ held: false, holder: 'node-a' });
     await store.events.append(session, [message('a after the stall')], { writer: first.writer });
     // Expired leases still count as their holder's load (it keeps running those sessions).
-    await sleep(400);
+    await leaseExpired(session);
     expect(await b.loads()).toEqual(new Map([['node-a', 1]]));
   });
 
@@ -141,7 +151,7 @@ describe('cluster leases', () => {
     expect(isBerthError(refused, 'stale_writer')).toBe(true);
     expect(String(refused)).toContain('node-a');
     // a stalls; b takes over; a's append is refused and a forgets the lease.
-    await sleep(400);
+    await leaseExpired(session);
     const taken = await b.writerFor(session);
     expect(taken.token).toBeGreaterThan(writer.token);
     const stale = await store.events
@@ -160,6 +170,7 @@ describe('cluster leases', () => {
     const session = await newSession();
     expect((await a.claim(session)).held).toBe(true);
     for (let beat = 0; beat < 8; beat++) {
+      // The time between beats is the scenario here (a heartbeat every 300 ms), not a wait.
       await sleep(300);
       expect(await a.heartbeat()).toEqual([]);
     }
@@ -171,9 +182,9 @@ describe('cluster leases', () => {
     const b = node('node-b', 200);
     const session = await newSession();
     const first = await a.claim(session);
-    await sleep(250);
+    await leaseExpired(session);
     const taken = await b.claim(session);
-    await sleep(250);
+    await leaseExpired(session);
     // b died too; a claims again without having heartbeated in between.
     const again = await a.claim(session);
     if (!first.held || !taken.held || !again.held) throw new Error('each claim should succeed');
@@ -203,11 +214,15 @@ describe('cluster leases', () => {
       ]),
     );
     // b stops heartbeating; a keeps going.
-    await sleep(600);
-    await a.heartbeat();
-    await sleep(600);
-    await a.heartbeat();
-    expect((await a.liveNodes()).map((each) => each.nodeId)).toEqual(['node-a']);
+    await expect
+      .poll(
+        async () => {
+          await a.heartbeat();
+          return (await a.liveNodes()).map((each) => each.nodeId);
+        },
+        { timeout: 10_000, interval: 100 },
+      )
+      .toEqual(['node-a']);
     await a.leave();
     expect(await b.holderOf(sessions[0]!)).toBeUndefined();
   });

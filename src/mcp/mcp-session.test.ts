@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { PassThrough } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../test/support/required-in-ci.js';
 import { createBwrapDriver } from '../sandbox/bwrap/bwrap-driver.js';
 import type { SandboxHandle, SandboxProcess } from '../sandbox/driver.js';
 import { hostProcessesMatching } from '../sandbox/driver-contract.test-suite.js';
@@ -20,8 +21,9 @@ import { createMcpSession, type McpServerSpec } from './mcp-session.js';
 const projectRoot = fileURLToPath(new URL('../../', import.meta.url));
 const driver = createBwrapDriver();
 const availability = await driver.checkAvailability();
-const skipReason = !availability.ok
-  ? `bwrap unavailable: ${availability.reason}`
+const bwrapMissing = availability.ok ? undefined : `bwrap unavailable: ${availability.reason}`;
+const skipReason = skipUnlessPresent('the bwrap sandbox driver', bwrapMissing)
+  ? bwrapMissing
   : driver.mode !== 'persistent'
     ? 'spawn needs the persistent bwrap mode (root)'
     : undefined;

@@ -2,6 +2,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../test/support/required-in-ci.js';
 import { createBwrapDriver } from '../sandbox/bwrap/bwrap-driver.js';
 import type { SandboxHandle } from '../sandbox/driver.js';
 import {
@@ -12,8 +13,12 @@ import {
 
 const availability = await createBwrapDriver().checkAvailability();
 const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
+const driverMissing = skipUnlessPresent(
+  'the bwrap sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
 
-describe.skipIf(!availability.ok)(`built-in tools in a bwrap sandbox${unavailableNote}`, () => {
+describe.skipIf(driverMissing)(`built-in tools in a bwrap sandbox${unavailableNote}`, () => {
   const driver = createBwrapDriver();
   let workdir: string;
   let tools: BuiltinToolExecutor;

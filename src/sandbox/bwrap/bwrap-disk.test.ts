@@ -12,6 +12,7 @@ import {
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { isBerthError } from '../../errors.js';
 import { type BwrapDriver, createBwrapDriver } from './bwrap-driver.js';
 
@@ -21,7 +22,11 @@ const availability = await createBwrapDriver().checkAvailability();
 const diskWarning = availability.ok
   ? availability.warnings?.find((warning) => /disk limits/.test(warning))
   : undefined;
-const diskLive = availability.ok && runningAsRoot && diskWarning === undefined;
+const driverMissing = skipUnlessPresent(
+  'the bwrap sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
+const diskLive = !driverMissing && runningAsRoot && diskWarning === undefined;
 const skipNote = diskLive
   ? ''
   : ` (skipped: ${!availability.ok ? availability.reason : (diskWarning ?? 'needs root')})`;

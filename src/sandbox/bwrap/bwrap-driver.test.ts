@@ -13,6 +13,7 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { isBerthError } from '../../errors.js';
 import type { SandboxHandle } from '../driver.js';
 import { describeSandboxDriverContract, hostProcessesMatching } from '../driver-contract.test-suite.js';
@@ -48,8 +49,12 @@ describeSandboxDriverContract('bwrap (one bwrap per command)', {
 
 const availability = await createBwrapDriver().checkAvailability();
 const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
+const driverMissing = skipUnlessPresent(
+  'the bwrap sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
 
-describe.skipIf(!availability.ok)(`bwrap sandbox isolation${unavailableNote}`, () => {
+describe.skipIf(driverMissing)(`bwrap sandbox isolation${unavailableNote}`, () => {
   const canaryName = 'BERTH_TEST_CANARY';
   const canaryValue = `canary-${process.pid}-${Date.now()}`;
   let driver: BwrapDriver;
@@ -191,7 +196,7 @@ function orphanedSandboxInits(): number[] {
   });
 }
 
-describe.skipIf(!availability.ok || !runningAsRoot)('bwrap sandbox lifetime', () => {
+describe.skipIf(driverMissing || !runningAsRoot)('bwrap sandbox lifetime', () => {
   it('dies with the server even when the server is killed in the middle of provisioning', async () => {
     const { spawn } = await import('node:child_process');
     const root = mkdtempSync(join(tmpdir(), 'berth-lifeline-'));
@@ -220,7 +225,7 @@ describe.skipIf(!availability.ok || !runningAsRoot)('bwrap sandbox lifetime', ()
   }, 60_000);
 });
 
-describe.skipIf(!availability.ok)('bwrap spawn and read-only mounts', () => {
+describe.skipIf(driverMissing)('bwrap spawn and read-only mounts', () => {
   it('refuses spawn in per-exec mode, saying it needs the persistent mode', async () => {
     const perExec = createBwrapDriver({ mode: 'per-exec' });
     const root = mkdtempSync(join(tmpdir(), 'berth-spawn-'));
@@ -266,7 +271,7 @@ describe.skipIf(!availability.ok)('bwrap spawn and read-only mounts', () => {
   );
 });
 
-describe.skipIf(!availability.ok || !runningAsRoot)('bwrap egress bridge', () => {
+describe.skipIf(driverMissing || !runningAsRoot)('bwrap egress bridge', () => {
   it('relays 127.0.0.1:3128 inside to the socket in the services directory, and nothing else', async () => {
     const driver = createBwrapDriver();
     const root = mkdtempSync(join(tmpdir(), 'berth-bridge-'));
@@ -308,7 +313,7 @@ describe.skipIf(!availability.ok || !runningAsRoot)('bwrap egress bridge', () =>
   });
 });
 
-describe.skipIf(!availability.ok || !runningAsRoot)('bwrap warm pool', () => {
+describe.skipIf(driverMissing || !runningAsRoot)('bwrap warm pool', () => {
   let root: string;
   let poolDirectory: string;
   let driver: BwrapDriver;

@@ -3,6 +3,7 @@ import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { isBerthError } from '../../errors.js';
 import { DEFAULT_SANDBOX_LIMITS, type SandboxHandle } from '../driver.js';
 import { hostProcessesMatching } from '../driver-contract.test-suite.js';
@@ -12,7 +13,11 @@ import { detectHostCgroupLayout, sandboxCgroupName } from './cgroups.js';
 const runningAsRoot = process.getuid?.() === 0;
 const availability = await createBwrapDriver().checkAvailability();
 const hostLayout = detectHostCgroupLayout();
-const limitsLive = availability.ok && runningAsRoot && hostLayout.ok;
+const driverMissing = skipUnlessPresent(
+  'the bwrap sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
+const limitsLive = !driverMissing && runningAsRoot && hostLayout.ok;
 const skipNote = limitsLive
   ? ''
   : ` (skipped: ${!availability.ok ? availability.reason : !runningAsRoot ? 'limits need root' : !hostLayout.ok ? hostLayout.reason : ''})`;
@@ -260,7 +265,7 @@ describe.skipIf(!limitsLive)(`bwrap resource limits${skipNote}`, () => {
   });
 });
 
-describe.skipIf(!availability.ok)('bwrap on a host without usable cgroups', () => {
+describe.skipIf(driverMissing)('bwrap on a host without usable cgroups', () => {
   it('warns at start-up, refuses explicit limits, runs without them and does not meter', async () => {
     const driver = createBwrapDriver({ cgroups: { ok: false, reason: 'no cgroup hierarchy in this test' } });
     const scratch = mkdtempSync(join(tmpdir(), 'berth-no-cgroups-'));

@@ -4,20 +4,26 @@ import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { sandboxCgroupName } from '../bwrap/cgroups.js';
 import type { SandboxHandle } from '../driver.js';
-import { describeSandboxDriverContract } from '../driver-contract.test-suite.js';
+import { describeSandboxDriverContract, gvisorHostView } from '../driver-contract.test-suite.js';
 import { createGvisorDriver, type GvisorDriver } from './gvisor-driver.js';
 
 describeSandboxDriverContract('gvisor', {
   createDriver: () => createGvisorDriver(),
   cleanup: (driver) => (driver as GvisorDriver).destroyAll(),
+  hostView: gvisorHostView,
 });
 
 const availability = await createGvisorDriver().checkAvailability();
 const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
+const driverMissing = skipUnlessPresent(
+  'the gvisor sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
 
-describe.skipIf(!availability.ok)(`gvisor sandbox isolation${unavailableNote}`, () => {
+describe.skipIf(driverMissing)(`gvisor sandbox isolation${unavailableNote}`, () => {
   const canaryName = 'BERTH_TEST_CANARY';
   const canaryValue = `canary-${process.pid}-${Date.now()}`;
   let driver: GvisorDriver;

@@ -4,9 +4,14 @@ import { createServer, type Server } from 'node:net';
 import { release, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { skipUnlessPresent } from '../../../test/support/required-in-ci.js';
 import { isBerthError } from '../../errors.js';
 import type { SandboxHandle } from '../driver.js';
-import { describeSandboxDriverContract, hostProcessesMatching } from '../driver-contract.test-suite.js';
+import {
+  describeSandboxDriverContract,
+  hostProcessesMatching,
+  microvmHostView,
+} from '../driver-contract.test-suite.js';
 import { createMicrovmDriver, type MicrovmDriver, WORKSPACE_DISK } from './microvm-driver.js';
 import { MACHINE_NAME_PREFIX } from './qemu-machine.js';
 
@@ -17,12 +22,17 @@ afterAll(() => rmSync(runtimeDirectory, { recursive: true, force: true }));
 describeSandboxDriverContract('microvm', {
   createDriver: () => createMicrovmDriver({ runtimeDirectory }),
   cleanup: (driver) => (driver as MicrovmDriver).destroyAll(),
+  hostView: microvmHostView,
 });
 
 const availability = await createMicrovmDriver({ runtimeDirectory }).checkAvailability();
 const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
+const driverMissing = skipUnlessPresent(
+  'the microvm sandbox driver',
+  availability.ok ? undefined : availability.reason,
+);
 
-describe.skipIf(!availability.ok)(`microvm sandbox isolation${unavailableNote}`, () => {
+describe.skipIf(driverMissing)(`microvm sandbox isolation${unavailableNote}`, () => {
   let driver: MicrovmDriver;
   let scratch: string;
   let handle: SandboxHandle;
