@@ -17,6 +17,8 @@
  *   node took is reported lost.
  * - Heartbeats run on their own connection, so a node busy with requests (each of which may
  *   look a holder up or claim a lease) still renews its leases on time.
+ * - Placing a session nobody holds reads the loads and reserves the lease for the chosen node
+ *   in one transaction under an advisory lock, so placements at once see each other.
  */
 import type pg from 'pg';
 import { BerthError } from '../errors.js';
