@@ -237,9 +237,10 @@ export class Cluster {
   async #releaseQuiet(): Promise<void> {
     const idleMs = this.#idleReleaseMs;
     if (idleMs <= 0) return;
-    // Leases placed here for a request that never came (it went elsewhere, or its client left).
+    // Leases placed here for a request that never came (it went elsewhere, or its client left);
+    // never so soon that a request still on its way, on a loaded machine, finds none.
     await this.#leases
-      .releaseUnclaimed(idleMs)
+      .releaseUnclaimed(Math.max(idleMs, 10 * this.#leases.leaseMs))
       .catch((error: unknown) => this.#warn('giving up unclaimed leases failed', error));
     const quiet = (session: SessionKey) =>
       !this.#options.isLive(session) && !this.#options.hasSandbox?.(session);
