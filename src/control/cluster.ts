@@ -8,9 +8,12 @@
  *   nodes (`placement.ts`), so placement is stable and even.
  * - `mayWake(session)` gates the supervisor: a node wakes only sessions it holds.
  * - Every heartbeat (a third of the lease time) renews this node's leases and refreshes the
- *   node list; every lease time it sweeps for orphans, sessions with work left whose node died
- *   (lease expired), and wakes those placed on it. So a killed node's turns finish elsewhere
- *   within about two lease times.
+ *   node list. Every node watches for expired leases (a cheap query, every lease/15): when one
+ *   expired since it last looked, it sweeps at once for orphans, sessions with work left whose
+ *   node died, and wakes those placement gives it, and any orphan still unclaimed a moment
+ *   later (the lease row settles who wins). So a killed node's turns in flight resume
+ *   elsewhere within the lease time plus a fraction of a second. A full sweep (also sessions
+ *   this node holds but runs no wake for) runs every lease time.
  * - `drain()` (graceful shutdown) stops new placements here; `leave()` hands every lease back.
  */
 import type pg from 'pg';
@@ -57,9 +60,16 @@ export class Cluster {
   #nodes: ClusterNode[] = [];
   #ring = new PlacementRing([]);
   #timer: NodeJS.Timeout | undefined;
+  #watchTimer: NodeJS.Timeout | undefined;
   #lastSweep = 0;
+  /** The newest expiry of another node's lease seen expired (PostgreSQL's clock, ms). */
+  #newestExpirySeen = 0;
+  /** Orphans the last sweep found, with when this node first saw each (ms since the epoch). */
+  #orphans = new Map<string, number>();
   #beating: Promise<void> | undefined;
   #refreshing: Promise<void> | undefined;
+  #watching: Promise<void> | undefined;
+  #sweeping: Promise<void> | undefined;
   #draining = false;
   /** When each session this node holds was last routed or woken here (ms since the epoch). */
   readonly #lastActive = new Map<string, number>();
@@ -91,6 +101,42 @@ export class Cluster {
       });
     }, every);
     this.#timer.unref();
+    // Orphans are looked for right after a lease expires, not a lease time later, on a chain of
+    // its own: a slow refresh or idle release must not hold a failover back.
+    this.#watchTimer = setInterval(() => {
+      this.#watching ??= this.#watchExpiries().finally(() => {
+        this.#watching = undefined;
+      });
+    }, this.#watchMs);
+    this.#watchTimer.unref();
+  }
+
+  /** How often this node looks for newly expired leases. */
+  get #watchMs(): number {
+    return Math.max(50, Math.floor(this.#leases.leaseMs / 15));
+  }
+
+  /** Sweeps when another node's lease expired since the last look, or orphans are pending. */
+  async #watchExpiries(): Promise<void> {
+    try {
+      if (this.#draining) return;
+      const newest = await this.#leases.newestExpiry();
+      const expired = newest !== undefined && newest > this.#newestExpirySeen;
+      if (!expired && !this.#orphansPending()) return;
+      if (newest !== undefined) this.#newestExpirySeen = Math.max(this.#newestExpirySeen, newest);
+      // The dead node's heartbeat ran out with its leases: the ring must not place on it.
+      await this.#refreshNodes();
+      await this.#sweepOnce();
+    } catch (error) {
+      this.#warn('cluster watch failed', error);
+    }
+  }
+
+  /** Whether the last sweep left orphans unclaimed that are young enough to watch closely. */
+  #orphansPending(): boolean {
+    const since = Date.now() - 2 * this.#leases.leaseMs;
+    for (const firstSeen of this.#orphans.values()) if (firstSeen > since) return true;
+    return false;
   }
 
   async #beat(): Promise<void> {
@@ -111,7 +157,7 @@ export class Cluster {
       await this.#refreshNodes();
       if (!this.#draining && Date.now() - this.#lastSweep >= this.#leases.leaseMs) {
         this.#lastSweep = Date.now();
-        await this.#sweep();
+        await this.#sweepOnce();
         await this.#releaseQuiet();
       }
     } catch (error) {
@@ -136,10 +182,22 @@ export class Cluster {
     this.#nodes = nodes;
   }
 
+  /** Runs a sweep after any sweep already running (never two at once). */
+  async #sweepOnce(): Promise<void> {
+    while (this.#sweeping) await this.#sweeping.catch(() => undefined);
+    this.#sweeping = this.#sweep().finally(() => {
+      this.#sweeping = undefined;
+    });
+    await this.#sweeping;
+  }
+
   /**
-   * Wakes sessions with work left that nobody runs: orphans (their node died) that placement
-   * gives to this node, and sessions this node holds with no wake in flight (input that reached
-   * a node which had just lost the session is picked up here by the new holder).
+   * Wakes sessions with work left that nobody runs: orphans (their node died) that the ring
+   * gives to this node, or that stayed orphans for a moment (two nodes whose node lists differ
+   * for an instant may each think the other should take one: whoever claims first runs it),
+   * and sessions this node holds with no wake in flight (input that reached a node which had
+   * just lost the session is picked up here by the new holder). Orphans are placed by hashing
+   * alone, not by loads: every node then agrees on who takes each, whatever it read when.
    */
   async #sweep(): Promise<void> {
     const result = await this.#options.pool.query<{
@@ -148,16 +206,25 @@ export class Cluster {
       owner_id: string;
       holder: string | null;
     }>(`SELECT * FROM ${this.#options.schema}.sessions_with_work($1, 500)`, [this.nodeId]);
-    if (result.rows.length === 0) return;
-    const loads = await this.#leases.loads();
-    for (const row of result.rows) {
-      const session = { tenantId: row.tenant_id, id: row.session_id, ownerId: row.owner_id };
-      const mine =
-        row.holder === null
-          ? this.#ring.place(row.session_id, loads) === this.nodeId
-          : !this.#options.isLive(session);
-      if (mine) this.#options.wake(session);
+    const orphans = new Map<string, number>();
+    if (result.rows.length > 0) {
+      const now = Date.now();
+      const graceMs = Math.max(100, this.#leases.leaseMs / 6);
+      for (const row of result.rows) {
+        const session = { tenantId: row.tenant_id, id: row.session_id, ownerId: row.owner_id };
+        if (this.#options.isLive(session)) continue;
+        if (row.holder !== null) {
+          this.#options.wake(session);
+          continue;
+        }
+        const name = sessionName(session);
+        const firstSeen = this.#orphans.get(name) ?? now;
+        orphans.set(name, firstSeen);
+        const placed = this.#ring.place(row.session_id);
+        if (placed === this.nodeId || now - firstSeen >= graceMs) this.#options.wake(session);
+      }
     }
+    this.#orphans = orphans;
   }
 
   /**
@@ -170,6 +237,11 @@ export class Cluster {
   async #releaseQuiet(): Promise<void> {
     const idleMs = this.#idleReleaseMs;
     if (idleMs <= 0) return;
+    // Leases placed here for a request that never came (it went elsewhere, or its client left);
+    // never so soon that a request still on its way, on a loaded machine, finds none.
+    await this.#leases
+      .releaseUnclaimed(Math.max(idleMs, 10 * this.#leases.leaseMs))
+      .catch((error: unknown) => this.#warn('giving up unclaimed leases failed', error));
     const quiet = (session: SessionKey) =>
       !this.#options.isLive(session) && !this.#options.hasSandbox?.(session);
     const now = Date.now();
@@ -223,18 +295,15 @@ export class Cluster {
   async #route(session: SessionKey, options: { forwarded?: boolean }): Promise<Route> {
     if (this.#leases.holds(session)) return { local: true };
     let holder = await this.#leases.holderOf(session);
+    if (holder === undefined && !options.forwarded) {
+      // Placed under the cluster's placement lock, with the lease reserved for the chosen node
+      // in the same transaction: placements at once see each other (loads of committed leases
+      // alone let a burst of 30 end 30/0/0). Nowhere live to place (the ring is empty): here.
+      const ring = this.#ring;
+      holder = await this.#leases.place(session, (loads) => ring.place(session.id, loads));
+    }
     if (holder === undefined) {
-      const placed = options.forwarded
-        ? this.nodeId
-        : this.#ring.place(session.id, await this.#leases.loads());
-      if (placed !== undefined && placed !== this.nodeId) {
-        const node = this.#nodes.find((candidate) => candidate.nodeId === placed);
-        if (node) {
-          this.#remember(session, node);
-          return { local: false, nodeId: node.nodeId, url: node.url };
-        }
-      }
-      // Placed here (or nowhere else is live): take it.
+      // Forwarded here by the node that placed it, or placed nowhere: take it.
       const claim = await this.#leases.claim(session);
       if (claim.held) return { local: true };
       holder = claim.holder;
@@ -304,8 +373,10 @@ export class Cluster {
   /** Stops heartbeats and hands every lease back (after the node's own work has stopped). */
   async leave(): Promise<void> {
     if (this.#timer) clearInterval(this.#timer);
+    if (this.#watchTimer) clearInterval(this.#watchTimer);
     this.#timer = undefined;
-    await Promise.all([this.#beating, this.#refreshing]);
+    this.#watchTimer = undefined;
+    await Promise.all([this.#beating, this.#refreshing, this.#watching]);
     await this.#leases.leave();
   }
 }

@@ -226,4 +226,36 @@ describe('cluster leases', () => {
     await a.leave();
     expect(await b.holderOf(sessions[0]!)).toBeUndefined();
   });
+
+  it('places a burst from three nodes at once as if one at a time, each lease reserved for the node chosen', async () => {
+    const nodes = [node('node-a'), node('node-b'), node('node-c')];
+    const names = nodes.map((each) => each.nodeId);
+    const sessions = await Promise.all(Array.from({ length: 60 }, () => newSession()));
+    // The least loaded node (the first on ties): placements that saw each other's choices end
+    // exactly even; any two that read the same loads would both pick the same node.
+    const leastLoaded = (loads: ReadonlyMap<string, number>) =>
+      names.reduce((best, name) => ((loads.get(name) ?? 0) < (loads.get(best) ?? 0) ? name : best));
+    const holders = await Promise.all(
+      sessions.map((session, index) => nodes[index % 3]!.place(session, leastLoaded)),
+    );
+    expect(await nodes[0]!.loads()).toEqual(
+      new Map([
+        ['node-a', 20],
+        ['node-b', 20],
+        ['node-c', 20],
+      ]),
+    );
+    for (const [index, session] of sessions.entries()) {
+      expect(await nodes[0]!.holderOf(session)).toBe(holders[index]);
+    }
+    // Placing again finds the holder; the chosen node claims its reservation with a token of its
+    // own; reservations it never claimed are given up, claimed ones stay.
+    const [first, second] = sessions.filter((_, index) => holders[index] === 'node-b');
+    expect(await nodes[0]!.place(first!, () => 'node-a')).toBe('node-b');
+    const claim = await nodes[1]!.claim(first!);
+    expect(claim).toMatchObject({ held: true, fresh: true });
+    await nodes[1]!.releaseUnclaimed(0);
+    expect(await nodes[0]!.holderOf(first!)).toBe('node-b');
+    expect(await nodes[0]!.holderOf(second!)).toBeUndefined();
+  });
 });

@@ -17,6 +17,8 @@
  *   node took is reported lost.
  * - Heartbeats run on their own connection, so a node busy with requests (each of which may
  *   look a holder up or claim a lease) still renews its leases on time.
+ * - Placing a session nobody holds reads the loads and reserves the lease for the chosen node
+ *   in one transaction under an advisory lock, so placements at once see each other.
  */
 import type pg from 'pg';
 import { BerthError } from '../errors.js';
@@ -51,6 +53,7 @@ export interface ClusterLeasesOptions {
 export const DEFAULT_LEASE_MS = 3000;
 
 const key = (session: SessionKey) => `${session.tenantId}/${session.id}`;
+const quoteLiteral = (text: string) => `'${text.replaceAll("'", "''")}'`;
 
 /** One node's view of the registry and of the leases it holds. */
 export class ClusterLeases {
@@ -140,10 +143,98 @@ export class ClusterLeases {
    * reads the loads of live nodes only, so a dead node's rows do not matter.
    */
   async loads(): Promise<Map<string, number>> {
-    const result = await this.#pool.query<{ node_id: string; count: string }>(
+    return this.#loadsOn(this.#pool);
+  }
+
+  async #loadsOn(client: pg.Pool | pg.PoolClient): Promise<Map<string, number>> {
+    const result = await client.query<{ node_id: string; count: string }>(
       `SELECT node_id, count(*) AS count FROM ${this.#s}.session_leases GROUP BY node_id`,
     );
     return new Map(result.rows.map((row) => [row.node_id, Number(row.count)]));
+  }
+
+  /**
+   * When the newest of other nodes' expired leases expired (ms since the epoch, PostgreSQL's
+   * clock), or undefined when none has. A value newer than the last one seen means a lease
+   * expired since: its node may have died with turns in flight (the cluster then sweeps).
+   */
+  async newestExpiry(): Promise<number | undefined> {
+    const result = await this.#pool.query<{ newest: string | null }>(
+      `SELECT (extract(epoch FROM max(expires_at)) * 1000)::float8 AS newest
+       FROM ${this.#s}.session_leases WHERE expires_at <= now() AND node_id <> $1`,
+      [this.nodeId],
+    );
+    const newest = result.rows[0]?.newest;
+    return newest === null || newest === undefined ? undefined : Number(newest);
+  }
+
+  /**
+   * Places a session nobody holds: under a cluster-wide lock (an advisory lock in PostgreSQL),
+   * reads every node's load, lets `choose` pick a node, and reserves the lease for that node
+   * (no writer token yet: the node takes one when it claims). Placements that run at once, on
+   * one node or several, so see each other's choices, and the load bound holds under a burst.
+   * Returns the holder: the chosen node, or whoever holds the session already; undefined when
+   * `choose` finds no node.
+   */
+  async place(
+    session: SessionKey,
+    choose: (loads: ReadonlyMap<string, number>) => string | undefined,
+  ): Promise<string | undefined> {
+    const client = await this.#pool.connect();
+    let failed = false;
+    try {
+      await client.query(`BEGIN; SELECT pg_advisory_xact_lock(${this.#placementLock})`);
+      // A statement after the lock: its snapshot holds every placement committed before.
+      const loads = await this.#loadsOn(client);
+      const chosen = choose(loads);
+      if (chosen === undefined) {
+        await client.query('COMMIT');
+        return undefined;
+      }
+      const reserved = await client.query<{ node_id: string }>(
+        `INSERT INTO ${this.#s}.session_leases AS lease (tenant_id, session_id, node_id, expires_at)
+         VALUES ($1, $2, $3, now() + $4 * interval '1 millisecond')
+         ON CONFLICT (tenant_id, session_id) DO UPDATE
+           SET node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at, acquired_at = now(),
+               writer_token = 0
+           WHERE lease.expires_at <= now()
+         RETURNING node_id`,
+        [session.tenantId, session.id, chosen, this.leaseMs],
+      );
+      const holder =
+        reserved.rows[0]?.node_id ??
+        (
+          await client.query<{ node_id: string }>(
+            `SELECT node_id FROM ${this.#s}.session_leases WHERE tenant_id = $1 AND session_id = $2`,
+            [session.tenantId, session.id],
+          )
+        ).rows[0]?.node_id;
+      await client.query('COMMIT');
+      return holder;
+    } catch (error) {
+      failed = true;
+      throw error;
+    } finally {
+      // A connection that failed mid-transaction is not given back to the pool.
+      client.release(failed);
+    }
+  }
+
+  /** The advisory lock placements take (one per schema). */
+  get #placementLock(): string {
+    return `hashtext(${quoteLiteral(`${this.#s}.placement`)})`;
+  }
+
+  /**
+   * Gives up leases reserved for this node by a placement that it never claimed (the request
+   * that placed the session never arrived here), once they are older than `olderThanMs`.
+   */
+  async releaseUnclaimed(olderThanMs: number): Promise<void> {
+    await this.#pool.query(
+      `DELETE FROM ${this.#s}.session_leases
+       WHERE node_id = $1 AND writer_token = 0 AND acquired_at < now() - $2 * interval '1 millisecond'`,
+      [this.nodeId, olderThanMs],
+    );
   }
 
   /** The node holding an unexpired lease on the session, if any. */
@@ -167,6 +258,7 @@ export class ClusterLeases {
        ON CONFLICT (tenant_id, session_id) DO UPDATE
          SET node_id = EXCLUDED.node_id, expires_at = EXCLUDED.expires_at,
              acquired_at = CASE WHEN lease.node_id = EXCLUDED.node_id AND lease.expires_at > now()
+                                     AND lease.writer_token <> 0
                                 THEN lease.acquired_at ELSE now() END
          WHERE lease.node_id = EXCLUDED.node_id OR lease.expires_at <= now()
        RETURNING node_id, writer_token`,
