@@ -317,7 +317,7 @@ function storedEventOf(row: EventRow): StoredEvent {
   return { sessionId: row.session_id, seq: Number(row.seq), event: { id, type, processed_at, ...fields } };
 }
 
-/** A principal change as migration 12's trigger announces it. */
+/** A principal change as migration 13's trigger announces it. */
 function principalPayload(change: Exclude<PrincipalChange, { kind: 'missed' }>): string {
   return change.kind === 'tenant'
     ? `tenant ${change.tenantId}`

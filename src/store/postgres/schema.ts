@@ -459,7 +459,7 @@ export function eventsChannel(quotedSchema: string): string {
 }
 
 /**
- * The NOTIFY channel of a (quoted) schema's principal changes (migration 12): "key <tenant>
+ * The NOTIFY channel of a (quoted) schema's principal changes (migration 13): "key <tenant>
  * <key id>", "user <tenant> <user id>" or "tenant <tenant>".
  */
 export function principalsChannel(quotedSchema: string): string {
