@@ -171,7 +171,9 @@ describe('berth validate', () => {
   it('exits 0 with a summary line for both examples', async () => {
     const demo = await berthCli(['validate', 'examples/demo']);
     expect(demo).toMatchObject({ code: 0, stderr: '' });
-    expect(demo.stdout).toMatch(/^examples\/demo: OK: agent "berth-demo", model scripted\/demo, 8 tools/);
+    expect(demo.stdout).toMatch(
+      /^examples\/demo: OK: agent "berth-demo", model scripted\/demo, 7 tools \(bash, edit, read, write, glob, grep, web_fetch\)/,
+    );
     const fileHelper = await berthCli(['validate', 'examples/file-helper']);
     expect(fileHelper).toMatchObject({
       code: 0,

@@ -21,24 +21,13 @@ import {
   agentCreate,
   agentUpdate,
   builtinToolNames,
+  resolveUrlSources,
   type UrlSourcesParams,
 } from './schemas.js';
 import { checkSkillReferences } from './skills.js';
 
 type ToolParams = NonNullable<AgentCreate['tools']>[number];
 type Policy = { type: 'always_allow' | 'always_ask' | 'auto' };
-
-/** `url_sources` as the official API shows it: every field present, shorthands expanded. */
-function resolveUrlSources(sources: UrlSourcesParams | null | undefined) {
-  if (!sources) return null;
-  const expand = <T>(value: T | 'all' | 'none' | null | undefined) =>
-    value === undefined || value === null ? null : typeof value === 'string' ? { type: value } : value;
-  return {
-    client_tool_results: expand(sources.client_tool_results),
-    server_tool_results: expand(sources.server_tool_results),
-    user_input: expand(sources.user_input),
-  };
-}
 
 /**
  * Fills in defaults the way the official API shows tools: every built-in tool listed, with the

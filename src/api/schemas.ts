@@ -66,6 +66,18 @@ const urlSources = z
   .strict();
 export type UrlSourcesParams = z.infer<typeof urlSources>;
 
+/** `url_sources` as the official API shows it: every field present, shorthands expanded. */
+export function resolveUrlSources(sources: UrlSourcesParams | null | undefined) {
+  if (!sources) return null;
+  const expand = <T>(value: T | 'all' | 'none' | null | undefined) =>
+    value === undefined || value === null ? null : typeof value === 'string' ? { type: value } : value;
+  return {
+    client_tool_results: expand(sources.client_tool_results),
+    server_tool_results: expand(sources.server_tool_results),
+    user_input: expand(sources.user_input),
+  };
+}
+
 const domains = z.array(z.string().min(1)).max(1024).optional();
 
 /** A built-in tool's config: the fields the official SDK gives that tool, and no others. */

@@ -1,5 +1,10 @@
 import type Anthropic from '@anthropic-ai/sdk';
-import { type AgentCreate, builtinToolNames } from '../api/schemas.js';
+import {
+  type AgentCreate,
+  builtinToolNames,
+  resolveUrlSources,
+  type UrlSourcesParams,
+} from '../api/schemas.js';
 
 type Agent = Anthropic.Beta.Agents.BetaManagedAgentsAgent;
 
@@ -163,12 +168,17 @@ function normalizeTools(tools: readonly Record<string, unknown>[]): Record<strin
             permission_policy,
             ...rest
           } = configs.find((config) => config.name === name) ?? {};
-          return {
+          const resolved: Record<string, unknown> = {
             ...rest,
             name,
-            enabled: given ?? enabled,
+            // Berth has no web_search backend: the server always shows it disabled.
+            enabled: name === 'web_search' ? false : (given ?? enabled),
             permission_policy: permission_policy ?? policy,
           };
+          if (name === 'web_fetch') {
+            resolved.url_sources = resolveUrlSources(rest.url_sources as UrlSourcesParams | null | undefined);
+          }
+          return resolved;
         }),
       };
     }
