@@ -5,19 +5,14 @@ import { join } from 'node:path';
 import Anthropic from '@anthropic-ai/sdk';
 import Database from 'better-sqlite3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import {
-  type BerthProcess,
-  killProcessesUsing,
-  processesUsing,
-  startBerthProcess,
-} from './support/berth-process.js';
+import { type BerthProcess, processesNaming, startBerthProcess } from './support/berth-process.js';
 import { type FakeOpenAiServer, startFakeOpenAiServer } from './support/fake-openai-server.js';
 
 /** An event as the API returns it (and as the store keeps it in `events.body`). */
 type LoggedEvent = { id: string; type: string; processed_at: string; [field: string]: unknown };
 
 const SESSION_COUNT = 5;
-const KILL_COUNT = 24;
+const KILL_COUNT = 25;
 /** Tool round trips per turn before the fake model ends the turn with a text. */
 const TOOL_ROUND_TRIPS = 3;
 const RESTART_NOTICE = 'runtime restarted while this tool was running';
@@ -26,12 +21,41 @@ const MARKER_FILE = '/workspace/ran.txt';
 const TRIGGER_TIMEOUT_MS = 8_000;
 const SETTLE_TIMEOUT_MS = 30_000;
 
-type KillStrategy = 'tool_running' | 'model_call' | 'random_delay';
-const STRATEGIES: readonly KillStrategy[] = ['tool_running', 'model_call', 'random_delay'];
-const TRIGGER_EVENT: Record<Exclude<KillStrategy, 'random_delay'>, string> = {
+/** How long, after a kill, everything the server started has to be gone (no next start reaps it). */
+const DIE_WITH_SERVER_MS = 10_000;
+
+type KillStrategy = 'tool_running' | 'model_call' | 'random_delay' | 'provisioning' | 'pool_refill';
+const STRATEGIES: readonly KillStrategy[] = [
+  'tool_running',
+  'model_call',
+  'random_delay',
+  'provisioning',
+  'pool_refill',
+];
+type EventStrategy = Exclude<KillStrategy, 'random_delay' | 'provisioning' | 'pool_refill'>;
+const TRIGGER_EVENT: Record<EventStrategy, string> = {
   tool_running: 'agent.tool_use',
   model_call: 'span.model_request_start',
 };
+
+/**
+ * Resolves when the server `serverPid` is starting a sandbox whose launcher names `workdirPrefix`
+ * (a session's workspace, or the warm pool's directory), after a random 0-40 ms more so the kill
+ * lands anywhere from the launcher's start to bwrap's set-up. Stops looking once `stopped()`.
+ */
+async function sandboxStarting(serverPid: number, workdirPrefix: string, stopped: () => boolean) {
+  while (!stopped()) {
+    const launching = processesNaming([workdirPrefix]).some(
+      (found) => found.parentPid === serverPid && found.command.includes('berth-exec --launch'),
+    );
+    if (launching) {
+      await sleep(Math.floor(Math.random() * 40));
+      return true;
+    }
+    await new Promise((done) => setImmediate(done));
+  }
+  return false;
+}
 
 /**
  * A file of a session's workspace on the host: in its working directory, or in its snapshot when
@@ -104,6 +128,16 @@ describe('kill -9 during tool-using turns', () => {
   let markerCount = 0;
   /** Every server process this test started, for the cleanup and leftover checks. */
   const servers: BerthProcess[] = [];
+  const sessionIds: string[] = [];
+  /**
+   * What the command line of every process our servers start names: the data directory (servers,
+   * launchers, pooled sandboxes), a session id (its sandbox's bwrap), or the marker file (tools).
+   */
+  const ownProcessNeedles = () => [
+    dataDir,
+    MARKER_FILE,
+    ...sessionIds.map((sessionId) => `BERTH_SESSION_ID ${sessionId}`),
+  ];
 
   beforeAll(async () => {
     dataDir = await mkdtemp(join(tmpdir(), 'berth-crash-'));
@@ -136,10 +170,16 @@ describe('kill -9 during tool-using turns', () => {
   afterAll(async () => {
     for (const started of servers) await started.kill().catch(() => undefined);
     await model?.close();
-    // Anything still using our unique data directory (a server, a sandbox a kill left
+    // Anything naming our unique data directory or sessions (a server, a sandbox a kill left
     // behind) was started by this test; the test fails on them, but must not leak them.
     if (dataDir) {
-      killProcessesUsing(dataDir);
+      for (const { pid } of processesNaming(ownProcessNeedles())) {
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          // Gone already.
+        }
+      }
       await rm(dataDir, { recursive: true, force: true });
     }
   });
@@ -168,14 +208,16 @@ describe('kill -9 during tool-using turns', () => {
       name: 'crash-env',
       config: { type: 'cloud' },
     });
-    const sessionIds: string[] = [];
-    for (let index = 0; index < SESSION_COUNT; index++) {
-      const session = await client.beta.sessions.create({
+    const createSession = async (target: BerthProcess) => {
+      const targetClient = new Anthropic({ apiKey: target.apiKey, baseURL: target.url, maxRetries: 0 });
+      const session = await targetClient.beta.sessions.create({
         agent: agent.id,
         environment_id: environmentResource.id,
       });
       sessionIds.push(session.id);
-    }
+      return session.id;
+    };
+    for (let index = 0; index < SESSION_COUNT; index++) await createSession(first);
 
     /** Events the server acknowledged (POST /events responses), by id. */
     const acknowledged = new Map<string, LoggedEvent>();
@@ -185,6 +227,10 @@ describe('kill -9 during tool-using turns', () => {
     /** The idle event each session's newest message answered, so one idle gets one message. */
     const answeredIdle = new Map<string, string>();
     const lives: ServerLife[] = [];
+    /** Kills that landed while a sandbox was starting, by what it was started for. */
+    const sandboxStartKills = { provisioning: 0, pool_refill: 0 };
+    /** Processes that outlived the server that started them, by kill. */
+    const outlived: string[] = [];
     /** Ids of events a stream delivered twice with different content. */
     const changedOnReplay: string[] = [];
     let messageCount = 0;
@@ -242,8 +288,11 @@ describe('kill -9 during tool-using turns', () => {
         fireTrigger();
       };
       let armedAt = Number.POSITIVE_INFINITY;
-      const triggerType = strategy === 'random_delay' ? undefined : TRIGGER_EVENT[strategy];
+      const triggerType = strategy in TRIGGER_EVENT ? TRIGGER_EVENT[strategy as EventStrategy] : undefined;
 
+      // A new session takes a pooled sandbox at its first tool use, and the pool then starts a
+      // replacement: that replacement's start is where a pool_refill kill lands.
+      if (strategy === 'pool_refill') await createSession(current);
       const streams = sessionIds.map((sessionId) =>
         openEventStream(current, sessionId, lastSeenId.get(sessionId), (event) => {
           if (killed) return;
@@ -263,12 +312,21 @@ describe('kill -9 during tool-using turns', () => {
       for (const sessionId of sessionIds) {
         const newest = await newestEvent(current, sessionId);
         if (newest === undefined || newest.type === 'session.status_idle') {
-          continueAfterIdle(current, sessionId, newest?.id ?? 'created');
+          // A session without events: its first message was cut off by a kill; send it again.
+          continueAfterIdle(current, sessionId, newest?.id ?? `created-${killIndex}`);
         }
       }
       armedAt = Date.now();
       if (strategy === 'random_delay') {
         await sleep(Math.floor(Math.random() * 600));
+      } else if (strategy === 'provisioning' || strategy === 'pool_refill') {
+        // Sessions that ran before this start get their sandbox anew at their next tool use;
+        // pooled sandboxes are started for the pool alone.
+        const prefix = join(dataDir, strategy === 'provisioning' ? 'sessions' : 'sandbox-pool');
+        const giveUpAt = Date.now() + TRIGGER_TIMEOUT_MS;
+        if (await sandboxStarting(current.child.pid!, prefix, () => killed || Date.now() > giveUpAt)) {
+          sandboxStartKills[strategy] += 1;
+        }
       } else {
         await Promise.race([triggered, sleep(TRIGGER_TIMEOUT_MS)]);
       }
@@ -276,6 +334,20 @@ describe('kill -9 during tool-using turns', () => {
       await current.kill();
       for (const stream of streams) stream.close();
       lives.push({ startedAt: current.startedAt, endedAt: Date.now(), strategy });
+      // Everything this server started dies with it, before any next start could reap it.
+      let left = processesNaming(ownProcessNeedles());
+      for (const deadline = Date.now() + DIE_WITH_SERVER_MS; left.length > 0 && Date.now() < deadline; ) {
+        await sleep(100);
+        left = processesNaming(ownProcessNeedles());
+      }
+      for (const survivor of left) {
+        outlived.push(`kill ${killIndex} (${strategy}): ${survivor.pid}: ${survivor.command.slice(0, 240)}`);
+        try {
+          process.kill(survivor.pid, 'SIGKILL');
+        } catch {
+          // Gone already.
+        }
+      }
     }
 
     // Restart once more and let every session finish its turn without new messages.
@@ -283,6 +355,11 @@ describe('kill -9 during tool-using turns', () => {
     const finalStreams = sessionIds.map((sessionId) =>
       openEventStream(last, sessionId, lastSeenId.get(sessionId), (event) => recordSeen(sessionId, event)),
     );
+    // A session created for a pool_refill kill whose first message that kill cut off has not
+    // begun: it gets its first turn now.
+    for (const sessionId of sessionIds) {
+      if ((await newestEvent(last, sessionId)) === undefined) await sendMessage(last, sessionId);
+    }
     const deadline = Date.now() + SETTLE_TIMEOUT_MS;
     let unsettled = [...sessionIds];
     while (unsettled.length > 0) {
@@ -431,25 +508,33 @@ describe('kill -9 during tool-using turns', () => {
     console.log(
       `crash test: ${lives.length - 1} kills (between tool_use and tool_result: ${killsDuringTool.size}, ` +
         `during a model call: ${killsDuringModelCall.size}, elsewhere: ${elsewhere}); ` +
-        `${SESSION_COUNT} sessions, ${turnCount} turns, ${toolRunCount} tool runs, ` +
+        `${sessionIds.length} sessions, ${turnCount} turns, ${toolRunCount} tool runs, ` +
         `${restartNoticeToolUses.length} tool uses and ${orphanedModelStarts.length} model calls cut off; ` +
         `${rows.length} events checked (${acknowledged.size} acknowledged, ${seen.size} seen by clients)`,
+    );
+    console.log(
+      `crash test: kills while a sandbox started: ${sandboxStartKills.provisioning} for a session, ` +
+        `${sandboxStartKills.pool_refill} for the warm pool`,
     );
     expect(lives.length - 1).toBeGreaterThanOrEqual(20);
     expect(killsDuringTool.size).toBeGreaterThanOrEqual(3);
     expect(killsDuringModelCall.size).toBeGreaterThanOrEqual(3);
+    expect(sandboxStartKills.provisioning).toBeGreaterThanOrEqual(2);
+    expect(sandboxStartKills.pool_refill).toBeGreaterThanOrEqual(2);
 
-    // No process a server started survives it: no sandbox (they bind the session's workspace
-    // under the data directory) and no tool command.
-    let survivors: Array<{ pid: number; command: string }> = [];
-    for (let attempt = 0; attempt < 50; attempt++) {
-      survivors = [...processesUsing(dataDir), ...processesUsing(MARKER_FILE)];
-      if (survivors.length === 0) break;
+    // No process a server started survived it: no sandbox (bwrap names the session or the pool),
+    // no launcher (it names the workdir) and no tool command, neither after a kill nor at the end.
+    expect(outlived, 'processes a killed server had started are still alive').toEqual([]);
+    let survivors = processesNaming(ownProcessNeedles());
+    for (let attempt = 0; attempt < 50 && survivors.length > 0; attempt++) {
       await sleep(100);
+      survivors = processesNaming(ownProcessNeedles());
     }
     expect(
-      survivors.map((survivor) => `${survivor.pid}: ${survivor.command.slice(0, 160)}`),
-      'processes a killed server had started are still alive',
+      survivors.map((survivor) => `${survivor.pid}: ${survivor.command.slice(0, 240)}`),
+      'processes a stopped server had started are still alive',
     ).toEqual([]);
-  }, 180_000);
+    // 26 starts at 8-25 s each on a loaded 2-core machine (loading the CLI through tsx alone took
+    // 7 s at load 17), plus the kills' triggers: 460 s there, more than 600 s beside two busy loops.
+  }, 900_000);
 });

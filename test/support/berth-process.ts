@@ -4,7 +4,8 @@ import { createServer } from 'node:net';
 import { resolve } from 'node:path';
 
 const BERTH_BIN = resolve(import.meta.dirname, '../../bin/berth.js');
-const HEALTH_TIMEOUT_MS = 20_000;
+/** Loading the CLI through tsx alone took 7 s on a 2-core machine at load 17; a start has 60. */
+const HEALTH_TIMEOUT_MS = 60_000;
 
 /** A Berth server running as a real child process (`berth serve`), so a test can `kill -9` it. */
 export interface BerthProcess {
@@ -156,6 +157,36 @@ export function sandboxProcessesOf(workdir: string): Array<{ pid: number; comman
           pid,
           command: readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').trim(),
         });
+    } catch {
+      // Gone, or not ours to read.
+    }
+  }
+  return found;
+}
+
+/**
+ * Live (not zombie) processes whose command line contains one of `needles`, with their parent
+ * pid. A sandbox names its session on bwrap's command line (`BERTH_SESSION_ID <session>`, pooled
+ * ones `pool:<dataDir>/sandbox-pool`) and a launcher its workdir, so a test finds what its own
+ * servers started by its data directory and session ids. Unlike `processesUsing`, mounts do not
+ * count: every sandbox started on this host while a test's disk was mounted keeps a copy of that
+ * mount, whoever started it.
+ */
+export function processesNaming(
+  needles: readonly string[],
+): Array<{ pid: number; parentPid: number; command: string }> {
+  const found: Array<{ pid: number; parentPid: number; command: string }> = [];
+  for (const entry of readdirSync('/proc')) {
+    const pid = Number(entry);
+    if (!Number.isInteger(pid) || pid === process.pid) continue;
+    try {
+      const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+      const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+      if (fields[0] === 'Z') continue;
+      const command = readFileSync(`/proc/${pid}/cmdline`, 'utf8').replaceAll('\0', ' ').trim();
+      if (needles.some((needle) => command.includes(needle))) {
+        found.push({ pid, parentPid: Number(fields[1]), command });
+      }
     } catch {
       // Gone, or not ours to read.
     }

@@ -5,14 +5,17 @@
  * over its stdin and stdout: running a command is a frame, and the agent forks it inside the
  * sandbox, where it inherits the agent's user, namespaces, cgroup and seccomp filter
  * (`../seccomp.ts`). No host process has to enter the sandbox, so an exec costs well under a
- * millisecond of process work. The agent's stdin is also the lifeline: only Berth holds its write
- * end, so the sandbox dies with Berth even when Berth is killed before bwrap arms
- * --die-with-parent. Killing the pid namespace's init kills everything in it, so destroy leaves
- * nothing.
+ * millisecond of process work. The agent's stdin is also a lifeline: only Berth holds its write
+ * end, so the agent exits when Berth does. Killing a pid namespace's init kills everything in it,
+ * so destroy leaves nothing.
  *
- * The sandbox is launched by the static helper (`native/berth-exec.c --launch`): it joins the
- * cgroup, makes the private mount namespace that exposes the workdir to bwrap, drops to the
- * unprivileged host user and execs bwrap, in one process instead of a chain of shells.
+ * The sandbox is launched by the static helper (`native/berth-exec.c --launch-sandbox`): it dies
+ * with Berth (checked after it arms), joins the cgroup, makes the private mount namespace that
+ * exposes the workdir to bwrap, and starts bwrap as the unprivileged host user and as the init of
+ * a pid namespace that dies with the launcher, in one process instead of a chain of shells.
+ * bwrap's own --die-with-parent is armed only part-way through its set-up: a Berth killed in that
+ * window used to leave a half-made sandbox behind (its child waiting forever for its monitor);
+ * now the kernel ends the outer pid namespace, and everything in it, whatever the moment.
  *
  * When Berth does not run as root, or the helpers are not built, each command gets its own bwrap
  * over the same workdir (≈5-10 ms; /tmp and background processes do not outlive a command).
@@ -322,9 +325,12 @@ const ETC_PASSWD = `root:x:0:0:root:/root:/usr/sbin/nologin\nsandbox:x:${SANDBOX
 const ETC_GROUP = `root:x:0:\nsandbox:x:${SANDBOX_UID}:\nnogroup:x:65534:\n`;
 const ETC_HOSTS = '127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n';
 
-/** Fixed fd numbers the bwrap command line refers to (see `feedData`), and the launch gate. */
-const FD = { info: 3, passwd: 4, group: 5, hosts: 6, seccomp: 7, gate: 8 } as const;
-/** Extra stdio for fds 3..7: the info fd, the three generated /etc files and the seccomp filter. */
+/**
+ * Fixed fd numbers the bwrap command line refers to (see `feedData`), and the launch gate (a
+ * socket: Berth sends the go, the launcher answers with the sandbox's init pid). Fd 3 is unused.
+ */
+const FD = { unused: 3, passwd: 4, group: 5, hosts: 6, seccomp: 7, gate: 8 } as const;
+/** Extra stdio for fds 3..7: an unused slot, the three generated /etc files and the seccomp filter. */
 const EXTRA_STDIO: Array<'pipe'> = ['pipe', 'pipe', 'pipe', 'pipe', 'pipe'];
 
 /**
@@ -592,13 +598,16 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     workspaceReady: Promise<unknown>,
   ): Promise<void> => {
     const cgroupFiles = live.cgroup?.processFiles ?? [];
-    // As root (persistent mode needs it): the helper joins the cgroup, binds the workdir where
-    // the unprivileged bwrap can reach it, drops to the host user and execs bwrap, whose command
-    // is the agent. The agent says READY once it runs: no command can reach a half-built sandbox.
+    // As root (persistent mode needs it): the helper ties its life to this process, joins the
+    // cgroup, binds the workdir where the unprivileged bwrap can reach it, and starts bwrap (whose
+    // command is the agent) as the init of a pid namespace of its own, as the host user: killed
+    // at any moment, this process takes the whole sandbox with it. The agent says READY once it
+    // runs: no command can reach a half-built sandbox.
     const child = spawn(
       execHelperPath,
       [
-        '--launch',
+        '--launch-sandbox',
+        String(process.pid),
         String(FD.gate),
         String(cgroupFiles.length),
         ...cgroupFiles,
@@ -607,8 +616,6 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
         String(hostGid),
         bwrap,
         ...bwrapArguments(live.spec, live.handle.servicesDirectory),
-        '--info-fd',
-        String(FD.info),
         agentPath,
         '--stdio',
       ],
@@ -616,7 +623,7 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     );
     feedData(child);
     live.bwrap = child;
-    const gate = (child.stdio as unknown[])[FD.gate] as NodeJS.WritableStream & NodeJS.EventEmitter;
+    const gate = (child.stdio as unknown[])[FD.gate] as NodeJS.ReadWriteStream & NodeJS.EventEmitter;
     gate.on('error', () => undefined);
     // Closing the gate without a byte makes the launcher give up.
     workspaceReady.then(
@@ -638,17 +645,16 @@ export function createBwrapDriver(options: BwrapDriverOptions = {}): BwrapDriver
     // The lifeline: the agent's stdin. Only this process holds its write end; when it closes,
     // however Berth ended, the agent exits and the kernel ends the sandbox.
     live.agent = AgentConnection.overPipes(child.stdout!, child.stdin!);
+    // The launcher answers through the gate with the host pid of the sandbox's pid namespace init.
     const initPid = new Promise<number>((resolve, reject) => {
-      const info = child.stdio[FD.info] as NodeJS.ReadableStream;
       let text = '';
-      info.on('data', (chunk: Buffer) => {
+      gate.on('data', (chunk: Buffer) => {
         text += chunk.toString('utf8');
       });
-      info.on('error', reject);
-      info.on('end', () => {
-        // bwrap closes the info fd without writing when it fails; its stderr says why.
-        const pid = /"child-pid":\s*(\d+)/.exec(text)?.[1];
-        if (pid === undefined) reject(new Error('bwrap exited'));
+      gate.on('error', reject);
+      gate.on('close', () => {
+        const pid = /^(\d+)\n/.exec(text)?.[1];
+        if (pid === undefined) reject(new Error('the sandbox launcher exited'));
         else resolve(Number(pid));
       });
     });

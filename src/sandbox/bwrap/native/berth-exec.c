@@ -3,11 +3,21 @@
  * that need host root and must be fast.
  *
  * Launching a sandbox (replaces `sh (join cgroup) -> unshare -> sh -> mount -> setpriv`):
- *   berth-exec --launch GATE_FD N CGROUP_PROCS_FILE... WORKDIR UID GID BWRAP ARGS...
- * joins the cgroup (on cgroup v1 that waits ~10 ms for an RCU grace period, so the host mounts
- * the workspace disk meanwhile and then writes one byte to GATE_FD; -1: no gate), makes a private mount namespace (slave, so the host's unmounts reach it),
- * binds WORKDIR on LAUNCH_WORKDIR (bwrap, running as the unprivileged UID, could not reach it
- * where it is), becomes UID:GID without supplementary groups or capabilities, and execs BWRAP.
+ *   berth-exec --launch-sandbox PARENT_PID GATE_FD N CGROUP_PROCS_FILE... WORKDIR UID GID BWRAP ARGS...
+ * ties its life to PARENT_PID (the server), joins the cgroup (on cgroup v1 that waits ~10 ms for
+ * an RCU grace period, so the host mounts the workspace disk meanwhile and then writes one byte to
+ * GATE_FD; -1: no gate), makes a private mount namespace (slave, so the host's unmounts reach it)
+ * and a pid namespace, binds WORKDIR on LAUNCH_WORKDIR (bwrap, running as the unprivileged UID,
+ * could not reach it where it is), and forks the pid namespace's init, which becomes UID:GID
+ * without supplementary groups or capabilities and execs BWRAP. It writes the init's host pid to
+ * GATE_FD (a socket) and waits for it, exiting with its status.
+ *
+ * Why the pid namespace: bwrap arms --die-with-parent only part-way through its set-up (its
+ * monitor arms it after cloning the sandbox, and the sandbox waits on the monitor before arming
+ * its own), so a server killed in that window left a half-made sandbox behind. Here every process
+ * of the sandbox lives in a pid namespace whose init dies with this launcher, which dies with the
+ * server, and each link is checked right after it is armed: the kernel then ends the whole
+ * namespace, whatever moment the server was killed at.
  * Commands then run through the sandbox's agent (../../agent/berth-agent.c), not through here.
  *
  * Workspace-disk mounts (workspace-disk.ts) with plain system calls: mount(8) spends most of
@@ -24,12 +34,16 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/loop.h>
+#include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 /* Must match CGROUP_JOIN_FAILURE in cgroups.ts: the driver looks for it. */
@@ -104,8 +118,17 @@ static int join_cgroups(char **files, int count) {
   return 1;
 }
 
+/* True when the other end of `fd` (a pipe or socket) is gone: its last writer exited. */
+static int hung_up(int fd) {
+  struct pollfd check = {fd, POLLRDHUP, 0};
+  return poll(&check, 1, 0) == 1 && (check.revents & (POLLHUP | POLLRDHUP | POLLERR));
+}
+
 static int launch(int argc, char **argv) {
   int arg = 2;
+  pid_t server = arg < argc ? (pid_t)atoi(argv[arg++]) : 0;
+  /* Die with the server; if it died before this line, our parent is already someone else. */
+  if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != server) return 125;
   int gate = arg < argc ? atoi(argv[arg++]) : -1;
   int cgroup_files = arg < argc ? atoi(argv[arg++]) : -1;
   if (cgroup_files < 0 || arg + cgroup_files + 4 > argc) {
@@ -118,24 +141,48 @@ static int launch(int argc, char **argv) {
     /* The workspace must be in place before the mount namespace copies the host's mounts. */
     char go;
     if (read(gate, &go, 1) != 1) return 125; /* The host gave up on this sandbox. */
-    close(gate);
   }
   const char *workdir = argv[arg++];
   uid_t uid = (uid_t)strtoul(argv[arg++], NULL, 10);
   gid_t gid = (gid_t)strtoul(argv[arg++], NULL, 10);
-  if (unshare(CLONE_NEWNS) != 0) die("cannot make a mount namespace", NULL);
+  if (unshare(CLONE_NEWNS | CLONE_NEWPID) != 0) die("cannot make mount and pid namespaces", NULL);
   if (mount(NULL, "/", NULL, MS_SLAVE | MS_REC, NULL) != 0) die("cannot make mounts slaves", NULL);
   if (mount(workdir, LAUNCH_WORKDIR, NULL, MS_BIND, NULL) != 0) die("cannot bind", workdir);
-  if (setgroups(0, NULL) != 0) die("setgroups", NULL);
-  if (setgid(gid) != 0) die("setgid", NULL);
-  if (setuid(uid) != 0) die("setuid", NULL);
-  execv(argv[arg], &argv[arg]);
-  die("cannot run", argv[arg]);
-  return 125;
+  /* Closed by our exit (however it comes): tells the init whether we still lived once it armed. */
+  int alive[2];
+  if (pipe2(alive, O_CLOEXEC) != 0) die("pipe", NULL);
+  pid_t init = fork();
+  if (init < 0) die("cannot fork the sandbox's init", NULL);
+  if (init == 0) {
+    /* PID 1 of the new pid namespace: when it dies, the kernel kills everything in it. */
+    close(alive[1]);
+    if (gate >= 0) close(gate);
+    /* This namespace's /proc, so bwrap's pid numbers and /proc agree. */
+    if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) die("cannot mount /proc", NULL);
+    if (setgroups(0, NULL) != 0) die("setgroups", NULL);
+    if (setgid(gid) != 0) die("setgid", NULL);
+    if (setuid(uid) != 0) die("setuid", NULL);
+    /* Armed after the uid change, which clears it; then make sure the launcher was still there. */
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || hung_up(alive[0])) _exit(125);
+    execv(argv[arg], &argv[arg]);
+    die("cannot run", argv[arg]);
+  }
+  close(alive[0]);
+  /* Nothing of the sandbox's stays open here: its stdio, data and info pipes are the init's. */
+  for (int fd = 0; fd < 1024; fd++)
+    if (fd != 2 && fd != gate && fd != alive[1]) close(fd);
+  if (gate >= 0) {
+    dprintf(gate, "%d\n", (int)init);
+    close(gate);
+  }
+  int status;
+  while (waitpid(init, &status, 0) < 0)
+    if (errno != EINTR) return 125;
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 int main(int argc, char **argv) {
-  if (argc > 1 && strcmp(argv[1], "--launch") == 0) return launch(argc, argv);
+  if (argc > 1 && strcmp(argv[1], "--launch-sandbox") == 0) return launch(argc, argv);
   if (argc == 4 && strcmp(argv[1], "--mount-image") == 0) return mount_image(argv[2], argv[3]);
   if (argc == 4 && strcmp(argv[1], "--bind") == 0) {
     if (mount(argv[2], argv[3], NULL, MS_BIND, NULL) != 0) die("cannot bind", argv[3]);
