@@ -16,6 +16,8 @@ async function runVitest(file: string, options: { ci: boolean; postgresUrl: stri
   const environment: NodeJS.ProcessEnv = {
     ...process.env,
     PATH: '/nonexistent',
+    // Drivers also look in /usr/bin and /usr/sbin: name a QEMU that is not there.
+    BERTH_TEST_QEMU_PATH: '/nonexistent/qemu-system-x86_64',
     BERTH_TEST_POSTGRES_URL: options.postgresUrl,
     NO_COLOR: '1',
   };

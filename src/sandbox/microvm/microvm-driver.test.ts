@@ -25,7 +25,12 @@ describeSandboxDriverContract('microvm', {
   hostView: microvmHostView,
 });
 
-const availability = await createMicrovmDriver({ runtimeDirectory }).checkAvailability();
+// BERTH_TEST_QEMU_PATH points the check at another QEMU: test/ci-requirements.test.ts names a
+// missing one to show that CI fails rather than skips.
+const availability = await createMicrovmDriver({
+  runtimeDirectory,
+  qemuPath: process.env.BERTH_TEST_QEMU_PATH || undefined,
+}).checkAvailability();
 const unavailableNote = availability.ok ? '' : ` (skipped: ${availability.reason})`;
 const driverMissing = skipUnlessPresent(
   'the microvm sandbox driver',

@@ -234,7 +234,8 @@ export function createMicrovmDriver(options: MicrovmDriverOptions = {}): Microvm
     const file = await open(path, 'w', 0o600);
     await file.truncate(diskMb * 1024 * 1024);
     await file.close();
-    await run('mkfs.ext4', [
+    // Found where the availability check found it (also in /usr/sbin when PATH lacks it).
+    await run(findExecutable('mkfs.ext4') ?? 'mkfs.ext4', [
       '-q',
       '-F',
       '-L',
