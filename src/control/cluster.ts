@@ -299,8 +299,15 @@ export class Cluster {
       // Placed under the cluster's placement lock, with the lease reserved for the chosen node
       // in the same transaction: placements at once see each other (loads of committed leases
       // alone let a burst of 30 end 30/0/0). Nowhere live to place (the ring is empty): here.
-      const ring = this.#ring;
-      holder = await this.#leases.place(session, (loads) => ring.place(session.id, loads));
+      let joined = false;
+      holder = await this.#leases.place(session, (loads, liveNodeIds) => {
+        // A node that joined since the last refresh of the node list is placed on at once.
+        joined = liveNodeIds.some((nodeId) => !this.#ring.nodes.includes(nodeId));
+        const ring = joined ? new PlacementRing(liveNodeIds) : this.#ring;
+        return ring.place(session.id, loads);
+      });
+      // Learn the newcomer's address before routing to it.
+      if (joined) await this.#refreshNodes();
     }
     if (holder === undefined) {
       // Forwarded here by the node that placed it, or placed nowhere: take it.

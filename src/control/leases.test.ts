@@ -258,4 +258,31 @@ describe('cluster leases', () => {
     expect(await nodes[0]!.holderOf(first!)).toBe('node-b');
     expect(await nodes[0]!.holderOf(second!)).toBeUndefined();
   });
+
+  it('offers placement every node that takes sessions now, one registered a moment ago included', async () => {
+    const a = node('node-a');
+    const b = node('node-b');
+    const c = node('node-c');
+    await a.register('http://127.0.0.1:1');
+    await b.register('http://127.0.0.1:2');
+    await c.register('http://127.0.0.1:3');
+    await c.setDraining(true);
+    let offered: readonly string[] = [];
+    const session = await newSession();
+    // Node a has not refreshed any node list: what it is offered comes from the registry.
+    expect(
+      await a.place(session, (_loads, liveNodeIds) => {
+        offered = liveNodeIds;
+        return 'node-b';
+      }),
+    ).toBe('node-b');
+    expect(offered).toEqual(['node-a', 'node-b']);
+    const d = node('node-d');
+    await d.register('http://127.0.0.1:4');
+    await a.place(await newSession(), (_loads, liveNodeIds) => {
+      offered = liveNodeIds;
+      return undefined;
+    });
+    expect(offered).toEqual(['node-a', 'node-b', 'node-d']);
+  });
 });

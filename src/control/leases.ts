@@ -173,12 +173,14 @@ export class ClusterLeases {
    * reads every node's load, lets `choose` pick a node, and reserves the lease for that node
    * (no writer token yet: the node takes one when it claims). Placements that run at once, on
    * one node or several, so see each other's choices, and the load bound holds under a burst.
-   * Returns the holder: the chosen node, or whoever holds the session already; undefined when
-   * `choose` finds no node.
+   * `choose` also gets the live nodes that take new sessions (heartbeat within a lease, not
+   * draining) as the registry has them now, so a node that joined a moment ago is a candidate
+   * before the caller's own node list is refreshed. Returns the holder: the chosen node, or
+   * whoever holds the session already; undefined when `choose` finds no node.
    */
   async place(
     session: SessionKey,
-    choose: (loads: ReadonlyMap<string, number>) => string | undefined,
+    choose: (loads: ReadonlyMap<string, number>, liveNodeIds: readonly string[]) => string | undefined,
   ): Promise<string | undefined> {
     const client = await this.#pool.connect();
     let failed = false;
@@ -186,7 +188,15 @@ export class ClusterLeases {
       await client.query(`BEGIN; SELECT pg_advisory_xact_lock(${this.#placementLock})`);
       // A statement after the lock: its snapshot holds every placement committed before.
       const loads = await this.#loadsOn(client);
-      const chosen = choose(loads);
+      const live = await client.query<{ node_id: string }>(
+        `SELECT node_id FROM ${this.#s}.cluster_nodes
+         WHERE heartbeat_at > now() - $1 * interval '1 millisecond' AND NOT draining ORDER BY node_id`,
+        [this.leaseMs],
+      );
+      const chosen = choose(
+        loads,
+        live.rows.map((row) => row.node_id),
+      );
       if (chosen === undefined) {
         await client.query('COMMIT');
         return undefined;
