@@ -155,6 +155,48 @@ describe('host-side egress client', () => {
     expect(audits.at(-1)!.bytesReceived).toBe(compressed.length);
   });
 
+  it('lets a caller abort a scanned answer mid-body without an uncaught error', async () => {
+    // An MCP client closing its event stream aborts a fetch whose body is still coming.
+    const server = createServer((_request, response) => {
+      response.writeHead(200, { 'content-type': 'text/event-stream' });
+      // Longer than the secret: the scan holds back only a secret's length of the tail.
+      response.write(`data: first ${'x'.repeat(100)}\n\n`);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    const port = (server.address() as AddressInfo).port;
+    cleanups.push(
+      () =>
+        new Promise<void>((resolve) => {
+          server.closeAllConnections();
+          server.close(() => resolve());
+        }),
+    );
+    const uncaught: unknown[] = [];
+    const onUncaught = (error: unknown) => uncaught.push(error);
+    process.on('uncaughtException', onUncaught);
+    cleanups.push(async () => void process.off('uncaughtException', onUncaught));
+    const hostFetch = createHostFetch({
+      policy: compilePolicy({ networking: { type: 'unrestricted' }, credentials: [] }),
+      destinations: createDestinationRule({
+        allowPrivateDestinations: [`127.0.0.1:${port}`],
+        resolve: async () => ['127.0.0.1'],
+        resolveTimeoutMs: 1000,
+      }),
+      onRequest: () => undefined,
+      responseSwaps: [{ from: 'a-vault-secret', to: 'berth_withheld_x' }],
+    });
+    cleanups.push(() => hostFetch.close());
+    const controller = new AbortController();
+    const response = await hostFetch.fetch(`http://events.test:${port}/`, { signal: controller.signal });
+    const reader = response.body!.getReader();
+    expect(new TextDecoder().decode((await reader.read()).value)).toContain('first');
+    controller.abort();
+    await expect(reader.read()).rejects.toThrow();
+    // Give an unhandled stream error its turn to surface.
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    expect(uncaught).toEqual([]);
+  });
+
   it('stops after too many redirects', async () => {
     let loop: Site | undefined;
     loop = await startSite(() => `http://loop.test:${loop!.port}/again`);

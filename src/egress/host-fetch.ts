@@ -10,7 +10,7 @@
  * is attached only on hops whose host it is for, so a redirect elsewhere never carries it.
  */
 import { isIP } from 'node:net';
-import { Readable } from 'node:stream';
+import { pipeline, Readable } from 'node:stream';
 import { rootCertificates } from 'node:tls';
 import { Agent, buildConnector, type Dispatcher, fetch as undiciFetch } from 'undici';
 import { canonicalHost } from './addresses.js';
@@ -140,14 +140,17 @@ function scanned(response: Response, swaps: readonly Replacement[]): Response {
     if (name === 'content-length') continue;
     headers.append(name, replaceAll(Buffer.from(value, 'latin1'), swaps).toString('latin1'));
   }
-  const body =
-    response.body === null
-      ? null
-      : (Readable.toWeb(
-          Readable.fromWeb(response.body as import('node:stream/web').ReadableStream).pipe(
-            replacingStream(swaps),
-          ),
-        ) as ReadableStream<Uint8Array>);
+  let body: ReadableStream<Uint8Array> | null = null;
+  if (response.body !== null) {
+    const replacing = replacingStream(swaps);
+    // pipeline, not pipe: an upstream that fails or a caller that aborts (an MCP client closing
+    // its stream) errors the replacing stream, which the caller's read sees. With pipe the
+    // source's error had no listener and was an uncaught exception that could end the server.
+    pipeline(Readable.fromWeb(response.body as import('node:stream/web').ReadableStream), replacing, () => {
+      // The error, if any, reaches the reader through `replacing`.
+    });
+    body = Readable.toWeb(replacing) as ReadableStream<Uint8Array>;
+  }
   const result = new Response(body, {
     status: response.status,
     statusText: replaceAll(Buffer.from(response.statusText, 'latin1'), swaps).toString('latin1'),
