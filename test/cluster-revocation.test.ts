@@ -102,6 +102,31 @@ describe('revocation across a two-node cluster', () => {
     );
   }
 
+  /**
+   * Waits until `key` is refused on every node and `streams` are closed, counting from a change
+   * committed at `committedAt` that no node's API took part in; each must happen within 1 s.
+   */
+  async function expectGoneEverywhere(
+    key: string,
+    streams: OpenStream[],
+    committedAt: number,
+    label: string,
+  ) {
+    const [refused, closed] = await Promise.all([
+      refusedAfter(key, committedAt),
+      closedAfter(streams, committedAt),
+    ]);
+    console.log(`${label}: refused ${refused.join(' / ')} ms, streams closed ${closed.join(' / ')} ms`);
+    expect(
+      refused.every((after) => after !== null && after <= 1_000),
+      `refused after: ${refused}`,
+    ).toBe(true);
+    expect(
+      closed.every((after) => after !== null && after <= 1_000),
+      `closed after: ${closed}`,
+    ).toBe(true);
+  }
+
   beforeAll(async () => {
     database = await createTestDatabase(serverUrl);
     owner = new pg.Client({ connectionString: database.migrationUrl });
@@ -188,21 +213,7 @@ describe('revocation across a two-node cluster', () => {
     ]);
     const committedAt = Date.now();
     // No node took part in the change: each hears of it from the database (milliseconds).
-    const [refused, closed] = await Promise.all([
-      refusedAfter(member.key, committedAt),
-      closedAfter(streams, committedAt),
-    ]);
-    console.log(
-      `refused ${refused.join(' / ')} ms, streams closed ${closed.join(' / ')} ms after the commit`,
-    );
-    expect(
-      refused.every((after) => after !== null && after <= 1_000),
-      `refused after: ${refused}`,
-    ).toBe(true);
-    expect(
-      closed.every((after) => after !== null && after <= 1_000),
-      `closed after: ${closed}`,
-    ).toBe(true);
+    await expectGoneEverywhere(member.key, streams, committedAt, 'after the commit');
   }, 60_000);
 
   it("applies a role change made through one node on every node at once: a demoted admin's rights and admin streams are gone", async () => {
@@ -280,21 +291,7 @@ describe('revocation across a two-node cluster', () => {
       member.keyId,
     ]);
     const committedAt = Date.now();
-    const [refused, closed] = await Promise.all([
-      refusedAfter(member.key, committedAt),
-      closedAfter(streams, committedAt),
-    ]);
-    console.log(
-      `after an outage: refused ${refused.join(' / ')} ms, streams closed ${closed.join(' / ')} ms`,
-    );
-    expect(
-      refused.every((after) => after !== null && after <= 1_000),
-      `refused after: ${refused}`,
-    ).toBe(true);
-    expect(
-      closed.every((after) => after !== null && after <= 1_000),
-      `closed after: ${closed}`,
-    ).toBe(true);
+    await expectGoneEverywhere(member.key, streams, committedAt, 'after an outage');
   }, 60_000);
 
   it("stops a removed user's keys on every node at once, and closes their streams", async () => {
@@ -306,20 +303,6 @@ describe('revocation across a two-node cluster', () => {
     // An operator removes the user in the database (no API removes users yet).
     await owner.query('DELETE FROM berth.users WHERE id = $1', [member.userId]);
     const committedAt = Date.now();
-    const [refused, closed] = await Promise.all([
-      refusedAfter(member.key, committedAt),
-      closedAfter(streams, committedAt),
-    ]);
-    console.log(
-      `refused ${refused.join(' / ')} ms, streams closed ${closed.join(' / ')} ms after the removal`,
-    );
-    expect(
-      refused.every((after) => after !== null && after <= 1_000),
-      `refused after: ${refused}`,
-    ).toBe(true);
-    expect(
-      closed.every((after) => after !== null && after <= 1_000),
-      `closed after: ${closed}`,
-    ).toBe(true);
+    await expectGoneEverywhere(member.key, streams, committedAt, 'after the removal');
   }, 60_000);
 });
